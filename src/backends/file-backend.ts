@@ -13,8 +13,10 @@
  * Not done yet: trim is accepted and ignored on files (NBD makes trim a hint; Node has no fallocate to
  * punch holes), so writeZeroes writes real zeroes, and extents() is not offered (Node has no SEEK_DATA).
  */
+
+import { randomUUID } from "node:crypto";
 import * as fs from "node:fs";
-import { basename } from "node:path";
+import { basename, join } from "node:path";
 import { promisify } from "node:util";
 import type { BlockDevice, Capabilities, WriteFlags, ZeroFlags } from "../block/device.js";
 import { BlockError, toBlockError } from "../block/errors.js";
@@ -24,6 +26,8 @@ const fdatasyncAsync = promisify(fs.fdatasync);
 const closeAsync = promisify(fs.close);
 const zeroBufferBytes = 1024 * 1024;
 const sectorSizeBytes = 512;
+/** Linux O_TMPFILE (__O_TMPFILE | O_DIRECTORY); Node does not export it. */
+const O_TMPFILE = 0o20000000 | 0o200000;
 
 export interface FileBackendOptions {
   /** Create the file if absent and extend it to this size (regular files only). */
@@ -102,6 +106,33 @@ export class FileBackend implements BlockDevice {
       fs.closeSync(fd);
       throw toBlockError(error, `Cannot size backend ${JSON.stringify(path)}`);
     }
+  }
+
+  /**
+   * An unnamed temporary file in `directory` (O_TMPFILE): it vanishes when closed or when the process dies,
+   * so a crashed daemon leaves no difference storage behind. Falls back to create-and-unlink where the file
+   * system has no O_TMPFILE.
+   */
+  static openAnonymous(directory: string, sizeBytes: number): FileBackend {
+    let fd: number;
+    try {
+      fd = fs.openSync(directory, O_TMPFILE | fs.constants.O_RDWR, 0o600);
+    } catch (error) {
+      const code = (error as NodeJS.ErrnoException).code;
+      if (code !== "EOPNOTSUPP" && code !== "EISDIR" && code !== "EINVAL") {
+        throw toBlockError(error, `Cannot create a temporary file in ${JSON.stringify(directory)}`);
+      }
+      const path = join(directory, `.blocksnap-diff-${randomUUID()}`);
+      fd = openOrThrow(path, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL);
+      fs.unlinkSync(path);
+    }
+    try {
+      fs.ftruncateSync(fd, sizeBytes);
+    } catch (error) {
+      fs.closeSync(fd);
+      throw toBlockError(error, `Cannot size a temporary file in ${JSON.stringify(directory)}`);
+    }
+    return new FileBackend(join(directory, "(anonymous)"), fd, "file", sizeBytes, false);
   }
 
   async read(offsetBytes: number, target: Uint8Array): Promise<void> {

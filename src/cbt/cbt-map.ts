@@ -1,0 +1,150 @@
+/**
+ * CbtMap: blksnap's change-block tracking (blksnap-reference.md §3), one byte per tracking block.
+ *
+ * - writeMap is live: an origin write raises each touched block to `snapNumberActive`.
+ * - readMap is frozen at take: it is what `cbt read` returns; later origin writes never change it.
+ * - set_both (image writes, mark-dirty) raises writeMap to active AND readMap to previous, so the block is
+ *   reported changed in the current map and again by the next snapshot.
+ * - switchAtTake: readMap := writeMap, previous := active, active++. On the 256th take the active number
+ *   wraps to 1, writeMap is cleared and a new generation id begins (v1 semantics: readMap still gets the copy).
+ * - reset: zero maps, previous 0, active 1, new generation. Done at take when the map was corrupted by an
+ *   out-of-range set (a device that grew) or the device size changed.
+ *
+ * Memory: exactly two bytes per block. No locks: JavaScript is single-threaded and every operation is
+ * synchronous. Not done yet: persistence across daemon restarts (a restart starts a new generation).
+ */
+import { randomUUID } from "node:crypto";
+import { BlockError } from "../block/errors.js";
+import type { CbtInfo } from "../engine/engine-types.js";
+import { assert } from "../util/assert.js";
+import { cbtGeometry } from "./cbt-geometry.js";
+
+export const snapNumberMax = 255;
+
+export class CbtMap {
+  readonly blockSizeBytes: number;
+  private deviceSizeBytesAtCreate: number;
+  private blockCountValue: number;
+  private writeMap: Uint8Array;
+  private readMap: Uint8Array;
+  private snapNumberActive = 1;
+  private snapNumberPrevious = 0;
+  private generation: string = randomUUID();
+  private corrupted = false;
+  private readonly blockShift: number;
+
+  constructor(deviceSizeBytes: number, blockSizeBytesOverride?: number) {
+    const geometry = cbtGeometry(deviceSizeBytes, blockSizeBytesOverride);
+    this.blockSizeBytes = geometry.blockSizeBytes;
+    this.blockShift = Math.log2(geometry.blockSizeBytes);
+    assert(Number.isInteger(this.blockShift));
+    this.deviceSizeBytesAtCreate = deviceSizeBytes;
+    this.blockCountValue = geometry.blockCount;
+    this.writeMap = new Uint8Array(geometry.blockCount);
+    this.readMap = new Uint8Array(geometry.blockCount);
+  }
+
+  get blockCount(): number {
+    return this.blockCountValue;
+  }
+
+  get generationId(): string {
+    return this.generation;
+  }
+
+  get changesNumber(): number {
+    return this.snapNumberPrevious;
+  }
+
+  get activeNumber(): number {
+    return this.snapNumberActive;
+  }
+
+  get isCorrupted(): boolean {
+    return this.corrupted;
+  }
+
+  info(): CbtInfo {
+    return {
+      blockSizeBytes: this.blockSizeBytes,
+      deviceSizeBytes: this.deviceSizeBytesAtCreate,
+      blockCount: this.blockCountValue,
+      generationId: this.generation,
+      changesNumber: this.snapNumberPrevious,
+    };
+  }
+
+  /** Marks an origin write. Throws EINVAL (and flags the map corrupted) for blocks beyond the map. */
+  set(offsetBytes: number, lengthBytes: number): void {
+    const [first, last] = this.blockSpan(offsetBytes, lengthBytes);
+    const active = this.snapNumberActive;
+    const writeMap = this.writeMap;
+    for (let blockIndex = first; blockIndex <= last; blockIndex++) {
+      if (writeMap[blockIndex]! < active) writeMap[blockIndex] = active;
+    }
+  }
+
+  /** Marks a snapshot-image write or a mark-dirty range in both maps. */
+  setBoth(offsetBytes: number, lengthBytes: number): void {
+    const [first, last] = this.blockSpan(offsetBytes, lengthBytes);
+    const active = this.snapNumberActive;
+    const previous = this.snapNumberPrevious;
+    for (let blockIndex = first; blockIndex <= last; blockIndex++) {
+      if (this.writeMap[blockIndex]! < active) this.writeMap[blockIndex] = active;
+      if (this.readMap[blockIndex]! < previous) this.readMap[blockIndex] = previous;
+    }
+  }
+
+  /** The switch done at take, under the device's write hold. Resets first if needed. */
+  switchAtTake(currentDeviceSizeBytes: number): void {
+    if (this.corrupted || currentDeviceSizeBytes !== this.deviceSizeBytesAtCreate) {
+      this.reset(currentDeviceSizeBytes);
+    }
+    this.readMap.set(this.writeMap);
+    this.snapNumberPrevious = this.snapNumberActive;
+    this.snapNumberActive++;
+    if (this.snapNumberActive > snapNumberMax) {
+      this.snapNumberActive = 1;
+      this.writeMap.fill(0);
+      this.generation = randomUUID();
+    }
+    assert(this.snapNumberActive >= 1 && this.snapNumberActive <= snapNumberMax);
+    assert(this.snapNumberPrevious >= 1 && this.snapNumberPrevious <= snapNumberMax);
+  }
+
+  reset(deviceSizeBytes: number = this.deviceSizeBytesAtCreate): void {
+    const geometry = cbtGeometry(deviceSizeBytes, this.blockSizeBytes);
+    this.deviceSizeBytesAtCreate = deviceSizeBytes;
+    this.blockCountValue = geometry.blockCount;
+    this.writeMap = new Uint8Array(geometry.blockCount);
+    this.readMap = new Uint8Array(geometry.blockCount);
+    this.snapNumberActive = 1;
+    this.snapNumberPrevious = 0;
+    this.generation = randomUUID();
+    this.corrupted = false;
+  }
+
+  /** A copy of the read map: one byte per block, the number of the epoch that last changed it. */
+  readMapCopy(): Uint8Array {
+    if (this.corrupted) throw new BlockError("EFAULT", "CBT map is corrupted until the next take");
+    return this.readMap.slice();
+  }
+
+  /** A copy of the live write map (tests and diagnostics). */
+  writeMapCopy(): Uint8Array {
+    return this.writeMap.slice();
+  }
+
+  private blockSpan(offsetBytes: number, lengthBytes: number): [number, number] {
+    assert(Number.isSafeInteger(offsetBytes) && offsetBytes >= 0, "CBT offset must be a safe integer");
+    assert(Number.isSafeInteger(lengthBytes) && lengthBytes > 0, "CBT length must be positive");
+    if (this.corrupted) throw new BlockError("EINVAL", "CBT map is corrupted");
+    const first = Math.floor(offsetBytes / this.blockSizeBytes);
+    const last = Math.floor((offsetBytes + lengthBytes - 1) / this.blockSizeBytes);
+    if (last >= this.blockCountValue) {
+      this.corrupted = true;
+      throw new BlockError("EINVAL", `CBT block ${last} is beyond the map of ${this.blockCountValue} blocks`);
+    }
+    return [first, last];
+  }
+}

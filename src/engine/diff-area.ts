@@ -1,0 +1,308 @@
+/**
+ * DiffArea: the copy-before-write state of one device in one taken snapshot (blksnap's diff_area).
+ *
+ * Chunk states (sparse map, an entry only for touched chunks):
+ *   absent  - the snapshot's data is still on the origin
+ *   stored  - the snapshot's data is in the difference storage at `location` (preserved by an origin
+ *             write, or written through the image); the origin is never read for it again
+ *   failed  - preserving it failed under policy break-snapshot; the whole area is corrupted
+ *
+ * Locking: one FIFO mutex per chunk (KeyedMutex), taken by (1) an origin write that must preserve an
+ * absent chunk, held while the chunk is read from the origin and written to the storage; (2) an image read
+ * of an absent chunk, held while it reads the origin, so an origin write to that chunk waits and the image
+ * can never see post-snapshot bytes; (3) an image write, held for the whole read-modify-write. Reads of
+ * stored chunks take no lock: a stored location never changes. Each lock guards one chunk only and no
+ * task holds two locks, so there is no lock order to get wrong.
+ *
+ * Failure policy: `break-snapshot` (default) marks the chunk failed, corrupts the area (first errno wins,
+ * one `corrupted` event) and lets the origin write proceed; `fail-origin-write` leaves the chunk absent
+ * and fails the origin write, keeping the snapshot valid. After corruption or destroy every image request
+ * fails with EIO. An image write that finds the storage full fails with ENOSPC and leaves the snapshot
+ * valid (blksnap corrupts it; refusing the one write loses nothing).
+ *
+ * Not done yet: chunks are not cached in RAM (each image read of a stored chunk reads the storage; the
+ * page cache serves it), and reads of neighbouring absent chunks are not merged into one origin read.
+ */
+
+import type { BlockDevice } from "../block/device.js";
+import { BlockError, type Errno, toBlockError } from "../block/errors.js";
+import type { DiffStorage, StorageLocation } from "../storage/diff-storage.js";
+import { assert } from "../util/assert.js";
+import { KeyedMutex } from "../util/keyed-mutex.js";
+import { ChunkGeometry } from "./chunk-geometry.js";
+import type { OnCowError } from "./engine-types.js";
+
+const failedChunk = "failed" as const;
+type ChunkEntry = StorageLocation | typeof failedChunk;
+
+export interface DiffAreaOptions {
+  readonly deviceName: string;
+  /** The origin's backend, below its tracker: reads here are not tracked. */
+  readonly origin: BlockDevice;
+  readonly sizeBytes: number;
+  readonly chunkSizeBytes: number;
+  readonly storage: DiffStorage;
+  readonly onCowError: OnCowError;
+  readonly onCorrupted: (errno: Errno) => void;
+}
+
+export class DiffArea {
+  readonly deviceName: string;
+  readonly geometry: ChunkGeometry;
+  private readonly origin: BlockDevice;
+  private readonly storage: DiffStorage;
+  private readonly onCowError: OnCowError;
+  private readonly onCorrupted: (errno: Errno) => void;
+  private readonly chunks = new Map<number, ChunkEntry>();
+  private readonly locks = new KeyedMutex();
+  private corruptedErrno: Errno | null = null;
+  private destroyed = false;
+  private inflightCount = 0;
+  private idleWaiters: Array<() => void> = [];
+  private zeroChunk: Uint8Array | undefined;
+
+  constructor(options: DiffAreaOptions) {
+    this.deviceName = options.deviceName;
+    this.geometry = new ChunkGeometry(options.sizeBytes, options.chunkSizeBytes);
+    this.origin = options.origin;
+    this.storage = options.storage;
+    this.onCowError = options.onCowError;
+    this.onCorrupted = options.onCorrupted;
+    assert(options.sizeBytes <= options.origin.sizeBytes, "an image cannot be larger than its origin");
+  }
+
+  get sizeBytes(): number {
+    return this.geometry.deviceSizeBytes;
+  }
+
+  get error(): Errno | null {
+    return this.corruptedErrno;
+  }
+
+  get isDestroyed(): boolean {
+    return this.destroyed;
+  }
+
+  get storedChunkCount(): number {
+    let count = 0;
+    for (const entry of this.chunks.values()) if (entry !== failedChunk) count++;
+    return count;
+  }
+
+  /** Number of chunk entries in memory (touched chunks), for memory accounting. */
+  get chunkEntryCount(): number {
+    return this.chunks.size;
+  }
+
+  isChunkStored(chunkIndex: number): boolean {
+    const entry = this.chunks.get(chunkIndex);
+    return entry !== undefined && entry !== failedChunk;
+  }
+
+  // ---- origin write path (called by the Tracker before it writes the origin) ----
+
+  /** Preserves every absent chunk overlapped by an origin write. Throws only under fail-origin-write. */
+  async preserveForOriginWrite(offsetBytes: number, lengthBytes: number): Promise<void> {
+    if (this.corruptedErrno !== null || this.destroyed) return;
+    const endBytes = Math.min(offsetBytes + lengthBytes, this.sizeBytes);
+    if (offsetBytes >= endBytes) return;
+    const firstChunk = Math.floor(offsetBytes / this.geometry.chunkSizeBytes);
+    const lastChunk = Math.floor((endBytes - 1) / this.geometry.chunkSizeBytes);
+    let pending: Promise<void>[] | undefined;
+    for (let chunkIndex = firstChunk; chunkIndex <= lastChunk; chunkIndex++) {
+      if (this.chunks.has(chunkIndex)) continue;
+      pending ??= [];
+      pending.push(this.preserveChunk(chunkIndex));
+    }
+    if (!pending) return;
+    this.enter();
+    try {
+      const results = await Promise.allSettled(pending);
+      for (const result of results) if (result.status === "rejected") throw result.reason;
+    } finally {
+      this.leave();
+    }
+  }
+
+  private async preserveChunk(chunkIndex: number): Promise<void> {
+    const release = await this.locks.lock(chunkIndex);
+    try {
+      if (this.chunks.has(chunkIndex) || this.corruptedErrno !== null || this.destroyed) return;
+      const startBytes = this.geometry.chunkStartBytes(chunkIndex);
+      const buffer = new Uint8Array(this.geometry.chunkLengthBytes(chunkIndex));
+      try {
+        await this.origin.read(startBytes, buffer);
+        const location = this.storage.allocate(buffer.byteLength);
+        await this.storage.write(location, 0, buffer);
+        this.chunks.set(chunkIndex, location);
+      } catch (error) {
+        const blockError = toBlockError(error, `copy-before-write of ${this.deviceName} chunk ${chunkIndex}`);
+        if (this.onCowError === "fail-origin-write") throw blockError;
+        this.chunks.set(chunkIndex, failedChunk);
+        this.setCorrupted(blockError.errno);
+      }
+    } finally {
+      release();
+    }
+  }
+
+  // ---- image path (called by SnapshotImage) ----
+
+  async readImage(offsetBytes: number, target: Uint8Array): Promise<void> {
+    this.checkUsable();
+    this.enter();
+    try {
+      const pieces: Promise<void>[] = [];
+      for (const piece of this.geometry.pieces(offsetBytes, target.byteLength)) {
+        const pieceTarget = target.subarray(
+          piece.pieceOffsetBytes,
+          piece.pieceOffsetBytes + piece.lengthBytes,
+        );
+        pieces.push(this.readPiece(piece.chunkIndex, piece.inChunkBytes, pieceTarget));
+      }
+      await settleAll(pieces);
+      // Never return data read across a destroy or corruption: the caller gets EIO instead.
+      this.checkUsable();
+    } finally {
+      this.leave();
+    }
+  }
+
+  private async readPiece(chunkIndex: number, inChunkBytes: number, target: Uint8Array): Promise<void> {
+    const entry = this.chunks.get(chunkIndex);
+    if (entry === failedChunk) throw this.usableError();
+    if (entry) {
+      await this.storage.read(entry, inChunkBytes, target);
+      return;
+    }
+    const release = await this.locks.lock(chunkIndex);
+    try {
+      const lockedEntry = this.chunks.get(chunkIndex);
+      if (lockedEntry === failedChunk) throw this.usableError();
+      if (lockedEntry) await this.storage.read(lockedEntry, inChunkBytes, target);
+      else await this.origin.read(this.geometry.chunkStartBytes(chunkIndex) + inChunkBytes, target);
+    } finally {
+      release();
+    }
+  }
+
+  async writeImage(offsetBytes: number, source: Uint8Array): Promise<void> {
+    this.checkUsable();
+    this.enter();
+    try {
+      const pieces: Promise<void>[] = [];
+      for (const piece of this.geometry.pieces(offsetBytes, source.byteLength)) {
+        const pieceSource = source.subarray(
+          piece.pieceOffsetBytes,
+          piece.pieceOffsetBytes + piece.lengthBytes,
+        );
+        pieces.push(this.writePiece(piece.chunkIndex, piece.inChunkBytes, pieceSource));
+      }
+      await settleAll(pieces);
+    } finally {
+      this.leave();
+    }
+  }
+
+  /** Writes zeroes chunk by chunk, reusing one zero buffer, so huge requests need no huge allocation. */
+  async writeZeroesImage(offsetBytes: number, lengthBytes: number): Promise<void> {
+    this.checkUsable();
+    this.zeroChunk ??= new Uint8Array(this.geometry.chunkSizeBytes);
+    const zeroes = this.zeroChunk;
+    this.enter();
+    try {
+      for (const piece of this.geometry.pieces(offsetBytes, lengthBytes)) {
+        await this.writePiece(piece.chunkIndex, piece.inChunkBytes, zeroes.subarray(0, piece.lengthBytes));
+      }
+    } finally {
+      this.leave();
+    }
+  }
+
+  private async writePiece(chunkIndex: number, inChunkBytes: number, source: Uint8Array): Promise<void> {
+    const release = await this.locks.lock(chunkIndex);
+    try {
+      this.checkUsable();
+      const entry = this.chunks.get(chunkIndex);
+      if (entry === failedChunk) throw this.usableError();
+      if (entry) {
+        await this.storage.write(entry, inChunkBytes, source);
+        return;
+      }
+      const chunkLengthBytes = this.geometry.chunkLengthBytes(chunkIndex);
+      let chunkData = source;
+      if (source.byteLength !== chunkLengthBytes) {
+        chunkData = new Uint8Array(chunkLengthBytes);
+        await this.origin.read(this.geometry.chunkStartBytes(chunkIndex), chunkData);
+        chunkData.set(source, inChunkBytes);
+      }
+      const location = this.storage.allocate(chunkLengthBytes);
+      await this.storage.write(location, 0, chunkData);
+      this.chunks.set(chunkIndex, location);
+    } finally {
+      release();
+    }
+  }
+
+  async flushImage(): Promise<void> {
+    this.checkUsable();
+    await this.storage.flush();
+  }
+
+  // ---- lifecycle ----
+
+  /** First error wins; later ones are ignored (blksnap's test_and_set_bit). */
+  setCorrupted(errno: Errno): void {
+    if (this.corruptedErrno !== null) return;
+    this.corruptedErrno = errno;
+    this.onCorrupted(errno);
+  }
+
+  /** Every image request fails with EIO from now on; origin writes stop preserving chunks. */
+  markDestroyed(): void {
+    this.destroyed = true;
+  }
+
+  /** Resolves when no request is inside this area (or after `timeoutMs`). */
+  waitIdle(timeoutMs: number): Promise<boolean> {
+    if (this.inflightCount === 0) return Promise.resolve(true);
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => resolve(false), timeoutMs);
+      this.idleWaiters.push(() => {
+        clearTimeout(timer);
+        resolve(true);
+      });
+    });
+  }
+
+  private checkUsable(): void {
+    if (this.destroyed || this.corruptedErrno !== null) throw this.usableError();
+  }
+
+  private usableError(): BlockError {
+    if (this.destroyed) return new BlockError("EIO", `snapshot image of ${this.deviceName} was destroyed`);
+    return new BlockError(
+      "EIO",
+      `snapshot image of ${this.deviceName} is corrupted (${this.corruptedErrno})`,
+    );
+  }
+
+  private enter(): void {
+    this.inflightCount++;
+  }
+
+  private leave(): void {
+    this.inflightCount--;
+    assert(this.inflightCount >= 0);
+    if (this.inflightCount === 0 && this.idleWaiters.length > 0) {
+      for (const waiter of this.idleWaiters.splice(0)) waiter();
+    }
+  }
+}
+
+/** Awaits every piece (none is left running behind an early failure), then throws the first error. */
+async function settleAll(pieces: Promise<void>[]): Promise<void> {
+  if (pieces.length === 1) return pieces[0];
+  const results = await Promise.allSettled(pieces);
+  for (const result of results) if (result.status === "rejected") throw result.reason;
+}

@@ -1,0 +1,97 @@
+/**
+ * Public types of the Engine (the library API). Everything here is plain data that can be sent as JSON by
+ * the daemon's control API unchanged: sizes and offsets in bytes, ids as strings, times in milliseconds.
+ */
+import type { Errno } from "../block/errors.js";
+
+export type OnCowError = "break-snapshot" | "fail-origin-write";
+export type SnapshotState = "created" | "taken" | "corrupted" | "destroyed";
+
+export interface DeviceAddOptions {
+  /** `[A-Za-z0-9._-]{1,64}` */
+  readonly name: string;
+  /** A regular file or a block device. With `sizeBytes` and an absent file, the file is created. */
+  readonly backendPath: string;
+  readonly sizeBytes?: number;
+  /** Override of the CBT block size rule (power of two, 4 KiB .. 64 MiB). */
+  readonly cbtBlockSizeBytes?: number;
+}
+
+export interface DeviceInfo {
+  readonly name: string;
+  readonly backendPath: string;
+  readonly sizeBytes: number;
+  /** The snapshot this device belongs to, if any. */
+  readonly snapshotId: string | null;
+  readonly cbt: CbtInfo;
+}
+
+export interface CbtInfo {
+  readonly blockSizeBytes: number;
+  readonly deviceSizeBytes: number;
+  readonly blockCount: number;
+  readonly generationId: string;
+  /** blksnap's changes_number: the number of the last take in this generation (0 before the first). */
+  readonly changesNumber: number;
+}
+
+export interface ByteRange {
+  readonly offsetBytes: number;
+  readonly lengthBytes: number;
+}
+
+export interface SnapshotCreateOptions {
+  /** A regular file, a directory (anonymous temp file), a block device, or `memory:`. */
+  readonly storage: string;
+  readonly limitBytes: number;
+  readonly devices?: readonly string[];
+  /** Power of two, 4 KiB .. 64 MiB; default 256 KiB. */
+  readonly chunkSizeBytes?: number;
+  readonly onCowError?: OnCowError;
+  /** Storage growth step; default 64 MiB. */
+  readonly growthPortionBytes?: number;
+}
+
+export interface AppendStorageOptions {
+  /** A regular file, a directory (new temp file), a block device, or `memory:`. */
+  readonly storage: string;
+  /** Size for a file to create or extend, a temp file or memory; a block device is used whole. */
+  readonly sizeBytes?: number;
+}
+
+export type SnapshotEvent =
+  | { readonly type: "corrupted"; readonly timeMs: number; readonly device: string; readonly errno: Errno }
+  | { readonly type: "no_space"; readonly timeMs: number; readonly requestedBytes: number }
+  | { readonly type: "low_space"; readonly timeMs: number; readonly freeBytes: number };
+
+export interface StorageInfo {
+  readonly kind: "file" | "directory" | "block-device" | "memory" | "mixed";
+  readonly paths: readonly string[];
+  readonly usedBytes: number;
+  readonly capacityBytes: number;
+  readonly limitBytes: number;
+}
+
+export interface SnapshotDeviceInfo {
+  readonly name: string;
+  /** Export name of the image `<device>@<snapshot-id>`, present once taken. */
+  readonly imageName: string | null;
+  readonly sizeBytes: number;
+  /** Chunks preserved or written through the image. */
+  readonly chunksStored: number;
+  /** errno of the corruption of this device's diff area, or null. */
+  readonly error: Errno | null;
+}
+
+export interface SnapshotInfo {
+  readonly id: string;
+  readonly state: SnapshotState;
+  readonly createdAtMs: number;
+  readonly takenAtMs: number | null;
+  /** How long new origin writes were held at take (drain + switch), in milliseconds. */
+  readonly takeStallMs: number | null;
+  readonly chunkSizeBytes: number;
+  readonly onCowError: OnCowError;
+  readonly storage: StorageInfo;
+  readonly devices: readonly SnapshotDeviceInfo[];
+}

@@ -1,0 +1,461 @@
+/**
+ * Engine: the registry of origin devices and snapshots, and blocksnap's public library API. The daemon's
+ * control API and the CLI are thin layers over it; the NBD and FUSE faces read its exports through the
+ * ExportSource interface.
+ *
+ * Each device is a backend (FileBackend, or MemoryBackend for `memory:`) under a Tracker that owns its CBT
+ * map. Exports: the origin `<device>` (the tracker) and, per taken snapshot, the image
+ * `<device>@<snapshot-id>`; both are wrapped in a CheckedDevice. Every operation validates all of its
+ * input before changing anything, so a refused call leaves no trace. Errors are BlockErrors with an errno.
+ *
+ * Concurrency: control operations are synchronous where they can be; take and destroy are serialised per
+ * snapshot. Not done yet: persistence of CBT maps across restarts (the daemon persists the device list).
+ *
+ * @example
+ * const engine = new Engine();
+ * await engine.addDevice({ name: "disk0", backendPath: "memory:", sizeBytes: 64 << 20 });
+ * const snapshot = await engine.createSnapshot({ storage: "memory:", limitBytes: 16 << 20, devices: ["disk0"] });
+ * await engine.takeSnapshot(snapshot.id);
+ * const image = engine.findExport(`disk0@${snapshot.id}`)!.device; // reads return the state at take
+ */
+import { randomUUID } from "node:crypto";
+import { realpathSync } from "node:fs";
+import { FileBackend } from "../backends/file-backend.js";
+import { MemoryBackend } from "../backends/memory-backend.js";
+import { CheckedDevice } from "../block/checked-device.js";
+import type { BlockDevice } from "../block/device.js";
+import { BlockError } from "../block/errors.js";
+import type { Export, ExportSource } from "../block/export-source.js";
+import { isValidCbtBlockSize } from "../cbt/cbt-geometry.js";
+import { CbtMap } from "../cbt/cbt-map.js";
+import { Tracker } from "../stages/tracker.js";
+import { DiffStorage, growthPortionBytesDefault } from "../storage/diff-storage.js";
+import { memoryStoragePath } from "../storage/storage-area.js";
+import { type Logger, silentLogger } from "../util/logger.js";
+import {
+  chunkSizeBytesDefault,
+  chunkSizeBytesMax,
+  chunkSizeBytesMin,
+  isValidChunkSize,
+} from "./chunk-geometry.js";
+import type {
+  AppendStorageOptions,
+  ByteRange,
+  CbtInfo,
+  DeviceAddOptions,
+  DeviceInfo,
+  SnapshotCreateOptions,
+  SnapshotEvent,
+  SnapshotInfo,
+  StorageInfo,
+} from "./engine-types.js";
+import { waitTimeoutMsMax } from "./event-queue.js";
+import { checkDeviceName, imageExportName } from "./names.js";
+import { Snapshot } from "./snapshot.js";
+
+export const memoryBackendPath = "memory:";
+export const devicesMax = 4096;
+export const snapshotsMax = 1024;
+
+export interface EngineOptions {
+  readonly logger?: Logger;
+}
+
+/** DeviceAddOptions plus, for library users, a ready BlockDevice instead of a path. */
+export interface DeviceAddLibraryOptions extends DeviceAddOptions {
+  readonly backend?: BlockDevice & { close?(): Promise<void> };
+}
+
+interface DeviceEntry {
+  readonly name: string;
+  readonly backendPath: string;
+  readonly backend: BlockDevice & { close?(): Promise<void> };
+  readonly tracker: Tracker;
+  readonly export: Export;
+  /** Canonical path of the backend file or device, to refuse it as storage. */
+  readonly realPath: string | null;
+  snapshotId: string | null;
+}
+
+export class Engine implements ExportSource {
+  private readonly logger: Logger;
+  private readonly devices = new Map<string, DeviceEntry>();
+  private readonly snapshots = new Map<string, Snapshot>();
+  private readonly imageExports = new Map<string, Export>();
+  private readonly listeners = new Set<() => void>();
+  private closed = false;
+
+  constructor(options: EngineOptions = {}) {
+    this.logger = options.logger ?? silentLogger;
+  }
+
+  // ---- devices ----
+
+  async addDevice(options: DeviceAddLibraryOptions): Promise<DeviceInfo> {
+    this.checkOpen();
+    checkDeviceName(options.name);
+    if (this.devices.has(options.name))
+      throw new BlockError("EEXIST", `Device ${options.name} already exists`);
+    if (this.devices.size >= devicesMax) throw new BlockError("ENOSPC", `At most ${devicesMax} devices`);
+    if (
+      options.sizeBytes !== undefined &&
+      (!Number.isSafeInteger(options.sizeBytes) || options.sizeBytes <= 0)
+    ) {
+      throw new BlockError(
+        "EINVAL",
+        `Invalid device size ${options.sizeBytes}: must be a positive number of bytes`,
+      );
+    }
+    if (options.cbtBlockSizeBytes !== undefined && !isValidCbtBlockSize(options.cbtBlockSizeBytes)) {
+      throw new BlockError(
+        "EINVAL",
+        `Invalid CBT block size ${options.cbtBlockSizeBytes}: must be a power of two from 4 KiB to 64 MiB`,
+      );
+    }
+    if (typeof options.backendPath !== "string" || options.backendPath === "") {
+      throw new BlockError("EINVAL", "A backend path is required");
+    }
+    const backend = options.backend ?? this.openBackend(options.backendPath, options.sizeBytes);
+    if (backend.sizeBytes <= 0) {
+      await backend.close?.();
+      throw new BlockError("EINVAL", `Backend ${JSON.stringify(options.backendPath)} is empty: give --size`);
+    }
+    const cbt = new CbtMap(backend.sizeBytes, options.cbtBlockSizeBytes);
+    const tracker = new Tracker(options.name, backend, cbt);
+    const entry: DeviceEntry = {
+      name: options.name,
+      backendPath: options.backendPath,
+      backend,
+      tracker,
+      realPath: backendRealPath(options.backendPath),
+      snapshotId: null,
+      export: {
+        name: options.name,
+        description: `origin device ${options.name} (${options.backendPath})`,
+        device: new CheckedDevice(tracker),
+        readOnly: !backend.capabilities.canWrite,
+      },
+    };
+    this.devices.set(options.name, entry);
+    this.logger.info({ device: options.name, backendPath: options.backendPath }, "device added");
+    this.notify();
+    return this.describeDevice(entry);
+  }
+
+  async removeDevice(name: string): Promise<void> {
+    const entry = this.device(name);
+    if (entry.snapshotId !== null) {
+      throw new BlockError("EBUSY", `Device ${name} is in snapshot ${entry.snapshotId}: destroy it first`);
+    }
+    this.devices.delete(name);
+    this.notify();
+    try {
+      await entry.backend.flush();
+    } finally {
+      await entry.backend.close?.();
+    }
+    this.logger.info({ device: name }, "device removed");
+  }
+
+  listDevices(): DeviceInfo[] {
+    return [...this.devices.values()].map((entry) => this.describeDevice(entry));
+  }
+
+  deviceInfo(name: string): DeviceInfo {
+    return this.describeDevice(this.device(name));
+  }
+
+  // ---- CBT ----
+
+  cbtInfo(name: string): CbtInfo {
+    return this.device(name).tracker.cbt.info();
+  }
+
+  cbtRead(name: string): Uint8Array {
+    return this.device(name).tracker.cbt.readMapCopy();
+  }
+
+  cbtMarkDirty(name: string, ranges: readonly ByteRange[]): void {
+    const entry = this.device(name);
+    for (const range of ranges) checkRange(range, entry.tracker.sizeBytes);
+    for (const range of ranges) entry.tracker.cbt.setBoth(range.offsetBytes, range.lengthBytes);
+  }
+
+  // ---- snapshots ----
+
+  async createSnapshot(options: SnapshotCreateOptions): Promise<SnapshotInfo> {
+    this.checkOpen();
+    const chunkSizeBytes = options.chunkSizeBytes ?? chunkSizeBytesDefault;
+    if (!isValidChunkSize(chunkSizeBytes)) {
+      throw new BlockError(
+        "EINVAL",
+        `Invalid chunk size ${chunkSizeBytes}: must be a power of two from ${chunkSizeBytesMin} to ${chunkSizeBytesMax}`,
+      );
+    }
+    if (!Number.isSafeInteger(options.limitBytes) || options.limitBytes <= 0) {
+      throw new BlockError(
+        "EINVAL",
+        `Invalid storage limit ${options.limitBytes}: must be a positive number of bytes`,
+      );
+    }
+    const growthPortionBytes = options.growthPortionBytes ?? growthPortionBytesDefault;
+    if (!Number.isSafeInteger(growthPortionBytes) || growthPortionBytes < chunkSizeBytes) {
+      throw new BlockError(
+        "EINVAL",
+        `Invalid growth portion ${growthPortionBytes}: must be at least one chunk`,
+      );
+    }
+    const onCowError = options.onCowError ?? "break-snapshot";
+    if (onCowError !== "break-snapshot" && onCowError !== "fail-origin-write") {
+      throw new BlockError("EINVAL", `Invalid copy-before-write error policy ${JSON.stringify(onCowError)}`);
+    }
+    if (typeof options.storage !== "string" || options.storage === "") {
+      throw new BlockError("EINVAL", "A storage path is required");
+    }
+    if (this.snapshots.size >= snapshotsMax)
+      throw new BlockError("ENOSPC", `At most ${snapshotsMax} snapshots`);
+    const deviceNames = options.devices ?? [];
+    if (new Set(deviceNames).size !== deviceNames.length) {
+      throw new BlockError("EINVAL", "A device is listed twice");
+    }
+    const members = deviceNames.map((name) => this.device(name));
+    for (const member of members) this.checkFree(member);
+    this.checkStorageNotOn(options.storage, members);
+
+    const id = randomUUID();
+    let snapshot: Snapshot | undefined;
+    const storage = new DiffStorage({
+      path: options.storage,
+      limitBytes: options.limitBytes,
+      growthPortionBytes,
+      onEvent: (event) => snapshot?.pushEvent({ ...event, timeMs: Date.now() }),
+    });
+    snapshot = new Snapshot({ id, storage, chunkSizeBytes, onCowError });
+    for (const member of members) {
+      snapshot.addMember(member.tracker);
+      member.snapshotId = id;
+    }
+    this.snapshots.set(id, snapshot);
+    this.logger.info({ snapshot: id, devices: deviceNames, storage: options.storage }, "snapshot created");
+    return snapshot.info();
+  }
+
+  addDeviceToSnapshot(id: string, deviceName: string): void {
+    const snapshot = this.snapshot(id);
+    const entry = this.device(deviceName);
+    if (entry.snapshotId === id)
+      throw new BlockError("EALREADY", `Device ${deviceName} is already in snapshot ${id}`);
+    this.checkFree(entry);
+    if (snapshot.isTaken || snapshot.state === "destroyed") {
+      throw new BlockError("EPERM", `Cannot add ${deviceName} to snapshot ${id}: it was already taken`);
+    }
+    if (entry.realPath && snapshot.storage.realPaths.includes(entry.realPath)) {
+      throw new BlockError("EINVAL", `Device ${deviceName} holds the difference storage of snapshot ${id}`);
+    }
+    snapshot.addMember(entry.tracker);
+    entry.snapshotId = id;
+  }
+
+  async appendStorage(id: string, options: AppendStorageOptions): Promise<StorageInfo> {
+    const snapshot = this.snapshot(id);
+    if (snapshot.state === "destroyed") throw new BlockError("ESRCH", `Snapshot ${id} was destroyed`);
+    if (
+      options.sizeBytes !== undefined &&
+      (!Number.isSafeInteger(options.sizeBytes) || options.sizeBytes <= 0)
+    ) {
+      throw new BlockError("EINVAL", `Invalid storage size ${options.sizeBytes}`);
+    }
+    const members = snapshot.memberNames.map((name) => this.device(name));
+    this.checkStorageNotOn(options.storage, members);
+    snapshot.storage.append(options.storage, options.sizeBytes);
+    return snapshot.storage.info();
+  }
+
+  async takeSnapshot(id: string): Promise<SnapshotInfo> {
+    const snapshot = this.snapshot(id);
+    await snapshot.take();
+    // A destroy may have been queued behind this take: publish no image of a snapshot that is gone.
+    if (this.snapshots.get(id) !== snapshot) throw new BlockError("ESRCH", `Snapshot ${id} was destroyed`);
+    for (const name of snapshot.memberNames) {
+      const member = snapshot.member(name);
+      if (!member?.image) continue;
+      const exportName = imageExportName(name, id);
+      this.imageExports.set(exportName, {
+        name: exportName,
+        description: `snapshot image of ${name}, snapshot ${id}`,
+        device: new CheckedDevice(member.image),
+        readOnly: false,
+      });
+    }
+    const info = snapshot.info();
+    this.logger.info({ snapshot: id, takeStallMs: info.takeStallMs }, "snapshot taken");
+    this.notify();
+    return info;
+  }
+
+  snapshotInfo(id: string): SnapshotInfo {
+    return this.snapshot(id).info();
+  }
+
+  listSnapshots(): SnapshotInfo[] {
+    return [...this.snapshots.values()].map((snapshot) => snapshot.info());
+  }
+
+  waitEvent(id: string, timeoutMs: number): Promise<SnapshotEvent | null> {
+    const snapshot = this.snapshot(id);
+    if (!Number.isSafeInteger(timeoutMs) || timeoutMs < 0 || timeoutMs > waitTimeoutMsMax) {
+      throw new BlockError("EINVAL", `Invalid timeout ${timeoutMs}: must be 0 to ${waitTimeoutMsMax} ms`);
+    }
+    return snapshot.events.wait(timeoutMs);
+  }
+
+  async destroySnapshot(id: string): Promise<void> {
+    const snapshot = this.snapshot(id);
+    this.snapshots.delete(id);
+    for (const name of snapshot.memberNames) this.imageExports.delete(imageExportName(name, id));
+    this.notify();
+    try {
+      await snapshot.destroy();
+    } finally {
+      for (const name of snapshot.memberNames) {
+        const entry = this.devices.get(name);
+        if (entry?.snapshotId === id) entry.snapshotId = null;
+      }
+    }
+    this.logger.info({ snapshot: id }, "snapshot destroyed");
+  }
+
+  // ---- exports (ExportSource) ----
+
+  listExports(): readonly Export[] {
+    return [...[...this.devices.values()].map((entry) => entry.export), ...this.imageExports.values()];
+  }
+
+  findExport(name: string): Export | undefined {
+    return this.devices.get(name)?.export ?? this.imageExports.get(name);
+  }
+
+  onExportsChanged(listener: () => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  /** The tracker of a device (library users and tests; faces use exports). */
+  tracker(name: string): Tracker {
+    return this.device(name).tracker;
+  }
+
+  /** Destroys every snapshot, then flushes and closes every backend. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    for (const id of [...this.snapshots.keys()]) await this.destroySnapshot(id);
+    for (const entry of [...this.devices.values()]) {
+      this.devices.delete(entry.name);
+      try {
+        await entry.backend.flush();
+      } catch (error) {
+        this.logger.error({ device: entry.name, err: error }, "flush at close failed");
+      }
+      await entry.backend.close?.();
+    }
+    this.notify();
+  }
+
+  // ---- helpers ----
+
+  private openBackend(
+    backendPath: string,
+    sizeBytes: number | undefined,
+  ): BlockDevice & { close?(): Promise<void> } {
+    if (backendPath === memoryBackendPath) {
+      if (sizeBytes === undefined) throw new BlockError("EINVAL", "A memory: device needs a size");
+      return new MemoryBackend(sizeBytes);
+    }
+    return FileBackend.open(backendPath, sizeBytes === undefined ? {} : { sizeBytes });
+  }
+
+  private device(name: string): DeviceEntry {
+    const entry = typeof name === "string" ? this.devices.get(name) : undefined;
+    if (!entry) throw new BlockError("ENOENT", `No device named ${JSON.stringify(name)}`);
+    return entry;
+  }
+
+  private snapshot(id: string): Snapshot {
+    const snapshot = typeof id === "string" ? this.snapshots.get(id) : undefined;
+    if (!snapshot) throw new BlockError("ESRCH", `No snapshot with id ${JSON.stringify(id)}`);
+    return snapshot;
+  }
+
+  private checkFree(entry: DeviceEntry): void {
+    if (entry.snapshotId !== null) {
+      throw new BlockError("EBUSY", `Device ${entry.name} is already in snapshot ${entry.snapshotId}`);
+    }
+  }
+
+  /** Refuses a storage path that is the backend of one of the snapshot's devices. */
+  private checkStorageNotOn(storagePath: string, members: readonly DeviceEntry[]): void {
+    if (storagePath === memoryStoragePath) return;
+    const storageRealPath = backendRealPath(storagePath);
+    if (storageRealPath === null) return;
+    for (const member of members) {
+      if (member.realPath === storageRealPath) {
+        throw new BlockError(
+          "EINVAL",
+          `Cannot store differences on ${storagePath}: it is the backend of ${member.name}`,
+        );
+      }
+    }
+  }
+
+  private describeDevice(entry: DeviceEntry): DeviceInfo {
+    return {
+      name: entry.name,
+      backendPath: entry.backendPath,
+      sizeBytes: entry.tracker.sizeBytes,
+      snapshotId: entry.snapshotId,
+      cbt: entry.tracker.cbt.info(),
+    };
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw new BlockError("ESHUTDOWN", "The engine is shutting down");
+  }
+
+  private notify(): void {
+    for (const listener of this.listeners) {
+      try {
+        listener();
+      } catch (error) {
+        this.logger.error({ err: error }, "exports listener failed");
+      }
+    }
+  }
+}
+
+function checkRange(range: ByteRange, sizeBytes: number): void {
+  const { offsetBytes, lengthBytes } = range;
+  if (
+    !Number.isSafeInteger(offsetBytes) ||
+    offsetBytes < 0 ||
+    !Number.isSafeInteger(lengthBytes) ||
+    lengthBytes <= 0
+  ) {
+    throw new BlockError("EINVAL", `Invalid range ${offsetBytes}:${lengthBytes}`);
+  }
+  if (offsetBytes + lengthBytes > sizeBytes) {
+    throw new BlockError(
+      "EINVAL",
+      `Range ${offsetBytes}:${lengthBytes} ends past the device size ${sizeBytes}`,
+    );
+  }
+}
+
+function backendRealPath(path: string): string | null {
+  if (path === memoryBackendPath) return null;
+  try {
+    return realpathSync(path);
+  } catch {
+    return null;
+  }
+}

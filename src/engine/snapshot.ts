@@ -1,0 +1,190 @@
+/**
+ * Snapshot: a set of origin devices, one DiffStorage and one EventQueue (blksnap's snapshot).
+ * Lifecycle: created -> (add devices) -> taken -> destroyed; a taken snapshot whose diff area failed
+ * reports state "corrupted".
+ *
+ * Take is atomic across the members: every tracker stops admitting writes (hold), in-flight writes drain,
+ * each tracker switches CBT and attaches its new DiffArea, then all are released. The time from the first
+ * hold to the release is the stall, recorded in `takeStallMs`. Freezing file systems mounted on the
+ * members happens before this, in the hooks the caller passes (ARCHITECTURE §3: freeze, hold, switch,
+ * release, thaw).
+ *
+ * Destroy: images fail with EIO at once; trackers are held, detached and released (so no origin write
+ * uses the diff area afterwards); requests inside the diff areas are awaited (bounded) before the storage
+ * is closed. Members are then free to join another snapshot.
+ */
+import { performance } from "node:perf_hooks";
+import { BlockError, type Errno } from "../block/errors.js";
+import { SnapshotImage } from "../stages/snapshot-image.js";
+import type { Tracker } from "../stages/tracker.js";
+import type { DiffStorage } from "../storage/diff-storage.js";
+import { assert } from "../util/assert.js";
+import { DiffArea } from "./diff-area.js";
+import type { OnCowError, SnapshotEvent, SnapshotInfo, SnapshotState } from "./engine-types.js";
+import { EventQueue } from "./event-queue.js";
+
+/** How long destroy waits for image and copy-before-write requests already inside a diff area. */
+export const destroyDrainTimeoutMs = 5000;
+
+export interface SnapshotMember {
+  readonly tracker: Tracker;
+  diffArea: DiffArea | null;
+  image: SnapshotImage | null;
+}
+
+export interface SnapshotOptions {
+  readonly id: string;
+  readonly storage: DiffStorage;
+  readonly chunkSizeBytes: number;
+  readonly onCowError: OnCowError;
+}
+
+export class Snapshot {
+  readonly id: string;
+  readonly storage: DiffStorage;
+  readonly events = new EventQueue();
+  readonly chunkSizeBytes: number;
+  readonly onCowError: OnCowError;
+  readonly createdAtMs = Date.now();
+  private readonly members = new Map<string, SnapshotMember>();
+  private phase: "created" | "taking" | "taken" | "destroyed" = "created";
+  private takenAtMs: number | null = null;
+  private takeStallMs: number | null = null;
+  private operationTail: Promise<void> = Promise.resolve();
+
+  constructor(options: SnapshotOptions) {
+    this.id = options.id;
+    this.storage = options.storage;
+    this.chunkSizeBytes = options.chunkSizeBytes;
+    this.onCowError = options.onCowError;
+  }
+
+  get state(): SnapshotState {
+    if (this.phase === "destroyed") return "destroyed";
+    if (this.phase === "taken") {
+      for (const member of this.members.values()) if (member.diffArea?.error) return "corrupted";
+      return "taken";
+    }
+    return "created";
+  }
+
+  get isTaken(): boolean {
+    return this.phase === "taken";
+  }
+
+  get memberNames(): string[] {
+    return [...this.members.keys()];
+  }
+
+  member(name: string): SnapshotMember | undefined {
+    return this.members.get(name);
+  }
+
+  addMember(tracker: Tracker): void {
+    if (this.phase !== "created") {
+      throw new BlockError(
+        "EPERM",
+        `Cannot add ${tracker.name} to snapshot ${this.id}: it was already taken`,
+      );
+    }
+    if (this.members.has(tracker.name)) {
+      throw new BlockError("EALREADY", `Device ${tracker.name} is already in snapshot ${this.id}`);
+    }
+    this.members.set(tracker.name, { tracker, diffArea: null, image: null });
+  }
+
+  /** Take and destroy run one at a time per snapshot, in call order. */
+  take(): Promise<void> {
+    return this.exclusive(() => this.takeNow());
+  }
+
+  destroy(): Promise<void> {
+    return this.exclusive(() => this.destroyNow());
+  }
+
+  private exclusive(operation: () => Promise<void>): Promise<void> {
+    const result = this.operationTail.then(operation);
+    this.operationTail = result.catch(() => {});
+    return result;
+  }
+
+  private async takeNow(): Promise<void> {
+    if (this.phase === "destroyed") throw new BlockError("ESRCH", `Snapshot ${this.id} was destroyed`);
+    if (this.phase !== "created") throw new BlockError("EALREADY", `Snapshot ${this.id} was already taken`);
+    if (this.members.size === 0) throw new BlockError("ENODEV", `Snapshot ${this.id} has no devices`);
+    this.phase = "taking";
+    const members = [...this.members.values()];
+    for (const member of members) {
+      member.diffArea = new DiffArea({
+        deviceName: member.tracker.name,
+        origin: member.tracker.backend,
+        sizeBytes: member.tracker.sizeBytes,
+        chunkSizeBytes: this.chunkSizeBytes,
+        storage: this.storage,
+        onCowError: this.onCowError,
+        onCorrupted: (errno) => this.pushCorrupted(member.tracker.name, errno),
+      });
+    }
+    const startMs = performance.now();
+    await Promise.all(members.map((member) => member.tracker.hold()));
+    for (const member of members) {
+      assert(member.diffArea);
+      member.tracker.cbt.switchAtTake(member.tracker.sizeBytes);
+      member.tracker.setDiffArea(member.diffArea);
+    }
+    for (const member of members) member.tracker.release();
+    this.takeStallMs = performance.now() - startMs;
+    this.takenAtMs = Date.now();
+    for (const member of members) {
+      assert(member.diffArea);
+      member.image = new SnapshotImage(member.diffArea, member.tracker.cbt);
+    }
+    this.phase = "taken";
+  }
+
+  private async destroyNow(): Promise<void> {
+    if (this.phase === "destroyed") return;
+    const wasAttached = this.phase === "taken" || this.phase === "taking";
+    this.phase = "destroyed";
+    const members = [...this.members.values()];
+    for (const member of members) member.diffArea?.markDestroyed();
+    if (wasAttached) {
+      await Promise.all(members.map((member) => member.tracker.hold()));
+      for (const member of members) {
+        if (member.tracker.attachedDiffArea === member.diffArea) member.tracker.setDiffArea(null);
+      }
+      for (const member of members) member.tracker.release();
+    }
+    await Promise.all(members.map((member) => member.diffArea?.waitIdle(destroyDrainTimeoutMs)));
+    this.events.close();
+    await this.storage.close();
+  }
+
+  info(): SnapshotInfo {
+    return {
+      id: this.id,
+      state: this.state,
+      createdAtMs: this.createdAtMs,
+      takenAtMs: this.takenAtMs,
+      takeStallMs: this.takeStallMs,
+      chunkSizeBytes: this.chunkSizeBytes,
+      onCowError: this.onCowError,
+      storage: this.storage.info(),
+      devices: [...this.members.entries()].map(([name, member]) => ({
+        name,
+        imageName: member.image ? `${name}@${this.id}` : null,
+        sizeBytes: member.diffArea?.sizeBytes ?? member.tracker.sizeBytes,
+        chunksStored: member.diffArea?.storedChunkCount ?? 0,
+        error: member.diffArea?.error ?? null,
+      })),
+    };
+  }
+
+  pushEvent(event: SnapshotEvent): void {
+    this.events.push(event);
+  }
+
+  private pushCorrupted(device: string, errno: Errno): void {
+    this.events.push({ type: "corrupted", timeMs: Date.now(), device, errno });
+  }
+}

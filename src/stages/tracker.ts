@@ -1,0 +1,153 @@
+/**
+ * Tracker: the stage on every origin device (blksnap's tracker + filter). Every modification — write,
+ * writeZeroes, trim — first marks the CBT write map, then, while a snapshot is taken, preserves the chunks
+ * it overlaps (DiffArea.preserveForOriginWrite), then goes to the backend. Discard and write-zeroes are
+ * writes here (blksnap issue #112 is the bug this avoids). Reads, flush and extents pass through.
+ *
+ * CBT is marked before the write and even when the write then fails (conservative, like QEMU), and a CBT
+ * failure never skips copy-before-write (reference quirk 12).
+ *
+ * The write gate makes take atomic across devices: `hold()` stops admitting new modifications and resolves
+ * once the ones in flight have drained; the snapshot then switches CBT and attaches its DiffArea to every
+ * member, and `release()` lets the held writes go — they see the new snapshot. Reads are never held.
+ */
+import type { BlockDevice, Capabilities, Extent, WriteFlags, ZeroFlags } from "../block/device.js";
+import type { CbtMap } from "../cbt/cbt-map.js";
+import type { DiffArea } from "../engine/diff-area.js";
+import { assert } from "../util/assert.js";
+
+export class Tracker implements BlockDevice {
+  readonly name: string;
+  readonly backend: BlockDevice;
+  readonly cbt: CbtMap;
+  readonly sizeBytes: number;
+  readonly capabilities: Capabilities;
+  private diffArea: DiffArea | null = null;
+  private inflightWrites = 0;
+  private held: Promise<void> | null = null;
+  private releaseHeld: (() => void) | null = null;
+  private drainWaiter: (() => void) | null = null;
+  /** Count of CBT marks that failed (a map corrupted by an out-of-range mark). */
+  cbtErrorCount = 0;
+
+  constructor(name: string, backend: BlockDevice, cbt: CbtMap) {
+    this.name = name;
+    this.backend = backend;
+    this.cbt = cbt;
+    this.sizeBytes = backend.sizeBytes;
+    this.capabilities = backend.capabilities;
+  }
+
+  get attachedDiffArea(): DiffArea | null {
+    return this.diffArea;
+  }
+
+  get isHeld(): boolean {
+    return this.held !== null;
+  }
+
+  get inflightWriteCount(): number {
+    return this.inflightWrites;
+  }
+
+  read(offsetBytes: number, target: Uint8Array): Promise<void> {
+    return this.backend.read(offsetBytes, target);
+  }
+
+  async write(offsetBytes: number, source: Uint8Array, flags?: WriteFlags): Promise<void> {
+    if (this.held) await this.waitForRelease();
+    this.inflightWrites++;
+    try {
+      await this.beforeModify(offsetBytes, source.byteLength);
+      await this.backend.write(offsetBytes, source, flags);
+    } finally {
+      this.afterModify();
+    }
+  }
+
+  async writeZeroes(offsetBytes: number, lengthBytes: number, flags?: ZeroFlags): Promise<void> {
+    if (this.held) await this.waitForRelease();
+    this.inflightWrites++;
+    try {
+      await this.beforeModify(offsetBytes, lengthBytes);
+      await this.backend.writeZeroes(offsetBytes, lengthBytes, flags);
+    } finally {
+      this.afterModify();
+    }
+  }
+
+  async trim(offsetBytes: number, lengthBytes: number, flags?: WriteFlags): Promise<void> {
+    if (this.held) await this.waitForRelease();
+    this.inflightWrites++;
+    try {
+      await this.beforeModify(offsetBytes, lengthBytes);
+      await this.backend.trim(offsetBytes, lengthBytes, flags);
+    } finally {
+      this.afterModify();
+    }
+  }
+
+  flush(): Promise<void> {
+    return this.backend.flush();
+  }
+
+  extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    const backend = this.backend;
+    if (!backend.extents) return Promise.resolve([{ lengthBytes, isHole: false, isZero: false }]);
+    return backend.extents(offsetBytes, lengthBytes);
+  }
+
+  /** Stops admitting modifications and resolves when those in flight have finished. */
+  async hold(): Promise<void> {
+    assert(this.held === null, `tracker ${this.name} is already held`);
+    this.held = new Promise((resolve) => {
+      this.releaseHeld = resolve;
+    });
+    if (this.inflightWrites > 0) {
+      await new Promise<void>((resolve) => {
+        this.drainWaiter = resolve;
+      });
+    }
+    assert(this.inflightWrites === 0, "writes drained");
+  }
+
+  release(): void {
+    assert(this.held !== null && this.releaseHeld !== null, `tracker ${this.name} is not held`);
+    const releaseHeld = this.releaseHeld;
+    this.held = null;
+    this.releaseHeld = null;
+    releaseHeld();
+  }
+
+  /** Attaches (take) or detaches (destroy) a snapshot's diff area; only while held. */
+  setDiffArea(diffArea: DiffArea | null): void {
+    assert(this.held !== null, "the diff area changes only while writes are held");
+    assert(diffArea === null || this.diffArea === null, `tracker ${this.name} already belongs to a snapshot`);
+    this.diffArea = diffArea;
+  }
+
+  private async waitForRelease(): Promise<void> {
+    // A bounded loop: a release is followed by at most one new hold per take or destroy.
+    while (this.held) await this.held;
+  }
+
+  private beforeModify(offsetBytes: number, lengthBytes: number): Promise<void> | undefined {
+    try {
+      this.cbt.set(offsetBytes, lengthBytes);
+    } catch {
+      this.cbtErrorCount++;
+    }
+    const diffArea = this.diffArea;
+    return diffArea?.preserveForOriginWrite(offsetBytes, lengthBytes);
+  }
+
+  private afterModify(): void {
+    this.inflightWrites--;
+    assert(this.inflightWrites >= 0);
+    if (this.inflightWrites === 0 && this.drainWaiter) {
+      const drainWaiter = this.drainWaiter;
+      this.drainWaiter = null;
+      drainWaiter();
+    }
+  }
+}

@@ -1,0 +1,135 @@
+/**
+ * One piece of a difference storage: a regular file, an anonymous temporary file, a block device, or RAM.
+ * Regions are handed out sequentially from `filledBytes`; nothing is freed while the snapshot lives (each
+ * chunk is stored once, as in blksnap). Growable areas (files, temp files, memory) are extended by the
+ * DiffStorage that owns them; block devices and appended pieces keep their size.
+ */
+import { realpathSync, statSync } from "node:fs";
+import { FileBackend } from "../backends/file-backend.js";
+import { MemoryBackend } from "../backends/memory-backend.js";
+import { BlockError } from "../block/errors.js";
+import { assert } from "../util/assert.js";
+
+export type StorageAreaKind = "file" | "directory" | "block-device" | "memory";
+
+export const memoryStoragePath = "memory:";
+/** Regions start on 4 KiB boundaries so that storage I/O stays page aligned. */
+export const regionAlignmentBytes = 4096;
+/** blksnap leaves the head of a storage unused so no tool mistakes it for a file system superblock. */
+export const reservedHeadBytes = 4096;
+/** Largest RAM area: the address space of the sparse MemoryBackend used for it. */
+const memoryAreaSizeBytesMax = 2 ** 50;
+
+export class StorageArea {
+  readonly kind: StorageAreaKind;
+  /** The path given by the user, or "memory:". */
+  readonly path: string;
+  /** Canonical path of the file or device (to refuse storage on a member device); null for RAM. */
+  readonly realPath: string | null;
+  readonly growable: boolean;
+  readonly device: FileBackend | MemoryBackend;
+  capacityBytes: number;
+  filledBytes: number;
+
+  private constructor(options: {
+    kind: StorageAreaKind;
+    path: string;
+    realPath: string | null;
+    growable: boolean;
+    device: FileBackend | MemoryBackend;
+    capacityBytes: number;
+  }) {
+    this.kind = options.kind;
+    this.path = options.path;
+    this.realPath = options.realPath;
+    this.growable = options.growable;
+    this.device = options.device;
+    this.capacityBytes = options.capacityBytes;
+    this.filledBytes = options.kind === "memory" ? 0 : reservedHeadBytes;
+  }
+
+  /**
+   * Opens `path` as storage. `sizeBytes` creates or extends a regular file, sizes a temp file or a memory
+   * area; a block device is always used whole.
+   */
+  static open(path: string, options: { sizeBytes?: number; growable: boolean }): StorageArea {
+    if (path === memoryStoragePath) {
+      const device = new MemoryBackend(memoryAreaSizeBytesMax);
+      return new StorageArea({
+        kind: "memory",
+        path,
+        realPath: null,
+        growable: options.growable,
+        device,
+        capacityBytes: options.sizeBytes ?? 0,
+      });
+    }
+    let stat: ReturnType<typeof statSync> | undefined;
+    try {
+      stat = statSync(path);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw new BlockError("EINVAL", String(error));
+    }
+    if (stat?.isDirectory()) {
+      const device = FileBackend.openAnonymous(path, options.sizeBytes ?? 0);
+      return new StorageArea({
+        kind: "directory",
+        path,
+        realPath: realpathSync(path),
+        growable: options.growable,
+        device,
+        capacityBytes: options.sizeBytes ?? 0,
+      });
+    }
+    if (stat && !stat.isFile() && !stat.isBlockDevice()) {
+      throw new BlockError(
+        "EINVAL",
+        `Cannot use ${JSON.stringify(path)} as storage: not a file, directory or device`,
+      );
+    }
+    const device = FileBackend.open(path, {
+      sizeBytes: stat?.isBlockDevice() ? undefined : (options.sizeBytes ?? (stat ? undefined : 0)),
+    });
+    const isBlockDevice = device.kind === "block-device";
+    const capacityBytes = isBlockDevice
+      ? device.sizeBytes
+      : Math.max(device.sizeBytes, options.sizeBytes ?? 0);
+    return new StorageArea({
+      kind: isBlockDevice ? "block-device" : "file",
+      path,
+      realPath: realpathSync(path),
+      growable: options.growable && !isBlockDevice,
+      device,
+      capacityBytes,
+    });
+  }
+
+  get freeBytes(): number {
+    return Math.max(0, this.capacityBytes - this.filledBytes);
+  }
+
+  /** Reserves `lengthBytes` at the next aligned offset, or returns undefined when it does not fit. */
+  tryAllocate(lengthBytes: number): number | undefined {
+    assert(lengthBytes > 0);
+    const offsetBytes = alignUp(this.filledBytes, regionAlignmentBytes);
+    if (offsetBytes + lengthBytes > this.capacityBytes) return undefined;
+    this.filledBytes = offsetBytes + lengthBytes;
+    return offsetBytes;
+  }
+
+  /** Raises the capacity of a growable area (extends the file; RAM pages come on first write). */
+  grow(newCapacityBytes: number): void {
+    assert(this.growable, "only growable areas grow");
+    assert(newCapacityBytes > this.capacityBytes, "growth must add capacity");
+    if (this.device instanceof FileBackend) this.device.truncateSync(newCapacityBytes);
+    this.capacityBytes = newCapacityBytes;
+  }
+
+  async close(): Promise<void> {
+    if (this.device instanceof FileBackend) await this.device.close();
+  }
+}
+
+function alignUp(value: number, alignment: number): number {
+  return Math.ceil(value / alignment) * alignment;
+}

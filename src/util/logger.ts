@@ -1,0 +1,19 @@
+/**
+ * The logging surface every module takes: a subset of pino's Logger, so the daemon passes its pino
+ * instance and tests and library users pass nothing (silentLogger). Hot paths log at debug level only.
+ */
+export interface LogFn {
+  (message: string): void;
+  (fields: object, message?: string): void;
+}
+
+export interface Logger {
+  readonly debug: LogFn;
+  readonly info: LogFn;
+  readonly warn: LogFn;
+  readonly error: LogFn;
+}
+
+const noop: LogFn = () => {};
+
+export const silentLogger: Logger = { debug: noop, info: noop, warn: noop, error: noop };
