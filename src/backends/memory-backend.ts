@@ -16,6 +16,8 @@ export const memoryPageSizeBytes = 64 * 1024;
 export interface MemoryBackendOptions {
   /** Await a macrotask before each operation, so concurrent requests interleave (tests). */
   readonly yieldEachOperation?: boolean;
+  /** Await this many macrotasks before each operation (a seeded source of random latency for tests). */
+  readonly yieldCount?: () => number;
 }
 
 export class MemoryBackend implements BlockDevice {
@@ -32,11 +34,13 @@ export class MemoryBackend implements BlockDevice {
   };
   private readonly pages = new Map<number, Uint8Array>();
   private readonly yieldEachOperation: boolean;
+  private readonly yieldCount: (() => number) | undefined;
 
   constructor(sizeBytes: number, options: MemoryBackendOptions = {}) {
     assert(Number.isSafeInteger(sizeBytes) && sizeBytes >= 0, "MemoryBackend size must be a safe integer");
     this.sizeBytes = sizeBytes;
     this.yieldEachOperation = options.yieldEachOperation ?? false;
+    this.yieldCount = options.yieldCount;
   }
 
   /** Bytes of RAM held by allocated pages. */
@@ -144,7 +148,12 @@ export class MemoryBackend implements BlockDevice {
   }
 
   private maybeYield(): Promise<void> | undefined {
+    if (this.yieldCount) return yieldMacrotasks(this.yieldCount());
     if (!this.yieldEachOperation) return undefined;
     return new Promise((resolve) => setImmediate(resolve));
   }
+}
+
+async function yieldMacrotasks(count: number): Promise<void> {
+  for (let i = 0; i < count; i++) await new Promise((resolve) => setImmediate(resolve));
 }
