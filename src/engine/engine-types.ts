@@ -50,6 +50,41 @@ export interface SnapshotCreateOptions {
   readonly onCowError?: OnCowError;
   /** Storage growth step; default 64 MiB. */
   readonly growthPortionBytes?: number;
+  /** Shell command run before the file systems are frozen at take (environment: see docs). */
+  readonly preTakeCommand?: string;
+  /** Shell command run after they are thawed, also when the take failed. */
+  readonly postTakeCommand?: string;
+}
+
+export interface TakeOptions {
+  /** Skip freezing file systems and running hooks (default false). */
+  readonly noFreeze?: boolean;
+  /** Upper bound for each freeze, thaw and hook, in milliseconds; default 30000. */
+  readonly freezeTimeoutMs?: number;
+}
+
+export interface FrozenMount {
+  readonly device: string;
+  readonly mountPoint: string;
+  readonly loopDevice: string;
+  readonly fsType: string;
+  /** From the freeze returning to the thaw returning, in milliseconds. */
+  readonly frozenMs: number;
+  readonly error: string | null;
+}
+
+export interface HookResult {
+  readonly command: string;
+  readonly exitCode: number | null;
+  readonly timedOut: boolean;
+  readonly durationMs: number;
+  readonly output: string;
+}
+
+export interface TakeReport {
+  readonly frozen: readonly FrozenMount[];
+  readonly preTake: HookResult | null;
+  readonly postTake: HookResult | null;
 }
 
 export interface AppendStorageOptions {
@@ -90,6 +125,8 @@ export interface SnapshotInfo {
   readonly takenAtMs: number | null;
   /** How long new origin writes were held at take (drain + switch), in milliseconds. */
   readonly takeStallMs: number | null;
+  /** What was frozen around the take and what the hooks did; null before take or with --no-freeze. */
+  readonly takeReport: TakeReport | null;
   readonly chunkSizeBytes: number;
   readonly onCowError: OnCowError;
   readonly storage: StorageInfo;

@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { BlockError } from "../block/errors.js";
 import { Engine } from "./engine.js";
+import type { Freezer } from "./freezer.js";
 
 const MiB = 1024 * 1024;
 
@@ -36,5 +37,47 @@ test("Engine: an image keeps the bytes of the moment of take while the origin mo
     (e: unknown) => e instanceof BlockError && e.errno === "EIO",
   );
   assert.equal(engine.findExport(`disk0@${snapshot.id}`), undefined);
+  await engine.close();
+});
+
+test("Engine: take freezes before holding writes and thaws after releasing them", async () => {
+  const calls: string[] = [];
+  let engineRef: Engine | undefined;
+  const freezer: Freezer = {
+    async freeze(context) {
+      const tracker = engineRef!.tracker("disk0");
+      calls.push(`freeze held=${tracker.isHeld} devices=${context.deviceNames.join(",")}`);
+      // A freeze flushes dirty data through blocksnap itself: that write must complete, not deadlock.
+      await engineRef!.findExport("disk0")!.device.write(0, pattern(4096, 9));
+      return {
+        async thaw(takeError) {
+          calls.push(
+            `thaw held=${tracker.isHeld} attached=${tracker.attachedDiffArea !== null} error=${takeError}`,
+          );
+          return { frozen: [], preTake: null, postTake: null };
+        },
+      };
+    },
+  };
+  const engine = new Engine({ freezer });
+  engineRef = engine;
+  await engine.addDevice({ name: "disk0", backendPath: "memory:", sizeBytes: MiB });
+  const { id } = await engine.createSnapshot({ storage: "memory:", limitBytes: MiB, devices: ["disk0"] });
+  const info = await engine.takeSnapshot(id);
+  assert.deepEqual(calls, ["freeze held=false devices=disk0", "thaw held=false attached=true error=null"]);
+  assert.deepEqual(info.takeReport, { frozen: [], preTake: null, postTake: null });
+  // The write done during the freeze is part of the image.
+  const image = new Uint8Array(4096);
+  await engine.findExport(`disk0@${id}`)!.device.read(0, image);
+  assert.deepEqual(image, pattern(4096, 9));
+  const second = await engine.createSnapshot({ storage: "memory:", limitBytes: MiB });
+  await assert.rejects(
+    engine.takeSnapshot(second.id),
+    (e: unknown) => e instanceof BlockError && e.errno === "ENODEV",
+  );
+  await engine.destroySnapshot(id);
+  const third = await engine.createSnapshot({ storage: "memory:", limitBytes: MiB, devices: ["disk0"] });
+  await engine.takeSnapshot(third.id, { noFreeze: true });
+  assert.equal(calls.length, 2, "noFreeze skips the freezer");
   await engine.close();
 });

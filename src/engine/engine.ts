@@ -48,8 +48,10 @@ import type {
   SnapshotEvent,
   SnapshotInfo,
   StorageInfo,
+  TakeOptions,
 } from "./engine-types.js";
 import { waitTimeoutMsMax } from "./event-queue.js";
+import type { Freezer } from "./freezer.js";
 import { checkDeviceName, imageExportName } from "./names.js";
 import { Snapshot } from "./snapshot.js";
 
@@ -59,7 +61,12 @@ export const snapshotsMax = 1024;
 
 export interface EngineOptions {
   readonly logger?: Logger;
+  /** Freezes what sits on member devices around take (src/freeze); none by default. */
+  readonly freezer?: Freezer;
 }
+
+export const freezeTimeoutMsDefault = 30_000;
+export const freezeTimeoutMsMax = 10 * 60_000;
 
 /** DeviceAddOptions plus, for library users, a ready BlockDevice instead of a path. */
 export interface DeviceAddLibraryOptions extends DeviceAddOptions {
@@ -79,6 +86,7 @@ interface DeviceEntry {
 
 export class Engine implements ExportSource {
   private readonly logger: Logger;
+  private readonly freezer: Freezer | null;
   private readonly devices = new Map<string, DeviceEntry>();
   private readonly snapshots = new Map<string, Snapshot>();
   private readonly imageExports = new Map<string, Export>();
@@ -87,6 +95,7 @@ export class Engine implements ExportSource {
 
   constructor(options: EngineOptions = {}) {
     this.logger = options.logger ?? silentLogger;
+    this.freezer = options.freezer ?? null;
   }
 
   // ---- devices ----
@@ -115,6 +124,7 @@ export class Engine implements ExportSource {
     if (typeof options.backendPath !== "string" || options.backendPath === "") {
       throw new BlockError("EINVAL", "A backend path is required");
     }
+    this.checkNotStorage(options.backendPath);
     const backend = options.backend ?? this.openBackend(options.backendPath, options.sizeBytes);
     if (backend.sizeBytes <= 0) {
       await backend.close?.();
@@ -212,6 +222,14 @@ export class Engine implements ExportSource {
     if (typeof options.storage !== "string" || options.storage === "") {
       throw new BlockError("EINVAL", "A storage path is required");
     }
+    for (const command of [options.preTakeCommand, options.postTakeCommand]) {
+      if (
+        command !== undefined &&
+        (typeof command !== "string" || command.trim() === "" || command.length > 4096)
+      ) {
+        throw new BlockError("EINVAL", "A take hook must be a non-empty command of at most 4096 characters");
+      }
+    }
     if (this.snapshots.size >= snapshotsMax)
       throw new BlockError("ENOSPC", `At most ${snapshotsMax} snapshots`);
     const deviceNames = options.devices ?? [];
@@ -220,7 +238,7 @@ export class Engine implements ExportSource {
     }
     const members = deviceNames.map((name) => this.device(name));
     for (const member of members) this.checkFree(member);
-    this.checkStorageNotOn(options.storage, members);
+    this.checkStorageNotOn(options.storage);
 
     const id = randomUUID();
     let snapshot: Snapshot | undefined;
@@ -230,7 +248,14 @@ export class Engine implements ExportSource {
       growthPortionBytes,
       onEvent: (event) => snapshot?.pushEvent({ ...event, timeMs: Date.now() }),
     });
-    snapshot = new Snapshot({ id, storage, chunkSizeBytes, onCowError });
+    snapshot = new Snapshot({
+      id,
+      storage,
+      chunkSizeBytes,
+      onCowError,
+      preTakeCommand: options.preTakeCommand,
+      postTakeCommand: options.postTakeCommand,
+    });
     for (const member of members) {
       snapshot.addMember(member.tracker);
       member.snapshotId = id;
@@ -265,15 +290,25 @@ export class Engine implements ExportSource {
     ) {
       throw new BlockError("EINVAL", `Invalid storage size ${options.sizeBytes}`);
     }
-    const members = snapshot.memberNames.map((name) => this.device(name));
-    this.checkStorageNotOn(options.storage, members);
+    this.checkStorageNotOn(options.storage);
     snapshot.storage.append(options.storage, options.sizeBytes);
     return snapshot.storage.info();
   }
 
-  async takeSnapshot(id: string): Promise<SnapshotInfo> {
+  async takeSnapshot(id: string, options: TakeOptions = {}): Promise<SnapshotInfo> {
     const snapshot = this.snapshot(id);
-    await snapshot.take();
+    const freezeTimeoutMs = options.freezeTimeoutMs ?? freezeTimeoutMsDefault;
+    if (
+      !Number.isSafeInteger(freezeTimeoutMs) ||
+      freezeTimeoutMs <= 0 ||
+      freezeTimeoutMs > freezeTimeoutMsMax
+    ) {
+      throw new BlockError(
+        "EINVAL",
+        `Invalid freeze timeout ${freezeTimeoutMs}: must be 1 to ${freezeTimeoutMsMax} ms`,
+      );
+    }
+    await snapshot.take({ freezer: options.noFreeze ? null : this.freezer, freezeTimeoutMs });
     // A destroy may have been queued behind this take: publish no image of a snapshot that is gone.
     if (this.snapshots.get(id) !== snapshot) throw new BlockError("ESRCH", `Snapshot ${id} was destroyed`);
     for (const name of snapshot.memberNames) {
@@ -393,16 +428,33 @@ export class Engine implements ExportSource {
     }
   }
 
-  /** Refuses a storage path that is the backend of one of the snapshot's devices. */
-  private checkStorageNotOn(storagePath: string, members: readonly DeviceEntry[]): void {
+  /**
+   * Refuses a storage path that is the backend of any device, member or not: storage regions and the
+   * device's own writes would overwrite each other.
+   */
+  private checkStorageNotOn(storagePath: string): void {
     if (storagePath === memoryStoragePath) return;
     const storageRealPath = backendRealPath(storagePath);
     if (storageRealPath === null) return;
-    for (const member of members) {
-      if (member.realPath === storageRealPath) {
+    for (const entry of this.devices.values()) {
+      if (entry.realPath === storageRealPath) {
         throw new BlockError(
           "EINVAL",
-          `Cannot store differences on ${storagePath}: it is the backend of ${member.name}`,
+          `Cannot store differences on ${storagePath}: it is the backend of ${entry.name}`,
+        );
+      }
+    }
+  }
+
+  /** Refuses a backend path that holds the difference storage of a snapshot (the mirror of the above). */
+  private checkNotStorage(backendPath: string): void {
+    const realPath = backendRealPath(backendPath);
+    if (realPath === null) return;
+    for (const snapshot of this.snapshots.values()) {
+      if (snapshot.storage.realPaths.includes(realPath)) {
+        throw new BlockError(
+          "EINVAL",
+          `Cannot use ${backendPath} as a device: it holds the difference storage of snapshot ${snapshot.id}`,
         );
       }
     }

@@ -20,8 +20,9 @@ import type { Tracker } from "../stages/tracker.js";
 import type { DiffStorage } from "../storage/diff-storage.js";
 import { assert } from "../util/assert.js";
 import { DiffArea } from "./diff-area.js";
-import type { OnCowError, SnapshotEvent, SnapshotInfo, SnapshotState } from "./engine-types.js";
+import type { OnCowError, SnapshotEvent, SnapshotInfo, SnapshotState, TakeReport } from "./engine-types.js";
 import { EventQueue } from "./event-queue.js";
+import type { Freezer, FreezeSession } from "./freezer.js";
 
 /** How long destroy waits for image and copy-before-write requests already inside a diff area. */
 export const destroyDrainTimeoutMs = 5000;
@@ -37,6 +38,13 @@ export interface SnapshotOptions {
   readonly storage: DiffStorage;
   readonly chunkSizeBytes: number;
   readonly onCowError: OnCowError;
+  readonly preTakeCommand?: string | undefined;
+  readonly postTakeCommand?: string | undefined;
+}
+
+export interface TakeWith {
+  readonly freezer: Freezer | null;
+  readonly freezeTimeoutMs: number;
 }
 
 export class Snapshot {
@@ -51,12 +59,17 @@ export class Snapshot {
   private takenAtMs: number | null = null;
   private takeStallMs: number | null = null;
   private operationTail: Promise<void> = Promise.resolve();
+  private takeReport: TakeReport | null = null;
+  readonly preTakeCommand: string | null;
+  readonly postTakeCommand: string | null;
 
   constructor(options: SnapshotOptions) {
     this.id = options.id;
     this.storage = options.storage;
     this.chunkSizeBytes = options.chunkSizeBytes;
     this.onCowError = options.onCowError;
+    this.preTakeCommand = options.preTakeCommand ?? null;
+    this.postTakeCommand = options.postTakeCommand ?? null;
   }
 
   get state(): SnapshotState {
@@ -94,8 +107,8 @@ export class Snapshot {
   }
 
   /** Take and destroy run one at a time per snapshot, in call order. */
-  take(): Promise<void> {
-    return this.exclusive(() => this.takeNow());
+  take(withOptions: TakeWith = { freezer: null, freezeTimeoutMs: 0 }): Promise<void> {
+    return this.exclusive(() => this.takeNow(withOptions));
   }
 
   destroy(): Promise<void> {
@@ -108,10 +121,34 @@ export class Snapshot {
     return result;
   }
 
-  private async takeNow(): Promise<void> {
+  private async takeNow(withOptions: TakeWith): Promise<void> {
     if (this.phase === "destroyed") throw new BlockError("ESRCH", `Snapshot ${this.id} was destroyed`);
     if (this.phase !== "created") throw new BlockError("EALREADY", `Snapshot ${this.id} was already taken`);
     if (this.members.size === 0) throw new BlockError("ENODEV", `Snapshot ${this.id} has no devices`);
+    // Freeze first: freezing flushes dirty data through blocksnap itself, so writes must still flow.
+    let session: FreezeSession | null = null;
+    if (withOptions.freezer) {
+      session = await withOptions.freezer.freeze({
+        snapshotId: this.id,
+        deviceNames: this.memberNames,
+        preTakeCommand: this.preTakeCommand,
+        postTakeCommand: this.postTakeCommand,
+        timeoutMs: withOptions.freezeTimeoutMs,
+      });
+    }
+    let takeError: Error | null = null;
+    try {
+      await this.switchAll();
+    } catch (error) {
+      takeError = error instanceof Error ? error : new Error(String(error));
+      throw error;
+    } finally {
+      if (session) this.takeReport = await session.thaw(takeError);
+    }
+  }
+
+  private async switchAll(): Promise<void> {
+    if (this.phase !== "created") throw new BlockError("ESRCH", `Snapshot ${this.id} was destroyed`);
     this.phase = "taking";
     const members = [...this.members.values()];
     for (const member of members) {
@@ -167,6 +204,7 @@ export class Snapshot {
       createdAtMs: this.createdAtMs,
       takenAtMs: this.takenAtMs,
       takeStallMs: this.takeStallMs,
+      takeReport: this.takeReport,
       chunkSizeBytes: this.chunkSizeBytes,
       onCowError: this.onCowError,
       storage: this.storage.info(),
