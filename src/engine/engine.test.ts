@@ -81,3 +81,8 @@ test("Engine: take freezes before holding writes and thaws after releasing them"
   assert.equal(calls.length, 2, "noFreeze skips the freezer");
   await engine.close();
 });
+
+test("the package's main export is the Engine", async () => {
+  const main = (await import("blocksnap")) as { Engine?: unknown };
+  assert.equal(main.Engine, Engine);
+});
