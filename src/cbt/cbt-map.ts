@@ -5,8 +5,12 @@
  * - readMap is frozen at take: it is what `cbt read` returns; later origin writes never change it.
  * - set_both (image writes, mark-dirty) raises writeMap to active AND readMap to previous, so the block is
  *   reported changed in the current map and again by the next snapshot.
- * - switchAtTake: readMap := writeMap, previous := active, active++. On the 256th take the active number
- *   wraps to 1, writeMap is cleared and a new generation id begins (v1 semantics: readMap still gets the copy).
+ * - switchAtTake: readMap := writeMap, previous := active, active++.
+ * - The wrap: active numbers are 1..255, so the take that would need active 256 starts a new generation.
+ *   blksnap then reports changes_number 255 under the new generation id, and a backup tool that saves
+ *   {generation, 255} and later copies blocks "> 255" misses every write made after the wrap. We treat the
+ *   wrap like blksnap's reset-at-take instead: new generation, both maps zeroed, then the switch, so that
+ *   take reports changes_number 1 (a full backup is due anyway: the generation changed) and the next one 2.
  * - reset: zero maps, previous 0, active 1, new generation. Done at take when the map was corrupted by an
  *   out-of-range set (a device that grew) or the device size changed.
  *
@@ -97,17 +101,13 @@ export class CbtMap {
 
   /** The switch done at take, under the device's write hold. Resets first if needed. */
   switchAtTake(currentDeviceSizeBytes: number): void {
-    if (this.corrupted || currentDeviceSizeBytes !== this.deviceSizeBytesAtCreate) {
+    const wraps = this.snapNumberActive === snapNumberMax;
+    if (this.corrupted || wraps || currentDeviceSizeBytes !== this.deviceSizeBytesAtCreate) {
       this.reset(currentDeviceSizeBytes);
     }
     this.readMap.set(this.writeMap);
     this.snapNumberPrevious = this.snapNumberActive;
     this.snapNumberActive++;
-    if (this.snapNumberActive > snapNumberMax) {
-      this.snapNumberActive = 1;
-      this.writeMap.fill(0);
-      this.generation = randomUUID();
-    }
     assert(this.snapNumberActive >= 1 && this.snapNumberActive <= snapNumberMax);
     assert(this.snapNumberPrevious >= 1 && this.snapNumberPrevious <= snapNumberMax);
   }

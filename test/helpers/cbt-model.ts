@@ -27,15 +27,16 @@ export class CbtModel {
     }
   }
 
+  /** At the wrap (active 255) a new generation starts like a reset: zero maps, then the switch. */
   switchAtTake(): void {
+    if (this.active === 255) {
+      this.writeMap.fill(0);
+      this.active = 1;
+      this.generation++;
+    }
     this.readMap = this.writeMap.slice();
     this.previous = this.active;
     this.active++;
-    if (this.active === 256) {
-      this.active = 1;
-      this.writeMap.fill(0);
-      this.generation++;
-    }
   }
 
   private *blocks(offsetBytes: number, lengthBytes: number): Generator<number> {
