@@ -33,6 +33,7 @@ import { ChunkGeometry } from "./chunk-geometry.js";
 import type { OnCowError } from "./engine-types.js";
 
 const failedChunk = "failed" as const;
+const chunkBuffersPooledMax = 8;
 type ChunkEntry = StorageLocation | typeof failedChunk;
 
 export interface DiffAreaOptions {
@@ -60,6 +61,9 @@ export class DiffArea {
   private inflightCount = 0;
   private idleWaiters: Array<() => void> = [];
   private zeroChunk: Uint8Array | undefined;
+  private storedCount = 0;
+  /** Free chunk buffers: copy-before-write under load would otherwise allocate one per chunk (GC pauses). */
+  private readonly bufferPool: Uint8Array[] = [];
 
   constructor(options: DiffAreaOptions) {
     this.deviceName = options.deviceName;
@@ -84,9 +88,7 @@ export class DiffArea {
   }
 
   get storedChunkCount(): number {
-    let count = 0;
-    for (const entry of this.chunks.values()) if (entry !== failedChunk) count++;
-    return count;
+    return this.storedCount;
   }
 
   /** Number of chunk entries in memory (touched chunks), for memory accounting. */
@@ -129,21 +131,40 @@ export class DiffArea {
     try {
       if (this.chunks.has(chunkIndex) || this.corruptedErrno !== null || this.destroyed) return;
       const startBytes = this.geometry.chunkStartBytes(chunkIndex);
-      const buffer = new Uint8Array(this.geometry.chunkLengthBytes(chunkIndex));
+      const buffer = this.takeBuffer(this.geometry.chunkLengthBytes(chunkIndex));
       try {
         await this.origin.read(startBytes, buffer);
         const location = this.storage.allocate(buffer.byteLength);
         await this.storage.write(location, 0, buffer);
-        this.chunks.set(chunkIndex, location);
+        this.setStored(chunkIndex, location);
       } catch (error) {
         const blockError = toBlockError(error, `copy-before-write of ${this.deviceName} chunk ${chunkIndex}`);
         if (this.onCowError === "fail-origin-write") throw blockError;
         this.chunks.set(chunkIndex, failedChunk);
         this.setCorrupted(blockError.errno);
+      } finally {
+        this.giveBuffer(buffer);
       }
     } finally {
       release();
     }
+  }
+
+  private setStored(chunkIndex: number, location: StorageLocation): void {
+    assert(!this.chunks.has(chunkIndex), "a chunk is stored once");
+    this.chunks.set(chunkIndex, location);
+    this.storedCount++;
+  }
+
+  private takeBuffer(lengthBytes: number): Uint8Array {
+    const pooled = this.bufferPool.pop();
+    if (pooled) return pooled.subarray(0, lengthBytes);
+    return new Uint8Array(this.geometry.chunkSizeBytes).subarray(0, lengthBytes);
+  }
+
+  private giveBuffer(buffer: Uint8Array): void {
+    if (this.bufferPool.length >= chunkBuffersPooledMax) return;
+    this.bufferPool.push(new Uint8Array(buffer.buffer, buffer.byteOffset, this.geometry.chunkSizeBytes));
   }
 
   // ---- image path (called by SnapshotImage) ----
@@ -230,15 +251,22 @@ export class DiffArea {
         return;
       }
       const chunkLengthBytes = this.geometry.chunkLengthBytes(chunkIndex);
-      let chunkData = source;
-      if (source.byteLength !== chunkLengthBytes) {
-        chunkData = new Uint8Array(chunkLengthBytes);
+      if (source.byteLength === chunkLengthBytes) {
+        const location = this.storage.allocate(chunkLengthBytes);
+        await this.storage.write(location, 0, source);
+        this.setStored(chunkIndex, location);
+        return;
+      }
+      const chunkData = this.takeBuffer(chunkLengthBytes);
+      try {
         await this.origin.read(this.geometry.chunkStartBytes(chunkIndex), chunkData);
         chunkData.set(source, inChunkBytes);
+        const location = this.storage.allocate(chunkLengthBytes);
+        await this.storage.write(location, 0, chunkData);
+        this.setStored(chunkIndex, location);
+      } finally {
+        this.giveBuffer(chunkData);
       }
-      const location = this.storage.allocate(chunkLengthBytes);
-      await this.storage.write(location, 0, chunkData);
-      this.chunks.set(chunkIndex, location);
     } finally {
       release();
     }

@@ -7,13 +7,20 @@ import { after, test } from "node:test";
 import { promisify } from "node:util";
 import { BlockError, type Errno } from "../block/errors.js";
 import { DiffStorage, type StorageEvent, type StorageLocation } from "./diff-storage.js";
-import { memoryStoragePath, regionAlignmentBytes, reservedHeadBytes } from "./storage-area.js";
+import {
+  memoryStoragePath,
+  regionAlignmentBytes,
+  regionAlignmentFor,
+  reservedHeadBytes,
+} from "./storage-area.js";
 
 const execFileAsync = promisify(execFile);
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const portionBytes = MiB;
 const chunkBytes = 64 * KiB;
+/** Where the first chunk lands on file and device kinds: past the reserved head, on a chunk boundary. */
+const firstRegionBytes = Math.max(reservedHeadBytes, regionAlignmentFor(chunkBytes));
 
 const directory = mkdtempSync(join(tmpdir(), "blocksnap-diff-storage-"));
 const loopDevices: string[] = [];
@@ -159,13 +166,13 @@ test("appending a file (created at the given size) makes allocation work again",
   assert.deepEqual(storage.realPaths, [path]);
   const location = storage.allocate(chunkBytes);
   assert.equal(location.area, area);
-  assert.equal(location.offsetBytes, reservedHeadBytes);
+  assert.equal(location.offsetBytes, firstRegionBytes);
   await storage.write(location, 0, pattern(chunkBytes, 4));
   const back = new Uint8Array(chunkBytes);
   await storage.read(location, 0, back);
   assert.deepEqual(back, pattern(chunkBytes, 4));
   const rest = fill(storage, 1000);
-  assert.equal(rest.length, Math.floor((2 * MiB - reservedHeadBytes) / chunkBytes) - 1);
+  assert.equal(rest.length, Math.floor((2 * MiB - firstRegionBytes) / chunkBytes) - 1);
   // The exhausted file re-armed the events: a second no_space.
   assert.equal(events.filter((event) => event.type === "no_space").length, 2);
   await storage.close();
@@ -190,8 +197,8 @@ test("an absent file is created and grown in portions; an existing one is used a
   assert.equal(statSync(absentPath).size, portionBytes);
   const locations = fill(storage, 1000);
   // The reserved head costs one chunk's worth of alignment: 3 MiB - 4 KiB holds 47 chunks of 64 KiB.
-  assert.equal(locations[0]!.offsetBytes, reservedHeadBytes);
-  assert.equal(locations.length, Math.floor((3 * MiB - reservedHeadBytes) / chunkBytes));
+  assert.equal(locations[0]!.offsetBytes, firstRegionBytes);
+  assert.equal(locations.length, Math.floor((3 * MiB - firstRegionBytes) / chunkBytes));
   assert.equal(statSync(absentPath).size, 3 * MiB);
   assert.equal(events.filter((event) => event.type === "no_space").length, 1);
   await storage.close();
@@ -202,7 +209,7 @@ test("an absent file is created and grown in portions; an existing one is used a
   // Larger than half a portion: used as it is.
   assert.equal(existing.storage.capacityBytes, 2 * MiB);
   assert.equal(statSync(existingPath).size, 2 * MiB);
-  assert.equal(existing.storage.allocate(chunkBytes).offsetBytes, reservedHeadBytes);
+  assert.equal(existing.storage.allocate(chunkBytes).offsetBytes, firstRegionBytes);
   assert.deepEqual(existing.storage.realPaths, [existingPath]);
   await existing.storage.close();
 });
@@ -249,7 +256,7 @@ test("a directory storage leaves no directory entry and grows its temp file", as
   const { storage, events } = recordingStorage(storageDirectory, 2 * MiB);
   assert.equal(storage.info().kind, "directory");
   const locations = fill(storage, 1000);
-  assert.equal(locations.length, Math.floor((2 * MiB - reservedHeadBytes) / chunkBytes));
+  assert.equal(locations.length, Math.floor((2 * MiB - firstRegionBytes) / chunkBytes));
   assert.equal(storage.capacityBytes, 2 * MiB);
   assert.equal(events.filter((event) => event.type === "no_space").length, 1);
   await storage.write(locations.at(-1)!, 0, pattern(chunkBytes, 5));
@@ -291,8 +298,8 @@ test("a block device is used whole and never grows", async (t) => {
   assert.equal(storage.info().kind, "block-device");
   assert.equal(storage.capacityBytes, deviceSizeBytes);
   const locations = fill(storage, 1000);
-  assert.equal(locations[0]!.offsetBytes, reservedHeadBytes);
-  assert.equal(locations.length, Math.floor((deviceSizeBytes - reservedHeadBytes) / chunkBytes));
+  assert.equal(locations[0]!.offsetBytes, firstRegionBytes);
+  assert.equal(locations.length, Math.floor((deviceSizeBytes - firstRegionBytes) / chunkBytes));
   assert.equal(storage.capacityBytes, deviceSizeBytes);
   assert.equal(events.filter((event) => event.type === "low_space").length, 1);
   assert.equal(events.filter((event) => event.type === "no_space").length, 1);
