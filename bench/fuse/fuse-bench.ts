@@ -1,0 +1,228 @@
+// Benchmark (not a test): fio on a loop device (--direct-io=on) over blocksnap's FUSE file, against the
+// same loop + fio over nbdfuse + nbdkit's file plugin, on the same page-cache-hot file, in one run.
+// Each server runs in its own process. Usage (root, from the repository root, after tsc):
+//   node dist/bench/fuse/fuse-bench.js [--size-mib 1024] [--runtime-s 5] [--rounds 2] [--out bench/results/fuse.md]
+import { type ChildProcess, execFile, spawn } from "node:child_process";
+import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+
+interface Job {
+  readonly label: string;
+  readonly rw: string;
+  readonly blockSize: string;
+  readonly iodepth: number;
+}
+
+interface Result {
+  readonly iops: number;
+  readonly bandwidthBytes: number;
+  readonly meanLatencyUs: number;
+}
+
+const jobs: readonly Job[] = [
+  { label: "randread 4 KiB QD32", rw: "randread", blockSize: "4k", iodepth: 32 },
+  { label: "read 1 MiB QD8", rw: "read", blockSize: "1M", iodepth: 8 },
+  { label: "randwrite 4 KiB QD32", rw: "randwrite", blockSize: "4k", iodepth: 32 },
+  { label: "write 1 MiB QD8", rw: "write", blockSize: "1M", iodepth: 8 },
+];
+
+const { values } = parseArgs({
+  options: {
+    "size-mib": { type: "string", default: "1024" },
+    "runtime-s": { type: "string", default: "5" },
+    rounds: { type: "string", default: "2" },
+    out: { type: "string", default: "bench/results/fuse.md" },
+  },
+});
+const sizeMiB = Number(values["size-mib"]);
+const runtimeSeconds = Number(values["runtime-s"]);
+const rounds = Number(values.rounds);
+
+function run(file: string, args: readonly string[], timeoutMs = 600_000): Promise<string> {
+  return new Promise((resolvePromise, reject) => {
+    execFile(file, [...args], { timeout: timeoutMs, maxBuffer: 64 << 20 }, (error, stdout, stderr) => {
+      if (error) reject(new Error(`${file} ${args.join(" ")}: ${stderr || String(error)}`));
+      else resolvePromise(stdout);
+    });
+  });
+}
+
+function waitForReady(child: ChildProcess): Promise<void> {
+  return new Promise((resolvePromise, reject) => {
+    let output = "";
+    child.stdout?.on("data", (chunk: Buffer) => {
+      output += chunk.toString();
+      if (output.includes("ready\n")) resolvePromise();
+    });
+    child.once("exit", (code) => reject(new Error(`server exited (${code}) before it was ready`)));
+  });
+}
+
+/** Polls with test(1) in a child: the path may sit on a FUSE mount that is still starting. */
+async function waitForFile(path: string, timeoutMs: number, testFlag: "-f" | "-S"): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      await run("test", [testFlag, path], 5_000);
+      return;
+    } catch {
+      if (Date.now() > deadline) throw new Error(`${path} did not appear`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+}
+
+async function fio(device: string, job: Job): Promise<Result> {
+  const output = await run("fio", [
+    `--name=${job.rw}`,
+    `--filename=${device}`,
+    "--ioengine=libaio",
+    "--direct=1",
+    `--rw=${job.rw}`,
+    `--bs=${job.blockSize}`,
+    `--iodepth=${job.iodepth}`,
+    `--runtime=${runtimeSeconds}`,
+    "--time_based",
+    "--output-format=json",
+  ]);
+  const parsed = JSON.parse(output) as {
+    jobs: Array<Record<"read" | "write", { iops: number; bw_bytes: number; clat_ns: { mean: number } }>>;
+  };
+  const side = job.rw.includes("write") ? "write" : "read";
+  const stats = parsed.jobs[0]![side];
+  return { iops: stats.iops, bandwidthBytes: stats.bw_bytes, meanLatencyUs: stats.clat_ns.mean / 1000 };
+}
+
+/** Attaches a loop device over `file`, runs every job, detaches. */
+async function runJobs(file: string): Promise<Result[]> {
+  const loop = (await run("losetup", ["--direct-io=on", "-f", "--show", file])).trim();
+  try {
+    const results: Result[] = [];
+    for (const job of jobs) results.push(await fio(loop, job));
+    return results;
+  } finally {
+    await run("losetup", ["-d", loop]);
+  }
+}
+
+async function benchBlocksnap(directory: string, backing: string): Promise<Result[]> {
+  const mountDir = join(directory, "blocksnap");
+  const script = join(dirname(fileURLToPath(import.meta.url)), "fuse-bench-server.js");
+  const server = spawn(process.execPath, [script, mountDir, "disk0", backing], {
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  try {
+    await waitForReady(server);
+    return await runJobs(join(mountDir, "disk0"));
+  } finally {
+    const exited = new Promise((r) => server.once("exit", r));
+    server.kill("SIGTERM");
+    await exited;
+  }
+}
+
+async function benchNbdfuse(directory: string, backing: string, round: number): Promise<Result[]> {
+  // Fresh names per round: nbdkit may leave its socket file behind when it is terminated.
+  const socket = join(directory, `nbdkit-${round}.sock`);
+  const mountDir = join(directory, `nbdfuse-${round}`);
+  await mkdir(mountDir, { recursive: true });
+  const nbdkit = spawn("nbdkit", ["-f", "-U", socket, "file", backing], {
+    stdio: ["ignore", "inherit", "inherit"],
+  });
+  const nbdkitExited = exitOf(nbdkit);
+  await waitForFile(socket, 10_000, "-S");
+  const nbdfuse = spawn("nbdfuse", [join(mountDir, "disk0"), "--unix", socket], {
+    stdio: ["ignore", "inherit", "inherit"],
+  });
+  const nbdfuseExited = exitOf(nbdfuse);
+  try {
+    await waitForFile(join(mountDir, "disk0"), 10_000, "-f");
+    return await runJobs(join(mountDir, "disk0"));
+  } finally {
+    // nbdfuse exits once its file system is unmounted.
+    const unmounted = await run("umount", [mountDir]).then(
+      () => true,
+      (error: unknown) => {
+        process.stderr.write(`${String(error)}\n`);
+        return false;
+      },
+    );
+    if (!unmounted) nbdfuse.kill("SIGTERM");
+    await nbdfuseExited;
+    nbdkit.kill("SIGTERM");
+    await nbdkitExited;
+  }
+}
+
+function exitOf(child: ChildProcess): Promise<void> {
+  return new Promise((resolvePromise) => {
+    if (child.exitCode !== null || child.signalCode !== null) resolvePromise();
+    else child.once("exit", () => resolvePromise());
+  });
+}
+
+function best(results: readonly Result[][], index: number): Result {
+  return results.map((round) => round[index]!).reduce((a, b) => (b.iops > a.iops ? b : a));
+}
+
+function formatResult(result: Result): string {
+  const mib = result.bandwidthBytes / 1024 / 1024;
+  return `${Math.round(result.iops).toLocaleString("en-US")} IOPS, ${mib.toFixed(0)} MiB/s, ${result.meanLatencyUs.toFixed(0)} µs`;
+}
+
+async function main(): Promise<void> {
+  if (process.getuid?.() !== 0) throw new Error("the FUSE benchmark needs root (mount, losetup)");
+  const directory = await mkdtemp(join(tmpdir(), "blocksnap-fuse-bench-"));
+  try {
+    const backing = join(directory, "disk.img");
+    await run("dd", ["if=/dev/urandom", `of=${backing}`, "bs=1M", `count=${sizeMiB}`, "status=none"]);
+    await run("dd", [`if=${backing}`, "of=/dev/null", "bs=1M", "status=none"]);
+    const cached = (
+      await run("fincore", ["--bytes", "--noheadings", "-o", "RES", backing]).catch(() => "?")
+    ).trim();
+    const ours: Result[][] = [];
+    const peer: Result[][] = [];
+    for (let round = 0; round < rounds; round += 1) {
+      ours.push(await benchBlocksnap(directory, backing));
+      peer.push(await benchNbdfuse(directory, backing, round));
+    }
+    const lines = [
+      "# FUSE face: blocksnap vs nbdfuse + nbdkit file",
+      "",
+      `Generated by bench/fuse/fuse-bench.ts on ${new Date().toISOString()} (kernel ${(await run("uname", ["-r"])).trim()}, node ${process.version}).`,
+      `Backing file: ${sizeMiB} MiB of random data, ${cached} bytes in the page cache before the runs.`,
+      `Each row: \`losetup --direct-io=on\` over the FUSE file, then \`fio --ioengine=libaio --direct=1\`, ${runtimeSeconds} s;`,
+      `best of ${rounds} alternating rounds. Both servers run in their own process on the same 2 cores as fio.`,
+      "",
+      "| job | blocksnap FUSE | nbdfuse + nbdkit file | ratio (IOPS) |",
+      "|---|---|---|---|",
+    ];
+    jobs.forEach((job, index) => {
+      const a = best(ours, index);
+      const b = best(peer, index);
+      lines.push(
+        `| ${job.label} | ${formatResult(a)} | ${formatResult(b)} | ${(a.iops / b.iops).toFixed(2)}× |`,
+      );
+    });
+    lines.push("", "Every round:", "");
+    for (let round = 0; round < rounds; round += 1) {
+      jobs.forEach((job, index) => {
+        lines.push(
+          `- round ${round + 1}, ${job.label}: blocksnap ${formatResult(ours[round]![index]!)}; nbdfuse ${formatResult(peer[round]![index]!)}`,
+        );
+      });
+    }
+    const markdown = `${lines.join("\n")}\n`;
+    const out = resolve(values.out);
+    await mkdir(dirname(out), { recursive: true });
+    await writeFile(out, markdown);
+    process.stdout.write(markdown);
+  } finally {
+    await rm(directory, { recursive: true, force: true });
+  }
+}
+
+await main();

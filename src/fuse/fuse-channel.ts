@@ -1,0 +1,168 @@
+/**
+ * FuseChannel: an open /dev/fuse with its reader thread (fuse-reader-worker.ts) and the shared slots the
+ * requests land in. Requests go to `handler` on the main thread, where the BlockDevices live; the slot is
+ * freed when the handler settles, so at most `slotCount` requests are in flight. Replies go out with one
+ * write(2) each from the main thread (a FUSE reply must be a single write).
+ *
+ * Lifecycle: open() → start(handler) → (mount elsewhere) → the worker ends by itself once the kernel drops
+ * the connection (unmount or abort: read fails with ENODEV) → close() closes the descriptor. Errors from
+ * the reply write that mean "nobody waits for this any more" (ENOENT: interrupted, ENODEV: connection
+ * gone) are expected during shutdown and dropped.
+ */
+import * as fs from "node:fs";
+import { Worker } from "node:worker_threads";
+import { BlockError, toBlockError } from "../block/errors.js";
+import { assert } from "../util/assert.js";
+import type { Logger } from "../util/logger.js";
+import {
+  controlBytes,
+  type FuseReaderMessage,
+  type FuseReaderWorkerData,
+  readerControl,
+} from "./fuse-reader-protocol.js";
+
+export type FuseRequestHandler = (slot: Uint8Array, lengthBytes: number) => Promise<void>;
+
+export interface FuseChannelOptions {
+  readonly slotCount: number;
+  readonly slotBytes: number;
+  readonly logger: Logger;
+  /** Character device to open; tests of the channel itself may pass another. */
+  readonly devicePath?: string;
+}
+
+export class FuseChannel {
+  readonly fd: number;
+  /** Resolves when the reader thread has exited (connection gone or worker failure). */
+  readonly ended: Promise<void>;
+  private readonly options: FuseChannelOptions;
+  private readonly slots: SharedArrayBuffer;
+  private readonly slotViews: Uint8Array[] = [];
+  private readonly control: Int32Array;
+  private worker: Worker | undefined;
+  private resolveEnded: () => void = () => {};
+  private closed = false;
+  private workerExited = false;
+
+  private constructor(fd: number, options: FuseChannelOptions) {
+    assert(options.slotCount >= 1 && options.slotCount <= 4096, "slotCount");
+    this.fd = fd;
+    this.options = options;
+    this.slots = new SharedArrayBuffer(options.slotCount * options.slotBytes);
+    for (let index = 0; index < options.slotCount; index += 1) {
+      this.slotViews.push(new Uint8Array(this.slots, index * options.slotBytes, options.slotBytes));
+    }
+    this.control = new Int32Array(new SharedArrayBuffer(controlBytes(options.slotCount)));
+    this.ended = new Promise<void>((resolve) => {
+      this.resolveEnded = resolve;
+    });
+  }
+
+  static open(options: FuseChannelOptions): FuseChannel {
+    const path = options.devicePath ?? "/dev/fuse";
+    let fd: number;
+    try {
+      fd = fs.openSync(path, fs.constants.O_RDWR);
+    } catch (error) {
+      throw toBlockError(error, `Cannot open ${path}`);
+    }
+    return new FuseChannel(fd, options);
+  }
+
+  start(handler: FuseRequestHandler): void {
+    assert(!this.worker && !this.closed, "FuseChannel started twice");
+    const workerData: FuseReaderWorkerData = {
+      fd: this.fd,
+      slots: this.slots,
+      slotCount: this.options.slotCount,
+      slotBytes: this.options.slotBytes,
+      control: this.control.buffer as SharedArrayBuffer,
+    };
+    const worker = new Worker(new URL("./fuse-reader-worker.js", import.meta.url), { workerData });
+    this.worker = worker;
+    worker.on("message", (message: FuseReaderMessage) => this.onMessage(message, handler));
+    worker.on("error", (error) => this.options.logger.error({ err: error }, "fuse reader thread failed"));
+    worker.on("exit", () => {
+      this.workerExited = true;
+      this.resolveEnded();
+    });
+  }
+
+  /** Sends one complete reply. */
+  send(reply: Uint8Array): void {
+    // After close the number may already name another file: a late reply must go nowhere.
+    if (this.closed) return;
+    try {
+      const written = fs.writeSync(this.fd, reply);
+      assert(written === reply.byteLength, "short write of a FUSE reply");
+    } catch (error) {
+      const code = (error as NodeJS.ErrnoException).code;
+      if (code === "ENOENT" || code === "ENODEV") return;
+      this.options.logger.error({ err: error, code }, "cannot send a FUSE reply");
+    }
+  }
+
+  /** Asks the reader to stop before its next read; it still needs the kernel to end a read in progress. */
+  stop(): void {
+    Atomics.store(this.control, readerControl.stop, 1);
+    Atomics.add(this.control, readerControl.releases, 1);
+    Atomics.notify(this.control, readerControl.releases);
+  }
+
+  /**
+   * Closes the descriptor once the reader has exited (never before: the number could be reused by another
+   * open and the reader would read from it). If this was its last user, the kernel aborts the connection.
+   */
+  close(): void {
+    if (this.closed) return;
+    assert(!this.worker || this.workerExited, "FuseChannel closed while its reader still runs");
+    this.closed = true;
+    this.stop();
+    try {
+      fs.closeSync(this.fd);
+    } catch (error) {
+      throw new BlockError("EIO", `Cannot close /dev/fuse: ${String(error)}`, { cause: error });
+    }
+  }
+
+  /** Requests being served right now (tests and diagnostics). */
+  get busySlots(): number {
+    let busy = 0;
+    for (let slot = 0; slot < this.options.slotCount; slot += 1) {
+      if (Atomics.load(this.control, readerControl.firstSlot + slot) !== 0) busy += 1;
+    }
+    return busy;
+  }
+
+  private onMessage(message: FuseReaderMessage, handler: FuseRequestHandler): void {
+    switch (message.kind) {
+      case "request": {
+        const view = this.slotViews[message.slot];
+        assert(view, `reader posted slot ${message.slot}`);
+        handler(view, message.lengthBytes).then(
+          () => this.release(message.slot),
+          (error: unknown) => {
+            this.release(message.slot);
+            // Only broken invariants get here (FuseSession answers operating errors): crash.
+            process.nextTick(() => {
+              throw error;
+            });
+          },
+        );
+        return;
+      }
+      case "closed":
+        this.options.logger.debug("fuse connection closed");
+        return;
+      case "failed":
+        this.options.logger.error({ code: message.code }, `reading /dev/fuse failed: ${message.message}`);
+        return;
+    }
+  }
+
+  private release(slot: number): void {
+    Atomics.store(this.control, readerControl.firstSlot + slot, 0);
+    Atomics.add(this.control, readerControl.releases, 1);
+    Atomics.notify(this.control, readerControl.releases);
+  }
+}
