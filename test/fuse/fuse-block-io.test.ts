@@ -84,6 +84,7 @@ test("parallel readers and writers through the loop device and the FUSE file see
     "--offset_increment=16M",
     "--verify=crc32c",
     "--do_verify=1",
+    "--verify_state_save=0",
     "--output-format=terse",
   ]);
   const readers = Array.from({ length: 4 }, (_, index) =>

@@ -1,0 +1,321 @@
+/**
+ * NBD benchmark (not a test): races blocksnap's NbdServer (FileBackend export, own process) against
+ * `nbdkit file` and `qemu-nbd -f raw -t -e 0` on the same page-cache-hot file, in one run, with the same
+ * clients: `nbdcopy URI null:` (sequential read of everything), fio --ioengine=nbd 4 KiB randread at QD32
+ * and QD1, 4 KiB randwrite at QD32 and 256 KiB sequential write at QD16. The machine has 2 cores shared by
+ * server and client, so run-to-run noise is about ±30% (nbd-and-stack.md §2.5). Tests run in test-major order (all
+ * servers for one test, then the next test) so that drift hits every server alike. Prints a table with
+ * ratios and writes it as Markdown to bench/results/nbd.md.
+ *
+ * Usage: npm run build && node dist/bench/nbd/nbd-bench.js [--size-mib 1024] [--runtime-s 4] [--dir /tmp/x]
+ */
+import { type ChildProcess, execFile, spawn } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import * as fs from "node:fs";
+import { availableParallelism, cpus, totalmem } from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+interface Options {
+  readonly sizeMib: number;
+  readonly runtimeSeconds: number;
+  readonly directory: string;
+}
+
+interface Server {
+  readonly name: string;
+  readonly uri: string;
+  stop(): Promise<void>;
+}
+
+interface Measurement {
+  readonly test: string;
+  readonly unit: string;
+  readonly values: Map<string, number>;
+}
+
+const here = dirname(fileURLToPath(import.meta.url));
+
+function parseOptions(argv: readonly string[]): Options {
+  const value = (flag: string, fallback: string) => {
+    const index = argv.indexOf(flag);
+    return index >= 0 && argv[index + 1] !== undefined ? argv[index + 1]! : fallback;
+  };
+  return {
+    sizeMib: Number(value("--size-mib", "1024")),
+    runtimeSeconds: Number(value("--runtime-s", "4")),
+    directory: value("--dir", "/tmp/blocksnap-nbd-bench"),
+  };
+}
+
+function exec(
+  command: string,
+  args: readonly string[],
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(command, args, { maxBuffer: 64 * 1024 * 1024 }, (error, stdout, stderr) => {
+      const code = error ? (typeof error.code === "number" ? error.code : 1) : 0;
+      resolve({ code, stdout: String(stdout), stderr: String(stderr) });
+    });
+  });
+}
+
+async function execOk(command: string, args: readonly string[]): Promise<string> {
+  const result = await exec(command, args);
+  if (result.code !== 0)
+    throw new Error(`${command} ${args.join(" ")}: exit ${result.code}\n${result.stderr}`);
+  return result.stdout;
+}
+
+async function waitForSocket(path: string, child?: ChildProcess): Promise<void> {
+  for (let attempt = 0; attempt < 500; attempt += 1) {
+    if (fs.existsSync(path)) return;
+    if (child && child.exitCode !== null) throw new Error(`server exited with ${child.exitCode}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  throw new Error(`no socket at ${path}`);
+}
+
+async function prepareFile(options: Options): Promise<string> {
+  fs.mkdirSync(options.directory, { recursive: true });
+  const path = join(options.directory, "disk.img");
+  const sizeBytes = options.sizeMib * 1024 * 1024;
+  if (!fs.existsSync(path) || fs.statSync(path).size !== sizeBytes) {
+    const fd = fs.openSync(path, "w");
+    const chunk = 16 * 1024 * 1024;
+    for (let done = 0; done < sizeBytes; done += chunk)
+      fs.writeSync(fd, randomBytes(Math.min(chunk, sizeBytes - done)));
+    fs.closeSync(fd);
+  }
+  // Pull the whole file into the page cache.
+  const fd = fs.openSync(path, "r");
+  const buffer = Buffer.allocUnsafe(16 * 1024 * 1024);
+  while (fs.readSync(fd, buffer) > 0);
+  fs.closeSync(fd);
+  return path;
+}
+
+async function pageCacheReport(path: string): Promise<string> {
+  const result = await exec("fincore", ["--bytes", "--noheadings", "--output", "RES,SIZE", path]);
+  if (result.code !== 0) return "fincore unavailable";
+  const [resident, size] = result.stdout.trim().split(/\s+/).map(Number);
+  return `${resident} of ${size} bytes resident (${((100 * (resident ?? 0)) / (size ?? 1)).toFixed(1)}%)`;
+}
+
+async function startOurs(file: string, directory: string): Promise<Server> {
+  const socket = join(directory, "blocksnap.sock");
+  const child = spawn(process.execPath, [join(here, "bench-server.js"), file, socket], { stdio: "ignore" });
+  await waitForSocket(socket, child);
+  return {
+    name: "blocksnap",
+    uri: `nbd+unix:///?socket=${socket}`,
+    stop: async () => {
+      child.kill("SIGTERM");
+      await new Promise((resolve) => child.once("exit", resolve));
+    },
+  };
+}
+
+async function startDaemonized(
+  name: string,
+  command: string,
+  args: string[],
+  socket: string,
+  pidFile: string,
+) {
+  fs.rmSync(socket, { force: true });
+  await execOk(command, args);
+  await waitForSocket(socket);
+  return {
+    name,
+    uri: `nbd+unix:///?socket=${socket}`,
+    stop: async () => {
+      const pid = Number(fs.readFileSync(pidFile, "utf8").trim());
+      process.kill(pid, "SIGTERM");
+      for (let attempt = 0; attempt < 250; attempt += 1) {
+        try {
+          process.kill(pid, 0);
+        } catch {
+          return;
+        }
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    },
+  } satisfies Server;
+}
+
+function startNbdkit(file: string, directory: string): Promise<Server> {
+  const socket = join(directory, "nbdkit.sock");
+  const pidFile = join(directory, "nbdkit.pid");
+  return startDaemonized(
+    "nbdkit file",
+    "nbdkit",
+    ["-U", socket, "-P", pidFile, "file", file],
+    socket,
+    pidFile,
+  );
+}
+
+function startQemuNbd(file: string, directory: string): Promise<Server> {
+  const socket = join(directory, "qemu.sock");
+  const pidFile = join(directory, "qemu.pid");
+  const args = ["-f", "raw", "-t", "-e", "0", "-k", socket, `--pid-file=${pidFile}`, "--fork", file];
+  return startDaemonized("qemu-nbd", "qemu-nbd", args, socket, pidFile);
+}
+
+/** Median of three timed copies, after one untimed warm-up copy (server buffers, client start-up). */
+async function nbdcopySeconds(uri: string): Promise<number> {
+  await execOk("nbdcopy", [uri, "null:"]);
+  const seconds: number[] = [];
+  for (let run = 0; run < 3; run += 1) {
+    const start = process.hrtime.bigint();
+    await execOk("nbdcopy", [uri, "null:"]);
+    seconds.push(Number(process.hrtime.bigint() - start) / 1e9);
+  }
+  return seconds.sort((a, b) => a - b)[1]!;
+}
+
+interface FioJob {
+  readonly rw: string;
+  readonly bs: string;
+  readonly iodepth: number;
+}
+
+async function fio(
+  uri: string,
+  job: FioJob,
+  options: Options,
+): Promise<{ iops: number; mibPerSecond: number }> {
+  const output = join(options.directory, "fio.json");
+  await execOk("fio", [
+    "--name=bench",
+    "--ioengine=nbd",
+    `--uri=${uri}`,
+    `--rw=${job.rw}`,
+    `--bs=${job.bs}`,
+    `--iodepth=${job.iodepth}`,
+    `--size=${options.sizeMib}M`,
+    `--runtime=${options.runtimeSeconds}`,
+    "--time_based",
+    "--output-format=json",
+    `--output=${output}`,
+  ]);
+  const text = fs.readFileSync(output, "utf8");
+  const report = JSON.parse(text.slice(text.indexOf("{"))) as {
+    jobs: Array<{ error: number; read: { iops: number; bw: number }; write: { iops: number; bw: number } }>;
+  };
+  const result = report.jobs[0]!;
+  if (result.error !== 0) throw new Error(`fio reported error ${result.error}`);
+  const side = job.rw.includes("read") ? result.read : result.write;
+  return { iops: side.iops, mibPerSecond: side.bw / 1024 };
+}
+
+function format(value: number, unit: string): string {
+  if (unit === "s") return value.toFixed(2);
+  if (unit === "IOPS") return `${(value / 1000).toFixed(1)}k`;
+  return value.toFixed(0);
+}
+
+function table(measurements: readonly Measurement[], servers: readonly string[]): string {
+  const header = ["test", ...servers, "vs nbdkit", "vs qemu-nbd"];
+  const rows = measurements.map((measurement) => {
+    const ours = measurement.values.get("blocksnap") ?? Number.NaN;
+    // A ratio above 1 means blocksnap is better: for seconds, lower is better.
+    const ratio = (peer: string) => {
+      const theirs = measurement.values.get(peer) ?? Number.NaN;
+      const value = measurement.unit === "s" ? theirs / ours : ours / theirs;
+      return `${value.toFixed(2)}×`;
+    };
+    return [
+      `${measurement.test} (${measurement.unit})`,
+      ...servers.map((server) => format(measurement.values.get(server) ?? Number.NaN, measurement.unit)),
+      ratio("nbdkit file"),
+      ratio("qemu-nbd"),
+    ];
+  });
+  const lines = [header, header.map(() => "---"), ...rows].map((row) => `| ${row.join(" | ")} |`);
+  return lines.join("\n");
+}
+
+function repositoryRoot(): string {
+  let directory = here;
+  for (let depth = 0; depth < 6; depth += 1) {
+    if (fs.existsSync(join(directory, "package.json")) && fs.existsSync(join(directory, "src")))
+      return directory;
+    directory = dirname(directory);
+  }
+  return process.cwd();
+}
+
+async function main(): Promise<void> {
+  const options = parseOptions(process.argv.slice(2));
+  const file = await prepareFile(options);
+  const cacheBefore = await pageCacheReport(file);
+  const servers: Server[] = [];
+  const measurements: Measurement[] = [];
+  try {
+    servers.push(await startOurs(file, options.directory));
+    servers.push(await startNbdkit(file, options.directory));
+    servers.push(await startQemuNbd(file, options.directory));
+    const tests: Array<{ test: string; unit: string; run: (uri: string) => Promise<number> }> = [
+      { test: `nbdcopy ${options.sizeMib} MiB to null:`, unit: "s", run: (uri) => nbdcopySeconds(uri) },
+      ...(
+        [
+          ["fio randread 4 KiB QD32", { rw: "randread", bs: "4k", iodepth: 32 }, "IOPS"],
+          ["fio randread 4 KiB QD1", { rw: "randread", bs: "4k", iodepth: 1 }, "IOPS"],
+          ["fio randwrite 4 KiB QD32", { rw: "randwrite", bs: "4k", iodepth: 32 }, "IOPS"],
+          ["fio write 256 KiB QD16", { rw: "write", bs: "256k", iodepth: 16 }, "MiB/s"],
+        ] as const
+      ).map(([test, job, unit]) => ({
+        test,
+        unit,
+        run: async (uri: string) => {
+          const result = await fio(uri, job, options);
+          return unit === "IOPS" ? result.iops : result.mibPerSecond;
+        },
+      })),
+    ];
+    for (const entry of tests) {
+      const values = new Map<string, number>();
+      for (const server of servers) {
+        values.set(server.name, await entry.run(server.uri));
+        console.error(
+          `${entry.test}: ${server.name} ${format(values.get(server.name)!, entry.unit)} ${entry.unit}`,
+        );
+      }
+      measurements.push({ test: entry.test, unit: entry.unit, values });
+    }
+  } finally {
+    for (const server of servers) await server.stop();
+  }
+  const cacheAfter = await pageCacheReport(file);
+  const versions = await Promise.all([
+    exec("nbdkit", ["--version"]).then((result) => result.stdout.trim()),
+    exec("qemu-nbd", ["--version"]).then((result) => result.stdout.split("\n")[0]?.trim() ?? ""),
+    exec("nbdcopy", ["--version"]).then((result) => result.stdout.split("\n")[0]?.trim() ?? ""),
+    exec("fio", ["--version"]).then((result) => result.stdout.trim()),
+  ]);
+  const markdown = [
+    "# NBD benchmark",
+    "",
+    `Machine: ${availableParallelism()} × ${cpus()[0]?.model ?? "cpu"}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB;` +
+      ` Node ${process.version}; ${versions.join("; ")}.`,
+    `File: ${options.sizeMib} MiB of random data, page cache before: ${cacheBefore}, after: ${cacheAfter}.`,
+    `Unix sockets; fio runs of ${options.runtimeSeconds} s, one job (one connection); nbdcopy with its defaults` +
+      " (multi-conn), median of 3 runs after a warm-up run.",
+    "Ratios: blocksnap relative to the peer, above 1× means blocksnap is faster.",
+    "",
+    table(
+      measurements,
+      servers.map((server) => server.name),
+    ),
+    "",
+  ].join("\n");
+  console.log(markdown);
+  const resultsDirectory = join(repositoryRoot(), "bench", "results");
+  fs.mkdirSync(resultsDirectory, { recursive: true });
+  fs.writeFileSync(join(resultsDirectory, "nbd.md"), markdown);
+  console.error(`written to ${join(resultsDirectory, "nbd.md")}`);
+}
+
+await main();

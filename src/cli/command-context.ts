@@ -1,0 +1,87 @@
+/**
+ * What every client command shares: the options `--json`, `--socket PATH` and `--state-dir DIR`, the
+ * socket resolution (`--socket`, else BLOCKSNAP_SOCKET, else `<state dir>/blocksnap.sock` with the
+ * daemon's own state-dir rules), and the error report (`blocksnap: <message>` on stderr; with `--json`
+ * also `{ "error": { "errno", "message" } }` on stdout) with the exit code of cli-error.ts.
+ */
+import { resolve } from "node:path";
+import type { Command } from "commander";
+import { controlSocketPathIn, currentStateDirEnvironment, resolveStateDir } from "../daemon/paths.js";
+import { CliError } from "./cli-error.js";
+import { ControlClient } from "./control-client.js";
+import { writeJson } from "./output.js";
+
+export interface CommonOptions {
+  readonly json?: boolean;
+  readonly socket?: string;
+  readonly stateDir?: string;
+}
+
+export interface CommandContext {
+  readonly client: ControlClient;
+  readonly json: boolean;
+}
+
+export function addCommonOptions(command: Command): Command {
+  return command
+    .option("--json", "print the result as JSON (the API response body; see docs/api.md)")
+    .option(
+      "--socket <path>",
+      "the daemon's control socket (default: $BLOCKSNAP_SOCKET or <state dir>/blocksnap.sock)",
+    )
+    .option(
+      "--state-dir <dir>",
+      "the daemon's state directory (default: $BLOCKSNAP_STATE_DIR or the system default)",
+    );
+}
+
+export function resolveControlSocket(options: CommonOptions): string {
+  if (options.socket !== undefined && options.socket !== "") return options.socket;
+  const fromEnv = process.env.BLOCKSNAP_SOCKET;
+  if (fromEnv !== undefined && fromEnv !== "") return fromEnv;
+  return controlSocketPathIn(resolveStateDir(options.stateDir, currentStateDirEnvironment()));
+}
+
+/** Paths go to the daemon, whose working directory is not ours: make them absolute. */
+export function absolutePath(path: string): string {
+  return path === "memory:" ? path : resolve(path);
+}
+
+/**
+ * Wraps a command body as a commander action: builds the context from the command's options and turns
+ * any failure into the error report and exit code.
+ */
+export function clientAction<Options extends CommonOptions>(
+  body: (context: CommandContext, args: string[], options: Options) => Promise<void>,
+): (...actionArgs: unknown[]) => Promise<void> {
+  return async (...actionArgs: unknown[]) => {
+    const command = actionArgs[actionArgs.length - 1] as Command;
+    const options = command.opts<Options>();
+    const args = actionArgs
+      .slice(0, -2)
+      .flatMap((value) => (Array.isArray(value) ? value : [value])) as string[];
+    const json = options.json === true;
+    try {
+      await body(
+        { client: new ControlClient({ socketPath: resolveControlSocket(options) }), json },
+        args,
+        options,
+      );
+    } catch (error) {
+      reportError(error, json);
+    }
+  };
+}
+
+export function reportError(error: unknown, json: boolean): void {
+  const cliError =
+    error instanceof CliError
+      ? error
+      : new CliError(error instanceof Error ? error.message : String(error), { errno: "EIO", cause: error });
+  const errno = cliError.errno ?? "EIO";
+  process.stderr.write(
+    `blocksnap: ${cliError.message}${cliError.errno === null ? "" : ` (${cliError.errno})`}\n`,
+  );
+  if (json) writeJson({ error: { errno, message: cliError.message } });
+  process.exitCode = cliError.exitCode;
+}

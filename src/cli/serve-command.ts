@@ -1,0 +1,110 @@
+/**
+ * `blocksnap serve`: runs the daemon in the foreground (for systemd, a container, or a terminal). Every
+ * default works without configuration (ARCHITECTURE.md §4); `none` turns a face off. The daemon code is
+ * imported only here, lazily, so the client commands never load the engine.
+ */
+import type { Command } from "commander";
+import { InvalidArgumentError, Option } from "commander";
+import { pino } from "pino";
+import {
+  controlSocketPathIn,
+  currentStateDirEnvironment,
+  fuseMountDirIn,
+  nbdSocketPathIn,
+  nbdTcpHostDefault,
+  nbdTcpPortDefault,
+  resolveStateDir,
+} from "../daemon/paths.js";
+import { reportError } from "./command-context.js";
+import { packageVersion } from "./version.js";
+
+interface ServeOptions {
+  readonly stateDir?: string;
+  readonly socket?: string;
+  readonly nbdSocket?: string;
+  readonly nbdListen?: { host: string; port: number } | "none";
+  readonly fuseMount?: string;
+  readonly logLevel: string;
+}
+
+/** `HOST:PORT`, `[IPV6]:PORT` or `none` (not null: commander turns a null result into ""). */
+export function parseListenAddress(text: string): { host: string; port: number } | "none" {
+  if (text === "none") return "none";
+  const match = /^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/.exec(text);
+  const port = match === null ? Number.NaN : Number(match[3]);
+  if (match === null || port > 65535) {
+    throw new InvalidArgumentError(
+      `expected HOST:PORT (e.g. 127.0.0.1:10809) or none, got ${JSON.stringify(text)}`,
+    );
+  }
+  return { host: match[1] ?? match[2] ?? "", port };
+}
+
+export function addServeCommand(program: Command): void {
+  program
+    .command("serve")
+    .description("run the blocksnap daemon in the foreground (NBD, FUSE when root, control socket)")
+    .option(
+      "--state-dir <dir>",
+      "state directory (default: $BLOCKSNAP_STATE_DIR, /var/lib/blocksnap as root, else $XDG_STATE_HOME/blocksnap)",
+    )
+    .option("--socket <path>", "control socket (default: $BLOCKSNAP_SOCKET or <state dir>/blocksnap.sock)")
+    .option("--nbd-socket <path>", "NBD Unix socket, or none (default: <state dir>/nbd.sock)")
+    .option(
+      "--nbd-listen <host:port>",
+      `NBD over TCP, or none (default: ${nbdTcpHostDefault}:${nbdTcpPortDefault})`,
+      parseListenAddress,
+    )
+    .option("--fuse-mount <dir>", "FUSE mount point, or none (default: <state dir>/mnt when root)")
+    .addOption(
+      new Option("--log-level <level>", "log level of the JSON logs on stderr")
+        .choices(["fatal", "error", "warn", "info", "debug", "trace", "silent"])
+        .default("info"),
+    )
+    .addHelpText(
+      "after",
+      "\nExamples:\n  $ blocksnap serve\n  $ blocksnap serve --state-dir /tmp/bs --nbd-listen none --fuse-mount none\n",
+    )
+    .action(async (options: ServeOptions) => {
+      const stateDir = resolveStateDir(options.stateDir, currentStateDirEnvironment());
+      const socketFromEnv = process.env.BLOCKSNAP_SOCKET;
+      const controlSocketPath =
+        options.socket ??
+        (socketFromEnv !== undefined && socketFromEnv !== "" ? socketFromEnv : controlSocketPathIn(stateDir));
+      const nbdSocketPath =
+        options.nbdSocket === "none" ? null : (options.nbdSocket ?? nbdSocketPathIn(stateDir));
+      const nbdTcp =
+        options.nbdListen === undefined
+          ? { host: nbdTcpHostDefault, port: nbdTcpPortDefault }
+          : options.nbdListen === "none"
+            ? null
+            : options.nbdListen;
+      const fuse =
+        options.fuseMount === "none"
+          ? null
+          : {
+              mountDir: options.fuseMount ?? fuseMountDirIn(stateDir),
+              required: options.fuseMount !== undefined,
+            };
+      const logger = pino({ level: options.logLevel }, pino.destination({ dest: 2, sync: true }));
+      const { serveUntilSignal } = await import("../daemon/serve.js");
+      let exitCode: number;
+      try {
+        exitCode = await serveUntilSignal({
+          stateDir,
+          controlSocketPath,
+          nbdSocketPath,
+          nbdTcp,
+          fuse,
+          version: packageVersion(),
+          logger,
+        });
+      } catch (error) {
+        logger.error({ err: (error as Error)?.message }, "blocksnap daemon failed to start");
+        reportError(error, false);
+        exitCode = 1;
+      }
+      // The faces may leave handles (a FUSE worker, a lingering client socket): the daemon is done.
+      process.exit(exitCode);
+    });
+}

@@ -1,0 +1,69 @@
+/** `blocksnap status` and `blocksnap version`. */
+import type { Command } from "commander";
+import type { StatusView } from "../daemon/api-types.js";
+import { CliError } from "./cli-error.js";
+import { addCommonOptions, type CommonOptions, clientAction } from "./command-context.js";
+import { deviceTable } from "./device-commands.js";
+import { formatFields, writeJson, writeLine } from "./output.js";
+import { snapshotTable } from "./snapshot-commands.js";
+import { packageVersion } from "./version.js";
+
+export function statusLines(status: StatusView): string[] {
+  const tcp = status.nbd.tcp;
+  const lines = formatFields([
+    ["daemon", `pid ${status.pid}, version ${status.version}`],
+    ["state dir", status.stateDir],
+    ["control", status.controlSocket],
+    [
+      "nbd unix",
+      status.nbd.socketPath === null ? "off" : `nbd+unix:///<export>?socket=${status.nbd.socketPath}`,
+    ],
+    [
+      "nbd tcp",
+      tcp === null
+        ? "off"
+        : `nbd://${tcp.host.includes(":") ? `[${tcp.host}]` : tcp.host}:${tcp.port}/<export>`,
+    ],
+    ["fuse", status.fuse.mountDir ?? "off"],
+  ]);
+  lines.push("", "devices:");
+  lines.push(...deviceTable(status).map((line) => `  ${line}`));
+  lines.push("", "snapshots:");
+  lines.push(...snapshotTable(status.snapshots).map((line) => `  ${line}`));
+  return lines;
+}
+
+export function addStatusCommands(program: Command): void {
+  addCommonOptions(
+    program.command("status").description("show the daemon, its sockets, devices and snapshots"),
+  )
+    .addHelpText("after", "\nExample:\n  $ blocksnap status --json\n")
+    .action(
+      clientAction<CommonOptions>(async ({ client, json }) => {
+        const status = await client.get<StatusView>("/v1/status");
+        if (json) return writeJson(status);
+        for (const line of statusLines(status)) writeLine(line);
+      }),
+    );
+
+  addCommonOptions(
+    program
+      .command("version")
+      .description("print the version of this command and of the running daemon, if any"),
+  )
+    .addHelpText("after", "\nExample:\n  $ blocksnap version\n")
+    .action(
+      clientAction<CommonOptions>(async ({ client, json }) => {
+        let daemon: { version: string; pid: number } | null = null;
+        try {
+          const status = await client.get<StatusView>("/v1/status");
+          daemon = { version: status.version, pid: status.pid };
+        } catch (error) {
+          if (!(error instanceof CliError)) throw error;
+        }
+        if (json) return writeJson({ version: packageVersion(), daemon });
+        writeLine(`blocksnap ${packageVersion()}`);
+        writeLine(daemon === null ? "daemon: not running" : `daemon: ${daemon.version} (pid ${daemon.pid})`);
+      }),
+    );
+}

@@ -1,0 +1,64 @@
+/**
+ * Input validation of the control API (zod 4). Objects are strict: an unknown key is a typo the client
+ * must hear about, not something to ignore. Structural checks and bounds live here; what only the engine
+ * can judge (a name already taken, a chunk size that is not a power of two) is left to the engine.
+ */
+import { z } from "zod";
+import { waitEventTimeoutMsMax } from "./api-types.js";
+
+export const markDirtyRangesMax = 65_536;
+export const snapshotDevicesMax = 256;
+const pathLengthMax = 4096;
+const commandLengthMax = 16384;
+const freezeTimeoutMsMax = 600_000;
+
+const sizeBytes = z.int().nonnegative();
+const deviceName = z.string().min(1).max(64);
+const path = z.string().min(1).max(pathLengthMax);
+
+export const deviceAddBodySchema = z.strictObject({
+  name: deviceName,
+  backendPath: path,
+  sizeBytes: sizeBytes.positive().optional(),
+  cbtBlockSizeBytes: sizeBytes.positive().optional(),
+});
+
+export const markDirtyBodySchema = z.strictObject({
+  ranges: z
+    .array(z.strictObject({ offsetBytes: sizeBytes, lengthBytes: sizeBytes.positive() }))
+    .min(1)
+    .max(markDirtyRangesMax),
+});
+
+export const snapshotCreateBodySchema = z.strictObject({
+  storage: path,
+  limitBytes: sizeBytes,
+  devices: z.array(deviceName).max(snapshotDevicesMax).optional(),
+  chunkSizeBytes: sizeBytes.positive().optional(),
+  onCowError: z.enum(["break-snapshot", "fail-origin-write"]).optional(),
+  growthPortionBytes: sizeBytes.positive().optional(),
+  preTakeCommand: z.string().min(1).max(commandLengthMax).optional(),
+  postTakeCommand: z.string().min(1).max(commandLengthMax).optional(),
+});
+
+export const takeBodySchema = z.strictObject({
+  noFreeze: z.boolean().optional(),
+  freezeTimeoutMs: z.int().positive().max(freezeTimeoutMsMax).optional(),
+});
+
+export const snapshotAddDeviceBodySchema = z.strictObject({ device: deviceName });
+
+export const appendStorageBodySchema = z.strictObject({
+  storage: path,
+  sizeBytes: sizeBytes.positive().optional(),
+});
+
+export const waitEventQuerySchema = z.strictObject({
+  timeoutMs: z.coerce.number().pipe(z.int().min(0).max(waitEventTimeoutMsMax)),
+});
+
+export const cbtMapQuerySchema = z.strictObject({
+  format: z.enum(["binary", "base64"]).optional(),
+});
+
+export const emptyObjectSchema = z.strictObject({});

@@ -1,0 +1,35 @@
+/**
+ * The part of the Engine (src/engine/engine.ts) that the daemon's control API drives. The daemon codes
+ * against this interface so that its routing and persistence are testable with a fake engine; the real
+ * Engine satisfies it structurally. Every method fails with a BlockError carrying an errno.
+ */
+import type {
+  AppendStorageOptions,
+  ByteRange,
+  CbtInfo,
+  DeviceAddOptions,
+  DeviceInfo,
+  SnapshotCreateOptions,
+  SnapshotEvent,
+  SnapshotInfo,
+  StorageInfo,
+  TakeOptions,
+} from "../engine/engine-types.js";
+
+export interface ControlEngine {
+  addDevice(options: DeviceAddOptions): Promise<DeviceInfo>;
+  removeDevice(name: string): Promise<void>;
+  listDevices(): DeviceInfo[];
+  deviceInfo(name: string): DeviceInfo;
+  cbtInfo(name: string): CbtInfo;
+  cbtRead(name: string): Uint8Array;
+  cbtMarkDirty(name: string, ranges: readonly ByteRange[]): void;
+  createSnapshot(options: SnapshotCreateOptions): Promise<SnapshotInfo>;
+  addDeviceToSnapshot(id: string, deviceName: string): void;
+  appendStorage(id: string, options: AppendStorageOptions): Promise<StorageInfo>;
+  takeSnapshot(id: string, options?: TakeOptions): Promise<SnapshotInfo>;
+  snapshotInfo(id: string): SnapshotInfo;
+  listSnapshots(): SnapshotInfo[];
+  waitEvent(id: string, timeoutMs: number): Promise<SnapshotEvent | null>;
+  destroySnapshot(id: string): Promise<void>;
+}

@@ -1,0 +1,317 @@
+/**
+ * The control API's routes (docs/api.md): one table mapping method + path pattern to a handler. Handlers
+ * validate their input with the zod schemas of api-schemas.ts, call the engine (or the device registry,
+ * which persists device changes), and return plain data; control-server.ts does the HTTP plumbing and
+ * turns thrown BlockErrors into `{ "error": { "errno", "message" } }` with the status of http-status.ts.
+ *
+ * Long polls (wait-event) end early with ESHUTDOWN when the daemon stops. Not done: a wait cannot be
+ * cancelled in the engine when its client disconnects, so an event that arrives for a gone client is
+ * lost; `snapshot watch` therefore waits in short (1 s) slices.
+ */
+import type { z } from "zod";
+import { BlockError } from "../block/errors.js";
+import type { SnapshotEvent, SnapshotInfo } from "../engine/engine-types.js";
+import {
+  appendStorageBodySchema,
+  cbtMapQuerySchema,
+  deviceAddBodySchema,
+  emptyObjectSchema,
+  markDirtyBodySchema,
+  snapshotAddDeviceBodySchema,
+  snapshotCreateBodySchema,
+  takeBodySchema,
+  waitEventQuerySchema,
+} from "./api-schemas.js";
+import type {
+  CbtMapJsonView,
+  DestroyedView,
+  DeviceListView,
+  DeviceView,
+  EventView,
+  RemovedView,
+  SnapshotListView,
+  SnapshotView,
+  StatusView,
+  StorageView,
+} from "./api-types.js";
+import type { ControlEngine } from "./control-engine.js";
+import type { DeviceRegistry } from "./device-registry.js";
+import { type ExportAddresses, fusePathFor, nbdUrisFor } from "./export-urls.js";
+
+export interface DaemonIdentity {
+  readonly pid: number;
+  readonly version: string;
+  readonly stateDir: string;
+  readonly controlSocket: string;
+}
+
+export interface ControlContext {
+  readonly engine: ControlEngine;
+  readonly registry: Pick<DeviceRegistry, "add" | "remove" | "unavailable">;
+  readonly identity: DaemonIdentity;
+  readonly addresses: ExportAddresses;
+  /** Aborted when the daemon begins to shut down: long polls end with ESHUTDOWN. */
+  readonly shutdownSignal: AbortSignal;
+}
+
+export interface RouteRequest {
+  readonly params: Readonly<Record<string, string>>;
+  readonly query: Readonly<Record<string, string>>;
+  /** Parsed JSON body, or undefined when the request had none. */
+  readonly body: unknown;
+}
+
+export type RouteResult =
+  | { readonly status: number; readonly json: unknown }
+  | { readonly status: number; readonly binary: Uint8Array };
+
+type Handler = (context: ControlContext, request: RouteRequest) => Promise<RouteResult> | RouteResult;
+
+interface Route {
+  readonly method: "GET" | "POST" | "DELETE";
+  /** Segments after the leading `/`; `:name` matches one segment into params.name. */
+  readonly pattern: readonly string[];
+  readonly handler: Handler;
+}
+
+function route(method: Route["method"], path: string, handler: Handler): Route {
+  return { method, pattern: path.split("/").slice(1), handler };
+}
+
+function ok(json: unknown, status = 200): RouteResult {
+  return { status, json };
+}
+
+function parse<T extends z.ZodType>(schema: T, value: unknown, what: string): z.infer<T> {
+  const parsed = schema.safeParse(value ?? {});
+  if (parsed.success) return parsed.data;
+  const details = parsed.error.issues
+    .map((issue) => (issue.path.length > 0 ? `${issue.path.join(".")}: ${issue.message}` : issue.message))
+    .join("; ");
+  throw new BlockError("EINVAL", `invalid ${what}: ${details}`);
+}
+
+function requireNoQuery(request: RouteRequest): void {
+  parse(emptyObjectSchema, request.query, "query");
+}
+
+function param(request: RouteRequest, name: string): string {
+  const value = request.params[name];
+  if (value === undefined) throw new BlockError("EINVAL", `missing path parameter ${name}`);
+  return value;
+}
+
+export function deviceView(context: ControlContext, name: string): DeviceView {
+  const info = context.engine.deviceInfo(name);
+  return {
+    ...info,
+    nbdUris: nbdUrisFor(info.name, context.addresses),
+    fusePath: fusePathFor(info.name, context.addresses),
+  };
+}
+
+function listDeviceViews(context: ControlContext): DeviceView[] {
+  return context.engine.listDevices().map((info) => ({
+    ...info,
+    nbdUris: nbdUrisFor(info.name, context.addresses),
+    fusePath: fusePathFor(info.name, context.addresses),
+  }));
+}
+
+export function snapshotView(context: ControlContext, info: SnapshotInfo): SnapshotView {
+  return {
+    ...info,
+    devices: info.devices.map((device) => ({
+      ...device,
+      nbdUris: device.imageName === null ? [] : nbdUrisFor(device.imageName, context.addresses),
+      fusePath: device.imageName === null ? null : fusePathFor(device.imageName, context.addresses),
+    })),
+  };
+}
+
+async function waitEventOrShutdown(
+  context: ControlContext,
+  id: string,
+  timeoutMs: number,
+): Promise<SnapshotEvent | null> {
+  const { shutdownSignal } = context;
+  if (shutdownSignal.aborted) throw new BlockError("ESHUTDOWN", "the daemon is shutting down");
+  let onAbort = (): void => {};
+  const aborted = new Promise<never>((_resolve, reject) => {
+    onAbort = () => reject(new BlockError("ESHUTDOWN", "the daemon is shutting down"));
+    shutdownSignal.addEventListener("abort", onAbort, { once: true });
+  });
+  try {
+    return await Promise.race([context.engine.waitEvent(id, timeoutMs), aborted]);
+  } finally {
+    shutdownSignal.removeEventListener("abort", onAbort);
+  }
+}
+
+export const routes: readonly Route[] = [
+  route("GET", "/v1/status", (context, request) => {
+    requireNoQuery(request);
+    const { engine, identity, addresses } = context;
+    const status: StatusView = {
+      ...identity,
+      nbd: { socketPath: addresses.nbdSocketPath, tcp: addresses.nbdTcp },
+      fuse: { mountDir: addresses.fuseMountDir },
+      devices: listDeviceViews(context),
+      devicesUnavailable: context.registry.unavailable(),
+      snapshots: engine.listSnapshots().map((info) => snapshotView(context, info)),
+    };
+    return ok(status);
+  }),
+
+  route("GET", "/v1/devices", (context, request) => {
+    requireNoQuery(request);
+    const view: DeviceListView = {
+      devices: listDeviceViews(context),
+      devicesUnavailable: context.registry.unavailable(),
+    };
+    return ok(view);
+  }),
+
+  route("POST", "/v1/devices", async (context, request) => {
+    requireNoQuery(request);
+    const body = parse(deviceAddBodySchema, request.body, "device");
+    const info = await context.registry.add(body);
+    return ok(deviceView(context, info.name), 201);
+  }),
+
+  route("GET", "/v1/devices/:name", (context, request) => {
+    requireNoQuery(request);
+    return ok(deviceView(context, param(request, "name")));
+  }),
+
+  route("DELETE", "/v1/devices/:name", async (context, request) => {
+    requireNoQuery(request);
+    const name = param(request, "name");
+    await context.registry.remove(name);
+    const view: RemovedView = { removed: name };
+    return ok(view);
+  }),
+
+  route("GET", "/v1/devices/:name/cbt", (context, request) => {
+    requireNoQuery(request);
+    return ok(context.engine.cbtInfo(param(request, "name")));
+  }),
+
+  route("GET", "/v1/devices/:name/cbt/map", (context, request) => {
+    const { format } = parse(cbtMapQuerySchema, request.query, "query");
+    const name = param(request, "name");
+    // Info and map are read in the same tick, so they describe the same state.
+    const info = context.engine.cbtInfo(name);
+    const map = context.engine.cbtRead(name);
+    if (format !== "base64") return { status: 200, binary: map };
+    const view: CbtMapJsonView = { ...info, mapBase64: Buffer.from(map).toString("base64") };
+    return ok(view);
+  }),
+
+  route("POST", "/v1/devices/:name/cbt/mark-dirty", (context, request) => {
+    requireNoQuery(request);
+    const name = param(request, "name");
+    const body = parse(markDirtyBodySchema, request.body, "ranges");
+    context.engine.cbtMarkDirty(name, body.ranges);
+    return ok(context.engine.cbtInfo(name));
+  }),
+
+  route("GET", "/v1/snapshots", (context, request) => {
+    requireNoQuery(request);
+    const view: SnapshotListView = {
+      snapshots: context.engine.listSnapshots().map((info) => snapshotView(context, info)),
+    };
+    return ok(view);
+  }),
+
+  route("POST", "/v1/snapshots", async (context, request) => {
+    requireNoQuery(request);
+    const body = parse(snapshotCreateBodySchema, request.body, "snapshot");
+    const info = await context.engine.createSnapshot(body);
+    return ok(snapshotView(context, info), 201);
+  }),
+
+  route("GET", "/v1/snapshots/:id", (context, request) => {
+    requireNoQuery(request);
+    return ok(snapshotView(context, context.engine.snapshotInfo(param(request, "id"))));
+  }),
+
+  route("DELETE", "/v1/snapshots/:id", async (context, request) => {
+    requireNoQuery(request);
+    const id = param(request, "id");
+    await context.engine.destroySnapshot(id);
+    const view: DestroyedView = { destroyed: id };
+    return ok(view);
+  }),
+
+  route("POST", "/v1/snapshots/:id/devices", (context, request) => {
+    requireNoQuery(request);
+    const id = param(request, "id");
+    const body = parse(snapshotAddDeviceBodySchema, request.body, "device");
+    context.engine.addDeviceToSnapshot(id, body.device);
+    return ok(snapshotView(context, context.engine.snapshotInfo(id)));
+  }),
+
+  route("POST", "/v1/snapshots/:id/storage", async (context, request) => {
+    requireNoQuery(request);
+    const body = parse(appendStorageBodySchema, request.body, "storage");
+    const view: StorageView = { storage: await context.engine.appendStorage(param(request, "id"), body) };
+    return ok(view);
+  }),
+
+  route("POST", "/v1/snapshots/:id/take", async (context, request) => {
+    requireNoQuery(request);
+    const body = parse(takeBodySchema, request.body, "take options");
+    const info = await context.engine.takeSnapshot(param(request, "id"), body);
+    return ok(snapshotView(context, info));
+  }),
+
+  route("GET", "/v1/snapshots/:id/event", async (context, request) => {
+    const { timeoutMs } = parse(waitEventQuerySchema, request.query, "query");
+    const view: EventView = { event: await waitEventOrShutdown(context, param(request, "id"), timeoutMs) };
+    return ok(view);
+  }),
+];
+
+export type RouteMatch =
+  | { readonly kind: "found"; readonly route: Route; readonly params: Record<string, string> }
+  | { readonly kind: "method-not-allowed"; readonly allowed: readonly string[] }
+  | { readonly kind: "not-found" };
+
+/** Finds the route for a method and a raw URL path; `:param` segments are percent-decoded. */
+export function matchRoute(method: string, pathname: string): RouteMatch {
+  const segments = pathname.split("/").slice(1);
+  const allowed: string[] = [];
+  for (const candidate of routes) {
+    const params = matchSegments(candidate.pattern, segments);
+    if (params === null) continue;
+    if (candidate.method === method) return { kind: "found", route: candidate, params };
+    allowed.push(candidate.method);
+  }
+  return allowed.length > 0 ? { kind: "method-not-allowed", allowed } : { kind: "not-found" };
+}
+
+function matchSegments(
+  pattern: readonly string[],
+  segments: readonly string[],
+): Record<string, string> | null {
+  if (pattern.length !== segments.length) return null;
+  const params: Record<string, string> = {};
+  for (let index = 0; index < pattern.length; index++) {
+    const expected = pattern[index]!;
+    const actual = segments[index]!;
+    if (expected.startsWith(":")) {
+      if (actual === "") return null;
+      let decoded: string;
+      try {
+        decoded = decodeURIComponent(actual);
+      } catch {
+        return null;
+      }
+      params[expected.slice(1)] = decoded;
+    } else if (expected !== actual) {
+      return null;
+    }
+  }
+  return params;
+}

@@ -1,0 +1,264 @@
+/**
+ * The control API's HTTP plumbing on a Unix socket (mode 0600; like Docker's engine API): body collection
+ * with a size bound, JSON parsing, routing (control-routes.ts), and errors as
+ * `{ "error": { "errno", "message" } }` with the status of http-status.ts.
+ *
+ * Bounds: request bodies ≤ 1 MiB (413 beyond), at most 64 connections (the CLI uses one per command;
+ * long polls hold one each), and close() waits a bounded time for in-flight requests before cutting
+ * connections. Logging: one debug line per request, errors at warn/error.
+ *
+ * Broken invariants (AssertionError) thrown by the engine are answered with 500 and then rethrown, so
+ * the daemon crashes instead of serving a wrong snapshot (TigerBeetle's rule, ARCHITECTURE.md §2).
+ */
+import { AssertionError } from "node:assert";
+import { chmod, rm } from "node:fs/promises";
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import { connect } from "node:net";
+import { BlockError, toBlockError } from "../block/errors.js";
+import type { Logger } from "../util/logger.js";
+import type { ApiErrorBody } from "./api-types.js";
+import { type ControlContext, matchRoute, type RouteResult } from "./control-routes.js";
+import { httpStatusForErrno } from "./http-status.js";
+
+export const requestBodyBytesMax = 1024 * 1024;
+export const controlConnectionsMax = 64;
+const closeGraceMs = 5000;
+
+export interface ControlServerOptions {
+  readonly socketPath: string;
+  readonly context: ControlContext;
+  readonly logger: Logger;
+}
+
+export class ControlServer {
+  readonly socketPath: string;
+  private readonly server: Server;
+  private readonly context: ControlContext;
+  private readonly logger: Logger;
+  private inflightRequests = 0;
+  private readonly idleWaiters: (() => void)[] = [];
+  private closing: Promise<void> | null = null;
+
+  private constructor(options: ControlServerOptions) {
+    this.socketPath = options.socketPath;
+    this.context = options.context;
+    this.logger = options.logger;
+    this.server = createServer((request, response) => {
+      // In flight until the answer is flushed (or the connection died): close() must not cut an answer
+      // that is still in the socket's buffer.
+      this.inflightRequests++;
+      response.once("close", () => {
+        this.inflightRequests--;
+        if (this.inflightRequests === 0) for (const waiter of this.idleWaiters.splice(0)) waiter();
+      });
+      void this.handle(request, response);
+    });
+    this.server.maxConnections = controlConnectionsMax;
+    // Long polls answer after up to an hour; nothing on this server may time them out.
+    this.server.requestTimeout = 0;
+    this.server.headersTimeout = 60_000;
+  }
+
+  /**
+   * Listens on `socketPath`, replacing a stale socket file. A socket on which something still answers is
+   * never replaced (EBUSY): with `--socket`, two state directories could name the same socket.
+   */
+  static async listen(options: ControlServerOptions): Promise<ControlServer> {
+    const controlServer = new ControlServer(options);
+    if (await isSocketAnswering(options.socketPath)) {
+      throw new BlockError("EBUSY", `something is already listening on ${options.socketPath}`);
+    }
+    await rm(options.socketPath, { force: true });
+    const listening = new Promise<void>((resolve, reject) => {
+      controlServer.server.once("error", reject);
+      controlServer.server.once("listening", () => {
+        controlServer.server.off("error", reject);
+        resolve();
+      });
+    });
+    // The socket file is created synchronously inside listen(): the umask makes it 0600 from the start,
+    // and is restored before anything else can run.
+    const umaskPrevious = process.umask(0o177);
+    try {
+      controlServer.server.listen(options.socketPath);
+    } finally {
+      process.umask(umaskPrevious);
+    }
+    await listening;
+    await chmod(options.socketPath, 0o600);
+    return controlServer;
+  }
+
+  /**
+   * Stops accepting, lets in-flight requests finish (long polls were ended by the shutdown signal) for at
+   * most a few seconds, then closes every connection and removes the socket file.
+   */
+  close(): Promise<void> {
+    this.closing ??= this.closeOnce();
+    return this.closing;
+  }
+
+  private async closeOnce(): Promise<void> {
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    this.server.closeIdleConnections();
+    if (this.inflightRequests > 0) {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([
+        new Promise<void>((resolve) => this.idleWaiters.push(resolve)),
+        new Promise<void>((resolve) => {
+          timer = setTimeout(resolve, closeGraceMs);
+        }),
+      ]);
+      clearTimeout(timer);
+      if (this.inflightRequests > 0) {
+        this.logger.warn(
+          { inflightRequests: this.inflightRequests },
+          "closing control connections with requests in flight",
+        );
+      }
+    }
+    this.server.closeAllConnections();
+    await closed;
+    await rm(this.socketPath, { force: true });
+  }
+
+  private async handle(request: IncomingMessage, response: ServerResponse): Promise<void> {
+    const method = request.method ?? "GET";
+    const url = new URL(request.url ?? "/", "http://blocksnap");
+    this.logger.debug({ method, path: url.pathname }, "control request");
+    try {
+      const body = await readJsonBody(request);
+      const match = matchRoute(method, url.pathname);
+      if (match.kind === "not-found") {
+        throw new BlockError("ENOENT", `no such API route: ${method} ${url.pathname}`);
+      }
+      if (match.kind === "method-not-allowed") {
+        response.setHeader("Allow", match.allowed.join(", "));
+        throw new BlockError("ENOTSUP", `${method} is not allowed on ${url.pathname}`);
+      }
+      const query: Record<string, string> = {};
+      for (const [key, value] of url.searchParams) query[key] = value;
+      const result = await match.route.handler(this.context, { params: match.params, query, body });
+      sendResult(response, result);
+    } catch (error) {
+      this.sendError(request, response, error);
+    }
+  }
+
+  private sendError(request: IncomingMessage, response: ServerResponse, error: unknown): void {
+    if (error instanceof AssertionError) {
+      this.logger.error({ err: error.message, stack: error.stack }, "broken invariant in a control request");
+      sendJson(response, 500, errorBody("EIO", `internal error: ${error.message}`));
+      setImmediate(() => {
+        throw error;
+      });
+      return;
+    }
+    const blockError =
+      error instanceof BlockError || typeof (error as { code?: unknown } | null)?.code === "string"
+        ? toBlockError(error, "control request")
+        : null;
+    if (blockError === null) {
+      this.logger.error(
+        { err: (error as Error)?.message, stack: (error as Error)?.stack },
+        "control request failed",
+      );
+      sendJson(
+        response,
+        500,
+        errorBody("EIO", `internal error: ${(error as Error)?.message ?? String(error)}`),
+      );
+      return;
+    }
+    const status = httpStatusForErrno(blockError.errno);
+    if (status >= 500) {
+      this.logger.warn(
+        { method: request.method, url: request.url, errno: blockError.errno, err: blockError.message },
+        "control request failed",
+      );
+    }
+    if (status === 413) response.setHeader("Connection", "close");
+    sendJson(response, status, errorBody(blockError.errno, blockError.message));
+  }
+}
+
+function isSocketAnswering(socketPath: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = connect(socketPath);
+    socket.once("connect", () => {
+      socket.destroy();
+      resolve(true);
+    });
+    socket.once("error", () => resolve(false));
+  });
+}
+
+function errorBody(errno: string, message: string): ApiErrorBody {
+  return { error: { errno, message } };
+}
+
+function sendResult(response: ServerResponse, result: RouteResult): void {
+  if ("binary" in result) {
+    response.writeHead(result.status, {
+      "Content-Type": "application/octet-stream",
+      "Content-Length": result.binary.byteLength,
+    });
+    response.end(result.binary);
+    return;
+  }
+  sendJson(response, result.status, result.json);
+}
+
+function sendJson(response: ServerResponse, status: number, value: unknown): void {
+  if (response.headersSent) {
+    response.destroy();
+    return;
+  }
+  const text = `${JSON.stringify(value)}\n`;
+  response.writeHead(status, {
+    "Content-Type": "application/json",
+    "Content-Length": Buffer.byteLength(text),
+  });
+  response.end(text);
+}
+
+/** Collects at most requestBodyBytesMax bytes and parses them as JSON; an empty body is undefined. */
+function readJsonBody(request: IncomingMessage): Promise<unknown> {
+  const tooLarge = (): BlockError =>
+    new BlockError("EFBIG", `request body larger than ${requestBodyBytesMax} bytes`);
+  if (Number(request.headers["content-length"] ?? 0) > requestBodyBytesMax) {
+    request.resume();
+    return Promise.reject(tooLarge());
+  }
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let receivedBytes = 0;
+    const onData = (chunk: Buffer): void => {
+      receivedBytes += chunk.byteLength;
+      if (receivedBytes <= requestBodyBytesMax) {
+        chunks.push(chunk);
+        return;
+      }
+      // Discard the rest without destroying the socket: the 413 answer must still reach the client.
+      request.off("data", onData);
+      request.off("end", onEnd);
+      request.resume();
+      reject(tooLarge());
+    };
+    const onEnd = (): void => {
+      request.off("error", reject);
+      if (receivedBytes === 0) {
+        resolve(undefined);
+        return;
+      }
+      try {
+        resolve(JSON.parse(Buffer.concat(chunks).toString("utf8")));
+      } catch (error) {
+        reject(new BlockError("EINVAL", `request body is not valid JSON: ${(error as Error).message}`));
+      }
+    };
+    request.on("data", onData);
+    request.once("end", onEnd);
+    request.once("error", reject);
+  });
+}

@@ -1,0 +1,237 @@
+/**
+ * The blocksnap daemon: one Engine served through its faces (NBD on a Unix socket and on TCP, FUSE when
+ * root) and driven through the control API on a Unix socket. Start order: state directory, lock, device
+ * registry (devices re-attached), NBD, FUSE, control socket last (a client that can connect finds every
+ * face ready). Stop order is the reverse: control socket (long polls end with ESHUTDOWN, in-flight
+ * requests finish), NBD, FUSE (the faces stop before the engine they read from), engine.close() (destroys
+ * snapshots, flushes and closes backends), socket files, lock.
+ *
+ * A failure during start undoes what was started and is reported as a BlockError with a one-line message
+ * (port in use, another daemon on the state directory, an explicit FUSE mount that failed).
+ */
+
+import { mkdir, rm } from "node:fs/promises";
+import { join } from "node:path";
+import { BlockError, toBlockError } from "../block/errors.js";
+import { Engine } from "../engine/engine.js";
+import { LoopFreezer } from "../freeze/loop-freezer.js";
+import { cleanStaleMount, FuseServer } from "../fuse/fuse-server.js";
+import { NbdServer } from "../nbd/nbd-server.js";
+import type { Logger } from "../util/logger.js";
+import { ControlServer } from "./control-server.js";
+import { DeviceRegistry } from "./device-registry.js";
+import type { ExportAddresses } from "./export-urls.js";
+import { deviceRegistryPathIn, lockFilePathIn } from "./paths.js";
+import { StateLock } from "./state-lock.js";
+
+export interface DaemonOptions {
+  readonly stateDir: string;
+  readonly controlSocketPath: string;
+  /** null: no NBD Unix socket. */
+  readonly nbdSocketPath: string | null;
+  /** null: no NBD over TCP. Port 0 picks a free port (tests). */
+  readonly nbdTcp: { readonly host: string; readonly port: number } | null;
+  /** null: no FUSE. `required`: the mount was asked for explicitly, so failing to mount fails the start. */
+  readonly fuse: { readonly mountDir: string; readonly required: boolean } | null;
+  readonly version: string;
+  readonly logger: Logger;
+}
+
+export class Daemon {
+  readonly addresses: ExportAddresses;
+  private readonly options: DaemonOptions;
+  private readonly lock: StateLock;
+  private readonly engine: Engine;
+  private readonly nbdServer: NbdServer | null;
+  private readonly fuseServer: FuseServer | null;
+  private readonly controlServer: ControlServer;
+  private readonly shutdownController: AbortController;
+  private stopping: Promise<void> | null = null;
+
+  private constructor(parts: {
+    options: DaemonOptions;
+    lock: StateLock;
+    engine: Engine;
+    nbdServer: NbdServer | null;
+    fuseServer: FuseServer | null;
+    controlServer: ControlServer;
+    shutdownController: AbortController;
+    addresses: ExportAddresses;
+  }) {
+    this.options = parts.options;
+    this.lock = parts.lock;
+    this.engine = parts.engine;
+    this.nbdServer = parts.nbdServer;
+    this.fuseServer = parts.fuseServer;
+    this.controlServer = parts.controlServer;
+    this.shutdownController = parts.shutdownController;
+    this.addresses = parts.addresses;
+  }
+
+  static async start(options: DaemonOptions): Promise<Daemon> {
+    const { logger, stateDir } = options;
+    await mkdir(stateDir, { recursive: true, mode: 0o700 });
+    const lock = await StateLock.acquire(lockFilePathIn(stateDir), logger);
+    const undo: (() => Promise<void>)[] = [() => lock.release()];
+    try {
+      // Take freezes the file systems on loop devices over our FUSE files; the mount comes up below.
+      let fuseMountDir: string | null = null;
+      const freezer = new LoopFreezer({
+        deviceFilePath: (deviceName) => (fuseMountDir === null ? null : join(fuseMountDir, deviceName)),
+        logger,
+      });
+      const engine = new Engine({ logger, freezer });
+      undo.push(() => engine.close());
+      const registry = new DeviceRegistry(deviceRegistryPathIn(stateDir), engine, logger);
+      await registry.restore();
+
+      let nbdServer: NbdServer | null = null;
+      let nbdTcp: ExportAddresses["nbdTcp"] = null;
+      if (options.nbdSocketPath !== null || options.nbdTcp !== null) {
+        const server = new NbdServer(engine, { logger });
+        nbdServer = server;
+        undo.push(() => server.close());
+        if (options.nbdSocketPath !== null) {
+          const socketPath = options.nbdSocketPath;
+          await server.listenUnix(socketPath);
+          undo.push(() => rm(socketPath, { force: true }));
+        }
+        if (options.nbdTcp !== null) nbdTcp = await listenNbdTcp(server, options.nbdTcp);
+      }
+
+      const fuseServer = await mountFuse(engine, options);
+      if (fuseServer !== null) undo.push(() => fuseServer.unmount());
+      fuseMountDir = fuseServer?.mountDir ?? null;
+
+      const shutdownController = new AbortController();
+      const addresses: ExportAddresses = {
+        nbdSocketPath: options.nbdSocketPath,
+        nbdTcp,
+        fuseMountDir: fuseServer === null ? null : fuseServer.mountDir,
+      };
+      const controlServer = await ControlServer.listen({
+        socketPath: options.controlSocketPath,
+        logger,
+        context: {
+          engine,
+          registry,
+          addresses,
+          shutdownSignal: shutdownController.signal,
+          identity: {
+            pid: process.pid,
+            version: options.version,
+            stateDir,
+            controlSocket: options.controlSocketPath,
+          },
+        },
+      });
+      logger.info(
+        {
+          version: options.version,
+          stateDir,
+          controlSocket: options.controlSocketPath,
+          nbdSocket: addresses.nbdSocketPath,
+          nbdTcp: nbdTcp === null ? null : `${nbdTcp.host}:${nbdTcp.port}`,
+          fuseMountDir: addresses.fuseMountDir,
+          devices: engine.listDevices().length,
+          devicesUnavailable: registry.unavailable().length,
+        },
+        "blocksnap daemon ready",
+      );
+      return new Daemon({
+        options,
+        lock,
+        engine,
+        nbdServer,
+        fuseServer,
+        controlServer,
+        shutdownController,
+        addresses,
+      });
+    } catch (error) {
+      for (const step of undo.reverse()) {
+        await step().catch((undoError: unknown) => {
+          logger.warn({ err: (undoError as Error)?.message }, "cleanup after a failed start failed");
+        });
+      }
+      throw error;
+    }
+  }
+
+  /** Idempotent; see the stop order in the notes above. */
+  stop(): Promise<void> {
+    this.stopping ??= this.stopOnce();
+    return this.stopping;
+  }
+
+  private async stopOnce(): Promise<void> {
+    const { logger } = this.options;
+    logger.info("blocksnap daemon stopping");
+    this.shutdownController.abort();
+    const steps: [string, () => Promise<void>][] = [
+      ["control server", () => this.controlServer.close()],
+      ["NBD server", async () => this.nbdServer?.close()],
+      ["FUSE", async () => this.fuseServer?.unmount()],
+      ["engine", () => this.engine.close()],
+      [
+        "NBD socket",
+        async () => {
+          if (this.options.nbdSocketPath !== null) await rm(this.options.nbdSocketPath, { force: true });
+        },
+      ],
+      ["lock", () => this.lock.release()],
+    ];
+    for (const [what, step] of steps) {
+      try {
+        await step();
+      } catch (error) {
+        logger.error({ err: (error as Error)?.message }, `stopping the ${what} failed`);
+      }
+    }
+    logger.info("blocksnap daemon stopped");
+  }
+}
+
+async function listenNbdTcp(
+  server: NbdServer,
+  address: { readonly host: string; readonly port: number },
+): Promise<{ host: string; port: number }> {
+  try {
+    return await server.listenTcp(address.host, address.port);
+  } catch (error) {
+    const code = (error as { code?: unknown } | null)?.code;
+    const text = error instanceof Error ? error.message : String(error);
+    if (code === "EADDRINUSE" || text.includes("EADDRINUSE")) {
+      throw new BlockError(
+        "EBUSY",
+        `NBD TCP address ${address.host}:${address.port} is already in use (choose another with --nbd-listen HOST:PORT, or --nbd-listen none)`,
+        { cause: error },
+      );
+    }
+    throw toBlockError(error, `cannot listen for NBD on ${address.host}:${address.port}`);
+  }
+}
+
+async function mountFuse(engine: Engine, options: DaemonOptions): Promise<FuseServer | null> {
+  const { fuse, logger } = options;
+  if (fuse === null) return null;
+  if (!fuse.required && process.getuid?.() !== 0) {
+    logger.info("FUSE face off: mounting needs root (NBD is still served)");
+    return null;
+  }
+  try {
+    await mkdir(fuse.mountDir, { recursive: true, mode: 0o755 });
+    if (await cleanStaleMount(fuse.mountDir)) {
+      logger.warn({ mountDir: fuse.mountDir }, "removed a stale FUSE mount left by a previous daemon");
+    }
+    return await FuseServer.mount(engine, { mountDir: fuse.mountDir, logger });
+  } catch (error) {
+    const blockError = toBlockError(error, `cannot mount FUSE at ${fuse.mountDir}`);
+    if (fuse.required) throw blockError;
+    logger.error(
+      { mountDir: fuse.mountDir, errno: blockError.errno, err: blockError.message },
+      "FUSE mount failed; continuing without FUSE",
+    );
+    return null;
+  }
+}

@@ -1,0 +1,167 @@
+/**
+ * The persistent list of devices (`<state>/devices.json`), so that devices come back after a restart.
+ * Only what the user asked for is stored (name, backend path, CBT block size override); the size is read
+ * again from the backend (a file is never re-created at restore: a vanished disk is reported, not replaced
+ * by an empty one), and CBT starts a new generation (maps are not persisted yet, as in blksnap). A
+ * `memory:` device also keeps its size and comes back empty, like a RAM disk after a reboot.
+ * A device whose backend cannot be opened at start stays in the registry as "unavailable" (a disk that is
+ * late to appear must not silently lose its configuration); `device remove` drops it, `device add` with
+ * its name replaces it.
+ *
+ * Locking: add/remove run one at a time (a promise chain), so the file always reflects the engine's
+ * devices in the order the changes happened. The file is replaced atomically (atomic-write.ts).
+ */
+import { readFile } from "node:fs/promises";
+import { z } from "zod";
+import { BlockError, toBlockError } from "../block/errors.js";
+import { memoryBackendPath } from "../engine/engine.js";
+import type { DeviceAddOptions, DeviceInfo } from "../engine/engine-types.js";
+import type { Logger } from "../util/logger.js";
+import { writeFileAtomic } from "./atomic-write.js";
+import type { ControlEngine } from "./control-engine.js";
+
+const registryEntrySchema = z.object({
+  name: z.string().min(1).max(64),
+  backendPath: z.string().min(1).max(4096),
+  cbtBlockSizeBytes: z.int().positive().optional(),
+  /** Only for `memory:` devices. */
+  sizeBytes: z.int().positive().optional(),
+});
+
+const registryFileSchema = z.object({
+  version: z.literal(1),
+  devices: z.array(registryEntrySchema).max(4096),
+});
+
+export type RegistryEntry = z.infer<typeof registryEntrySchema>;
+
+export interface UnavailableDevice {
+  readonly name: string;
+  readonly backendPath: string;
+  readonly error: { readonly errno: string; readonly message: string };
+}
+
+export class DeviceRegistry {
+  readonly path: string;
+  private readonly engine: ControlEngine;
+  private readonly logger: Logger;
+  /** Insertion-ordered: the file lists devices in the order they were added. */
+  private readonly entries = new Map<string, RegistryEntry>();
+  private readonly unavailableDevices = new Map<string, UnavailableDevice>();
+  private tail: Promise<unknown> = Promise.resolve();
+
+  constructor(path: string, engine: ControlEngine, logger: Logger) {
+    this.path = path;
+    this.engine = engine;
+    this.logger = logger;
+  }
+
+  /** Reads the file (absent = empty) and attaches every device. Fails on a malformed file. */
+  async restore(): Promise<void> {
+    for (const entry of await readRegistryFile(this.path)) {
+      this.entries.set(entry.name, entry);
+      try {
+        await this.engine.addDevice(entry);
+        this.logger.info({ device: entry.name, backendPath: entry.backendPath }, "device restored");
+      } catch (error) {
+        const blockError = toBlockError(error, `device ${entry.name}`);
+        this.unavailableDevices.set(entry.name, {
+          name: entry.name,
+          backendPath: entry.backendPath,
+          error: { errno: blockError.errno, message: blockError.message },
+        });
+        this.logger.error(
+          {
+            device: entry.name,
+            backendPath: entry.backendPath,
+            errno: blockError.errno,
+            err: blockError.message,
+          },
+          "device could not be restored; it stays registered as unavailable",
+        );
+      }
+    }
+  }
+
+  unavailable(): UnavailableDevice[] {
+    return [...this.unavailableDevices.values()];
+  }
+
+  add(options: DeviceAddOptions): Promise<DeviceInfo> {
+    return this.serialized(async () => {
+      const info = await this.engine.addDevice(options);
+      const entry: RegistryEntry = { name: options.name, backendPath: options.backendPath };
+      if (options.cbtBlockSizeBytes !== undefined) entry.cbtBlockSizeBytes = options.cbtBlockSizeBytes;
+      if (options.backendPath === memoryBackendPath) entry.sizeBytes = info.sizeBytes;
+      const previous = this.entries.get(options.name);
+      const previousUnavailable = this.unavailableDevices.get(options.name);
+      this.entries.delete(options.name);
+      this.entries.set(options.name, entry);
+      this.unavailableDevices.delete(options.name);
+      try {
+        await this.save();
+      } catch (error) {
+        this.entries.delete(options.name);
+        if (previous !== undefined) this.entries.set(options.name, previous);
+        if (previousUnavailable !== undefined) this.unavailableDevices.set(options.name, previousUnavailable);
+        await this.engine.removeDevice(options.name).catch(() => {});
+        throw toBlockError(error, `device ${options.name} not added: cannot save ${this.path}`);
+      }
+      return info;
+    });
+  }
+
+  remove(name: string): Promise<void> {
+    return this.serialized(async () => {
+      if (this.unavailableDevices.has(name)) {
+        this.unavailableDevices.delete(name);
+      } else {
+        await this.engine.removeDevice(name);
+      }
+      this.entries.delete(name);
+      try {
+        await this.save();
+      } catch (error) {
+        throw toBlockError(error, `device ${name} removed, but ${this.path} could not be saved`);
+      }
+    });
+  }
+
+  private async save(): Promise<void> {
+    const content = { version: 1 as const, devices: [...this.entries.values()] };
+    await writeFileAtomic(this.path, `${JSON.stringify(content, null, 2)}\n`);
+  }
+
+  private serialized<T>(operation: () => Promise<T>): Promise<T> {
+    const result = this.tail.then(operation, operation);
+    this.tail = result.catch(() => {});
+    return result;
+  }
+}
+
+async function readRegistryFile(path: string): Promise<RegistryEntry[]> {
+  let text: string;
+  try {
+    text = await readFile(path, "utf8");
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === "ENOENT") return [];
+    throw toBlockError(error, `cannot read ${path}`);
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (error) {
+    throw new BlockError(
+      "EINVAL",
+      `${path} is not valid JSON (fix or remove it): ${(error as Error).message}`,
+    );
+  }
+  const parsed = registryFileSchema.safeParse(json);
+  if (!parsed.success) {
+    throw new BlockError(
+      "EINVAL",
+      `${path} is malformed (fix or remove it): ${z.prettifyError(parsed.error)}`,
+    );
+  }
+  return parsed.data.devices;
+}

@@ -1,0 +1,37 @@
+/**
+ * The one mapping from an errno name to the control API's HTTP status (docs/api.md, "Errors").
+ * Unknown names and real I/O failures are 500: the request was fine, the daemon could not do it.
+ */
+export function httpStatusForErrno(errno: string): number {
+  switch (errno) {
+    case "EINVAL":
+    case "ENOTDIR":
+    case "EISDIR":
+      return 400;
+    case "EPERM":
+    case "EACCES":
+    case "EROFS":
+      return 403;
+    case "ENOENT":
+    case "ESRCH":
+      return 404;
+    case "ENOTSUP":
+      return 405;
+    case "EEXIST":
+    case "EBUSY":
+    case "EALREADY":
+    case "ENODEV":
+      return 409;
+    case "EFBIG":
+      return 413;
+    case "ESHUTDOWN":
+      return 503;
+    case "ETIMEDOUT":
+      return 504;
+    case "ENOSPC":
+    case "EDQUOT":
+      return 507;
+    default:
+      return 500;
+  }
+}

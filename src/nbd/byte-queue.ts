@@ -1,0 +1,129 @@
+/**
+ * ByteQueue: the bytes received on a socket and not parsed yet, as the list of chunks Node delivered.
+ * The parser asks for N contiguous bytes (a header); when they sit in one chunk it reads them in place,
+ * otherwise they are copied into a scratch buffer once. Payloads are taken as a view of the chunk when
+ * they fit in it (no copy) or copied into a new buffer. The queue never grows on its own: the connection
+ * stops reading the socket (pause) when it stops parsing, so it holds at most what arrived before that.
+ *
+ * Single-threaded, no locks. Chunks are never modified.
+ */
+import { assert } from "../util/assert.js";
+
+const scratchBytes = 64;
+
+export class ByteQueue {
+  private chunks: Buffer[] = [];
+  private headIndex = 0;
+  /** Consumed bytes of chunks[headIndex]. */
+  private headOffsetBytes = 0;
+  private lengthBytesInternal = 0;
+  private readonly scratch = Buffer.allocUnsafe(scratchBytes);
+  /** Where the bytes returned by the last peek() start in the returned buffer. */
+  peekOffsetBytes = 0;
+
+  get lengthBytes(): number {
+    return this.lengthBytesInternal;
+  }
+
+  push(chunk: Buffer): void {
+    if (chunk.byteLength === 0) return;
+    this.chunks.push(chunk);
+    this.lengthBytesInternal += chunk.byteLength;
+  }
+
+  /**
+   * Returns a buffer holding the next `lengthBytes` bytes at `peekOffsetBytes`, valid until the next
+   * call on this queue. Does not consume them.
+   */
+  peek(lengthBytes: number): Buffer {
+    assert(lengthBytes > 0 && lengthBytes <= scratchBytes, "peek is for headers");
+    assert(lengthBytes <= this.lengthBytesInternal, "peek past the queued bytes");
+    const head = this.chunks[this.headIndex]!;
+    if (head.byteLength - this.headOffsetBytes >= lengthBytes) {
+      this.peekOffsetBytes = this.headOffsetBytes;
+      return head;
+    }
+    this.copyOut(this.scratch, 0, lengthBytes, false);
+    this.peekOffsetBytes = 0;
+    return this.scratch;
+  }
+
+  /** The next `lengthBytes` bytes, consumed: a view of a chunk when possible, else a fresh copy. */
+  take(lengthBytes: number): Buffer {
+    assert(lengthBytes >= 0 && lengthBytes <= this.lengthBytesInternal, "take past the queued bytes");
+    if (lengthBytes === 0) return Buffer.alloc(0);
+    const head = this.chunks[this.headIndex]!;
+    if (head.byteLength - this.headOffsetBytes >= lengthBytes) {
+      const view = head.subarray(this.headOffsetBytes, this.headOffsetBytes + lengthBytes);
+      this.skip(lengthBytes);
+      return view;
+    }
+    const target = Buffer.allocUnsafe(lengthBytes);
+    this.copyOut(target, 0, lengthBytes, true);
+    return target;
+  }
+
+  /** Moves up to `lengthBytes` queued bytes into target at targetOffsetBytes; returns the count moved. */
+  takeInto(target: Uint8Array, targetOffsetBytes: number, lengthBytes: number): number {
+    const movedBytes = Math.min(lengthBytes, this.lengthBytesInternal);
+    if (movedBytes > 0) this.copyOut(target, targetOffsetBytes, movedBytes, true);
+    return movedBytes;
+  }
+
+  /** Discards up to `lengthBytes` queued bytes; returns the count discarded. */
+  skip(lengthBytes: number): number {
+    let leftBytes = Math.min(lengthBytes, this.lengthBytesInternal);
+    const skippedBytes = leftBytes;
+    while (leftBytes > 0) {
+      const head = this.chunks[this.headIndex]!;
+      const availableBytes = head.byteLength - this.headOffsetBytes;
+      if (availableBytes > leftBytes) {
+        this.headOffsetBytes += leftBytes;
+        break;
+      }
+      leftBytes -= availableBytes;
+      this.dropHead();
+    }
+    this.lengthBytesInternal -= skippedBytes;
+    return skippedBytes;
+  }
+
+  /** Forgets everything queued (connection is going away). */
+  clear(): void {
+    this.chunks = [];
+    this.headIndex = 0;
+    this.headOffsetBytes = 0;
+    this.lengthBytesInternal = 0;
+  }
+
+  private copyOut(target: Uint8Array, targetOffsetBytes: number, lengthBytes: number, consume: boolean) {
+    let copiedBytes = 0;
+    let index = this.headIndex;
+    let offsetBytes = this.headOffsetBytes;
+    while (copiedBytes < lengthBytes) {
+      const chunk = this.chunks[index]!;
+      const stepBytes = Math.min(chunk.byteLength - offsetBytes, lengthBytes - copiedBytes);
+      target.set(chunk.subarray(offsetBytes, offsetBytes + stepBytes), targetOffsetBytes + copiedBytes);
+      copiedBytes += stepBytes;
+      offsetBytes += stepBytes;
+      if (offsetBytes === chunk.byteLength) {
+        index += 1;
+        offsetBytes = 0;
+      }
+    }
+    if (consume) this.skip(lengthBytes);
+  }
+
+  private dropHead(): void {
+    this.headIndex += 1;
+    this.headOffsetBytes = 0;
+    // Compact now and then so the array does not grow without bound on a long-lived connection.
+    if (this.headIndex === this.chunks.length) {
+      this.chunks.length = 0;
+      this.headIndex = 0;
+    } else if (this.headIndex >= 1024) {
+      this.chunks = this.chunks.slice(this.headIndex);
+      this.headIndex = 0;
+    }
+  }
+}

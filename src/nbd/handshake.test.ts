@@ -1,0 +1,79 @@
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { MemoryBackend } from "../backends/memory-backend.js";
+import { CheckedDevice } from "../block/checked-device.js";
+import { StaticExportSource } from "../block/export-source.js";
+import { decodeString, Handshake } from "./handshake.js";
+import {
+  NBD_FLAG_READ_ONLY,
+  NBD_FLAG_SEND_DF,
+  NBD_FLAG_SEND_FUA,
+  NBD_OPT_EXPORT_NAME,
+  NBD_OPT_GO,
+  NBD_OPT_INFO,
+  NBD_OPT_STRUCTURED_REPLY,
+  NBD_REP_ACK,
+} from "./nbd-protocol.js";
+
+function handshake(readOnly = false) {
+  const device = new CheckedDevice(new MemoryBackend(1 << 20), { readOnly });
+  const source = new StaticExportSource([{ name: "disk", description: "d", device, readOnly }]);
+  const machine = new Handshake({ source, requestLengthBytesMax: 32 << 20 });
+  assert.equal(machine.onClientFlags(3).kind, "continue");
+  return machine;
+}
+
+function goPayload(name: string): Buffer {
+  const nameBytes = Buffer.from(name);
+  const payload = Buffer.alloc(4 + nameBytes.byteLength + 2);
+  payload.writeUInt32BE(nameBytes.byteLength, 0);
+  nameBytes.copy(payload, 4);
+  return payload;
+}
+
+test("Handshake GO starts the transmission with the flags INFO announced", () => {
+  const machine = handshake();
+  assert.equal(machine.onOption(NBD_OPT_STRUCTURED_REPLY, Buffer.alloc(0)).kind, "continue");
+  const info = machine.onOption(NBD_OPT_INFO, goPayload("disk"));
+  const go = machine.onOption(NBD_OPT_GO, goPayload("disk"));
+  assert.equal(info.kind, "continue");
+  assert.equal(go.kind, "transmission");
+  // Identical but for the echoed option number.
+  const withoutOption = (replies: readonly Buffer[]) => replies.map((reply) => reply.subarray(12));
+  assert.deepEqual(withoutOption(info.replies), withoutOption(go.replies));
+  assert.equal(info.replies.length, 3, "INFO_EXPORT, INFO_BLOCK_SIZE, ACK");
+  assert.equal(go.replies.at(-1)!.readUInt32BE(12), NBD_REP_ACK);
+  if (go.kind !== "transmission") return;
+  assert.equal(go.session.structuredReplies, true);
+  assert.ok(go.session.transmissionFlags & NBD_FLAG_SEND_DF);
+  assert.ok(go.session.transmissionFlags & NBD_FLAG_SEND_FUA);
+  assert.equal(go.session.baseAllocationContextId, 0, "no SET_META_CONTEXT was sent");
+});
+
+test("Handshake of a read-only export advertises READ_ONLY and no FUA; no DF without structured replies", () => {
+  const machine = handshake(true);
+  const step = machine.onOption(NBD_OPT_EXPORT_NAME, Buffer.from("disk"));
+  assert.equal(step.kind, "transmission");
+  if (step.kind !== "transmission") return;
+  assert.equal(step.session.isReadOnly, true);
+  assert.ok(step.session.transmissionFlags & NBD_FLAG_READ_ONLY);
+  assert.equal(step.session.transmissionFlags & (NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_DF), 0);
+  assert.equal(step.replies[0]!.byteLength, 10, "NO_ZEROES was negotiated");
+});
+
+test("Handshake shutting down answers options ERR_SHUTDOWN and refuses EXPORT_NAME", () => {
+  const machine = handshake();
+  machine.isShuttingDown = true;
+  const step = machine.onOption(NBD_OPT_GO, goPayload("disk"));
+  assert.equal(step.kind, "continue");
+  assert.equal(step.replies[0]!.readUInt32BE(12), 2 ** 31 + 7);
+  assert.equal(machine.onOption(NBD_OPT_EXPORT_NAME, Buffer.from("disk")).kind, "close");
+});
+
+test("decodeString accepts UTF-8 up to 4096 bytes without NUL", () => {
+  assert.equal(decodeString(Buffer.from("disk@1234")), "disk@1234");
+  assert.equal(decodeString(Buffer.from("é".repeat(2048))), "é".repeat(2048));
+  assert.equal(decodeString(Buffer.from("x".repeat(4097))), undefined);
+  assert.equal(decodeString(Buffer.from("a\0b")), undefined);
+  assert.equal(decodeString(Buffer.from([0xc3])), undefined);
+});

@@ -1,0 +1,401 @@
+/**
+ * The fixed-newstyle option haggling as a pure state machine (libnbd's NEWSTYLE.* states): the connection
+ * feeds it the client flags, then one option at a time (header already parsed, payload complete), and it
+ * answers with the replies to send and the next step: keep haggling, start the transmission with a session,
+ * or close. It does no I/O, so every option rule is testable without a socket.
+ *
+ * Options: EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT, SET_META_CONTEXT;
+ * every other option (STARTTLS, EXTENDED_HEADERS, PEEK_EXPORT, unknown numbers) gets NBD_REP_ERR_UNSUP and
+ * haggling continues. Exports are looked up in the ExportSource when INFO, GO or EXPORT_NAME arrives. INFO
+ * and GO build their replies with the same function, so they cannot differ (the nbd-server 3.24 bug in
+ * nbd-and-stack.md §1.2). The only metadata context is base:allocation, id 1, valid for the export named
+ * in the last SET_META_CONTEXT only.
+ *
+ * Not done: TLS, extended headers, qemu:dirty-bitmap contexts, a default export for the empty name (the
+ * empty name is an ordinary name and must exist in the source).
+ */
+import type { Export, ExportSource } from "../block/export-source.js";
+import {
+  blockSizeMinimumBytes,
+  blockSizePreferredBytes,
+  optionsPerHandshakeMax,
+  stringBytesMax,
+} from "./nbd-limits.js";
+import {
+  NBD_CONTEXT_BASE_ALLOCATION,
+  NBD_FLAG_C_FIXED_NEWSTYLE,
+  NBD_FLAG_C_NO_ZEROES,
+  NBD_FLAG_CAN_MULTI_CONN,
+  NBD_FLAG_FIXED_NEWSTYLE,
+  NBD_FLAG_HAS_FLAGS,
+  NBD_FLAG_NO_ZEROES,
+  NBD_FLAG_READ_ONLY,
+  NBD_FLAG_SEND_CACHE,
+  NBD_FLAG_SEND_DF,
+  NBD_FLAG_SEND_FAST_ZERO,
+  NBD_FLAG_SEND_FLUSH,
+  NBD_FLAG_SEND_FUA,
+  NBD_FLAG_SEND_TRIM,
+  NBD_FLAG_SEND_WRITE_ZEROES,
+  NBD_IHAVEOPT,
+  NBD_INFO_BLOCK_SIZE,
+  NBD_INFO_DESCRIPTION,
+  NBD_INFO_EXPORT,
+  NBD_INFO_NAME,
+  NBD_MAGIC_BYTES,
+  NBD_OPT_ABORT,
+  NBD_OPT_EXPORT_NAME,
+  NBD_OPT_GO,
+  NBD_OPT_INFO,
+  NBD_OPT_LIST,
+  NBD_OPT_LIST_META_CONTEXT,
+  NBD_OPT_SET_META_CONTEXT,
+  NBD_OPT_STRUCTURED_REPLY,
+  NBD_OPTION_REPLY_HEADER_BYTES,
+  NBD_REP_ACK,
+  NBD_REP_ERR_INVALID,
+  NBD_REP_ERR_SHUTDOWN,
+  NBD_REP_ERR_TOO_BIG,
+  NBD_REP_ERR_UNKNOWN,
+  NBD_REP_ERR_UNSUP,
+  NBD_REP_INFO,
+  NBD_REP_MAGIC,
+  NBD_REP_META_CONTEXT,
+  NBD_REP_SERVER,
+} from "./nbd-protocol.js";
+import type { NbdSession } from "./nbd-session.js";
+
+export type HandshakeStep =
+  | { readonly kind: "continue"; readonly replies: readonly Buffer[] }
+  | { readonly kind: "transmission"; readonly replies: readonly Buffer[]; readonly session: NbdSession }
+  | { readonly kind: "close"; readonly replies: readonly Buffer[]; readonly reason: string };
+
+export interface HandshakeOptions {
+  readonly source: ExportSource;
+  readonly requestLengthBytesMax: number;
+}
+
+/** The context id of base:allocation after SET_META_CONTEXT (ids are per connection and opaque). */
+export const baseAllocationContextId = 1;
+const exportNameZeroPaddingBytes = 124;
+
+export class Handshake {
+  private readonly source: ExportSource;
+  private readonly requestLengthBytesMax: number;
+  private clientFlags = 0;
+  private optionCount = 0;
+  private structuredReplies = false;
+  /** Export name for which base:allocation is selected; undefined when nothing is selected. */
+  private metaContextExportName: string | undefined;
+  /** Set by the server's close(): every option but ABORT is answered NBD_REP_ERR_SHUTDOWN. */
+  isShuttingDown = false;
+
+  constructor(options: HandshakeOptions) {
+    this.source = options.source;
+    this.requestLengthBytesMax = options.requestLengthBytesMax;
+  }
+
+  /** The 18-byte server greeting: NBDMAGIC, IHAVEOPT, handshake flags. */
+  static greeting(): Buffer {
+    const greeting = Buffer.alloc(18);
+    NBD_MAGIC_BYTES.copy(greeting, 0);
+    greeting.writeBigUInt64BE(NBD_IHAVEOPT, 8);
+    greeting.writeUInt16BE(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES, 16);
+    return greeting;
+  }
+
+  onClientFlags(clientFlags: number): HandshakeStep {
+    const offered = NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES;
+    if ((clientFlags & ~offered) !== 0) {
+      return close(`client flags 0x${clientFlags.toString(16)} carry a bit the server did not offer`);
+    }
+    this.clientFlags = clientFlags;
+    return proceed([]);
+  }
+
+  /** An option whose payload was too large to read: it was skipped, now answer it. */
+  onOversizeOption(option: number): HandshakeStep {
+    const limit = this.countOption();
+    if (limit) return limit;
+    if (option === NBD_OPT_EXPORT_NAME) return close("EXPORT_NAME payload too large");
+    return proceed([optionReply(option, NBD_REP_ERR_TOO_BIG, "option payload too large")]);
+  }
+
+  onOption(option: number, payload: Buffer): HandshakeStep {
+    const limit = this.countOption();
+    if (limit) return limit;
+    if ((this.clientFlags & NBD_FLAG_C_FIXED_NEWSTYLE) === 0 && option !== NBD_OPT_EXPORT_NAME) {
+      return proceed([optionReply(option, NBD_REP_ERR_INVALID, "only EXPORT_NAME without fixed newstyle")]);
+    }
+    if (option === NBD_OPT_ABORT) {
+      return {
+        kind: "close",
+        replies: [optionReply(option, NBD_REP_ACK)],
+        reason: "client sent NBD_OPT_ABORT",
+      };
+    }
+    if (this.isShuttingDown) {
+      if (option === NBD_OPT_EXPORT_NAME) return close("server is shutting down");
+      return proceed([optionReply(option, NBD_REP_ERR_SHUTDOWN, "server is shutting down")]);
+    }
+    switch (option) {
+      case NBD_OPT_EXPORT_NAME:
+        return this.onExportName(payload);
+      case NBD_OPT_LIST:
+        return this.onList(payload);
+      case NBD_OPT_STRUCTURED_REPLY:
+        return this.onStructuredReply(payload);
+      case NBD_OPT_INFO:
+      case NBD_OPT_GO:
+        return this.onInfoOrGo(option, payload);
+      case NBD_OPT_LIST_META_CONTEXT:
+      case NBD_OPT_SET_META_CONTEXT:
+        return this.onMetaContext(option, payload);
+      default:
+        return proceed([optionReply(option, NBD_REP_ERR_UNSUP, "option not supported")]);
+    }
+  }
+
+  private countOption(): HandshakeStep | undefined {
+    this.optionCount += 1;
+    if (this.optionCount > optionsPerHandshakeMax) {
+      return close(`more than ${optionsPerHandshakeMax} options in one handshake`);
+    }
+    return undefined;
+  }
+
+  private onExportName(payload: Buffer): HandshakeStep {
+    const name = decodeString(payload);
+    if (name === undefined) return close("EXPORT_NAME with an invalid name");
+    const entry = this.source.findExport(name);
+    if (!entry) return close(`EXPORT_NAME of unknown export ${JSON.stringify(name)}`);
+    const session = this.sessionOf(entry);
+    const noZeroes = (this.clientFlags & NBD_FLAG_C_NO_ZEROES) !== 0;
+    const reply = Buffer.alloc(10 + (noZeroes ? 0 : exportNameZeroPaddingBytes));
+    reply.writeBigUInt64BE(BigInt(session.sizeBytes), 0);
+    reply.writeUInt16BE(session.transmissionFlags, 8);
+    return { kind: "transmission", replies: [reply], session };
+  }
+
+  private onList(payload: Buffer): HandshakeStep {
+    if (payload.byteLength !== 0) {
+      return proceed([optionReply(NBD_OPT_LIST, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data")]);
+    }
+    const replies: Buffer[] = [];
+    for (const entry of this.source.listExports()) {
+      const name = Buffer.from(entry.name, "utf8");
+      const body = Buffer.concat([u32(name.byteLength), name, truncatedUtf8(entry.description)]);
+      replies.push(optionReply(NBD_OPT_LIST, NBD_REP_SERVER, body));
+    }
+    replies.push(optionReply(NBD_OPT_LIST, NBD_REP_ACK));
+    return proceed(replies);
+  }
+
+  private onStructuredReply(payload: Buffer): HandshakeStep {
+    const option = NBD_OPT_STRUCTURED_REPLY;
+    if (payload.byteLength !== 0) return proceed([optionReply(option, NBD_REP_ERR_INVALID, "takes no data")]);
+    if (this.structuredReplies) {
+      return proceed([optionReply(option, NBD_REP_ERR_INVALID, "structured replies already negotiated")]);
+    }
+    this.structuredReplies = true;
+    return proceed([optionReply(option, NBD_REP_ACK)]);
+  }
+
+  private onInfoOrGo(option: number, payload: Buffer): HandshakeStep {
+    // u32 namelen, name, u16 n, n × u16 info request.
+    if (payload.byteLength < 6)
+      return proceed([optionReply(option, NBD_REP_ERR_INVALID, "payload too short")]);
+    const nameBytes = payload.readUInt32BE(0);
+    if (nameBytes > payload.byteLength - 6) {
+      return proceed([optionReply(option, NBD_REP_ERR_INVALID, "name length exceeds the payload")]);
+    }
+    const requestCount = payload.readUInt16BE(4 + nameBytes);
+    if (payload.byteLength !== 4 + nameBytes + 2 + 2 * requestCount) {
+      return proceed([
+        optionReply(option, NBD_REP_ERR_INVALID, "info request count does not match the payload"),
+      ]);
+    }
+    const name = decodeString(payload.subarray(4, 4 + nameBytes));
+    if (name === undefined) return proceed([optionReply(option, NBD_REP_ERR_INVALID, "invalid export name")]);
+    const requests = new Set<number>();
+    for (let index = 0; index < requestCount; index += 1) {
+      requests.add(payload.readUInt16BE(4 + nameBytes + 2 + 2 * index));
+    }
+    const entry = this.source.findExport(name);
+    if (!entry) {
+      return proceed([optionReply(option, NBD_REP_ERR_UNKNOWN, `export ${JSON.stringify(name)} not found`)]);
+    }
+    const session = this.sessionOf(entry);
+    const replies = this.infoReplies(option, entry, session, requests);
+    replies.push(optionReply(option, NBD_REP_ACK));
+    if (option === NBD_OPT_INFO) return proceed(replies);
+    return { kind: "transmission", replies, session };
+  }
+
+  private infoReplies(option: number, entry: Export, session: NbdSession, requests: ReadonlySet<number>) {
+    const exportInfo = Buffer.alloc(12);
+    exportInfo.writeUInt16BE(NBD_INFO_EXPORT, 0);
+    exportInfo.writeBigUInt64BE(BigInt(session.sizeBytes), 2);
+    exportInfo.writeUInt16BE(session.transmissionFlags, 10);
+    const replies = [optionReply(option, NBD_REP_INFO, exportInfo)];
+    if (requests.has(NBD_INFO_NAME)) {
+      const body = Buffer.concat([u16(NBD_INFO_NAME), Buffer.from(entry.name, "utf8")]);
+      replies.push(optionReply(option, NBD_REP_INFO, body));
+    }
+    if (requests.has(NBD_INFO_DESCRIPTION) && entry.description !== "") {
+      const body = Buffer.concat([u16(NBD_INFO_DESCRIPTION), truncatedUtf8(entry.description)]);
+      replies.push(optionReply(option, NBD_REP_INFO, body));
+    }
+    // Always sent: our minimum of 1 byte asks nothing of a client that did not request it.
+    const blockSize = Buffer.alloc(14);
+    blockSize.writeUInt16BE(NBD_INFO_BLOCK_SIZE, 0);
+    blockSize.writeUInt32BE(blockSizeMinimumBytes, 2);
+    blockSize.writeUInt32BE(blockSizePreferredBytes, 6);
+    blockSize.writeUInt32BE(this.requestLengthBytesMax, 10);
+    replies.push(optionReply(option, NBD_REP_INFO, blockSize));
+    return replies;
+  }
+
+  private onMetaContext(option: number, payload: Buffer): HandshakeStep {
+    const isSet = option === NBD_OPT_SET_META_CONTEXT;
+    // SET replaces the previous selection even when it fails (spec).
+    if (isSet) this.metaContextExportName = undefined;
+    if (isSet && !this.structuredReplies) {
+      return proceed([optionReply(option, NBD_REP_ERR_INVALID, "negotiate structured replies first")]);
+    }
+    const request = parseMetaContextRequest(payload);
+    if (request === undefined)
+      return proceed([optionReply(option, NBD_REP_ERR_INVALID, "malformed request")]);
+    if (!this.source.findExport(request.exportName)) {
+      const message = `export ${JSON.stringify(request.exportName)} not found`;
+      return proceed([optionReply(option, NBD_REP_ERR_UNKNOWN, message)]);
+    }
+    const matches = isSet
+      ? request.queries.includes(NBD_CONTEXT_BASE_ALLOCATION)
+      : request.queries.length === 0 ||
+        request.queries.some((query) => query === "base:" || query === NBD_CONTEXT_BASE_ALLOCATION);
+    const replies: Buffer[] = [];
+    if (matches) {
+      const contextId = isSet ? baseAllocationContextId : 0;
+      const body = Buffer.concat([u32(contextId), Buffer.from(NBD_CONTEXT_BASE_ALLOCATION, "latin1")]);
+      replies.push(optionReply(option, NBD_REP_META_CONTEXT, body));
+      if (isSet) this.metaContextExportName = request.exportName;
+    }
+    replies.push(optionReply(option, NBD_REP_ACK));
+    return proceed(replies);
+  }
+
+  private sessionOf(entry: Export): NbdSession {
+    const device = entry.device;
+    const caps = device.capabilities;
+    const isReadOnly = entry.readOnly || !caps.canWrite;
+    let flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_CACHE;
+    if (isReadOnly) flags |= NBD_FLAG_READ_ONLY;
+    if (caps.canFlush) flags |= NBD_FLAG_SEND_FLUSH;
+    if (!isReadOnly && caps.canFua) flags |= NBD_FLAG_SEND_FUA;
+    if (!isReadOnly && caps.canTrim) flags |= NBD_FLAG_SEND_TRIM;
+    if (!isReadOnly && caps.canZero) {
+      flags |= NBD_FLAG_SEND_WRITE_ZEROES;
+      if (caps.canFastZero) flags |= NBD_FLAG_SEND_FAST_ZERO;
+    }
+    // We never fragment a read, so DF is always honoured, but the flag needs structured replies.
+    if (this.structuredReplies) flags |= NBD_FLAG_SEND_DF;
+    if (caps.canMultiConn) flags |= NBD_FLAG_CAN_MULTI_CONN;
+    const hasContext = this.structuredReplies && this.metaContextExportName === entry.name;
+    return {
+      exportName: entry.name,
+      device,
+      sizeBytes: device.sizeBytes,
+      isReadOnly,
+      transmissionFlags: flags,
+      structuredReplies: this.structuredReplies,
+      baseAllocationContextId: hasContext ? baseAllocationContextId : 0,
+      requestLengthBytesMax: this.requestLengthBytesMax,
+    };
+  }
+}
+
+interface MetaContextRequest {
+  readonly exportName: string;
+  readonly queries: readonly string[];
+}
+
+/** u32 namelen, name, u32 nq, nq × (u32 len, query); every byte must be accounted for. */
+function parseMetaContextRequest(payload: Buffer): MetaContextRequest | undefined {
+  let positionBytes = 0;
+  const readString = (): string | undefined => {
+    if (payload.byteLength - positionBytes < 4) return undefined;
+    const lengthBytes = payload.readUInt32BE(positionBytes);
+    positionBytes += 4;
+    if (lengthBytes > payload.byteLength - positionBytes) return undefined;
+    const value = decodeString(payload.subarray(positionBytes, positionBytes + lengthBytes));
+    positionBytes += lengthBytes;
+    return value;
+  };
+  const exportName = readString();
+  if (exportName === undefined || payload.byteLength - positionBytes < 4) return undefined;
+  const queryCount = payload.readUInt32BE(positionBytes);
+  positionBytes += 4;
+  // Each query takes at least 4 bytes: a count larger than that is malformed before we loop on it.
+  if (queryCount > (payload.byteLength - positionBytes) / 4) return undefined;
+  const queries: string[] = [];
+  for (let index = 0; index < queryCount; index += 1) {
+    const query = readString();
+    if (query === undefined) return undefined;
+    queries.push(query);
+  }
+  if (positionBytes !== payload.byteLength) return undefined;
+  return { exportName, queries };
+}
+
+const utf8Decoder = new TextDecoder("utf-8", { fatal: true });
+
+/** A protocol string: at most 4096 bytes of valid UTF-8 without NUL; undefined otherwise. */
+export function decodeString(bytes: Uint8Array): string | undefined {
+  if (bytes.byteLength > stringBytesMax || bytes.includes(0)) return undefined;
+  try {
+    return utf8Decoder.decode(bytes);
+  } catch {
+    return undefined;
+  }
+}
+
+function truncatedUtf8(text: string): Buffer {
+  const bytes = Buffer.from(text, "utf8");
+  if (bytes.byteLength <= stringBytesMax) return bytes;
+  // Cut at a character boundary: drop continuation bytes (10xxxxxx) at the cut.
+  let end = stringBytesMax;
+  while (end > 0 && (bytes[end]! & 0xc0) === 0x80) end -= 1;
+  return bytes.subarray(0, end);
+}
+
+function optionReply(option: number, replyType: number, payload?: Buffer | string): Buffer {
+  const body = typeof payload === "string" ? Buffer.from(payload, "utf8") : (payload ?? Buffer.alloc(0));
+  const reply = Buffer.allocUnsafe(NBD_OPTION_REPLY_HEADER_BYTES + body.byteLength);
+  reply.writeBigUInt64BE(NBD_REP_MAGIC, 0);
+  reply.writeUInt32BE(option, 8);
+  reply.writeUInt32BE(replyType, 12);
+  reply.writeUInt32BE(body.byteLength, 16);
+  body.copy(reply, NBD_OPTION_REPLY_HEADER_BYTES);
+  return reply;
+}
+
+function u32(value: number): Buffer {
+  const buffer = Buffer.allocUnsafe(4);
+  buffer.writeUInt32BE(value, 0);
+  return buffer;
+}
+
+function u16(value: number): Buffer {
+  const buffer = Buffer.allocUnsafe(2);
+  buffer.writeUInt16BE(value, 0);
+  return buffer;
+}
+
+function proceed(replies: readonly Buffer[]): HandshakeStep {
+  return { kind: "continue", replies };
+}
+
+function close(reason: string): HandshakeStep {
+  return { kind: "close", replies: [], reason };
+}

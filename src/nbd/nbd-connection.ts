@@ -1,0 +1,501 @@
+/**
+ * NbdConnection: the socket plumbing of one client. A byte-driven state machine in libnbd's style parses
+ * what arrives, hands options to Handshake and requests to request-validation + Transmission, and writes
+ * their replies. States (one line each):
+ *
+ *   RECV_CLIENT_FLAGS    4 bytes of client flags after our greeting
+ *   RECV_OPTION_HEADER   IHAVEOPT, option, length (a bad magic, or a transmission request, drops us)
+ *   RECV_OPTION_DATA     the option payload (≤ optionPayloadBytesMax), then Handshake.onOption()
+ *   SKIP_OPTION_DATA     an oversize option payload, discarded as it arrives, then NBD_REP_ERR_TOO_BIG
+ *   RECV_REQUEST_HEADER  28-byte request; validation; dispatch or an immediate error reply
+ *   RECV_WRITE_PAYLOAD   a WRITE payload, copied as it arrives into one buffer (a view when it came whole)
+ *   SKIP_WRITE_PAYLOAD   the payload of a refused WRITE (≤ 2 × max), discarded, then the error reply
+ *   FINISHING            nothing more is parsed; in-flight requests finish, replies flush, then end
+ *   DEAD                 socket destroyed or closed
+ *
+ * Back-pressure: new requests are only parsed while fewer than inflightRequestsMax requests (and fewer
+ * than inflightBytesMax bytes of READ/WRITE buffers) are in flight and while fewer than replyQueueBytesMax
+ * reply bytes wait in the socket's write queue (the server sets the sockets' high-water mark to that value,
+ * so this is exactly "write() returned false"). Otherwise the socket is paused; parsing resumes when a
+ * request completes, on 'drain', or when a write completes and the queue fell below replyQueueBytesLow.
+ * That low-water mark matters: waiting for 'drain' alone (an empty queue) let the client run dry between
+ * bursts and cost a third of the sequential-read throughput. The write queue is checked before every
+ * request, not once per tick: requests that complete in microtasks could otherwise chain through
+ * thousands of requests before the tick ends. So a client that never reads its replies costs a bounded
+ * amount of memory. Payload bytes of a request already started are always read.
+ *
+ * Replies are batched: the first reply in a tick corks the socket and a process.nextTick() uncorks it, so
+ * the replies of every request that completed in the same tick leave in one writev. A message is always
+ * written whole in one write() call, so replies never interleave.
+ *
+ * EOF from the client behaves like NBD_CMD_DISC once everything already received has been parsed;
+ * EOF inside a payload drops that request. Locking: none, one event loop.
+ */
+import type { Socket } from "node:net";
+import type { Errno } from "../block/errors.js";
+import type { ExportSource } from "../block/export-source.js";
+import { assert } from "../util/assert.js";
+import type { Logger } from "../util/logger.js";
+import type { BufferPool } from "./buffer-pool.js";
+import { ByteQueue } from "./byte-queue.js";
+import type { HandshakeStep } from "./handshake.js";
+import { Handshake } from "./handshake.js";
+import {
+  handshakeTimeoutMs,
+  inflightBytesMax,
+  optionPayloadBytesMax,
+  optionPayloadSkipBytesMax,
+  replyQueueBytesLow,
+  replyQueueBytesMax,
+  writeSkipFactorMax,
+} from "./nbd-limits.js";
+import {
+  NBD_CMD_DISC,
+  NBD_CMD_READ,
+  NBD_CMD_WRITE,
+  NBD_IHAVEOPT,
+  NBD_OPTION_HEADER_BYTES,
+  NBD_REQUEST_HEADER_BYTES,
+  NBD_REQUEST_MAGIC,
+} from "./nbd-protocol.js";
+import { offsetBytesOf, validateRequest } from "./request-validation.js";
+import type { NbdRequest, ReplySink } from "./transmission.js";
+import { Transmission } from "./transmission.js";
+
+type ConnectionState =
+  | "RECV_CLIENT_FLAGS"
+  | "RECV_OPTION_HEADER"
+  | "RECV_OPTION_DATA"
+  | "SKIP_OPTION_DATA"
+  | "RECV_REQUEST_HEADER"
+  | "RECV_WRITE_PAYLOAD"
+  | "SKIP_WRITE_PAYLOAD"
+  | "FINISHING"
+  | "DEAD";
+
+export interface NbdConnectionOptions {
+  readonly source: ExportSource;
+  readonly logger: Logger;
+  readonly requestLengthBytesMax: number;
+  readonly inflightRequestsMax: number;
+  readonly pool: BufferPool;
+}
+
+/** Counters for tests and monitoring. */
+export interface NbdConnectionStats {
+  readonly state: ConnectionState;
+  readonly exportName: string | undefined;
+  readonly requestsReceived: number;
+  readonly inflightRequests: number;
+  readonly inflightBytes: number;
+  /** Reply bytes queued in the socket and not yet accepted by the kernel. */
+  readonly queuedReplyBytes: number;
+  /** Bytes received and not parsed yet. */
+  readonly unparsedBytes: number;
+  readonly isReadingPaused: boolean;
+  readonly isWaitingForDrain: boolean;
+}
+
+interface PendingRequest extends NbdRequest {
+  payload: Buffer | undefined;
+  /** The payload came from the BufferPool and goes back once the request settled. */
+  isPayloadPooled: boolean;
+}
+
+export class NbdConnection implements ReplySink {
+  readonly closed: Promise<void>;
+  private readonly socket: Socket;
+  private readonly logger: Logger;
+  private readonly requestLengthBytesMax: number;
+  private readonly inflightRequestsMax: number;
+  private readonly pool: BufferPool;
+  private readonly queue = new ByteQueue();
+  private readonly handshake: Handshake;
+  private transmission: Transmission | undefined;
+  private state: ConnectionState = "RECV_CLIENT_FLAGS";
+  private optionCode = 0;
+  private optionLengthBytes = 0;
+  private skipLeftBytes = 0;
+  private pendingWrite: PendingRequest | undefined;
+  private pendingWriteErrno: Errno | undefined;
+  private payloadFilledBytes = 0;
+  private inflightRequests = 0;
+  private inflightBytes = 0;
+  private requestsReceived = 0;
+  private isPumping = false;
+  private isReadingPaused = false;
+  private isCorked = false;
+  private isPeerEnded = false;
+  private isShuttingDown = false;
+  private isEnding = false;
+  private resolveClosed!: () => void;
+
+  constructor(socket: Socket, options: NbdConnectionOptions) {
+    this.socket = socket;
+    this.logger = options.logger;
+    this.requestLengthBytesMax = options.requestLengthBytesMax;
+    this.inflightRequestsMax = options.inflightRequestsMax;
+    this.pool = options.pool;
+    this.handshake = new Handshake({
+      source: options.source,
+      requestLengthBytesMax: options.requestLengthBytesMax,
+    });
+    this.closed = new Promise((resolve) => {
+      this.resolveClosed = resolve;
+    });
+    socket.on("data", (chunk: Buffer) => this.onData(chunk));
+    socket.on("end", () => {
+      this.isPeerEnded = true;
+      this.pump();
+    });
+    socket.on("drain", () => this.pump());
+    socket.on("error", (error) => {
+      this.logger.debug({ err: error }, "NBD connection error");
+      this.destroy();
+    });
+    socket.on("close", () => {
+      this.state = "DEAD";
+      this.queue.clear();
+      this.resolveClosed();
+    });
+    socket.on("timeout", () => {
+      if (this.transmission === undefined) this.die("handshake timed out");
+    });
+    socket.setTimeout(handshakeTimeoutMs);
+    this.sendReply(Handshake.greeting());
+  }
+
+  get stats(): NbdConnectionStats {
+    return {
+      state: this.state,
+      exportName: this.transmission?.session.exportName,
+      requestsReceived: this.requestsReceived,
+      inflightRequests: this.inflightRequests,
+      inflightBytes: this.inflightBytes,
+      queuedReplyBytes: this.socket.writableLength,
+      unparsedBytes: this.queue.lengthBytes,
+      isReadingPaused: this.isReadingPaused,
+      isWaitingForDrain: this.socket.writableLength >= replyQueueBytesMax,
+    };
+  }
+
+  /**
+   * The server is closing: options get NBD_REP_ERR_SHUTDOWN, new requests ESHUTDOWN; the connection ends
+   * as soon as nothing is in flight.
+   */
+  beginShutdown(): void {
+    this.isShuttingDown = true;
+    this.handshake.isShuttingDown = true;
+    if (this.transmission === undefined) {
+      this.finish("server is shutting down");
+      return;
+    }
+    this.pump();
+  }
+
+  /** Hard disconnect, now. */
+  destroy(): void {
+    this.state = "DEAD";
+    this.queue.clear();
+    this.socket.destroy();
+  }
+
+  sendReply(message: Buffer, onWritten?: () => void): void {
+    if (this.state === "DEAD" || this.socket.destroyed) {
+      onWritten?.();
+      return;
+    }
+    if (!this.isCorked) {
+      this.isCorked = true;
+      this.socket.cork();
+      process.nextTick(uncorkTick, this);
+    }
+    if (onWritten === undefined) {
+      this.socket.write(message);
+      return;
+    }
+    this.socket.write(message, () => {
+      onWritten();
+      this.onReplyWritten();
+    });
+  }
+
+  /** A write with a callback completed: resume parsing once the queue is below its low-water mark. */
+  private onReplyWritten(): void {
+    if (this.isReadingPaused && this.socket.writableLength < replyQueueBytesLow) this.pump();
+  }
+
+  /** @internal process.nextTick target: flush the replies of this tick in one writev. */
+  uncork(): void {
+    this.isCorked = false;
+    if (this.socket.destroyed) return;
+    this.socket.uncork();
+  }
+
+  private onData(chunk: Buffer): void {
+    if (this.state === "FINISHING" || this.state === "DEAD") return;
+    this.queue.push(chunk);
+    this.pump();
+  }
+
+  private pump(): void {
+    if (this.isPumping) return;
+    this.isPumping = true;
+    try {
+      while (this.step()) {
+        // Each step consumes input or changes state; it returns false when it must wait.
+      }
+    } finally {
+      this.isPumping = false;
+    }
+    this.updateReading();
+  }
+
+  private step(): boolean {
+    switch (this.state) {
+      case "RECV_CLIENT_FLAGS": {
+        if (!this.hasBytes(4)) return false;
+        const header = this.queue.peek(4);
+        const clientFlags = header.readUInt32BE(this.queue.peekOffsetBytes);
+        this.queue.skip(4);
+        return this.applyHandshakeStep(this.handshake.onClientFlags(clientFlags));
+      }
+      case "RECV_OPTION_HEADER": {
+        if (!this.hasBytes(NBD_OPTION_HEADER_BYTES)) return false;
+        const header = this.queue.peek(NBD_OPTION_HEADER_BYTES);
+        const at = this.queue.peekOffsetBytes;
+        if (header.readBigUInt64BE(at) !== NBD_IHAVEOPT) {
+          this.die("bad option magic during the handshake");
+          return false;
+        }
+        this.optionCode = header.readUInt32BE(at + 8);
+        this.optionLengthBytes = header.readUInt32BE(at + 12);
+        this.queue.skip(NBD_OPTION_HEADER_BYTES);
+        if (this.optionLengthBytes > optionPayloadSkipBytesMax) {
+          this.die(`option payload of ${this.optionLengthBytes} bytes`);
+          return false;
+        }
+        if (this.optionLengthBytes > optionPayloadBytesMax) {
+          this.skipLeftBytes = this.optionLengthBytes;
+          this.state = "SKIP_OPTION_DATA";
+        } else {
+          this.state = "RECV_OPTION_DATA";
+        }
+        return true;
+      }
+      case "RECV_OPTION_DATA": {
+        if (!this.hasBytes(this.optionLengthBytes)) return false;
+        const payload = this.queue.take(this.optionLengthBytes);
+        return this.applyHandshakeStep(this.handshake.onOption(this.optionCode, payload));
+      }
+      case "SKIP_OPTION_DATA": {
+        this.skipLeftBytes -= this.queue.skip(this.skipLeftBytes);
+        if (this.skipLeftBytes > 0) return this.waitForBytes();
+        return this.applyHandshakeStep(this.handshake.onOversizeOption(this.optionCode));
+      }
+      case "RECV_REQUEST_HEADER":
+        if (this.isShuttingDown && this.inflightRequests === 0) {
+          this.finish("server is shutting down");
+          return false;
+        }
+        if (!this.canStartRequest()) return false;
+        if (!this.hasBytes(NBD_REQUEST_HEADER_BYTES)) return false;
+        return this.parseRequestHeader();
+      case "RECV_WRITE_PAYLOAD": {
+        const request = this.pendingWrite!;
+        const lengthBytes = request.lengthBytes;
+        this.payloadFilledBytes += this.queue.takeInto(
+          request.payload!,
+          this.payloadFilledBytes,
+          lengthBytes - this.payloadFilledBytes,
+        );
+        if (this.payloadFilledBytes < lengthBytes) return this.waitForBytes();
+        this.pendingWrite = undefined;
+        this.state = "RECV_REQUEST_HEADER";
+        this.dispatch(request, lengthBytes);
+        return true;
+      }
+      case "SKIP_WRITE_PAYLOAD": {
+        this.skipLeftBytes -= this.queue.skip(this.skipLeftBytes);
+        if (this.skipLeftBytes > 0) return this.waitForBytes();
+        const request = this.pendingWrite!;
+        this.pendingWrite = undefined;
+        this.state = "RECV_REQUEST_HEADER";
+        this.transmission!.sendError(request, this.pendingWriteErrno!);
+        return true;
+      }
+      case "FINISHING":
+      case "DEAD":
+        return false;
+    }
+  }
+
+  private parseRequestHeader(): boolean {
+    const header = this.queue.peek(NBD_REQUEST_HEADER_BYTES);
+    const at = this.queue.peekOffsetBytes;
+    if (header.readUInt32BE(at) !== NBD_REQUEST_MAGIC) {
+      this.logger.warn("NBD request with a bad magic: disconnecting this client");
+      this.finish("bad request magic");
+      return false;
+    }
+    const commandFlags = header.readUInt16BE(at + 4);
+    const command = header.readUInt16BE(at + 6);
+    const offsetHigh = header.readUInt32BE(at + 16);
+    const offsetLow = header.readUInt32BE(at + 20);
+    const lengthBytes = header.readUInt32BE(at + 24);
+    const request: PendingRequest = {
+      command,
+      commandFlags,
+      cookieHigh: header.readUInt32BE(at + 8),
+      cookieLow: header.readUInt32BE(at + 12),
+      offsetBytes: offsetBytesOf(offsetHigh, offsetLow),
+      lengthBytes,
+      payload: undefined,
+      isPayloadPooled: false,
+    };
+    this.queue.skip(NBD_REQUEST_HEADER_BYTES);
+    this.requestsReceived += 1;
+    const transmission = this.transmission!;
+    if (command === NBD_CMD_DISC) {
+      this.finish("client sent NBD_CMD_DISC");
+      return false;
+    }
+    const errno: Errno | undefined = this.isShuttingDown
+      ? "ESHUTDOWN"
+      : validateRequest(transmission.session, command, commandFlags, offsetHigh, offsetLow, lengthBytes);
+    if (command === NBD_CMD_WRITE) {
+      if (errno !== undefined) {
+        if (lengthBytes > writeSkipFactorMax * this.requestLengthBytesMax) {
+          this.die(`WRITE of ${lengthBytes} bytes, too large to skip`);
+          return false;
+        }
+        this.pendingWrite = request;
+        this.pendingWriteErrno = errno;
+        this.skipLeftBytes = lengthBytes;
+        this.state = "SKIP_WRITE_PAYLOAD";
+        return true;
+      }
+      if (this.queue.lengthBytes >= lengthBytes) {
+        request.payload = this.queue.take(lengthBytes);
+        this.dispatch(request, lengthBytes);
+        return true;
+      }
+      // Devices do not keep `source` once write() settled (the BlockDevice contract), so it is recycled.
+      request.payload = this.pool.acquire(lengthBytes);
+      request.isPayloadPooled = true;
+      this.payloadFilledBytes = 0;
+      this.pendingWrite = request;
+      this.state = "RECV_WRITE_PAYLOAD";
+      return true;
+    }
+    if (errno !== undefined) {
+      transmission.sendError(request, errno);
+      return true;
+    }
+    this.dispatch(request, command === NBD_CMD_READ ? lengthBytes : 0);
+    return true;
+  }
+
+  private dispatch(request: PendingRequest, bufferBytes: number): void {
+    this.inflightRequests += 1;
+    this.inflightBytes += bufferBytes;
+    this.transmission!.execute(request).then(() => this.onRequestDone(request, bufferBytes));
+  }
+
+  private onRequestDone(request: PendingRequest, bufferBytes: number): void {
+    if (request.isPayloadPooled) this.pool.release(request.payload!);
+    this.inflightRequests -= 1;
+    this.inflightBytes -= bufferBytes;
+    assert(this.inflightRequests >= 0 && this.inflightBytes >= 0, "in-flight accounting went negative");
+    if (this.state === "FINISHING") {
+      this.endIfIdle();
+      return;
+    }
+    this.pump();
+  }
+
+  private canStartRequest(): boolean {
+    if (this.socket.writableLength >= replyQueueBytesMax) return false;
+    if (this.inflightRequests >= this.inflightRequestsMax) return false;
+    return this.inflightRequests === 0 || this.inflightBytes < inflightBytesMax;
+  }
+
+  private hasBytes(lengthBytes: number): boolean {
+    if (this.queue.lengthBytes >= lengthBytes) return true;
+    return this.waitForBytes();
+  }
+
+  /** Called when a state needs more input: after the client's EOF there will be none. */
+  private waitForBytes(): boolean {
+    if (this.isPeerEnded) {
+      const isIdle = this.state === "RECV_REQUEST_HEADER" && this.queue.lengthBytes === 0;
+      if (!isIdle) this.logger.debug({ state: this.state }, "NBD client closed in the middle of a message");
+      this.finish("client closed the connection");
+    }
+    return false;
+  }
+
+  private applyHandshakeStep(step: HandshakeStep): boolean {
+    for (const reply of step.replies) this.sendReply(reply);
+    switch (step.kind) {
+      case "continue":
+        this.state = "RECV_OPTION_HEADER";
+        return true;
+      case "transmission":
+        this.transmission = new Transmission(step.session, this, { logger: this.logger, pool: this.pool });
+        this.socket.setTimeout(0);
+        this.state = "RECV_REQUEST_HEADER";
+        this.logger.debug({ export: step.session.exportName }, "NBD transmission started");
+        return true;
+      case "close":
+        this.logger.debug({ reason: step.reason }, "NBD handshake ended");
+        this.finish(step.reason);
+        return false;
+    }
+  }
+
+  /** Soft end: parse nothing more, let in-flight requests reply, then end the socket. */
+  private finish(reason: string): void {
+    if (this.state === "FINISHING" || this.state === "DEAD") return;
+    this.logger.debug({ reason }, "NBD connection finishing");
+    this.state = "FINISHING";
+    this.queue.clear();
+    this.pendingWrite = undefined;
+    this.endIfIdle();
+    this.updateReading();
+  }
+
+  private endIfIdle(): void {
+    if (this.inflightRequests > 0 || this.isEnding || this.socket.destroyed) return;
+    this.isEnding = true;
+    // Destroy once our replies are flushed: we do not wait for the client's FIN.
+    this.socket.end(() => this.socket.destroy());
+    this.socket.resume();
+  }
+
+  /** Hard disconnect after a protocol violation or a DoS-sized request. */
+  private die(reason: string): void {
+    this.logger.warn({ reason }, "NBD client disconnected");
+    this.destroy();
+  }
+
+  private updateReading(): void {
+    const shouldRead =
+      this.state === "FINISHING" ? this.isEnding : this.state !== "DEAD" && !this.isBlocked();
+    if (shouldRead && this.isReadingPaused) {
+      this.isReadingPaused = false;
+      this.socket.resume();
+    } else if (!shouldRead && !this.isReadingPaused) {
+      this.isReadingPaused = true;
+      this.socket.pause();
+    }
+  }
+
+  private isBlocked(): boolean {
+    return this.state === "RECV_REQUEST_HEADER" && !this.canStartRequest();
+  }
+}
+
+function uncorkTick(connection: NbdConnection): void {
+  connection.uncork();
+}

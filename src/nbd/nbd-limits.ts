@@ -1,0 +1,60 @@
+/**
+ * Every bound of the NBD face, named once. A client may cost the server at most these amounts of memory
+ * and time; past them it gets an error or loses its connection (never the daemon). Relations between the
+ * limits are asserted at module load.
+ */
+import { assert } from "../util/assert.js";
+
+/** Largest READ or WRITE payload (also advertised as the maximum block size); the spec's 32 MiB. */
+export const requestLengthBytesMaxDefault = 32 * 1024 * 1024;
+/**
+ * A WRITE longer than the maximum is refused with EINVAL, but its payload must still be read or the stream
+ * desyncs. Like nbdkit we swallow (discard without buffering) up to twice the maximum, and disconnect a
+ * client that announces more.
+ */
+export const writeSkipFactorMax = 2;
+/** Requests in flight per connection; beyond it the server stops reading that socket. */
+export const inflightRequestsMaxDefault = 64;
+/**
+ * READ and WRITE bytes in flight per connection (buffers we hold). One request is always admitted, so
+ * a single request of the maximum size still goes through.
+ */
+export const inflightBytesMax = 64 * 1024 * 1024;
+/**
+ * Reply bytes queued in a socket beyond which write() returns false and the connection parses no new
+ * request until 'drain' (the sockets' writable high-water mark). Large enough to batch a tick of small
+ * replies into one writev, small enough that a client that does not read costs little.
+ */
+export const replyQueueBytesMax = 1024 * 1024;
+/** Parsing resumes when a completed write leaves fewer queued reply bytes than this. */
+export const replyQueueBytesLow = replyQueueBytesMax / 2;
+export const connectionsMaxDefault = 256;
+/** Options per handshake, as nbdkit's MAX_NR_OPTIONS; then the connection is dropped. */
+export const optionsPerHandshakeMax = 32;
+/** Option payloads we read into memory; larger ones are skipped and answered NBD_REP_ERR_TOO_BIG. */
+export const optionPayloadBytesMax = 64 * 1024;
+/** Option payloads larger than this are not even skipped: the client is dropped. */
+export const optionPayloadSkipBytesMax = 64 * 1024 * 1024;
+/** Export names, context names and queries (the spec's MUST). */
+export const stringBytesMax = 4096;
+/** Extents in one NBD_REPLY_TYPE_BLOCK_STATUS chunk (the spec allows up to 2^20). */
+export const extentsPerReplyMax = 64 * 1024;
+/** A client that does not finish the handshake within this time is dropped. */
+export const handshakeTimeoutMs = 30_000;
+/** close(): how long in-flight requests may take before the sockets are destroyed. */
+export const closeTimeoutMsDefault = 5_000;
+/** Recycled READ reply buffers kept by one server (buffer-pool.ts), and the smallest size worth it. */
+export const replyBufferPoolBytesMax = 64 * 1024 * 1024;
+export const replyBufferPooledBytesMin = 4096;
+/** Zero extents shorter than this are sent as data in structured reads (not worth a chunk). */
+export const holeChunkBytesMin = 4096;
+/** Advertised block sizes: minimum 1 (byte-granular) and preferred 4 KiB. */
+export const blockSizeMinimumBytes = 1;
+export const blockSizePreferredBytes = 4096;
+
+assert(requestLengthBytesMaxDefault >= 1024 * 1024, "the spec wants a maximum payload of at least 1 MiB");
+assert(inflightBytesMax >= requestLengthBytesMaxDefault, "one request of the maximum size must fit");
+assert(optionPayloadBytesMax >= 4 + stringBytesMax + 2, "an INFO/GO with a maximal name must fit");
+assert(optionPayloadSkipBytesMax >= optionPayloadBytesMax);
+assert(extentsPerReplyMax <= 2 ** 20, "the spec caps one status chunk at 2^20 extents");
+assert(blockSizePreferredBytes >= 512 && blockSizePreferredBytes <= requestLengthBytesMaxDefault);

@@ -1,0 +1,185 @@
+/**
+ * NbdServer: the NBD face of blocksnap. It listens on Unix sockets, TCP (TCP_NODELAY) and inherited file
+ * descriptors (systemd-style socket activation on fd 3), and serves the exports of an ExportSource, looked
+ * up by name at NBD_OPT_GO / NBD_OPT_INFO / NBD_OPT_EXPORT_NAME time. Each client is an NbdConnection;
+ * the server only accepts, counts and shuts down.
+ *
+ * Bounds: connectionsMax clients (more are closed at accept, with a log line); per connection the limits
+ * of nbd-limits.ts. Shutdown: close() stops accepting, lets in-flight requests finish (answering requests
+ * that arrive meanwhile with ESHUTDOWN), ends every socket, and destroys what is left after closeTimeoutMs.
+ *
+ * Not done: TLS, extended headers, exit-with-parent (the daemon watches its parent).
+ */
+import * as fs from "node:fs";
+import * as net from "node:net";
+import type { ExportSource } from "../block/export-source.js";
+import { assert } from "../util/assert.js";
+import type { Logger } from "../util/logger.js";
+import { silentLogger } from "../util/logger.js";
+import { BufferPool } from "./buffer-pool.js";
+import type { NbdConnectionStats } from "./nbd-connection.js";
+import { NbdConnection } from "./nbd-connection.js";
+import {
+  blockSizePreferredBytes,
+  closeTimeoutMsDefault,
+  connectionsMaxDefault,
+  inflightRequestsMaxDefault,
+  replyBufferPoolBytesMax,
+  replyBufferPooledBytesMin,
+  replyQueueBytesMax,
+  requestLengthBytesMaxDefault,
+} from "./nbd-limits.js";
+
+export interface NbdServerOptions {
+  readonly logger?: Logger; // default silentLogger
+  readonly connectionsMax?: number; // default 256 (more are closed at accept, with a log line)
+  readonly requestLengthBytesMax?: number; // default 32 MiB (advertised as max block size)
+  readonly inflightRequestsMax?: number; // per connection, default 64; beyond it the server stops reading
+  /** How long close() lets in-flight requests run before destroying the sockets; default 5000. */
+  readonly closeTimeoutMs?: number;
+}
+
+export class NbdServer {
+  private readonly source: ExportSource;
+  private readonly logger: Logger;
+  private readonly connectionsMax: number;
+  private readonly requestLengthBytesMax: number;
+  private readonly inflightRequestsMax: number;
+  private readonly closeTimeoutMs: number;
+  private readonly listeners: net.Server[] = [];
+  private readonly connections = new Set<NbdConnection>();
+  private readonly pool = new BufferPool({
+    pooledBytesMax: replyBufferPoolBytesMax,
+    bufferBytesMin: replyBufferPooledBytesMin,
+  });
+  private closing: Promise<void> | undefined;
+
+  constructor(source: ExportSource, options: NbdServerOptions = {}) {
+    this.source = source;
+    this.logger = options.logger ?? silentLogger;
+    this.connectionsMax = options.connectionsMax ?? connectionsMaxDefault;
+    this.requestLengthBytesMax = options.requestLengthBytesMax ?? requestLengthBytesMaxDefault;
+    this.inflightRequestsMax = options.inflightRequestsMax ?? inflightRequestsMaxDefault;
+    this.closeTimeoutMs = options.closeTimeoutMs ?? closeTimeoutMsDefault;
+    assert(Number.isSafeInteger(this.connectionsMax) && this.connectionsMax >= 1, "connectionsMax >= 1");
+    assert(
+      Number.isSafeInteger(this.requestLengthBytesMax) &&
+        this.requestLengthBytesMax >= blockSizePreferredBytes &&
+        this.requestLengthBytesMax <= 0xffff_ffff,
+      "requestLengthBytesMax must be between the preferred block size and 2^32 - 1",
+    );
+    assert(Number.isSafeInteger(this.inflightRequestsMax) && this.inflightRequestsMax >= 1);
+    assert(Number.isFinite(this.closeTimeoutMs) && this.closeTimeoutMs >= 0);
+  }
+
+  /** Listens on a Unix socket; a stale socket file at `path` is removed first. */
+  async listenUnix(path: string): Promise<void> {
+    removeStaleSocket(path);
+    await this.listen({ path });
+  }
+
+  /** Listens on TCP; port 0 picks an ephemeral port. Returns the address actually bound. */
+  async listenTcp(host: string, port: number): Promise<{ host: string; port: number }> {
+    const server = await this.listen({ host, port });
+    const address = server.address() as net.AddressInfo;
+    return { host: address.address, port: address.port };
+  }
+
+  /** Serves an inherited listening socket (systemd socket activation passes it as fd 3). */
+  async listenFd(fd: number): Promise<void> {
+    await this.listen({ fd });
+  }
+
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  /** Per-connection counters (in-flight requests, queued reply bytes, paused reading) for tests and status. */
+  connectionStats(): NbdConnectionStats[] {
+    return [...this.connections].map((connection) => connection.stats);
+  }
+
+  close(): Promise<void> {
+    this.closing ??= this.closeNow();
+    return this.closing;
+  }
+
+  private async closeNow(): Promise<void> {
+    const listenersClosed = this.listeners.map(
+      (server) => new Promise<void>((resolve) => server.close(() => resolve())),
+    );
+    for (const connection of this.connections) connection.beginShutdown();
+    const allClosed = () => Promise.all([...this.connections].map((connection) => connection.closed));
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, this.closeTimeoutMs);
+    });
+    await Promise.race([allClosed(), timedOut]);
+    clearTimeout(timer);
+    if (this.connections.size > 0) {
+      this.logger.warn(
+        { connections: this.connections.size },
+        "NBD requests still running at the close timeout; destroying their connections",
+      );
+      for (const connection of this.connections) connection.destroy();
+      await allClosed();
+    }
+    await Promise.all(listenersClosed);
+  }
+
+  private listen(options: net.ListenOptions | { readonly fd: number }): Promise<net.Server> {
+    if (this.closing) return Promise.reject(new Error("NbdServer is closed"));
+    const server = net.createServer(
+      { allowHalfOpen: true, noDelay: true, highWaterMark: replyQueueBytesMax },
+      (socket) => this.accept(socket),
+    );
+    return new Promise((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(options, () => {
+        server.off("error", reject);
+        server.on("error", (error) => this.logger.error({ err: error }, "NBD listener error"));
+        this.listeners.push(server);
+        resolve(server);
+      });
+    });
+  }
+
+  private accept(socket: net.Socket): void {
+    if (this.closing) {
+      socket.destroy();
+      return;
+    }
+    if (this.connections.size >= this.connectionsMax) {
+      this.logger.warn(
+        { connectionsMax: this.connectionsMax },
+        "NBD connection refused: too many connections",
+      );
+      socket.destroy();
+      return;
+    }
+    const connection = new NbdConnection(socket, {
+      source: this.source,
+      logger: this.logger,
+      requestLengthBytesMax: this.requestLengthBytesMax,
+      inflightRequestsMax: this.inflightRequestsMax,
+      pool: this.pool,
+    });
+    this.connections.add(connection);
+    this.logger.debug({ connections: this.connections.size }, "NBD client connected");
+    connection.closed.then(() => {
+      this.connections.delete(connection);
+      this.logger.debug({ connections: this.connections.size }, "NBD client disconnected");
+    });
+  }
+}
+
+function removeStaleSocket(path: string): void {
+  let stat: fs.Stats;
+  try {
+    stat = fs.lstatSync(path);
+  } catch {
+    return;
+  }
+  // Only a socket is ours to remove; anything else at that path makes listen() fail with EADDRINUSE.
+  if (stat.isSocket()) fs.unlinkSync(path);
+}

@@ -1,0 +1,127 @@
+/**
+ * CBT through the real binary, checked against a model of blksnap's maps (ARCHITECTURE.md §3): over
+ * several takes, the map read while a snapshot is held does not change with later origin writes;
+ * changes_number rises by one per take; blocks written in round k carry k+1 in the next map; mark-dirty
+ * raises the blocks it covers now and in the next map; a daemon restart starts a new generation.
+ */
+import assert from "node:assert/strict";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, test } from "node:test";
+import type { CbtInfo } from "../../src/engine/engine-types.js";
+import { DaemonProcess, hasTool, runCommand } from "./cli-harness.js";
+
+const blockSizeBytes = 64 * 1024;
+const blockCount = 64;
+const roundsCount = 4;
+let directory = "";
+let stateDir = "";
+let daemon: DaemonProcess;
+
+before(async () => {
+  directory = await mkdtemp(join(tmpdir(), "blocksnap-cli-cbt-"));
+  stateDir = join(directory, "state");
+  daemon = await DaemonProcess.start(stateDir);
+});
+
+after(async () => {
+  await daemon?.stop();
+  await rm(directory, { recursive: true, force: true });
+});
+
+async function readMap(name: string, round: number, suffix: string): Promise<Uint8Array> {
+  const out = join(directory, `map-${round}-${suffix}`);
+  await daemon.cliOk(["cbt", "read", name, "--out", out]);
+  return new Uint8Array(await readFile(out));
+}
+
+async function writeBlocks(name: string, blockIndexes: readonly number[]): Promise<void> {
+  const uri = `nbd+unix:///${name}?socket=${daemon.nbdSocket}`;
+  const commands = blockIndexes.flatMap((blockIndex) => [
+    "-c",
+    `write -P ${blockIndex + 1} ${blockIndex * blockSizeBytes + 512} 4096`,
+  ]);
+  const result = await runCommand("qemu-io", ["-f", "raw", uri, ...commands]);
+  assert.equal(result.code, 0, result.stdout + result.stderr);
+}
+
+void test("CBT maps across takes, mark-dirty, and a restart", async (t) => {
+  if (!hasTool("qemu-io")) return t.skip("needs qemu-io (qemu-utils)");
+  await daemon.cliOk([
+    "device",
+    "add",
+    "c0",
+    "--backend",
+    join(directory, "c0.img"),
+    "--size",
+    "4M",
+    "--cbt-block-size",
+    "64K",
+  ]);
+  const initial = await daemon.cliJson<CbtInfo>(["cbt", "info", "c0"]);
+  assert.deepEqual(
+    { ...initial, generationId: "" },
+    {
+      blockSizeBytes,
+      deviceSizeBytes: blockCount * blockSizeBytes,
+      blockCount,
+      generationId: "",
+      changesNumber: 0,
+    },
+  );
+  const human = await daemon.cliOk(["cbt", "info", "c0"]);
+  assert.match(human, /^block size:\s+65536$/m);
+  assert.match(human, new RegExp(`^generation id:\\s+${initial.generationId}$`, "m"));
+
+  // The model: blksnap's read map after take k holds, per block, the round of its last write + 1, where
+  // round r is the time between take r and take r+1 (round 0: before the first take).
+  const readModel = new Uint8Array(blockCount);
+  const writeModel = new Uint8Array(blockCount);
+  await writeBlocks("c0", [0, 63]);
+  writeModel[0] = writeModel[63] = 1;
+
+  for (let take = 1; take <= roundsCount; take++) {
+    const id = (
+      await daemon.cliOk(["snapshot", "create", "--storage", "memory:", "--limit", "16M", "--device", "c0"])
+    ).trim();
+    await daemon.cliOk(["snapshot", "take", id]);
+    readModel.set(writeModel);
+
+    const info = await daemon.cliJson<CbtInfo>(["cbt", "info", "c0"]);
+    assert.equal(info.changesNumber, take);
+    assert.equal(info.generationId, initial.generationId);
+    const held = await readMap("c0", take, "held");
+    assert.deepEqual(held, readModel, `map after take ${take}`);
+
+    // Round `take`: writes set the live map to take + 1, never the map just read.
+    const written = [take, take + 10, take + 20, (take * 7) % blockCount];
+    await writeBlocks("c0", written);
+    for (const blockIndex of written) writeModel[blockIndex] = take + 1;
+    if (take === 2) {
+      // Blocks 40..42 (partly covered ranges mark whole blocks): now `take`, in the next map `take + 1`.
+      await daemon.cliOk([
+        "cbt",
+        "mark-dirty",
+        "c0",
+        "--range",
+        `${40 * 64}K:64K`,
+        "--range",
+        `${41 * 64 + 1}K:${64 + 62}K`,
+      ]);
+      for (const blockIndex of [40, 41, 42]) {
+        readModel[blockIndex] = Math.max(readModel[blockIndex]!, take);
+        writeModel[blockIndex] = take + 1;
+      }
+    }
+    assert.deepEqual(await readMap("c0", take, "after-writes"), readModel, `map during round ${take}`);
+    await daemon.cliOk(["snapshot", "destroy", id]);
+  }
+
+  assert.equal((await daemon.stop()).code, 0);
+  daemon = await DaemonProcess.start(stateDir);
+  const restarted = await daemon.cliJson<CbtInfo>(["cbt", "info", "c0"]);
+  assert.notEqual(restarted.generationId, initial.generationId);
+  assert.equal(restarted.changesNumber, 0);
+  assert.equal(restarted.blockSizeBytes, blockSizeBytes);
+});
