@@ -86,3 +86,37 @@ test("the package's main export is the Engine", async () => {
   const main = (await import("blocksnap")) as { Engine?: unknown };
   assert.equal(main.Engine, Engine);
 });
+
+test("Engine: a take whose storage cannot hold one chunk fails with ENOSPC, thaws, and can be destroyed", async () => {
+  const thawed: Array<Error | null> = [];
+  const freezer: Freezer = {
+    async freeze() {
+      return {
+        async thaw(takeError) {
+          thawed.push(takeError);
+          return { frozen: [], preTake: null, postTake: null };
+        },
+      };
+    },
+  };
+  const engine = new Engine({ freezer });
+  await engine.addDevice({ name: "disk0", backendPath: "memory:", sizeBytes: MiB });
+  const { id } = await engine.createSnapshot({
+    storage: "memory:",
+    limitBytes: 16 * 1024,
+    chunkSizeBytes: 64 * 1024,
+    growthPortionBytes: 64 * 1024,
+    devices: ["disk0"],
+  });
+  await assert.rejects(
+    engine.takeSnapshot(id),
+    (e: unknown) => e instanceof BlockError && e.errno === "ENOSPC",
+  );
+  assert.equal(thawed.length, 1);
+  assert.ok(thawed[0] instanceof BlockError);
+  assert.equal(engine.snapshotInfo(id).state, "created");
+  assert.equal(engine.tracker("disk0").isHeld, false);
+  await engine.findExport("disk0")!.device.write(0, pattern(4096, 3));
+  await engine.destroySnapshot(id);
+  await engine.close();
+});

@@ -149,6 +149,12 @@ export class Snapshot {
 
   private async switchAll(): Promise<void> {
     if (this.phase !== "created") throw new BlockError("ESRCH", `Snapshot ${this.id} was destroyed`);
+    if (!this.storage.canHold(this.chunkSizeBytes)) {
+      throw new BlockError(
+        "ENOSPC",
+        `Cannot take snapshot ${this.id}: its difference storage cannot hold a single ${this.chunkSizeBytes}-byte chunk`,
+      );
+    }
     this.phase = "taking";
     const members = [...this.members.values()];
     for (const member of members) {

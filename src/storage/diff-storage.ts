@@ -20,7 +20,7 @@
 import { BlockError } from "../block/errors.js";
 import type { StorageInfo } from "../engine/engine-types.js";
 import { assert } from "../util/assert.js";
-import { StorageArea } from "./storage-area.js";
+import { regionAlignmentFor, StorageArea } from "./storage-area.js";
 
 export const growthPortionBytesDefault = 64 * 1024 * 1024;
 
@@ -96,6 +96,17 @@ export class DiffStorage {
       capacityBytes: this.capacityBytes,
       limitBytes: this.limitBytes,
     };
+  }
+
+  /** Whether one region of `lengthBytes` fits now or after growth (checked at take, like blksnap's EFAULT). */
+  canHold(lengthBytes: number): boolean {
+    if (this.closed) return false;
+    if (this.areas.some((area) => area.fits(lengthBytes))) return true;
+    const first = this.areas[0];
+    assert(first);
+    return (
+      first.growable && this.limitBytes - this.capacityBytes >= lengthBytes + regionAlignmentFor(lengthBytes)
+    );
   }
 
   /** Reserves a region; throws ENOSPC when neither free space nor growth can hold it. */

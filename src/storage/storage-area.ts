@@ -109,6 +109,11 @@ export class StorageArea {
     return Math.max(0, this.capacityBytes - this.filledBytes);
   }
 
+  /** Whether `lengthBytes` fits at the next aligned offset. */
+  fits(lengthBytes: number): boolean {
+    return alignUp(this.filledBytes, regionAlignmentFor(lengthBytes)) + lengthBytes <= this.capacityBytes;
+  }
+
   /** Reserves `lengthBytes` at the next aligned offset, or returns undefined when it does not fit. */
   tryAllocate(lengthBytes: number): number | undefined {
     assert(lengthBytes > 0);
