@@ -1,29 +1,39 @@
 /**
  * The benchmark's blocksnap NBD server, in its own process so that it does not share an event loop with
- * the clients: serves one file (FileBackend, read-write) as the default export "" on a Unix socket.
- * Usage: node dist/bench/nbd/bench-server.js FILE SOCKET. Prints "ready" once listening; SIGTERM stops it.
+ * the clients. It runs the real stack: Engine → Tracker (CBT + copy-before-write) → CheckedDevice → NBD,
+ * with FILE as origin device "disk". With `--snapshot DIR` it also takes a snapshot (64 KiB chunks,
+ * difference storage in a temp file in DIR) and serves its image "disk@<id>".
+ * Usage: node dist/bench/nbd/bench-server.js FILE SOCKET [--snapshot DIR]
+ * Prints "ready <image export name or ->" once listening; SIGTERM stops it.
  */
-import { FileBackend } from "../../src/backends/file-backend.js";
-import { CheckedDevice } from "../../src/block/checked-device.js";
-import { StaticExportSource } from "../../src/block/export-source.js";
+import { Engine } from "../../src/engine/engine.js";
 import { NbdServer } from "../../src/nbd/nbd-server.js";
 
-const [filePath, socketPath] = process.argv.slice(2);
-if (filePath === undefined || socketPath === undefined) {
-  console.error("usage: bench-server FILE SOCKET");
+const [filePath, socketPath, flag, storageDirectory] = process.argv.slice(2);
+if (filePath === undefined || socketPath === undefined || (flag !== undefined && flag !== "--snapshot")) {
+  console.error("usage: bench-server FILE SOCKET [--snapshot DIR]");
   process.exit(2);
 }
-const backend = FileBackend.open(filePath);
-const source = new StaticExportSource([
-  { name: "", description: "bench", device: new CheckedDevice(backend), readOnly: false },
-]);
-const server = new NbdServer(source);
+const engine = new Engine();
+await engine.addDevice({ name: "disk", backendPath: filePath });
+let imageName = "-";
+if (flag === "--snapshot" && storageDirectory !== undefined) {
+  const { id } = await engine.createSnapshot({
+    storage: storageDirectory,
+    limitBytes: 64 * 2 ** 30,
+    chunkSizeBytes: 64 * 1024,
+    devices: ["disk"],
+  });
+  await engine.takeSnapshot(id);
+  imageName = `disk@${id}`;
+}
+const server = new NbdServer(engine);
 await server.listenUnix(socketPath);
-console.log("ready");
+console.log(`ready ${imageName}`);
 const stop = () => {
   server
     .close()
-    .then(() => backend.close())
+    .then(() => engine.close())
     .then(() => process.exit(0));
 };
 process.on("SIGTERM", stop);

@@ -24,7 +24,10 @@ interface Options {
 
 interface Server {
   readonly name: string;
+  /** The export measured: our origin, or with a snapshot its image; the peers' only export. */
   readonly uri: string;
+  /** The origin export (differs from `uri` only for our snapshot server). */
+  readonly originUri?: string;
   stop(): Promise<void>;
 }
 
@@ -102,13 +105,26 @@ async function pageCacheReport(path: string): Promise<string> {
   return `${resident} of ${size} bytes resident (${((100 * (resident ?? 0)) / (size ?? 1)).toFixed(1)}%)`;
 }
 
-async function startOurs(file: string, directory: string): Promise<Server> {
-  const socket = join(directory, "blocksnap.sock");
-  const child = spawn(process.execPath, [join(here, "bench-server.js"), file, socket], { stdio: "ignore" });
-  await waitForSocket(socket, child);
+/** Our server on the full stack; with `snapshot`, a held snapshot whose image is `uri`'s export. */
+async function startOurs(file: string, directory: string, snapshot: boolean): Promise<Server> {
+  const socket = join(directory, snapshot ? "blocksnap-snapshot.sock" : "blocksnap.sock");
+  fs.rmSync(socket, { force: true });
+  const args = [join(here, "bench-server.js"), file, socket, ...(snapshot ? ["--snapshot", directory] : [])];
+  const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "inherit"] });
+  const imageName = await new Promise<string>((resolve, reject) => {
+    let output = "";
+    child.stdout?.on("data", (chunk: Buffer) => {
+      output += chunk.toString("utf8");
+      const match = /^ready (\S+)$/m.exec(output);
+      if (match?.[1]) resolve(match[1]);
+    });
+    child.once("exit", (code) => reject(new Error(`bench-server exited with ${code}`)));
+  });
+  const exportName = snapshot ? imageName : "disk";
   return {
     name: "blocksnap",
-    uri: `nbd+unix:///?socket=${socket}`,
+    uri: `nbd+unix:///${encodeURIComponent(exportName)}?socket=${socket}`,
+    originUri: `nbd+unix:///disk?socket=${socket}`,
     stop: async () => {
       child.kill("SIGTERM");
       await new Promise((resolve) => child.once("exit", resolve));
@@ -247,47 +263,71 @@ function repositoryRoot(): string {
   return process.cwd();
 }
 
+type Target = "origin" | "image" | "origin with snapshot held";
+
+interface BenchTest {
+  readonly test: string;
+  readonly unit: string;
+  /** Which blocksnap export the row measures; peers always serve the plain file. */
+  readonly target: Target;
+  readonly run: (uri: string) => Promise<number>;
+}
+
 async function main(): Promise<void> {
   const options = parseOptions(process.argv.slice(2));
   const file = await prepareFile(options);
   const cacheBefore = await pageCacheReport(file);
-  const servers: Server[] = [];
   const measurements: Measurement[] = [];
+  const fioTest = (test: string, job: FioJob, unit: string, target: Target): BenchTest => ({
+    test,
+    unit,
+    target,
+    run: async (uri: string) => {
+      const result = await fio(uri, job, options);
+      return unit === "IOPS" ? result.iops : result.mibPerSecond;
+    },
+  });
+  const tests: BenchTest[] = [
+    {
+      test: `nbdcopy ${options.sizeMib} MiB to null:`,
+      unit: "s",
+      target: "image",
+      run: (uri) => nbdcopySeconds(uri),
+    },
+    fioTest("fio randread 4 KiB QD32", { rw: "randread", bs: "4k", iodepth: 32 }, "IOPS", "origin"),
+    fioTest("fio randread 4 KiB QD1", { rw: "randread", bs: "4k", iodepth: 1 }, "IOPS", "origin"),
+    fioTest("fio randwrite 4 KiB QD32", { rw: "randwrite", bs: "4k", iodepth: 32 }, "IOPS", "origin"),
+    fioTest("fio write 256 KiB QD16", { rw: "write", bs: "256k", iodepth: 16 }, "MiB/s", "origin"),
+    fioTest(
+      "fio randwrite 4 KiB QD32, snapshot held (64 KiB chunks, first touch)",
+      { rw: "randwrite", bs: "4k", iodepth: 32 },
+      "IOPS",
+      "origin with snapshot held",
+    ),
+  ];
+  const peers: Server[] = [];
   try {
-    servers.push(await startOurs(file, options.directory));
-    servers.push(await startNbdkit(file, options.directory));
-    servers.push(await startQemuNbd(file, options.directory));
-    const tests: Array<{ test: string; unit: string; run: (uri: string) => Promise<number> }> = [
-      { test: `nbdcopy ${options.sizeMib} MiB to null:`, unit: "s", run: (uri) => nbdcopySeconds(uri) },
-      ...(
-        [
-          ["fio randread 4 KiB QD32", { rw: "randread", bs: "4k", iodepth: 32 }, "IOPS"],
-          ["fio randread 4 KiB QD1", { rw: "randread", bs: "4k", iodepth: 1 }, "IOPS"],
-          ["fio randwrite 4 KiB QD32", { rw: "randwrite", bs: "4k", iodepth: 32 }, "IOPS"],
-          ["fio write 256 KiB QD16", { rw: "write", bs: "256k", iodepth: 16 }, "MiB/s"],
-        ] as const
-      ).map(([test, job, unit]) => ({
-        test,
-        unit,
-        run: async (uri: string) => {
-          const result = await fio(uri, job, options);
-          return unit === "IOPS" ? result.iops : result.mibPerSecond;
-        },
-      })),
-    ];
+    peers.push(await startNbdkit(file, options.directory));
+    peers.push(await startQemuNbd(file, options.directory));
     for (const entry of tests) {
       const values = new Map<string, number>();
-      for (const server of servers) {
-        values.set(server.name, await entry.run(server.uri));
-        console.error(
-          `${entry.test}: ${server.name} ${format(values.get(server.name)!, entry.unit)} ${entry.unit}`,
-        );
+      // A fresh server of ours per row: the image row and the held-snapshot row start from a new snapshot.
+      const ours = await startOurs(file, options.directory, entry.target !== "origin");
+      try {
+        const uri = entry.target === "origin with snapshot held" ? ours.originUri! : ours.uri;
+        values.set(ours.name, await entry.run(uri));
+      } finally {
+        await ours.stop();
       }
-      measurements.push({ test: entry.test, unit: entry.unit, values });
+      for (const server of peers) values.set(server.name, await entry.run(server.uri));
+      for (const [name, value] of values)
+        console.error(`${entry.test}: ${name} ${format(value, entry.unit)} ${entry.unit}`);
+      measurements.push({ test: `${entry.test} [ours: ${entry.target}]`, unit: entry.unit, values });
     }
   } finally {
-    for (const server of servers) await server.stop();
+    for (const server of peers) await server.stop();
   }
+  const servers = ["blocksnap", ...peers.map((server) => server.name)];
   const cacheAfter = await pageCacheReport(file);
   const versions = await Promise.all([
     exec("nbdkit", ["--version"]).then((result) => result.stdout.trim()),
@@ -303,12 +343,11 @@ async function main(): Promise<void> {
     `File: ${options.sizeMib} MiB of random data, page cache before: ${cacheBefore}, after: ${cacheAfter}.`,
     `Unix sockets; fio runs of ${options.runtimeSeconds} s, one job (one connection); nbdcopy with its defaults` +
       " (multi-conn), median of 3 runs after a warm-up run.",
-    "Ratios: blocksnap relative to the peer, above 1× means blocksnap is faster.",
+    "Ratios: blocksnap relative to the peer, above 1× means blocksnap is faster. blocksnap runs its full stack" +
+      " (Engine, Tracker with CBT, CheckedDevice, NBD); [ours: …] names the export measured — the image of a" +
+      " freshly taken snapshot, or the origin, plain or with a snapshot held. The peers serve the plain file.",
     "",
-    table(
-      measurements,
-      servers.map((server) => server.name),
-    ),
+    table(measurements, servers),
     "",
   ].join("\n");
   console.log(markdown);

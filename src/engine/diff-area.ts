@@ -11,8 +11,7 @@
  * absent chunk, held while the chunk is read from the origin and written to the storage; (2) an image read
  * of an absent chunk, held while it reads the origin, so an origin write to that chunk waits and the image
  * can never see post-snapshot bytes; (3) an image write, held for the whole read-modify-write. Reads of
- * stored chunks take no lock: a stored location never changes. Each lock guards one chunk only and no
- * task holds two locks, so there is no lock order to get wrong.
+ * stored chunks take no lock: a stored location never changes.
  *
  * Failure policy: `break-snapshot` (default) marks the chunk failed, corrupts the area (first errno wins,
  * one `corrupted` event) and lets the origin write proceed; `fail-origin-write` leaves the chunk absent
@@ -20,8 +19,11 @@
  * fails with EIO. An image write that finds the storage full fails with ENOSPC and leaves the snapshot
  * valid (blksnap corrupts it; refusing the one write loses nothing).
  *
+ * Reads of neighbouring absent chunks are merged into one origin read under all their locks, taken in
+ * ascending order (the only place that holds more than one lock; see readOriginRun).
+ *
  * Not done yet: chunks are not cached in RAM (each image read of a stored chunk reads the storage; the
- * page cache serves it), and reads of neighbouring absent chunks are not merged into one origin read.
+ * page cache serves it).
  */
 
 import type { BlockDevice } from "../block/device.js";
@@ -29,7 +31,7 @@ import { BlockError, type Errno, toBlockError } from "../block/errors.js";
 import type { DiffStorage, StorageLocation } from "../storage/diff-storage.js";
 import { assert } from "../util/assert.js";
 import { KeyedMutex } from "../util/keyed-mutex.js";
-import { ChunkGeometry } from "./chunk-geometry.js";
+import { ChunkGeometry, type ChunkPiece } from "./chunk-geometry.js";
 import type { OnCowError } from "./engine-types.js";
 
 const failedChunk = "failed" as const;
@@ -173,15 +175,26 @@ export class DiffArea {
     this.checkUsable();
     this.enter();
     try {
-      const pieces: Promise<void>[] = [];
+      const reads: Promise<void>[] = [];
+      // Consecutive chunks still on the origin are read with one origin read under all their locks.
+      let run: ChunkPiece[] = [];
       for (const piece of this.geometry.pieces(offsetBytes, target.byteLength)) {
+        const entry = this.chunks.get(piece.chunkIndex);
+        if (entry === failedChunk) throw this.usableError();
+        if (entry === undefined) {
+          run.push(piece);
+          continue;
+        }
+        if (run.length > 0) reads.push(this.readOriginRun(run, target));
+        run = [];
         const pieceTarget = target.subarray(
           piece.pieceOffsetBytes,
           piece.pieceOffsetBytes + piece.lengthBytes,
         );
-        pieces.push(this.readPiece(piece.chunkIndex, piece.inChunkBytes, pieceTarget));
+        reads.push(this.storage.read(entry, piece.inChunkBytes, pieceTarget));
       }
-      await settleAll(pieces);
+      if (run.length > 0) reads.push(this.readOriginRun(run, target));
+      await settleAll(reads);
       // Never return data read across a destroy or corruption: the caller gets EIO instead.
       this.checkUsable();
     } finally {
@@ -189,21 +202,44 @@ export class DiffArea {
     }
   }
 
-  private async readPiece(chunkIndex: number, inChunkBytes: number, target: Uint8Array): Promise<void> {
-    const entry = this.chunks.get(chunkIndex);
-    if (entry === failedChunk) throw this.usableError();
-    if (entry) {
-      await this.storage.read(entry, inChunkBytes, target);
-      return;
-    }
-    const release = await this.locks.lock(chunkIndex);
+  /**
+   * Reads adjacent pieces whose chunks were absent. Locks are taken in ascending chunk order (every other
+   * lock holder holds a single lock, so this cannot deadlock); a chunk stored meanwhile is read from the
+   * storage instead.
+   */
+  private async readOriginRun(run: readonly ChunkPiece[], target: Uint8Array): Promise<void> {
+    const releases: Array<() => void> = [];
     try {
-      const lockedEntry = this.chunks.get(chunkIndex);
-      if (lockedEntry === failedChunk) throw this.usableError();
-      if (lockedEntry) await this.storage.read(lockedEntry, inChunkBytes, target);
-      else await this.origin.read(this.geometry.chunkStartBytes(chunkIndex) + inChunkBytes, target);
+      for (const piece of run) releases.push(await this.locks.lock(piece.chunkIndex));
+      const first = run[0];
+      const last = run[run.length - 1];
+      assert(first && last);
+      const allAbsent = run.every((piece) => !this.chunks.has(piece.chunkIndex));
+      if (allAbsent) {
+        const startBytes = this.geometry.chunkStartBytes(first.chunkIndex) + first.inChunkBytes;
+        const lengthBytes = last.pieceOffsetBytes + last.lengthBytes - first.pieceOffsetBytes;
+        const runTarget = target.subarray(first.pieceOffsetBytes, first.pieceOffsetBytes + lengthBytes);
+        await this.origin.read(startBytes, runTarget);
+        return;
+      }
+      await settleAll(
+        run.map(async (piece) => {
+          const pieceTarget = target.subarray(
+            piece.pieceOffsetBytes,
+            piece.pieceOffsetBytes + piece.lengthBytes,
+          );
+          const entry = this.chunks.get(piece.chunkIndex);
+          if (entry === failedChunk) throw this.usableError();
+          if (entry) await this.storage.read(entry, piece.inChunkBytes, pieceTarget);
+          else
+            await this.origin.read(
+              this.geometry.chunkStartBytes(piece.chunkIndex) + piece.inChunkBytes,
+              pieceTarget,
+            );
+        }),
+      );
     } finally {
-      release();
+      for (const release of releases) release();
     }
   }
 
