@@ -95,6 +95,7 @@ export function addServeCommand(program: Command): void {
           controlSocketPath,
           nbdSocketPath,
           nbdTcp,
+          nbdActivationFd: socketActivationFd(),
           fuse,
           version: packageVersion(),
           logger,
@@ -107,4 +108,15 @@ export function addServeCommand(program: Command): void {
       // The faces may leave handles (a FUSE worker, a lingering client socket): the daemon is done.
       process.exit(exitCode);
     });
+}
+
+/**
+ * systemd socket activation (sd_listen_fds): a listening socket passed as fd 3 when LISTEN_PID names this
+ * process and LISTEN_FDS ≥ 1 — how `nbdinfo -- [ blocksnap serve ]` and systemd .socket units start us.
+ */
+function socketActivationFd(): number | null {
+  const listenPid = process.env.LISTEN_PID;
+  const listenFds = Number.parseInt(process.env.LISTEN_FDS ?? "", 10);
+  if (listenPid !== String(process.pid) || !(listenFds >= 1)) return null;
+  return 3;
 }

@@ -31,6 +31,8 @@ export interface DaemonOptions {
   readonly nbdSocketPath: string | null;
   /** null: no NBD over TCP. Port 0 picks a free port (tests). */
   readonly nbdTcp: { readonly host: string; readonly port: number } | null;
+  /** A listening NBD socket inherited through systemd socket activation (fd 3), served in addition. */
+  readonly nbdActivationFd?: number | null;
   /** null: no FUSE. `required`: the mount was asked for explicitly, so failing to mount fails the start. */
   readonly fuse: { readonly mountDir: string; readonly required: boolean } | null;
   readonly version: string;
@@ -87,7 +89,8 @@ export class Daemon {
 
       let nbdServer: NbdServer | null = null;
       let nbdTcp: ExportAddresses["nbdTcp"] = null;
-      if (options.nbdSocketPath !== null || options.nbdTcp !== null) {
+      const activationFd = options.nbdActivationFd ?? null;
+      if (options.nbdSocketPath !== null || options.nbdTcp !== null || activationFd !== null) {
         const server = new NbdServer(engine, { logger });
         nbdServer = server;
         undo.push(() => server.close());
@@ -97,6 +100,10 @@ export class Daemon {
           undo.push(() => rm(socketPath, { force: true }));
         }
         if (options.nbdTcp !== null) nbdTcp = await listenNbdTcp(server, options.nbdTcp);
+        if (activationFd !== null) {
+          await server.listenFd(activationFd);
+          logger.info({ fd: activationFd }, "serving NBD on the socket-activation descriptor");
+        }
       }
 
       const fuseServer = await mountFuse(engine, options);
