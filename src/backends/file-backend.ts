@@ -160,23 +160,14 @@ export class FileBackend implements BlockDevice {
       return;
     }
     this.checkOpen();
-    let doneBytes = 0;
+    let doneBytes: number;
     try {
-      while (doneBytes < target.byteLength) {
-        const n = await readAsync(
-          this.fd,
-          target,
-          doneBytes,
-          target.byteLength - doneBytes,
-          offsetBytes + doneBytes,
-        );
-        if (n === 0) break;
-        doneBytes += n;
-      }
+      doneBytes = await readAsync(this.fd, target, 0, target.byteLength, offsetBytes);
     } catch (error) {
       throw toBlockError(error, `read ${this.path} at ${offsetBytes}`);
     }
-    if (doneBytes < target.byteLength) target.fill(0, doneBytes);
+    // A short read (end of file) is rare: finish it on the synchronous path, which also zero-fills.
+    if (doneBytes < target.byteLength) this.readSync(offsetBytes + doneBytes, target.subarray(doneBytes));
   }
 
   readSync(offsetBytes: number, target: Uint8Array): void {
@@ -202,27 +193,16 @@ export class FileBackend implements BlockDevice {
   }
 
   async write(offsetBytes: number, source: Uint8Array, flags?: WriteFlags): Promise<void> {
-    if (source.byteLength < asyncIoBytesMin) {
-      this.writeSync(offsetBytes, source);
-    } else {
+    let doneBytes = 0;
+    if (source.byteLength >= asyncIoBytesMin) {
       this.checkOpen();
-      let doneBytes = 0;
       try {
-        while (doneBytes < source.byteLength) {
-          const n = await writeAsync(
-            this.fd,
-            source,
-            doneBytes,
-            source.byteLength - doneBytes,
-            offsetBytes + doneBytes,
-          );
-          assert(n > 0, "write wrote nothing");
-          doneBytes += n;
-        }
+        doneBytes = await writeAsync(this.fd, source, 0, source.byteLength, offsetBytes);
       } catch (error) {
         throw toBlockError(error, `write ${this.path} at ${offsetBytes}`);
       }
     }
+    if (doneBytes < source.byteLength) this.writeSync(offsetBytes + doneBytes, source.subarray(doneBytes));
     if (flags?.fua) await this.flush();
   }
 
