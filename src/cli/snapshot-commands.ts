@@ -17,7 +17,7 @@ import {
   type StorageView,
   waitEventTimeoutMsMax,
 } from "../daemon/api-types.js";
-import type { SnapshotEvent, StorageInfo } from "../engine/engine-types.js";
+import type { SnapshotEvent, StorageInfo, TakeReport } from "../engine/engine-types.js";
 import { CliError } from "./cli-error.js";
 import { absolutePath, addCommonOptions, type CommonOptions, clientAction } from "./command-context.js";
 import type { ControlClient } from "./control-client.js";
@@ -101,22 +101,7 @@ export function snapshotInfoLines(view: SnapshotView): string[] {
     ["storage", formatStorage(view.storage)],
   ]);
   for (const path of view.storage.paths) lines.push(`  storage path: ${path}`);
-  const report = view.takeReport;
-  if (report !== null) {
-    for (const mount of report.frozen) {
-      lines.push(
-        `  frozen: ${mount.mountPoint} (${mount.fsType} on ${mount.loopDevice}, device ${mount.device}) for ${formatMs(mount.frozenMs)}`,
-      );
-    }
-    for (const [name, hook] of [
-      ["pre-take", report.preTake],
-      ["post-take", report.postTake],
-    ] as const) {
-      if (hook === null) continue;
-      const outcome = hook.timedOut ? "timed out" : `exit ${hook.exitCode ?? "?"}`;
-      lines.push(`  ${name} hook: ${outcome} after ${formatMs(hook.durationMs)}: ${hook.command}`);
-    }
-  }
+  lines.push(...hookLines(view.takeReport));
   for (const device of view.devices) {
     lines.push(`device ${device.name}:`);
     const fields: [string, string][] = [
@@ -124,12 +109,48 @@ export function snapshotInfoLines(view: SnapshotView): string[] {
       ["size", formatSize(device.sizeBytes)],
       ["chunks stored", `${device.chunksStored}`],
       ["error", device.error ?? "-"],
+      ...frozenFields(view, device.name),
     ];
     for (const uri of device.nbdUris) fields.push(["nbd", uri]);
     if (device.fusePath !== null) fields.push(["fuse", device.fusePath]);
     lines.push(...formatFields(fields, "  "));
   }
   return lines;
+}
+
+/** The pre-take and post-take hooks of the last take, when they were configured. */
+export function hookLines(report: TakeReport | null): string[] {
+  const lines: string[] = [];
+  if (report === null) return lines;
+  for (const [name, hook] of [
+    ["pre-take hook", report.preTake],
+    ["post-take hook", report.postTake],
+  ] as const) {
+    if (hook === null) continue;
+    const outcome = hook.timedOut ? "timed out" : `exit ${hook.exitCode ?? "?"}`;
+    lines.push(`${name}: ${outcome} after ${formatMs(hook.durationMs)}: ${hook.command}`);
+    const output = hook.output.trim();
+    if (output) for (const line of output.split("\n")) lines.push(`  | ${line}`);
+  }
+  return lines;
+}
+
+/** What take froze on one device: a `frozen` field per mount, with how long or why it failed. */
+export function frozenFields(view: SnapshotView, deviceName: string): [string, string][] {
+  const report = view.takeReport;
+  if (report === null) {
+    return view.takenAtMs === null ? [] : [["frozen", "- (taken without freezing)"]];
+  }
+  const mounts = report.frozen.filter((mount) => mount.device === deviceName);
+  if (mounts.length === 0) return [["frozen", "- (no mounted file system found)"]];
+  return mounts.map((mount) => [
+    "frozen",
+    `${mount.mountPoint} (${mount.fsType} on ${mount.loopDevice}) ${
+      mount.error === null
+        ? `for ${formatMs(mount.frozenMs)} (the freeze took ${formatMs(mount.freezeMs)})`
+        : `FAILED: ${mount.error}`
+    }`,
+  ]);
 }
 
 export function snapshotTable(snapshots: readonly SnapshotView[]): string[] {
@@ -264,8 +285,11 @@ export function addSnapshotCommands(program: Command): void {
         const view = await client.post<SnapshotView>(snapshotPath(id!, "/take"), body);
         if (json) return writeJson(view);
         writeLine(`taken ${view.id} (writes held ${formatMs(view.takeStallMs)})`);
-        for (const device of view.devices)
+        for (const line of hookLines(view.takeReport)) writeLine(line);
+        for (const device of view.devices) {
           writeLine(`  ${device.imageName ?? device.name}  ${device.nbdUris[0] ?? ""}`.trimEnd());
+          for (const line of formatFields(frozenFields(view, device.name), "    ")) writeLine(line);
+        }
       }),
     );
 

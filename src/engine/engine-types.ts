@@ -68,6 +68,8 @@ export interface FrozenMount {
   readonly mountPoint: string;
   readonly loopDevice: string;
   readonly fsType: string;
+  /** How long the freeze call took (it syncs the file system; new writers already wait), in milliseconds. */
+  readonly freezeMs: number;
   /** From the freeze returning to the thaw returning, in milliseconds. */
   readonly frozenMs: number;
   readonly error: string | null;

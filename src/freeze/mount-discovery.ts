@@ -1,7 +1,8 @@
 /**
  * Finds the local file systems that sit on blocksnap's devices: loop devices whose backing file is the
  * FUSE file of a device (/sys/block/loop* /loop/backing_file), then the mounts of those loop devices by
- * major:minor (/proc/self/mountinfo). Read-only: it only looks at sysfs and procfs.
+ * major:minor (/proc/self/mountinfo). Read-only: it only looks at sysfs and procfs. Synchronous on purpose:
+ * these pseudo-files never wait for I/O, and never on blocksnap's own FUSE files.
  */
 import { readdirSync, readFileSync } from "node:fs";
 
@@ -69,7 +70,11 @@ export function listLoopDevices(
   return found;
 }
 
-/** Every mount of a loop device whose backing file is one of `backingFiles`. */
+/**
+ * The file system on each loop device whose backing file is one of `backingFiles`, at its first mount
+ * point. One per loop device, not one per mount: a bind mount or a second mount of the same device is the
+ * same super block, and freezing it twice fails (EBUSY) while one thaw thaws it for all.
+ */
 export function findLoopMounts(backingFiles: readonly string[]): LoopMount[] {
   const wanted = new Set(backingFiles);
   const loops = listLoopDevices().filter((loop) => wanted.has(loop.backingFile));
@@ -85,6 +90,7 @@ export function findLoopMounts(backingFiles: readonly string[]): LoopMount[] {
         mountPoint: mount.mountPoint,
         fsType: mount.fsType,
       });
+      break;
     }
   }
   return result;
