@@ -1,23 +1,21 @@
 // The blocksnap FUSE server alone in its own process, for benchmarks (the load generator must not share
-// its event loop). Usage: node fuse-bench-server.js MOUNT_DIR NAME BACKING_FILE
+// its event loop). It serves the real stack, like bench/nbd/bench-server.ts does over NBD: Engine →
+// Tracker (CBT + copy-before-write) → CheckedDevice → FUSE, with BACKING_FILE as origin device NAME.
+// Usage: node fuse-bench-server.js MOUNT_DIR NAME BACKING_FILE
 // Prints "ready" once mounted; unmounts and exits on SIGTERM or SIGINT.
-import { FileBackend } from "../../src/backends/file-backend.js";
-import { CheckedDevice } from "../../src/block/checked-device.js";
-import { StaticExportSource } from "../../src/block/export-source.js";
+import { Engine } from "../../src/engine/engine.js";
 import { FuseServer } from "../../src/fuse/fuse-server.js";
 
 const [mountDir, name, backingPath] = process.argv.slice(2);
 if (!mountDir || !name || !backingPath)
   throw new Error("usage: fuse-bench-server MOUNT_DIR NAME BACKING_FILE");
-const backend = FileBackend.open(backingPath);
-const source = new StaticExportSource([
-  { name, description: `bench ${backingPath}`, device: new CheckedDevice(backend), readOnly: false },
-]);
-const server = await FuseServer.mount(source, { mountDir });
+const engine = new Engine();
+await engine.addDevice({ name, backendPath: backingPath });
+const server = await FuseServer.mount(engine, { mountDir });
 const stop = () => {
   server
     .unmount()
-    .then(() => backend.close())
+    .then(() => engine.close())
     .then(() => process.exit(0));
 };
 process.on("SIGTERM", stop);

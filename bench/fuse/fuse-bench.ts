@@ -1,6 +1,8 @@
 // Benchmark (not a test): fio on a loop device (--direct-io=on) over blocksnap's FUSE file, against the
-// same loop + fio over nbdfuse + nbdkit's file plugin, on the same page-cache-hot file, in one run.
-// Each server runs in its own process. Usage (root, from the repository root, after tsc):
+// same loop + fio over nbdfuse + nbdkit's file plugin, and against blocksnap's own NBD face (fio
+// --ioengine=nbd on bench/nbd/bench-server.js, for the read jobs), on the same page-cache-hot file, in one
+// run. Both blocksnap faces serve the full engine stack (origin device over the file); each server runs in
+// its own process. Usage (root, from the repository root, after tsc):
 //   node dist/bench/fuse/fuse-bench.js [--size-mib 1024] [--runtime-s 5] [--rounds 2] [--out bench/results/fuse.md]
 import { type ChildProcess, execFile, spawn } from "node:child_process";
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
@@ -14,6 +16,8 @@ interface Job {
   readonly rw: string;
   readonly blockSize: string;
   readonly iodepth: number;
+  /** Also run through blocksnap's NBD face. */
+  readonly nbd: boolean;
 }
 
 interface Result {
@@ -23,10 +27,10 @@ interface Result {
 }
 
 const jobs: readonly Job[] = [
-  { label: "randread 4 KiB QD32", rw: "randread", blockSize: "4k", iodepth: 32 },
-  { label: "read 1 MiB QD8", rw: "read", blockSize: "1M", iodepth: 8 },
-  { label: "randwrite 4 KiB QD32", rw: "randwrite", blockSize: "4k", iodepth: 32 },
-  { label: "write 1 MiB QD8", rw: "write", blockSize: "1M", iodepth: 8 },
+  { label: "randread 4 KiB QD32", rw: "randread", blockSize: "4k", iodepth: 32, nbd: true },
+  { label: "read 1 MiB QD8", rw: "read", blockSize: "1M", iodepth: 8, nbd: true },
+  { label: "randwrite 4 KiB QD32", rw: "randwrite", blockSize: "4k", iodepth: 32, nbd: false },
+  { label: "write 1 MiB QD8", rw: "write", blockSize: "1M", iodepth: 8, nbd: false },
 ];
 
 const { values } = parseArgs({
@@ -37,6 +41,7 @@ const { values } = parseArgs({
     out: { type: "string", default: "bench/results/fuse.md" },
   },
 });
+const nbdJobs = jobs.filter((job) => job.nbd);
 const sizeMiB = Number(values["size-mib"]);
 const runtimeSeconds = Number(values["runtime-s"]);
 const rounds = Number(values.rounds);
@@ -50,12 +55,13 @@ function run(file: string, args: readonly string[], timeoutMs = 600_000): Promis
   });
 }
 
+/** Waits for a line starting with "ready" (the NBD bench server adds the image name after it). */
 function waitForReady(child: ChildProcess): Promise<void> {
   return new Promise((resolvePromise, reject) => {
     let output = "";
     child.stdout?.on("data", (chunk: Buffer) => {
       output += chunk.toString();
-      if (output.includes("ready\n")) resolvePromise();
+      if (/^ready\b.*\n/m.test(output)) resolvePromise();
     });
     child.once("exit", (code) => reject(new Error(`server exited (${code}) before it was ready`)));
   });
@@ -75,12 +81,15 @@ async function waitForFile(path: string, timeoutMs: number, testFlag: "-f" | "-S
   }
 }
 
-async function fio(device: string, job: Job): Promise<Result> {
+/** fio --ioengine=libaio --direct=1 on a block device, or --ioengine=nbd on an NBD URI. */
+async function fio(target: { device: string } | { uri: string }, job: Job): Promise<Result> {
+  const engine =
+    "device" in target
+      ? ["--ioengine=libaio", "--direct=1", `--filename=${target.device}`]
+      : ["--ioengine=nbd", `--uri=${target.uri}`, `--size=${sizeMiB}M`];
   const output = await run("fio", [
     `--name=${job.rw}`,
-    `--filename=${device}`,
-    "--ioengine=libaio",
-    "--direct=1",
+    ...engine,
     `--rw=${job.rw}`,
     `--bs=${job.blockSize}`,
     `--iodepth=${job.iodepth}`,
@@ -88,11 +97,18 @@ async function fio(device: string, job: Job): Promise<Result> {
     "--time_based",
     "--output-format=json",
   ]);
-  const parsed = JSON.parse(output) as {
-    jobs: Array<Record<"read" | "write", { iops: number; bw_bytes: number; clat_ns: { mean: number } }>>;
+  // fio --ioengine=nbd may print libnbd notes before the JSON.
+  const parsed = JSON.parse(output.slice(output.indexOf("{"))) as {
+    jobs: Array<
+      { error: number } & Record<
+        "read" | "write",
+        { iops: number; bw_bytes: number; clat_ns: { mean: number } }
+      >
+    >;
   };
-  const side = job.rw.includes("write") ? "write" : "read";
-  const stats = parsed.jobs[0]![side];
+  const result = parsed.jobs[0]!;
+  if (result.error !== 0) throw new Error(`fio ${job.label} reported error ${result.error}`);
+  const stats = result[job.rw.includes("write") ? "write" : "read"];
   return { iops: stats.iops, bandwidthBytes: stats.bw_bytes, meanLatencyUs: stats.clat_ns.mean / 1000 };
 }
 
@@ -101,7 +117,7 @@ async function runJobs(file: string): Promise<Result[]> {
   const loop = (await run("losetup", ["--direct-io=on", "-f", "--show", file])).trim();
   try {
     const results: Result[] = [];
-    for (const job of jobs) results.push(await fio(loop, job));
+    for (const job of jobs) results.push(await fio({ device: loop }, job));
     return results;
   } finally {
     await run("losetup", ["-d", loop]);
@@ -119,6 +135,23 @@ async function benchBlocksnap(directory: string, backing: string): Promise<Resul
     return await runJobs(join(mountDir, "disk0"));
   } finally {
     const exited = new Promise((r) => server.once("exit", r));
+    server.kill("SIGTERM");
+    await exited;
+  }
+}
+
+/** blocksnap's NBD face on the same file: bench/nbd/bench-server.js, fio --ioengine=nbd, read jobs only. */
+async function benchNbdFace(directory: string, backing: string, round: number): Promise<Result[]> {
+  const socket = join(directory, `blocksnap-nbd-${round}.sock`);
+  const script = join(dirname(fileURLToPath(import.meta.url)), "..", "nbd", "bench-server.js");
+  const server = spawn(process.execPath, [script, backing, socket], { stdio: ["ignore", "pipe", "inherit"] });
+  const exited = exitOf(server);
+  try {
+    await waitForReady(server);
+    const results: Result[] = [];
+    for (const job of nbdJobs) results.push(await fio({ uri: `nbd+unix:///disk?socket=${socket}` }, job));
+    return results;
+  } finally {
     server.kill("SIGTERM");
     await exited;
   }
@@ -177,6 +210,7 @@ async function main(): Promise<void> {
   if (process.getuid?.() !== 0) throw new Error("the FUSE benchmark needs root (mount, losetup)");
   const directory = await mkdtemp(join(tmpdir(), "blocksnap-fuse-bench-"));
   try {
+    const loadBefore = (await run("cat", ["/proc/loadavg"])).split(" ").slice(0, 3).join(" ");
     const backing = join(directory, "disk.img");
     await run("dd", ["if=/dev/urandom", `of=${backing}`, "bs=1M", `count=${sizeMiB}`, "status=none"]);
     await run("dd", [`if=${backing}`, "of=/dev/null", "bs=1M", "status=none"]);
@@ -184,34 +218,42 @@ async function main(): Promise<void> {
       await run("fincore", ["--bytes", "--noheadings", "-o", "RES", backing]).catch(() => "?")
     ).trim();
     const ours: Result[][] = [];
+    const nbdFace: Result[][] = [];
     const peer: Result[][] = [];
     for (let round = 0; round < rounds; round += 1) {
       ours.push(await benchBlocksnap(directory, backing));
+      nbdFace.push(await benchNbdFace(directory, backing, round));
       peer.push(await benchNbdfuse(directory, backing, round));
     }
     const lines = [
-      "# FUSE face: blocksnap vs nbdfuse + nbdkit file",
+      "# FUSE face: blocksnap FUSE vs blocksnap NBD vs nbdfuse + nbdkit file",
       "",
-      `Generated by bench/fuse/fuse-bench.ts on ${new Date().toISOString()} (kernel ${(await run("uname", ["-r"])).trim()}, node ${process.version}).`,
+      `Generated by bench/fuse/fuse-bench.ts on ${new Date().toISOString()} (kernel ${(await run("uname", ["-r"])).trim()}, node ${process.version}, load average before: ${loadBefore}).`,
       `Backing file: ${sizeMiB} MiB of random data, ${cached} bytes in the page cache before the runs.`,
-      `Each row: \`losetup --direct-io=on\` over the FUSE file, then \`fio --ioengine=libaio --direct=1\`, ${runtimeSeconds} s;`,
-      `best of ${rounds} alternating rounds. Both servers run in their own process on the same 2 cores as fio.`,
+      `FUSE rows: \`losetup --direct-io=on\` over the FUSE file, then \`fio --ioengine=libaio --direct=1\`, ${runtimeSeconds} s.`,
+      "blocksnap NBD: `fio --ioengine=nbd` on a Unix socket to bench/nbd/bench-server.js (read jobs only).",
+      "Both blocksnap faces serve the same stack: Engine origin device (tracker + CBT) over a FileBackend on the file.",
+      `Best of ${rounds} alternating rounds. Every server runs in its own process on the same 2 cores as fio.`,
       "",
-      "| job | blocksnap FUSE | nbdfuse + nbdkit file | ratio (IOPS) |",
-      "|---|---|---|---|",
+      "| job | blocksnap FUSE | blocksnap NBD | nbdfuse + nbdkit file | FUSE / NBD (IOPS) | FUSE / nbdfuse (IOPS) |",
+      "|---|---|---|---|---|---|",
     ];
     jobs.forEach((job, index) => {
       const a = best(ours, index);
       const b = best(peer, index);
+      const nbdIndex = nbdJobs.indexOf(job);
+      const n = nbdIndex >= 0 ? best(nbdFace, nbdIndex) : undefined;
       lines.push(
-        `| ${job.label} | ${formatResult(a)} | ${formatResult(b)} | ${(a.iops / b.iops).toFixed(2)}× |`,
+        `| ${job.label} | ${formatResult(a)} | ${n ? formatResult(n) : "—"} | ${formatResult(b)} | ${n ? `${(a.iops / n.iops).toFixed(2)}×` : "—"} | ${(a.iops / b.iops).toFixed(2)}× |`,
       );
     });
     lines.push("", "Every round:", "");
     for (let round = 0; round < rounds; round += 1) {
       jobs.forEach((job, index) => {
+        const nbdIndex = nbdJobs.indexOf(job);
+        const nbd = nbdIndex >= 0 ? `; blocksnap NBD ${formatResult(nbdFace[round]![nbdIndex]!)}` : "";
         lines.push(
-          `- round ${round + 1}, ${job.label}: blocksnap ${formatResult(ours[round]![index]!)}; nbdfuse ${formatResult(peer[round]![index]!)}`,
+          `- round ${round + 1}, ${job.label}: blocksnap FUSE ${formatResult(ours[round]![index]!)}${nbd}; nbdfuse ${formatResult(peer[round]![index]!)}`,
         );
       });
     }

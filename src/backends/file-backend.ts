@@ -154,6 +154,10 @@ export class FileBackend implements BlockDevice {
     return new FileBackend(join(directory, "(anonymous)"), fd, "file", sizeBytes, false);
   }
 
+  directReadFd(): number | null {
+    return this.closed ? null : this.fd;
+  }
+
   async read(offsetBytes: number, target: Uint8Array): Promise<void> {
     if (target.byteLength < asyncIoBytesMin) {
       this.readSync(offsetBytes, target);

@@ -65,6 +65,10 @@ export class CheckedDevice implements BlockDevice {
     return this.inner.flush();
   }
 
+  directReadFd(): number | null {
+    return this.inner.directReadFd?.() ?? null;
+  }
+
   async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
     this.checkRange("extents", offsetBytes, lengthBytes, "EINVAL");
     const inner = this.inner;

@@ -51,6 +51,14 @@ export interface BlockDevice {
   flush(): Promise<void>;
   /** Allocation status of [offsetBytes, offsetBytes + lengthBytes); may cover less, never more than asked. */
   extents?(offsetBytes: number, lengthBytes: number): Promise<Extent[]>;
+  /**
+   * A file descriptor whose bytes at [0, sizeBytes) are this device's bytes for as long as the device is
+   * open, readable (pread, from any thread) without this device's coordination: the file under an origin.
+   * Absent or null where a read needs the device (snapshot images, memory). A face that serves reads with
+   * it off the event loop opens its own description of it at once (/proc/self/fd/N) and never uses the
+   * number itself later: the device may close it at any time.
+   */
+  directReadFd?(): number | null;
 }
 
 export const readOnlyCapabilities: Capabilities = {

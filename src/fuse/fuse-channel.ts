@@ -4,18 +4,23 @@
  * freed when the handler settles, so at most `slotCount` requests are in flight. Replies go out with one
  * write(2) each from the main thread (a FUSE reply must be a single write).
  *
+ * Direct reads: openDirectRead(handle, fd) lets the reader thread serve READs on that file handle itself
+ * from its own description of `fd` (fuse-reader-worker.ts); closeDirectRead(handle) takes it back. Both
+ * must be called before the reply to the OPEN / RELEASE that they belong to is sent.
+ *
  * Lifecycle: open() → start(handler) → (mount elsewhere) → the worker ends by itself once the kernel drops
  * the connection (unmount or abort: read fails with ENODEV) → close() closes the descriptor. Errors from
  * the reply write that mean "nobody waits for this any more" (ENOENT: interrupted, ENODEV: connection
  * gone) are expected during shutdown and dropped.
  */
 import * as fs from "node:fs";
-import { Worker } from "node:worker_threads";
+import { MessageChannel, type MessagePort, Worker } from "node:worker_threads";
 import { BlockError, toBlockError } from "../block/errors.js";
 import { assert } from "../util/assert.js";
 import type { Logger } from "../util/logger.js";
 import {
   controlBytes,
+  type DirectReadMessage,
   type FuseReaderMessage,
   type FuseReaderWorkerData,
   readerControl,
@@ -40,6 +45,10 @@ export class FuseChannel {
   private readonly slotViews: Uint8Array[] = [];
   private readonly control: Int32Array;
   private worker: Worker | undefined;
+  private directReadPort: MessagePort | undefined;
+  /** Descriptors lent to the reader: registered ones, and withdrawn ones it has not yet acknowledged. */
+  private readonly directReadFds = new Map<bigint, number>();
+  private readonly withdrawnFds = new Map<bigint, number>();
   private resolveEnded: () => void = () => {};
   private closed = false;
   private workerExited = false;
@@ -71,19 +80,28 @@ export class FuseChannel {
 
   start(handler: FuseRequestHandler): void {
     assert(!this.worker && !this.closed, "FuseChannel started twice");
+    const { port1, port2 } = new MessageChannel();
     const workerData: FuseReaderWorkerData = {
       fd: this.fd,
       slots: this.slots,
       slotCount: this.options.slotCount,
       slotBytes: this.options.slotBytes,
       control: this.control.buffer as SharedArrayBuffer,
+      directReads: port2,
     };
-    const worker = new Worker(new URL("./fuse-reader-worker.js", import.meta.url), { workerData });
+    const worker = new Worker(new URL("./fuse-reader-worker.js", import.meta.url), {
+      workerData,
+      transferList: [port2],
+    });
     this.worker = worker;
+    this.directReadPort = port1;
+    // The port must not keep the process alive on its own.
+    port1.unref();
     worker.on("message", (message: FuseReaderMessage) => this.onMessage(message, handler));
     worker.on("error", (error) => this.options.logger.error({ err: error }, "fuse reader thread failed"));
     worker.on("exit", () => {
       this.workerExited = true;
+      this.closeLentDescriptors();
       this.resolveEnded();
     });
   }
@@ -102,6 +120,44 @@ export class FuseChannel {
     }
   }
 
+  /**
+   * Lets the reader serve READs on `handle` from `fd` (a device's BlockDevice.directReadFd) over a device
+   * of `sizeBytes`. The reader gets a descriptor of our own, opened here and now through /proc/self/fd,
+   * so `fd` may be closed by its device at any time. False when that open fails (reads then stay here).
+   */
+  openDirectRead(handle: bigint, fd: number, sizeBytes: number): boolean {
+    const port = this.directReadPort;
+    if (!port || this.workerExited || this.closed) return false;
+    let ownFd: number;
+    try {
+      ownFd = fs.openSync(`/proc/self/fd/${fd}`, fs.constants.O_RDONLY);
+    } catch (error) {
+      this.options.logger.warn({ err: error }, "cannot reopen a device for direct reads; serving them here");
+      return false;
+    }
+    this.directReadFds.set(handle, ownFd);
+    this.postDirectRead(port, { kind: "open", handle, fd: ownFd, sizeBytes });
+    return true;
+  }
+
+  /**
+   * The reader stops serving `handle` before it looks at its next request; its descriptor is closed once
+   * the reader has acknowledged that.
+   */
+  closeDirectRead(handle: bigint): void {
+    const fd = this.directReadFds.get(handle);
+    const port = this.directReadPort;
+    if (fd === undefined || !port) return;
+    this.directReadFds.delete(handle);
+    this.withdrawnFds.set(handle, fd);
+    this.postDirectRead(port, { kind: "close", handle });
+  }
+
+  private postDirectRead(port: MessagePort, message: DirectReadMessage): void {
+    port.postMessage(message);
+    Atomics.add(this.control, readerControl.directReadPosts, 1);
+  }
+
   /** Asks the reader to stop before its next read; it still needs the kernel to end a read in progress. */
   stop(): void {
     Atomics.store(this.control, readerControl.stop, 1);
@@ -118,6 +174,7 @@ export class FuseChannel {
     assert(!this.worker || this.workerExited, "FuseChannel closed while its reader still runs");
     this.closed = true;
     this.stop();
+    this.directReadPort?.close();
     try {
       fs.closeSync(this.fd);
     } catch (error) {
@@ -157,7 +214,23 @@ export class FuseChannel {
       case "failed":
         this.options.logger.error({ code: message.code }, `reading /dev/fuse failed: ${message.message}`);
         return;
+      case "replyFailed":
+        this.options.logger.error({ code: message.code }, `cannot send a FUSE reply: ${message.message}`);
+        return;
+      case "directReadClosed": {
+        const fd = this.withdrawnFds.get(message.handle);
+        this.withdrawnFds.delete(message.handle);
+        if (fd !== undefined) fs.closeSync(fd);
+        return;
+      }
     }
+  }
+
+  /** Once the reader has ended, nobody else uses the descriptors it was lent. */
+  private closeLentDescriptors(): void {
+    for (const fd of [...this.directReadFds.values(), ...this.withdrawnFds.values()]) fs.closeSync(fd);
+    this.directReadFds.clear();
+    this.withdrawnFds.clear();
   }
 
   private release(slot: number): void {

@@ -4,17 +4,79 @@
  * So one worker thread loops: take a free slot of the shared buffer, read(2) one request into it, post
  * "slot N holds L bytes" to the main thread, which serves the request and frees the slot.
  *
+ * Direct reads: a READ on a file handle the main thread registered (DirectReadMessage: an origin over a
+ * plain file, see BlockDevice.directReadFd) is served here — pread(2) into the slot, one write(2) of the
+ * reply — without the hop to the main thread, which halves the threads woken per 4 KiB read; reads over
+ * 64 KiB still go to the main thread. Registrations are applied before each request is looked at, and
+ * the main thread posts them before it answers the OPEN (and withdraws them before it answers the
+ * RELEASE), so no READ can overtake its handle's registration. The descriptors belong to the main thread,
+ * which closes one when the worker has acknowledged its withdrawal ("directReadClosed").
+ *
  * Slot states live in a shared Int32Array (FuseReaderControl): 0 free, 1 owned by a request. When every
  * slot is taken the worker sleeps on the release counter (Atomics.wait); this bounds the requests in
  * flight, and the kernel keeps the rest queued. It ends when the connection is gone (ENODEV: unmounted or
  * aborted) or when asked to stop, and never touches the file system itself. It may start before mount(2)
  * has attached the descriptor (reads fail with EPERM until then) and polls until it has.
  */
-import { readSync } from "node:fs";
-import { parentPort, workerData } from "node:worker_threads";
-import { type FuseReaderMessage, type FuseReaderWorkerData, readerControl } from "./fuse-reader-protocol.js";
+import { readSync, writeSync } from "node:fs";
+import { type MessagePort, parentPort, receiveMessageOnPort, workerData } from "node:worker_threads";
+import { fuseErrorOf } from "./errno-map.js";
+import * as abi from "./fuse-abi.js";
+import {
+  type DirectReadMessage,
+  type FuseReaderMessage,
+  type FuseReaderWorkerData,
+  readerControl,
+} from "./fuse-reader-protocol.js";
 
 const notMountedPollMs = 2;
+/** The largest READ served here (FileBackend's synchronous-read limit). */
+const directReadBytesMax = 64 * 1024;
+
+interface DirectFile {
+  readonly fd: number;
+  readonly sizeBytes: number;
+}
+
+class DirectReads {
+  private readonly files = new Map<bigint, DirectFile>();
+  private seenPosts = 0;
+  private readonly port: MessagePort;
+  private readonly control: Int32Array;
+  private readonly post: (message: FuseReaderMessage) => void;
+
+  constructor(port: MessagePort, control: Int32Array, post: (message: FuseReaderMessage) => void) {
+    this.port = port;
+    this.control = control;
+    this.post = post;
+  }
+
+  get isEmpty(): boolean {
+    return this.files.size === 0;
+  }
+
+  /** Applies every registration posted so far (cheap when none was: one atomic load). */
+  sync(): void {
+    const posts = Atomics.load(this.control, readerControl.directReadPosts);
+    if (posts === this.seenPosts) return;
+    this.seenPosts = posts;
+    for (;;) {
+      const received = receiveMessageOnPort(this.port);
+      if (!received) return;
+      const message = received.message as DirectReadMessage;
+      if (message.kind === "open") {
+        this.files.set(message.handle, { fd: message.fd, sizeBytes: message.sizeBytes });
+      } else {
+        this.files.delete(message.handle);
+        this.post({ kind: "directReadClosed", handle: message.handle });
+      }
+    }
+  }
+
+  find(handle: bigint): DirectFile | undefined {
+    return this.files.get(handle);
+  }
+}
 
 function main(): void {
   const port = parentPort;
@@ -26,15 +88,17 @@ function main(): void {
     slots.push(new Uint8Array(data.slots, index * data.slotBytes, data.slotBytes));
   }
   const post = (message: FuseReaderMessage) => port.postMessage(message);
+  const directReads = new DirectReads(data.directReads, control, post);
   let next = 0;
   let mounted = false;
   for (;;) {
     const slot = acquireSlot(control, data.slotCount, next);
     if (slot < 0) break;
     next = (slot + 1) % data.slotCount;
+    const buffer = slots[slot]!;
     let lengthBytes: number;
     try {
-      lengthBytes = readSync(data.fd, slots[slot]!, 0, data.slotBytes, null);
+      lengthBytes = readSync(data.fd, buffer, 0, data.slotBytes, null);
     } catch (error) {
       releaseSlot(control, slot);
       const code = (error as NodeJS.ErrnoException).code ?? "EIO";
@@ -50,8 +114,73 @@ function main(): void {
       break;
     }
     mounted = true;
+    // After the read: a registration posted before the kernel could send this READ is seen now.
+    directReads.sync();
+    if (!directReads.isEmpty && serveDirectRead(data, buffer, lengthBytes, directReads, post)) {
+      releaseSlot(control, slot);
+      continue;
+    }
     post({ kind: "request", slot, lengthBytes });
   }
+}
+
+/** Serves a READ on a registered handle in place; false when the request is not one (the main thread's). */
+function serveDirectRead(
+  data: FuseReaderWorkerData,
+  buffer: Uint8Array,
+  lengthBytes: number,
+  directReads: DirectReads,
+  post: (message: FuseReaderMessage) => void,
+): boolean {
+  if (lengthBytes < abi.FUSE_IN_HEADER_BYTES + abi.FUSE_READ_IN_BYTES) return false;
+  const view = new DataView(buffer.buffer, buffer.byteOffset, buffer.byteLength);
+  if (view.getUint32(4, true) !== abi.FUSE_READ) return false;
+  const at = abi.FUSE_IN_HEADER_BYTES;
+  const file = directReads.find(view.getBigUint64(at, true));
+  if (!file) return false;
+  const offset = view.getBigUint64(at + 8, true);
+  const requestedBytes = view.getUint32(at + 16, true);
+  // Large reads stay on the main thread, where the backend spreads them over the libuv pool: here they
+  // would hold up every request behind them.
+  if (requestedBytes > directReadBytesMax) return false;
+  const start = abi.FUSE_OUT_HEADER_BYTES;
+  let readBytes = 0;
+  let error = 0;
+  if (offset < BigInt(file.sizeBytes)) {
+    const offsetBytes = Number(offset);
+    readBytes = Math.min(requestedBytes, file.sizeBytes - offsetBytes, buffer.byteLength - start);
+    error = preadFully(file.fd, buffer.subarray(start, start + readBytes), offsetBytes);
+  }
+  // The reply header overlays the request header; `unique` (bytes 8-15) is already in place.
+  const replyBytes = start + (error === 0 ? readBytes : 0);
+  view.setUint32(0, replyBytes, true);
+  view.setInt32(4, error, true);
+  try {
+    writeSync(data.fd, buffer, 0, replyBytes);
+  } catch (writeError) {
+    const code = (writeError as NodeJS.ErrnoException).code ?? "EIO";
+    // ENOENT: the request was interrupted meanwhile; ENODEV: the connection is gone.
+    if (code !== "ENOENT" && code !== "ENODEV") {
+      post({ kind: "replyFailed", code, message: String(writeError) });
+    }
+  }
+  return true;
+}
+
+/** Reads `target.byteLength` bytes at `offsetBytes`; past the end of the file reads zeroes. 0 or -errno. */
+function preadFully(fd: number, target: Uint8Array, offsetBytes: number): number {
+  let doneBytes = 0;
+  try {
+    while (doneBytes < target.byteLength) {
+      const n = readSync(fd, target, doneBytes, target.byteLength - doneBytes, offsetBytes + doneBytes);
+      if (n === 0) break;
+      doneBytes += n;
+    }
+  } catch (error) {
+    return fuseErrorOf(error);
+  }
+  if (doneBytes < target.byteLength) target.fill(0, doneBytes);
+  return 0;
 }
 
 /** A free slot, marked busy; -1 when asked to stop. Sleeps while every slot is busy. */

@@ -95,6 +95,10 @@ export class FuseServer {
       logger,
       maxWriteBytes,
       backgroundRequestsMax: slotCount,
+      directReads: {
+        open: (handle, fd, sizeBytes) => channel.openDirectRead(handle, fd, sizeBytes),
+        close: (handle) => channel.closeDirectRead(handle),
+      },
     });
     channel.start((slot, lengthBytes) => session.handle(slot, lengthBytes));
     let deviceNumber: number | undefined;

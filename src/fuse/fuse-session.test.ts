@@ -7,7 +7,7 @@ import type { Export } from "../block/export-source.js";
 import { StaticExportSource } from "../block/export-source.js";
 import { silentLogger } from "../util/logger.js";
 import * as abi from "./fuse-abi.js";
-import { FuseSession } from "./fuse-session.js";
+import { type DirectReadRegistry, FuseSession } from "./fuse-session.js";
 
 const maxWriteBytes = 1024 * 1024;
 const slotBytes = FuseSession.slotBytesFor(maxWriteBytes);
@@ -26,10 +26,25 @@ class Harness {
   readonly session: FuseSession;
   private unique = 100n;
 
+  /** Direct-read registrations and replies, in the order they happen. */
+  readonly events: string[] = [];
+
   constructor() {
+    const events = this.events;
+    const directReads: DirectReadRegistry = {
+      open: (handle, fd, sizeBytes) => {
+        events.push(`open ${handle} fd ${fd} size ${sizeBytes}`);
+        return true;
+      },
+      close: (handle) => {
+        events.push(`close ${handle}`);
+      },
+    };
     this.session = new FuseSession({
       source: this.source,
+      directReads,
       send: (reply) => {
+        events.push(`reply ${new DataView(reply.buffer, reply.byteOffset).getBigUint64(8, true)}`);
         const copy = reply.slice();
         const view = new DataView(copy.buffer);
         assert.equal(view.getUint32(0, true), copy.byteLength, "reply length field matches the write");
@@ -440,3 +455,58 @@ test("unknown opcodes answer ENOSYS, INTERRUPT takes no reply, requests before I
   await harness.ok(abi.FUSE_DESTROY, 0n);
   assert.equal(harness.session.isDestroyed, true);
 });
+
+test("OPEN of a device with a direct-read descriptor registers it before the reply; RELEASE and a vanished export withdraw it", async () => {
+  const harness = new Harness();
+  await harness.init();
+  const device = new CheckedDevice(Object.assign(new MemoryBackend(1 << 20), { directReadFd: () => 42 }));
+  harness.source.add({ name: "disk0", description: "file origin", device, readOnly: false });
+  harness.addExport("disk0@image", 1 << 20);
+  const origin = nodeIdOf((await harness.lookup("disk0"))!);
+  const image = nodeIdOf((await harness.lookup("disk0@image"))!);
+  harness.events.length = 0;
+
+  const first = await harness.open(origin);
+  assert.deepEqual(harness.events.slice(0, 1), [`open ${first} fd 42 size ${1 << 20}`]);
+  assert.match(harness.events[1] ?? "", /^reply /, "registered before the OPEN is answered");
+  const imageHandle = await harness.open(image);
+  await harness.ok(abi.FUSE_READ, image, readIn(imageHandle, 0n, 4096));
+  assert.ok(
+    !harness.events.some((event) => event.startsWith(`open ${imageHandle}`)),
+    "no descriptor: no registration",
+  );
+
+  harness.events.length = 0;
+  await harness.ok(abi.FUSE_RELEASE, origin, u64(first));
+  assert.deepEqual(
+    harness.events.slice(0, 1),
+    [`close ${first}`],
+    "withdrawn before the RELEASE is answered",
+  );
+  assert.equal(harness.events.length, 2);
+
+  const second = await harness.open(origin);
+  harness.events.length = 0;
+  harness.source.remove("disk0");
+  harness.session.reconcile(); // FuseServer calls it on source.onExportsChanged
+  assert.deepEqual(harness.events, [`close ${second}`], "a vanished export is withdrawn at once");
+  assert.equal(await harness.fails(abi.FUSE_READ, origin, readIn(second, 0n, 4096)), constants.errno.EIO);
+  harness.events.length = 0;
+  await harness.ok(abi.FUSE_RELEASE, origin, u64(second));
+  assert.ok(!harness.events.some((event) => event.startsWith("close")), "withdrawn only once");
+});
+
+function readIn(handle: bigint, offset: bigint, lengthBytes: number): Uint8Array {
+  const body = new Uint8Array(abi.FUSE_READ_IN_BYTES);
+  const view = new DataView(body.buffer);
+  view.setBigUint64(0, handle, true);
+  view.setBigUint64(8, offset, true);
+  view.setUint32(16, lengthBytes, true);
+  return body;
+}
+
+function u64(value: bigint): Uint8Array {
+  const body = new Uint8Array(24); // fuse_release_in
+  new DataView(body.buffer).setBigUint64(0, value, true);
+  return body;
+}

@@ -10,6 +10,11 @@
  * clients read. Entry and attribute timeouts are zero, so every path walk asks us and a vanished export
  * is gone for the next lookup at once; its open handles answer EIO (InodeTable).
  *
+ * Direct reads: when an opened export's device offers BlockDevice.directReadFd (an origin over a plain
+ * file) and the session was given `directReads`, the handle is registered there before the OPEN is
+ * answered, so the reader thread serves its READs without coming here; the registration is withdrawn
+ * before the RELEASE is answered and as soon as the export vanishes (reconcile).
+ *
  * Replies are built in the request's own slot, after every field of the request has been read: READ data
  * lands right behind the reply header, so a read costs no allocation and one write(2). The slot must hold
  * FUSE_OUT_HEADER_BYTES + the largest read we negotiate (maxWriteBytes).
@@ -40,6 +45,14 @@ export interface FuseSessionOptions {
   readonly backgroundRequestsMax: number;
   /** Open file and directory handles at once; beyond it OPEN fails with ENOMEM. */
   readonly handlesMax?: number;
+  /** Where READs of a handle may be served without the session (FuseChannel's reader thread). */
+  readonly directReads?: DirectReadRegistry;
+}
+
+export interface DirectReadRegistry {
+  /** True when READs on `handle` will from now on be served from `fd` elsewhere. */
+  open(handle: bigint, fd: number, sizeBytes: number): boolean;
+  close(handle: bigint): void;
 }
 
 interface Request {
@@ -76,6 +89,8 @@ export class FuseSession {
   private readonly options: FuseSessionOptions;
   private readonly handlesMax: number;
   private readonly fileHandles = new Map<bigint, FileNode>();
+  /** File handles registered with options.directReads. */
+  private readonly directHandles = new Set<bigint>();
   private readonly directoryHandles = new Map<bigint, DirectoryEntry[]>();
   private nextHandle = 1n;
   private negotiatedMinor = 0;
@@ -115,6 +130,9 @@ export class FuseSession {
   /** Exports changed: vanished files die now, so their open handles fail at once. */
   reconcile(): void {
     this.table.reconcile();
+    for (const handle of this.directHandles) {
+      if (this.fileHandles.get(handle)?.alive !== true) this.closeDirectRead(handle);
+    }
   }
 
   /** Serves one request read from /dev/fuse into `slot[0, lengthBytes)`. Never rejects but for assertions. */
@@ -347,6 +365,11 @@ export class FuseSession {
     const handle = this.allocateHandle();
     this.fileHandles.set(handle, node);
     this.table.opened(node);
+    const { device } = node.entry;
+    const directFd = device.directReadFd?.() ?? null;
+    if (directFd !== null && this.options.directReads?.open(handle, directFd, device.sizeBytes)) {
+      this.directHandles.add(handle);
+    }
     this.writeOpenOut(request.view, handle, abi.FOPEN_DIRECT_IO | abi.FOPEN_PARALLEL_DIRECT_WRITES);
     this.replyOk(request, abi.FUSE_OPEN_OUT_BYTES);
   }
@@ -407,6 +430,7 @@ export class FuseSession {
     const handle = request.view.getBigUint64(abi.FUSE_IN_HEADER_BYTES, true);
     const node = this.fileHandles.get(handle);
     if (node) {
+      this.closeDirectRead(handle);
       this.fileHandles.delete(handle);
       this.table.released(node);
     }
@@ -519,6 +543,10 @@ export class FuseSession {
     for (const node of this.table.list())
       entries.push({ name: node.name, nodeId: node.nodeId, type: abi.DT_REG });
     return entries;
+  }
+
+  private closeDirectRead(handle: bigint): void {
+    if (this.directHandles.delete(handle)) this.options.directReads?.close(handle);
   }
 
   private liveHandle(handle: bigint): FileNode {

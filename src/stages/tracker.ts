@@ -54,6 +54,11 @@ export class Tracker implements BlockDevice {
     return this.backend.read(offsetBytes, target);
   }
 
+  /** Origin reads need nothing from the tracker: they may bypass it (BlockDevice.directReadFd). */
+  directReadFd(): number | null {
+    return this.backend.directReadFd?.() ?? null;
+  }
+
   async write(offsetBytes: number, source: Uint8Array, flags?: WriteFlags): Promise<void> {
     if (this.held) await this.waitForRelease();
     this.inflightWrites++;

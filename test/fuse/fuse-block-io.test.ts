@@ -1,6 +1,7 @@
 // Block I/O through a blocksnap FUSE file, checked with dd, fio (libaio, crc32c verify) and cmp against
 // the device's own bytes: unaligned large writes through a loop device, and many parallel readers and
-// writers through the loop device and the FUSE file at once.
+// writers through the loop device and the FUSE file at once. The same bytes through the NBD face, and the
+// same checks on a snapshot image: cross-face.test.ts and image-block-io.test.ts.
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { readFile, writeFile } from "node:fs/promises";
@@ -151,5 +152,4 @@ test("parallel readers and writers through the loop device and the FUSE file see
     await backend.read(at, target);
     assert.ok(Buffer.from(target).equals(data), `the direct write at ${at} reached the device`);
   }
-  // TODO(nbd): the same bytes must be visible through the NBD server once it exists (coordinated by lead).
 });

@@ -7,7 +7,7 @@
  * a child process, asynchronously (run()): a synchronous fs call or spawnSync on the mount would wait for
  * a reply that this very thread has to send.
  */
-import { execFile } from "node:child_process";
+import { type ChildProcess, execFile } from "node:child_process";
 import { access, mkdir, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { delimiter, join } from "node:path";
@@ -81,19 +81,83 @@ export async function skipReason(tools: readonly string[]): Promise<string | und
   return undefined;
 }
 
-export class FuseFixture {
+/**
+ * Loop devices over FUSE files, the file systems mounted on them and the child processes that use them,
+ * remembered so that cleanup undoes them even when a test fails halfway: children killed first, then
+ * lazy unmounts, then detaches, each in reverse order.
+ */
+export class LoopsAndMounts {
   readonly directory: string;
   readonly mountDir: string;
-  readonly source = new StaticExportSource();
-  private server: FuseServer | undefined;
   private readonly loops: string[] = [];
   private readonly mounts: string[] = [];
-  private readonly backends: FileBackend[] = [];
+  private readonly children: ChildProcess[] = [];
 
-  private constructor(directory: string) {
+  protected constructor(directory: string) {
     this.directory = directory;
     this.mountDir = join(directory, "mnt");
   }
+
+  filePath(name: string): string {
+    return join(this.mountDir, name);
+  }
+
+  /** losetup --direct-io=on [-r] -f --show on the FUSE file of `name`; detached at cleanup. */
+  async attachLoop(name: string, readOnly = false): Promise<string> {
+    const args = ["--direct-io=on", ...(readOnly ? ["-r"] : []), "-f", "--show", this.filePath(name)];
+    const device = (await must("losetup", args)).trim();
+    this.loops.push(device);
+    return device;
+  }
+
+  async detachLoop(device: string): Promise<void> {
+    await must("losetup", ["-d", device]);
+    this.loops.splice(this.loops.indexOf(device), 1);
+  }
+
+  /** Mounts `device` at a new directory under the temp dir; unmounted at cleanup. */
+  async mountFs(device: string, label: string, options: readonly string[] = []): Promise<string> {
+    const target = join(this.directory, label);
+    await mkdir(target, { recursive: true });
+    await must("mount", [...options, device, target]);
+    this.mounts.push(target);
+    return target;
+  }
+
+  async unmountFs(target: string, lazy = false): Promise<void> {
+    await must("umount", [...(lazy ? ["-l"] : []), target]);
+    this.forgetFs(target);
+  }
+
+  /** The test unmounted `target` itself (e.g. lazily). */
+  forgetFs(target: string): void {
+    this.mounts.splice(this.mounts.indexOf(target), 1);
+  }
+
+  /** A child that may still use the loops and mounts when the test ends: SIGKILLed first at cleanup. */
+  adopt(child: ChildProcess): void {
+    this.children.push(child);
+  }
+
+  protected async releaseLoopsAndMounts(): Promise<void> {
+    for (const child of this.children.reverse()) {
+      if (child.exitCode !== null || child.signalCode !== null) continue;
+      const exited = new Promise((resolve) => child.once("exit", resolve));
+      child.kill("SIGKILL");
+      await exited;
+    }
+    this.children.length = 0;
+    for (const target of this.mounts.reverse()) await run("umount", ["-l", target]);
+    for (const device of this.loops.reverse()) await run("losetup", ["-d", device]);
+    this.mounts.length = 0;
+    this.loops.length = 0;
+  }
+}
+
+export class FuseFixture extends LoopsAndMounts {
+  readonly source = new StaticExportSource();
+  private server: FuseServer | undefined;
+  private readonly backends: FileBackend[] = [];
 
   /** A mounted fixture, or undefined after t.skip() with the reason. Cleanup is registered on `t`. */
   static async create(t: TestContext, tools: readonly string[]): Promise<FuseFixture | undefined> {
@@ -140,46 +204,8 @@ export class FuseFixture {
     return entry;
   }
 
-  filePath(name: string): string {
-    return join(this.mountDir, name);
-  }
-
-  /** losetup --direct-io=on -f --show on the FUSE file of `name`; detached at cleanup. */
-  async attachLoop(name: string): Promise<string> {
-    const device = (await must("losetup", ["--direct-io=on", "-f", "--show", this.filePath(name)])).trim();
-    this.loops.push(device);
-    return device;
-  }
-
-  async detachLoop(device: string): Promise<void> {
-    await must("losetup", ["-d", device]);
-    this.loops.splice(this.loops.indexOf(device), 1);
-  }
-
-  /** Mounts `device` at a new directory under the temp dir; unmounted at cleanup. */
-  async mountFs(device: string, label: string, options: readonly string[] = []): Promise<string> {
-    const target = join(this.directory, label);
-    await mkdir(target, { recursive: true });
-    await must("mount", [...options, device, target]);
-    this.mounts.push(target);
-    return target;
-  }
-
-  async unmountFs(target: string): Promise<void> {
-    await must("umount", [target]);
-    this.mounts.splice(this.mounts.indexOf(target), 1);
-  }
-
-  /** The test unmounted `target` itself (e.g. lazily). */
-  forgetFs(target: string): void {
-    this.mounts.splice(this.mounts.indexOf(target), 1);
-  }
-
   async cleanup(): Promise<void> {
-    for (const target of this.mounts.reverse()) await run("umount", ["-l", target]);
-    for (const device of this.loops.reverse()) await run("losetup", ["-d", device]);
-    this.mounts.length = 0;
-    this.loops.length = 0;
+    await this.releaseLoopsAndMounts();
     await this.server?.unmount();
     for (const backend of this.backends) await backend.close();
     await rm(this.directory, { recursive: true, force: true });

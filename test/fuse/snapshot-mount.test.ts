@@ -1,116 +1,31 @@
 // The whole product through FUSE: an ext4 on the origin's loop device, a snapshot taken with the file
 // system frozen (LoopFreezer), the image looped and mounted read-write next to the origin, writes on
-// either side invisible to the other, both clean under e2fsck; and an image destroyed under a reader.
+// either side invisible to the other, both clean under e2fsck; an image destroyed under a reader of its
+// loop device; and a snapshot destroyed while its image's file system is mounted, read and written.
 import assert from "node:assert/strict";
-import { type ChildProcess, spawn } from "node:child_process";
-import { mkdir, mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { spawn } from "node:child_process";
 import { join } from "node:path";
-import { type TestContext, test } from "node:test";
-import { Engine } from "../../src/engine/engine.js";
-import { LoopFreezer } from "../../src/freeze/loop-freezer.js";
-import { FuseServer } from "../../src/fuse/fuse-server.js";
-import { must, run, skipReason } from "./fuse-fixture.js";
+import { test } from "node:test";
+import {
+  boundedBy,
+  checksums,
+  directChecksum,
+  EngineFixture,
+  exists,
+  exitOf,
+  MiB,
+  startLoad,
+  writeFiles,
+} from "./engine-fixture.js";
+import { must, run } from "./fuse-fixture.js";
 
-const MiB = 1024 * 1024;
-
-/** An Engine served over FUSE in a temp dir, with loop devices and mounts undone at cleanup. */
-class EngineFixture {
-  readonly directory: string;
-  readonly mountDir: string;
-  readonly engine: Engine;
-  server: FuseServer | undefined;
-  private readonly loops: string[] = [];
-  private readonly mounts: string[] = [];
-
-  private constructor(directory: string) {
-    this.directory = directory;
-    this.mountDir = join(directory, "mnt");
-    const mountDir = this.mountDir;
-    this.engine = new Engine({
-      freezer: new LoopFreezer({ deviceFilePath: (name) => join(mountDir, name) }),
-    });
-  }
-
-  static async create(t: TestContext): Promise<EngineFixture | undefined> {
-    const reason = await skipReason(["mkfs.ext4", "e2fsck", "sha256sum", "fsfreeze", "dd"]);
-    if (reason) {
-      t.skip(reason);
-      return undefined;
-    }
-    const fixture = new EngineFixture(await mkdtemp(join(tmpdir(), "blocksnap-fuse-snap-")));
-    t.after(() => fixture.cleanup());
-    fixture.server = await FuseServer.mount(fixture.engine, { mountDir: fixture.mountDir });
-    return fixture;
-  }
-
-  async attachLoop(name: string, readOnly = false): Promise<string> {
-    const args = ["--direct-io=on", ...(readOnly ? ["-r"] : []), "-f", "--show", join(this.mountDir, name)];
-    const device = (await must("losetup", args)).trim();
-    this.loops.push(device);
-    return device;
-  }
-
-  async detachLoop(device: string): Promise<void> {
-    await must("losetup", ["-d", device]);
-    this.loops.splice(this.loops.indexOf(device), 1);
-  }
-
-  async mountFs(device: string, label: string): Promise<string> {
-    const target = join(this.directory, label);
-    await mkdir(target, { recursive: true });
-    await must("mount", [device, target]);
-    this.mounts.push(target);
-    return target;
-  }
-
-  async unmountFs(target: string, lazy = false): Promise<void> {
-    await must("umount", [...(lazy ? ["-l"] : []), target]);
-    this.mounts.splice(this.mounts.indexOf(target), 1);
-  }
-
-  async cleanup(): Promise<void> {
-    for (const target of this.mounts.reverse()) await run("umount", ["-l", target]);
-    for (const device of this.loops.reverse()) await run("losetup", ["-d", device]);
-    await this.server?.unmount();
-    await this.engine.close();
-    await rm(this.directory, { recursive: true, force: true });
-  }
-}
-
-async function writeFiles(directory: string, prefix: string): Promise<string> {
-  const script = [
-    "set -e",
-    'cd "$1"',
-    'for i in 1 2 3 4 5; do head -c $((i * 900001 + 3)) /dev/urandom > "$2$i"; done',
-    "sync",
-    'sha256sum "$2"*',
-  ].join("\n");
-  return must("sh", ["-c", script, "sh", directory, prefix]);
-}
-
-async function checksums(directory: string, prefix: string): Promise<string> {
-  return must("sh", ["-c", 'cd "$1" && sha256sum "$2"*', "sh", directory, prefix]);
-}
-
-async function exists(path: string): Promise<boolean> {
-  return (await run("test", ["-e", path])).exitCode === 0;
-}
-
-function exitOf(child: ChildProcess): Promise<number | null> {
-  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve(child.exitCode);
-  return new Promise((resolve) => child.once("exit", (code) => resolve(code)));
-}
+const snapshotTools = ["mkfs.ext4", "e2fsck", "sha256sum", "fsfreeze", "dd"];
 
 test("snapshot of a mounted ext4 over FUSE: the image mounts read-write with the pre-snapshot files, writes stay on their side, both fsck clean", async (t) => {
-  const fixture = await EngineFixture.create(t);
+  const fixture = await EngineFixture.create(t, snapshotTools);
   if (!fixture) return;
   const { engine } = fixture;
-  await engine.addDevice({
-    name: "disk0",
-    backendPath: join(fixture.directory, "disk0.img"),
-    sizeBytes: 256 * MiB,
-  });
+  await fixture.addDevice("disk0", 256 * MiB);
   const origin = await fixture.attachLoop("disk0");
   await must("mkfs.ext4", ["-q", "-F", origin]);
   const originFs = await fixture.mountFs(origin, "origin");
@@ -159,14 +74,10 @@ test("snapshot of a mounted ext4 over FUSE: the image mounts read-write with the
 });
 
 test("destroying a snapshot under a reader of its image's loop device: I/O errors, no hang, the file vanishes, the origin serves on", async (t) => {
-  const fixture = await EngineFixture.create(t);
+  const fixture = await EngineFixture.create(t, snapshotTools);
   if (!fixture) return;
   const { engine } = fixture;
-  await engine.addDevice({
-    name: "disk1",
-    backendPath: join(fixture.directory, "disk1.img"),
-    sizeBytes: 64 * MiB,
-  });
+  await fixture.addDevice("disk1", 64 * MiB);
   const origin = await fixture.attachLoop("disk1");
   await must("dd", ["if=/dev/urandom", `of=${origin}`, "bs=1M", "count=64", "oflag=direct", "status=none"]);
   const snapshot = await engine.createSnapshot({
@@ -188,9 +99,7 @@ test("destroying a snapshot under a reader of its image's loop device: I/O error
     "done",
   ].join("\n");
   const worker = spawn("sh", ["-c", script, "load", image, origin], { stdio: ["ignore", "pipe", "pipe"] });
-  t.after(() => {
-    if (worker.exitCode === null) worker.kill("SIGKILL");
-  });
+  fixture.adopt(worker);
   let errors = "";
   worker.stderr.on("data", (chunk: Buffer) => {
     errors += chunk.toString();
@@ -209,5 +118,95 @@ test("destroying a snapshot under a reader of its image's loop device: I/O error
   await fixture.detachLoop(image);
   const read = await run("dd", [`if=${origin}`, "of=/dev/null", "bs=1M", "iflag=direct", "status=none"]);
   assert.equal(read.exitCode, 0, `the origin keeps serving: ${read.stderr}`);
+  await fixture.detachLoop(origin);
+});
+
+test("destroying a snapshot while its image's file system is mounted, read and written: bounded destroy, I/O errors, umount -l, the origin serves on (FUSE and NBD)", async (t) => {
+  const fixture = await EngineFixture.create(t, [...snapshotTools, "nbdcopy", "nbdinfo"], { nbd: true });
+  if (!fixture) return;
+  const { engine } = fixture;
+  await fixture.addDevice("disk2", 128 * MiB);
+  const origin = await fixture.attachLoop("disk2");
+  await must("mkfs.ext4", ["-q", "-F", origin]);
+  const originFs = await fixture.mountFs(origin, "origin");
+  await must("sh", ["-c", 'head -c 24000000 /dev/urandom > "$1/big" && sync', "sh", originFs]);
+  const snapshot = await engine.createSnapshot({
+    storage: fixture.directory,
+    limitBytes: 256 * MiB,
+    devices: ["disk2"],
+  });
+  await engine.takeSnapshot(snapshot.id);
+  const imageName = `disk2@${snapshot.id}`;
+  const image = await fixture.attachLoop(imageName);
+  const imageFs = await fixture.mountFs(image, "image");
+
+  // O_DIRECT in both loops: every round goes through the loop device to the FUSE file, none stays cached.
+  const reader = startLoad(
+    fixture,
+    "reader",
+    [
+      "while :; do",
+      '  dd if="$1/big" of=/dev/null bs=1M iflag=direct status=none || exit 3',
+      "  echo pass",
+      "done",
+    ].join("\n"),
+    [imageFs],
+  );
+  const writer = startLoad(
+    fixture,
+    "writer",
+    [
+      "i=0",
+      "while :; do",
+      '  dd if=/dev/urandom of="$1/new-$((i % 4))" bs=1M count=2 oflag=direct conv=fsync status=none || exit 4',
+      "  echo pass; i=$((i + 1))",
+      "done",
+    ].join("\n"),
+    [imageFs],
+  );
+  await Promise.all([reader.running, writer.running]);
+
+  await boundedBy(engine.destroySnapshot(snapshot.id), 30_000, "destroySnapshot under load");
+  const readerExit = await boundedBy(reader.exited, 30_000, "the image reader");
+  const writerExit = await boundedBy(writer.exited, 30_000, "the image writer");
+  t.diagnostic(`reader: ${reader.stderr().trim()}; writer: ${writer.stderr().trim()}`);
+  assert.equal(readerExit, 3, `the reader must fail: ${reader.stderr()}`);
+  assert.match(reader.stderr(), /Input\/output error/);
+  assert.equal(writerExit, 4, `the writer must fail: ${writer.stderr()}`);
+  // ext4 may have turned itself read-only at the first failed journal write.
+  assert.match(writer.stderr(), /Input\/output error|Read-only file system/);
+  assert.equal(await exists(fixture.filePath(imageName)), false, "the image file is gone");
+  const listed = await run("nbdinfo", [fixture.nbdUri(imageName)]);
+  assert.notEqual(listed.exitCode, 0, "the image export is gone from NBD");
+
+  await boundedBy(fixture.unmountFs(imageFs, true), 30_000, "umount -l of the image");
+  await fixture.detachLoop(image);
+
+  // The origin: a direct write and read back through its loop device, and the same bytes over NBD.
+  const after = await must("sh", [
+    "-c",
+    [
+      "set -e",
+      'head -c 3000000 /dev/urandom > "$2/after.src"',
+      'dd if="$2/after.src" of="$1/after" bs=1M oflag=direct conv=fsync status=none',
+      'dd if="$1/after" bs=1M iflag=direct status=none | sha256sum',
+      'sha256sum < "$2/after.src"',
+    ].join("\n"),
+    "sh",
+    originFs,
+    fixture.directory,
+  ]);
+  const [readBack, written] = after.trim().split("\n");
+  assert.equal(readBack, written, "a file written into the origin after destroy reads back");
+  await fixture.unmountFs(originFs);
+  const viaNbd = join(fixture.directory, "origin-via-nbd.img");
+  await must("nbdcopy", [fixture.nbdUri("disk2"), viaNbd]);
+  assert.equal(
+    await directChecksum(viaNbd),
+    await directChecksum(origin),
+    "NBD serves the same origin bytes as the loop device",
+  );
+  const fsck = await run("e2fsck", ["-fn", origin]);
+  assert.equal(fsck.exitCode, 0, `e2fsck -fn on the origin:\n${fsck.stdout}${fsck.stderr}`);
   await fixture.detachLoop(origin);
 });
