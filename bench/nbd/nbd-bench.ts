@@ -179,16 +179,33 @@ function startQemuNbd(file: string, directory: string): Promise<Server> {
   return startDaemonized("qemu-nbd", "qemu-nbd", args, socket, pidFile);
 }
 
-/** Median of three timed copies, after one untimed warm-up copy (server buffers, client start-up). */
-async function nbdcopySeconds(uri: string): Promise<number> {
+/** Seconds for one `nbdcopy URI null:`. */
+async function nbdcopyOnce(uri: string): Promise<number> {
+  const start = process.hrtime.bigint();
   await execOk("nbdcopy", [uri, "null:"]);
-  const seconds: number[] = [];
-  for (let run = 0; run < 3; run += 1) {
-    const start = process.hrtime.bigint();
-    await execOk("nbdcopy", [uri, "null:"]);
-    seconds.push(Number(process.hrtime.bigint() - start) / 1e9);
+  return Number(process.hrtime.bigint() - start) / 1e9;
+}
+
+/**
+ * nbdcopy is short (about half a second), so drift between servers matters more than within one: every
+ * server gets an untimed warm-up copy, then `rounds` timed copies alternate between the servers, and each
+ * server's median counts.
+ */
+async function nbdcopyInterleaved(
+  uris: ReadonlyMap<string, string>,
+  rounds: number,
+): Promise<Map<string, number>> {
+  for (const uri of uris.values()) await nbdcopyOnce(uri);
+  const samples = new Map<string, number[]>([...uris.keys()].map((name) => [name, []]));
+  for (let round = 0; round < rounds; round += 1) {
+    for (const [name, uri] of uris) samples.get(name)!.push(await nbdcopyOnce(uri));
   }
-  return seconds.sort((a, b) => a - b)[1]!;
+  return new Map(
+    [...samples].map(([name, values]) => [
+      name,
+      values.sort((x, y) => x - y)[Math.floor(values.length / 2)]!,
+    ]),
+  );
 }
 
 interface FioJob {
@@ -292,7 +309,7 @@ async function main(): Promise<void> {
       test: `nbdcopy ${options.sizeMib} MiB to null:`,
       unit: "s",
       target: "image",
-      run: (uri) => nbdcopySeconds(uri),
+      run: (uri) => nbdcopyOnce(uri),
     },
     fioTest("fio randread 4 KiB QD32", { rw: "randread", bs: "4k", iodepth: 32 }, "IOPS", "origin"),
     fioTest("fio randread 4 KiB QD1", { rw: "randread", bs: "4k", iodepth: 1 }, "IOPS", "origin"),
@@ -315,11 +332,20 @@ async function main(): Promise<void> {
       const ours = await startOurs(file, options.directory, entry.target !== "origin");
       try {
         const uri = entry.target === "origin with snapshot held" ? ours.originUri! : ours.uri;
-        values.set(ours.name, await entry.run(uri));
+        if (entry.unit === "s") {
+          const uris = new Map([
+            [ours.name, uri],
+            ...peers.map((peer): [string, string] => [peer.name, peer.uri]),
+          ]);
+          for (const [name, value] of await nbdcopyInterleaved(uris, 5)) values.set(name, value);
+        } else {
+          values.set(ours.name, await entry.run(uri));
+        }
       } finally {
         await ours.stop();
       }
-      for (const server of peers) values.set(server.name, await entry.run(server.uri));
+      if (entry.unit !== "s")
+        for (const server of peers) values.set(server.name, await entry.run(server.uri));
       for (const [name, value] of values)
         console.error(`${entry.test}: ${name} ${format(value, entry.unit)} ${entry.unit}`);
       measurements.push({ test: `${entry.test} [ours: ${entry.target}]`, unit: entry.unit, values });
@@ -342,7 +368,7 @@ async function main(): Promise<void> {
       ` Node ${process.version}; ${versions.join("; ")}.`,
     `File: ${options.sizeMib} MiB of random data, page cache before: ${cacheBefore}, after: ${cacheAfter}.`,
     `Unix sockets; fio runs of ${options.runtimeSeconds} s, one job (one connection); nbdcopy with its defaults` +
-      " (multi-conn), median of 3 runs after a warm-up run.",
+      " (multi-conn): a warm-up copy per server, then 5 rounds alternating between the servers, median.",
     "Ratios: blocksnap relative to the peer, above 1× means blocksnap is faster. blocksnap runs its full stack" +
       " (Engine, Tracker with CBT, CheckedDevice, NBD); [ours: …] names the export measured — the image of a" +
       " freshly taken snapshot, or the origin, plain or with a snapshot held. The peers serve the plain file.",

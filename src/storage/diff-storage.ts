@@ -138,9 +138,14 @@ export class DiffStorage {
     await location.area.device.read(location.offsetBytes + offsetInRegionBytes, target);
   }
 
+  /**
+   * Storage writes are synchronous: they sit on the copy-before-write path of an origin write that waits
+   * for them under a chunk lock, where a hop through the libuv pool cost a quarter of the IOPS of 4 KiB
+   * first-touch writes (measured with 64 KiB and 256 KiB chunks).
+   */
   async write(location: StorageLocation, offsetInRegionBytes: number, source: Uint8Array): Promise<void> {
     if (this.closed) throw new BlockError("EIO", "difference storage is closed");
-    await location.area.device.write(location.offsetBytes + offsetInRegionBytes, source);
+    location.area.device.writeSync(location.offsetBytes + offsetInRegionBytes, source);
   }
 
   async flush(): Promise<void> {
