@@ -173,3 +173,33 @@ test("fio verifies the origin while snapshots are taken and destroyed underneath
   assert.ok(job.read.io_bytes > 0, "fio verified nothing");
   assert.ok(cycles >= 1, "no snapshot was taken during the run");
 });
+
+test("nbdinfo --list and --json show origin and image exports, and they come and go with the snapshot", async (t) => {
+  const skip = missingTools("nbdinfo");
+  if (skip) return t.skip(skip);
+  const snapshot = await engine.createSnapshot({
+    storage: "memory:",
+    limitBytes: 64 * mib,
+    devices: ["disk1"],
+  });
+  await engine.takeSnapshot(snapshot.id);
+  const image = `disk1@${snapshot.id}`;
+  type Listed = { exports: Array<{ "export-name": string; description?: string; "export-size": number }> };
+  const listed = JSON.parse(await runOk("nbdinfo", ["--json", "--list", uri("disk1")])) as Listed;
+  const byName = new Map(listed.exports.map((entry) => [entry["export-name"], entry]));
+  assert.ok(byName.has("disk0") && byName.has("disk1"), "origins are listed");
+  assert.equal(byName.get(image)?.["export-size"], sizeBytes);
+  assert.match(byName.get(image)?.description ?? "", /snapshot image of disk1/);
+  type Info = {
+    exports: Array<{ "export-size": number; is_read_only: boolean; can_trim: boolean; can_flush: boolean }>;
+  };
+  const info = JSON.parse(await runOk("nbdinfo", ["--json", uri(image)])) as Info;
+  assert.equal(info.exports[0]?.["export-size"], sizeBytes);
+  assert.equal(info.exports[0]?.is_read_only, false, "images are writable, as in blksnap");
+  assert.equal(info.exports[0]?.can_flush, true);
+  const map = await runOk("nbdinfo", ["--map", uri(image)]);
+  assert.match(map, new RegExp(`^\\s*0\\s+${sizeBytes}\\s+0\\s+data`, "m"), "one data extent");
+  await engine.destroySnapshot(snapshot.id);
+  const after = JSON.parse(await runOk("nbdinfo", ["--json", "--list", uri("disk1")])) as Listed;
+  assert.ok(!after.exports.some((entry) => entry["export-name"] === image), "the image export is gone");
+});
