@@ -7,7 +7,7 @@ import { randomBytes } from "node:crypto";
 import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { test } from "node:test";
-import { FuseFixture, must, run } from "./fuse-fixture.js";
+import { directWriteThenRead, FuseFixture, must, run } from "./fuse-fixture.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -20,35 +20,13 @@ test("unaligned 1 MiB direct writes at 126 KiB, 2174 KiB and 4222 KiB through a 
   const model = randomBytes(sizeBytes);
   await backend.write(0, model);
   const loop = await fixture.attachLoop("disk0");
-  for (const [index, offsetBytes] of [126 * KiB, 2174 * KiB, 4222 * KiB].entries()) {
+  for (const offsetBytes of [126 * KiB, 2174 * KiB, 4222 * KiB]) {
     const data = randomBytes(MiB);
-    const source = join(fixture.directory, `write-${index}.bin`);
-    await writeFile(source, data);
-    await must("dd", [
-      `if=${source}`,
-      `of=${loop}`,
-      "bs=1M",
-      "count=1",
-      `seek=${offsetBytes}`,
-      "oflag=direct,seek_bytes",
-      "status=none",
-    ]);
+    const readBack = await directWriteThenRead(loop, offsetBytes, data, fixture.directory);
     model.set(data, offsetBytes);
-    const target = join(fixture.directory, `read-${index}.bin`);
-    await must("dd", [
-      `if=${loop}`,
-      `of=${target}`,
-      "bs=1M",
-      "count=1",
-      `skip=${offsetBytes}`,
-      "iflag=direct,skip_bytes",
-      "status=none",
-    ]);
-    assert.ok(
-      (await readFile(target)).equals(data),
-      `the write at ${offsetBytes} reads back through the loop`,
-    );
+    assert.ok(readBack.equals(data), `the write at ${offsetBytes} reads back through the loop`);
   }
+
   // Neighbours untouched, writes where they belong: the whole device against the model, two ways.
   const whole = join(fixture.directory, "whole.bin");
   await must("dd", [`if=${loop}`, `of=${whole}`, "bs=1M", "iflag=direct", "status=none"]);

@@ -8,7 +8,7 @@
  * a reply that this very thread has to send.
  */
 import { type ChildProcess, execFile } from "node:child_process";
-import { access, mkdir, mkdtemp, rm } from "node:fs/promises";
+import { access, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { delimiter, join } from "node:path";
 import type { TestContext } from "node:test";
@@ -68,6 +68,37 @@ async function hasTool(tool: string): Promise<boolean> {
 }
 
 /** Why this machine cannot run a root FUSE test with `tools`, or undefined when it can. */
+/**
+ * Writes `data` at byte offset `offsetBytes` of a block device with one direct dd, reads the same range back
+ * with another, and returns what was read (the unaligned-write scenario of the FUSE issue).
+ */
+export async function directWriteThenRead(
+  device: string,
+  offsetBytes: number,
+  data: Uint8Array,
+  scratchDirectory: string,
+): Promise<Buffer> {
+  const source = join(scratchDirectory, `write-${offsetBytes}.bin`);
+  const target = join(scratchDirectory, `read-${offsetBytes}.bin`);
+  await writeFile(source, data);
+  const common = [`bs=${data.byteLength}`, "count=1", "status=none"];
+  await must("dd", [
+    `if=${source}`,
+    `of=${device}`,
+    ...common,
+    `seek=${offsetBytes}`,
+    "oflag=direct,seek_bytes",
+  ]);
+  await must("dd", [
+    `if=${device}`,
+    `of=${target}`,
+    ...common,
+    `skip=${offsetBytes}`,
+    "iflag=direct,skip_bytes",
+  ]);
+  return readFile(target);
+}
+
 export async function skipReason(tools: readonly string[]): Promise<string | undefined> {
   if (process.getuid?.() !== 0) return "needs root (mounts FUSE, attaches loop devices)";
   try {

@@ -8,7 +8,7 @@ import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { test } from "node:test";
 import { directChecksum, EngineFixture, MiB } from "./engine-fixture.js";
-import { must } from "./fuse-fixture.js";
+import { directWriteThenRead, must } from "./fuse-fixture.js";
 
 const KiB = 1024;
 
@@ -57,32 +57,13 @@ test("unaligned 1 MiB direct writes at 126, 2174 and 4222 KiB into an image's lo
 
   const image = await fixture.attachLoop(`disk0@${snapshot.id}`);
   const imageModel = Buffer.from(initial);
-  for (const [index, offsetBytes] of [126 * KiB, 2174 * KiB, 4222 * KiB].entries()) {
+  for (const offsetBytes of [126 * KiB, 2174 * KiB, 4222 * KiB]) {
     const data = randomBytes(MiB);
-    const source = join(fixture.directory, `write-${index}.bin`);
-    await writeFile(source, data);
-    await must("dd", [
-      `if=${source}`,
-      `of=${image}`,
-      "bs=1M",
-      "count=1",
-      `seek=${offsetBytes}`,
-      "oflag=direct,seek_bytes",
-      "status=none",
-    ]);
+    const readBack = await directWriteThenRead(image, offsetBytes, data, fixture.directory);
     imageModel.set(data, offsetBytes);
-    const target = join(fixture.directory, `read-${index}.bin`);
-    await must("dd", [
-      `if=${image}`,
-      `of=${target}`,
-      "bs=1M",
-      "count=1",
-      `skip=${offsetBytes}`,
-      "iflag=direct,skip_bytes",
-      "status=none",
-    ]);
-    assert.ok((await readFile(target)).equals(data), `the image write at ${offsetBytes} reads back`);
+    assert.ok(readBack.equals(data), `the image write at ${offsetBytes} reads back`);
   }
+
   const whole = join(fixture.directory, "image-whole.bin");
   await must("dd", [`if=${image}`, `of=${whole}`, "bs=1M", "iflag=direct", "status=none"]);
   assert.ok(
