@@ -3,8 +3,28 @@
  * The engine implements ExportSource; faces know nothing of snapshots. An export's device may start
  * failing every request with EIO (its snapshot was corrupted or destroyed) while a client still holds it:
  * faces keep answering with that error, they never hang.
+ *
+ * An export may carry metadata contexts beyond what its device reports (NBD's `base:allocation` comes from
+ * the device's extents): for example an image's CBT as `qemu:dirty-bitmap:cbt`. Faces see only names and
+ * extents, never snapshots or maps.
  */
 import type { BlockDevice } from "./device.js";
+
+/** One run of a metadata context: `flags` as NBD defines them for that context. */
+export interface MetaContextExtent {
+  readonly lengthBytes: number;
+  readonly flags: number;
+}
+
+export interface MetaContext {
+  /** The full NBD context name, `namespace:leaf`, e.g. `qemu:dirty-bitmap:cbt`. */
+  readonly name: string;
+  /**
+   * Runs covering [offsetBytes, offsetBytes + lengthBytes) from offsetBytes, in order; may cover less,
+   * never more. The range is already checked against the device size. Errors are BlockErrors.
+   */
+  extents(offsetBytes: number, lengthBytes: number): Promise<readonly MetaContextExtent[]>;
+}
 
 export interface Export {
   /** Origin `<device>` or image `<device>@<snapshot-id>`. */
@@ -13,6 +33,8 @@ export interface Export {
   /** Already wrapped in a CheckedDevice. */
   readonly device: BlockDevice;
   readonly readOnly: boolean;
+  /** Extra metadata contexts (unique names, none named `base:allocation`); absent means none. */
+  readonly metaContexts?: readonly MetaContext[];
 }
 
 export interface ExportSource {

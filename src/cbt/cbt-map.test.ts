@@ -236,3 +236,86 @@ test("a changed device size at take resets the map to the new size", () => {
   assert.equal(cbt.generationId, grownGeneration);
   assert.equal(cbt.changesNumber, 2);
 });
+
+/** The changed runs as [startBytes, lengthBytes] pairs, from `offsetBytes`. */
+function changedSpans(cbt: CbtMap, offsetBytes: number, lengthBytes: number): Array<[number, number]> {
+  const spans: Array<[number, number]> = [];
+  let positionBytes = offsetBytes;
+  for (const run of cbt.changedRuns(offsetBytes, lengthBytes)) {
+    if (run.changed) spans.push([positionBytes, run.lengthBytes]);
+    positionBytes += run.lengthBytes;
+  }
+  return spans;
+}
+
+test("changedRuns: nothing is changed before the first take, even with writes", () => {
+  const cbt = new CbtMap(4 * MiB);
+  cbt.set(0, 3 * block);
+  assert.deepEqual(cbt.changedRuns(0, 4 * MiB), [{ lengthBytes: 4 * MiB, changed: false }]);
+});
+
+test("changedRuns: reports the blocks written in the last epoch only, merged into runs", () => {
+  const cbt = new CbtMap(4 * MiB);
+  cbt.set(0, block); // epoch 1
+  cbt.switchAtTake(4 * MiB); // changesNumber 1
+  assert.deepEqual(changedSpans(cbt, 0, 4 * MiB), [[0, block]]);
+  cbt.set(2 * block + 5, 2 * block); // touches blocks 2..4, epoch 2
+  cbt.set(10 * block, 1); // block 10
+  cbt.switchAtTake(4 * MiB); // changesNumber 2: block 0 (epoch 1) is no longer changed
+  assert.equal(cbt.changesNumber, 2);
+  assert.deepEqual(changedSpans(cbt, 0, 4 * MiB), [
+    [2 * block, 3 * block],
+    [10 * block, block],
+  ]);
+  const runs = cbt.changedRuns(0, 4 * MiB);
+  assert.equal(
+    runs.reduce((sum, run) => sum + run.lengthBytes, 0),
+    4 * MiB,
+    "the runs cover the whole range",
+  );
+  assert.equal(runs.length, 5, "unchanged, changed, unchanged, changed, unchanged");
+  // Later origin writes go to the live map only: the answer stays that of the take.
+  cbt.set(0, 4 * MiB);
+  assert.deepEqual(changedSpans(cbt, 0, 4 * MiB), [
+    [2 * block, 3 * block],
+    [10 * block, block],
+  ]);
+});
+
+test("changedRuns: setBoth (mark-dirty) raises a block into the current answer", () => {
+  const cbt = new CbtMap(4 * MiB);
+  cbt.switchAtTake(4 * MiB);
+  assert.deepEqual(changedSpans(cbt, 0, 4 * MiB), []);
+  cbt.setBoth(7 * block, block);
+  assert.deepEqual(changedSpans(cbt, 0, 4 * MiB), [[7 * block, block]]);
+});
+
+test("changedRuns: starts mid-block, clips to the range and to the device size, honours runsMax", () => {
+  const sizeBytes = 10 * block + 100; // a partial last block
+  const cbt = new CbtMap(sizeBytes);
+  cbt.set(block, block);
+  cbt.set(3 * block, block);
+  cbt.set(10 * block, 50);
+  cbt.switchAtTake(sizeBytes);
+  assert.deepEqual(cbt.changedRuns(block + 10, 20), [{ lengthBytes: 20, changed: true }]);
+  assert.deepEqual(cbt.changedRuns(block + 10, block), [
+    { lengthBytes: block - 10, changed: true },
+    { lengthBytes: 10, changed: false },
+  ]);
+  assert.deepEqual(cbt.changedRuns(9 * block, 4 * block), [
+    { lengthBytes: block, changed: false },
+    { lengthBytes: 100, changed: true },
+  ]);
+  assert.deepEqual(cbt.changedRuns(sizeBytes, block), []);
+  assert.deepEqual(cbt.changedRuns(0, sizeBytes, 2), [
+    { lengthBytes: block, changed: false },
+    { lengthBytes: block, changed: true },
+  ]);
+});
+
+test("changedRuns: a corrupted map answers EFAULT", () => {
+  const cbt = new CbtMap(4 * MiB);
+  cbt.switchAtTake(4 * MiB);
+  assert.throws(() => cbt.set(4 * MiB, 1), isErrno("EINVAL"));
+  assert.throws(() => cbt.changedRuns(0, block), isErrno("EFAULT"));
+});

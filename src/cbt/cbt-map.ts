@@ -24,6 +24,8 @@ import { assert } from "../util/assert.js";
 import { cbtGeometry } from "./cbt-geometry.js";
 
 export const snapNumberMax = 255;
+/** Default bound on the runs of one changedRuns() answer (the NBD face's extents per reply). */
+const changedRunsMaxDefault = 64 * 1024;
 
 export class CbtMap {
   readonly blockSizeBytes: number;
@@ -128,6 +130,42 @@ export class CbtMap {
   readMapCopy(): Uint8Array {
     if (this.corrupted) throw new BlockError("EFAULT", "CBT map is corrupted until the next take");
     return this.readMap.slice();
+  }
+
+  /**
+   * Runs over [offsetBytes, offsetBytes + lengthBytes), clipped to the device size, of blocks "changed in
+   * the last epoch": readMap[i] >= changesNumber (written since the previous take of this generation, or
+   * raised by setBoth). Reads the map in place (no copy). Before the first take nothing is changed. At most
+   * `runsMax` runs: the answer may then cover less than asked (what NBD's BLOCK_STATUS allows).
+   */
+  changedRuns(
+    offsetBytes: number,
+    lengthBytes: number,
+    runsMax: number = changedRunsMaxDefault,
+  ): Array<{ lengthBytes: number; changed: boolean }> {
+    assert(Number.isSafeInteger(offsetBytes) && offsetBytes >= 0, "CBT offset must be a safe integer");
+    assert(Number.isSafeInteger(lengthBytes) && lengthBytes >= 0, "CBT length must be a safe integer");
+    assert(Number.isSafeInteger(runsMax) && runsMax > 0, "runsMax must be positive");
+    if (this.corrupted) throw new BlockError("EFAULT", "CBT map is corrupted until the next take");
+    const endBytes = Math.min(offsetBytes + lengthBytes, this.deviceSizeBytesAtCreate);
+    const runs: Array<{ lengthBytes: number; changed: boolean }> = [];
+    const previous = this.snapNumberPrevious;
+    const readMap = this.readMap;
+    let positionBytes = offsetBytes;
+    while (positionBytes < endBytes) {
+      const blockIndex = Math.floor(positionBytes / this.blockSizeBytes);
+      const changed = previous > 0 && readMap[blockIndex]! >= previous;
+      const blockEndBytes = Math.min(endBytes, (blockIndex + 1) * this.blockSizeBytes);
+      const last = runs[runs.length - 1];
+      if (last && last.changed === changed) {
+        last.lengthBytes += blockEndBytes - positionBytes;
+      } else {
+        if (runs.length >= runsMax) break;
+        runs.push({ lengthBytes: blockEndBytes - positionBytes, changed });
+      }
+      positionBytes = blockEndBytes;
+    }
+    return runs;
   }
 
   /** A copy of the live write map (tests and diagnostics). */

@@ -25,7 +25,7 @@ import { MemoryBackend } from "../backends/memory-backend.js";
 import { CheckedDevice } from "../block/checked-device.js";
 import type { BlockDevice } from "../block/device.js";
 import { BlockError } from "../block/errors.js";
-import type { Export, ExportSource } from "../block/export-source.js";
+import type { Export, ExportSource, MetaContext } from "../block/export-source.js";
 import { isValidCbtBlockSize } from "../cbt/cbt-geometry.js";
 import { CbtMap } from "../cbt/cbt-map.js";
 import { Tracker } from "../stages/tracker.js";
@@ -320,6 +320,7 @@ export class Engine implements ExportSource {
         description: `snapshot image of ${name}, snapshot ${id}`,
         device: new CheckedDevice(member.image),
         readOnly: false,
+        metaContexts: [cbtMetaContext(snapshot, member.tracker.cbt)],
       });
     }
     const info = snapshot.info();
@@ -510,4 +511,27 @@ function backendRealPath(path: string): string | null {
   } catch {
     return null;
   }
+}
+
+/** NBD's NBD_STATE_DIRTY, bit 0 of a `qemu:dirty-bitmap:*` context. */
+const nbdStateDirty = 1;
+
+/**
+ * The image's CBT as `qemu:dirty-bitmap:cbt`: dirty = changed in the epoch that ended at this take. The
+ * read map is frozen at take and the device is in one snapshot at a time, so the answer is stable while
+ * the snapshot lives (set_both may still raise blocks, which is right to report). Once the snapshot is
+ * destroyed the next take may switch the map: then the context fails with EIO, like the image.
+ */
+function cbtMetaContext(snapshot: Snapshot, cbt: CbtMap): MetaContext {
+  return {
+    name: "qemu:dirty-bitmap:cbt",
+    extents: async (offsetBytes, lengthBytes) => {
+      if (snapshot.state === "destroyed") {
+        throw new BlockError("EIO", `Snapshot ${snapshot.id} was destroyed`);
+      }
+      return cbt
+        .changedRuns(offsetBytes, lengthBytes)
+        .map((run) => ({ lengthBytes: run.lengthBytes, flags: run.changed ? nbdStateDirty : 0 }));
+    },
+  };
 }

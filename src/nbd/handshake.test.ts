@@ -11,8 +11,12 @@ import {
   NBD_OPT_EXPORT_NAME,
   NBD_OPT_GO,
   NBD_OPT_INFO,
+  NBD_OPT_LIST_META_CONTEXT,
+  NBD_OPT_SET_META_CONTEXT,
   NBD_OPT_STRUCTURED_REPLY,
   NBD_REP_ACK,
+  NBD_REP_ERR_INVALID,
+  NBD_REP_META_CONTEXT,
 } from "./nbd-protocol.js";
 
 function handshake(readOnly = false) {
@@ -76,4 +80,89 @@ test("decodeString accepts UTF-8 up to 4096 bytes without NUL", () => {
   assert.equal(decodeString(Buffer.from("x".repeat(4097))), undefined);
   assert.equal(decodeString(Buffer.from("a\0b")), undefined);
   assert.equal(decodeString(Buffer.from([0xc3])), undefined);
+});
+
+const dirtyContext = { name: "qemu:dirty-bitmap:cbt", extents: async () => [] };
+
+function contextHandshake() {
+  const device = new CheckedDevice(new MemoryBackend(1 << 20));
+  const source = new StaticExportSource([
+    { name: "image", description: "", device, readOnly: false, metaContexts: [dirtyContext] },
+    { name: "origin", description: "", device, readOnly: false },
+  ]);
+  const machine = new Handshake({ source, requestLengthBytesMax: 32 << 20 });
+  assert.equal(machine.onClientFlags(3).kind, "continue");
+  return machine;
+}
+
+function metaContextPayload(exportName: string, queries: readonly string[]): Buffer {
+  const string = (text: string) => {
+    const bytes = Buffer.from(text);
+    const length = Buffer.alloc(4);
+    length.writeUInt32BE(bytes.byteLength, 0);
+    return Buffer.concat([length, bytes]);
+  };
+  const count = Buffer.alloc(4);
+  count.writeUInt32BE(queries.length, 0);
+  return Buffer.concat([string(exportName), count, ...queries.map(string)]);
+}
+
+/** The [id, name] pairs of the META_CONTEXT replies of a step, which must end with ACK. */
+function contextsOf(replies: readonly Buffer[]): Array<[number, string]> {
+  assert.equal(replies.at(-1)!.readUInt32BE(12), NBD_REP_ACK);
+  return replies.slice(0, -1).map((reply) => {
+    assert.equal(reply.readUInt32BE(12), NBD_REP_META_CONTEXT);
+    return [reply.readUInt32BE(20), reply.subarray(24).toString("utf8")];
+  });
+}
+
+test("Handshake LIST_META_CONTEXT: all, namespace wildcards, exact names; unknown namespaces ignored", () => {
+  const machine = contextHandshake();
+  const list = (exportName: string, queries: readonly string[]) =>
+    contextsOf(machine.onOption(NBD_OPT_LIST_META_CONTEXT, metaContextPayload(exportName, queries)).replies);
+  const both: Array<[number, string]> = [
+    [0, "base:allocation"],
+    [0, "qemu:dirty-bitmap:cbt"],
+  ];
+  assert.deepEqual(list("image", []), both);
+  assert.deepEqual(list("image", ["qemu:"]), [[0, "qemu:dirty-bitmap:cbt"]]);
+  assert.deepEqual(list("image", ["qemu:dirty-bitmap:"]), [[0, "qemu:dirty-bitmap:cbt"]]);
+  assert.deepEqual(list("image", ["base:"]), [[0, "base:allocation"]]);
+  assert.deepEqual(list("image", ["x-unknown:", "qemu:dirty-bitmap:other"]), []);
+  assert.deepEqual(list("image", ["base:", "qemu:", "qemu:dirty-bitmap:cbt"]), both, "no duplicates");
+  assert.deepEqual(list("origin", []), [[0, "base:allocation"]]);
+  assert.deepEqual(list("origin", ["qemu:"]), []);
+});
+
+test("Handshake SET_META_CONTEXT: exact names, unique ids, bound at GO to the same export only", () => {
+  const machine = contextHandshake();
+  const set = (exportName: string, queries: readonly string[]) =>
+    machine.onOption(NBD_OPT_SET_META_CONTEXT, metaContextPayload(exportName, queries)).replies;
+  const refused = set("image", ["qemu:dirty-bitmap:cbt"]);
+  assert.equal(refused[0]!.readUInt32BE(12), NBD_REP_ERR_INVALID, "structured replies come first");
+  assert.equal(machine.onOption(NBD_OPT_STRUCTURED_REPLY, Buffer.alloc(0)).kind, "continue");
+  assert.deepEqual(contextsOf(set("image", ["qemu:", "base:"])), [], "wildcards select nothing");
+  const selected = contextsOf(set("image", ["qemu:dirty-bitmap:cbt", "base:allocation"]));
+  assert.deepEqual(
+    selected.map(([, name]) => name),
+    ["base:allocation", "qemu:dirty-bitmap:cbt"],
+  );
+  assert.equal(new Set(selected.map(([id]) => id)).size, 2, "ids are unique");
+  assert.ok(selected.every(([id]) => id !== 0));
+  const go = machine.onOption(NBD_OPT_GO, goPayload("image"));
+  assert.equal(go.kind, "transmission");
+  if (go.kind !== "transmission") return;
+  assert.equal(go.session.baseAllocationContextId, selected[0]![0]);
+  assert.equal(go.session.metaContexts.length, 1);
+  assert.equal(go.session.metaContexts[0]!.id, selected[1]![0]);
+  assert.equal(go.session.metaContexts[0]!.context, dirtyContext);
+
+  const other = contextHandshake();
+  assert.equal(other.onOption(NBD_OPT_STRUCTURED_REPLY, Buffer.alloc(0)).kind, "continue");
+  other.onOption(NBD_OPT_SET_META_CONTEXT, metaContextPayload("image", ["qemu:dirty-bitmap:cbt"]));
+  const goOrigin = other.onOption(NBD_OPT_GO, goPayload("origin"));
+  assert.equal(goOrigin.kind, "transmission");
+  if (goOrigin.kind !== "transmission") return;
+  assert.equal(goOrigin.session.baseAllocationContextId, 0);
+  assert.deepEqual(goOrigin.session.metaContexts, [], "selected for another export: no context");
 });

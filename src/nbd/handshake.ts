@@ -8,11 +8,18 @@
  * every other option (STARTTLS, EXTENDED_HEADERS, PEEK_EXPORT, unknown numbers) gets NBD_REP_ERR_UNSUP and
  * haggling continues. Exports are looked up in the ExportSource when INFO, GO or EXPORT_NAME arrives. INFO
  * and GO build their replies with the same function, so they cannot differ (the nbd-server 3.24 bug in
- * nbd-and-stack.md §1.2). The only metadata context is base:allocation, id 1, valid for the export named
- * in the last SET_META_CONTEXT only.
+ * nbd-and-stack.md §1.2).
  *
- * Not done: TLS, extended headers, qemu:dirty-bitmap contexts, a default export for the empty name (the
- * empty name is an ordinary name and must exist in the source).
+ * Metadata contexts: every export has base:allocation (id 1, from the device's extents) plus the export's
+ * own `metaContexts` (e.g. `qemu:dirty-bitmap:cbt` on snapshot images), ids 2, 3... by their place in the
+ * export's list at SET time. LIST: no query lists all; a query ending in ':' (`base:`, `qemu:`,
+ * `qemu:dirty-bitmap:`) lists the contexts it prefixes; other queries match exact names; unknown
+ * namespaces match nothing and are ignored, never refused. SET selects exact names only (an empty leaf
+ * selects nothing, as the spec advises) and is valid for the export named in the last SET only; GO then
+ * binds the selected contexts that the export still has.
+ *
+ * Not done: TLS, extended headers, a default export for the empty name (the empty name is an ordinary
+ * name and must exist in the source).
  */
 import type { Export, ExportSource } from "../block/export-source.js";
 import {
@@ -63,7 +70,7 @@ import {
   NBD_REP_META_CONTEXT,
   NBD_REP_SERVER,
 } from "./nbd-protocol.js";
-import type { NbdSession } from "./nbd-session.js";
+import type { NbdSession, SelectedMetaContext } from "./nbd-session.js";
 
 export type HandshakeStep =
   | { readonly kind: "continue"; readonly replies: readonly Buffer[] }
@@ -85,8 +92,10 @@ export class Handshake {
   private clientFlags = 0;
   private optionCount = 0;
   private structuredReplies = false;
-  /** Export name for which base:allocation is selected; undefined when nothing is selected. */
-  private metaContextExportName: string | undefined;
+  /** The last SET_META_CONTEXT's export and its selected context names with their ids; none if empty. */
+  private metaContextSelection:
+    | { readonly exportName: string; readonly contextIds: ReadonlyMap<string, number> }
+    | undefined;
   /** Set by the server's close(): every option but ABORT is answered NBD_REP_ERR_SHUTDOWN. */
   isShuttingDown = false;
 
@@ -259,27 +268,33 @@ export class Handshake {
   private onMetaContext(option: number, payload: Buffer): HandshakeStep {
     const isSet = option === NBD_OPT_SET_META_CONTEXT;
     // SET replaces the previous selection even when it fails (spec).
-    if (isSet) this.metaContextExportName = undefined;
+    if (isSet) this.metaContextSelection = undefined;
     if (isSet && !this.structuredReplies) {
       return proceed([optionReply(option, NBD_REP_ERR_INVALID, "negotiate structured replies first")]);
     }
     const request = parseMetaContextRequest(payload);
     if (request === undefined)
       return proceed([optionReply(option, NBD_REP_ERR_INVALID, "malformed request")]);
-    if (!this.source.findExport(request.exportName)) {
+    const entry = this.source.findExport(request.exportName);
+    if (!entry) {
       const message = `export ${JSON.stringify(request.exportName)} not found`;
       return proceed([optionReply(option, NBD_REP_ERR_UNKNOWN, message)]);
     }
-    const matches = isSet
-      ? request.queries.includes(NBD_CONTEXT_BASE_ALLOCATION)
-      : request.queries.length === 0 ||
-        request.queries.some((query) => query === "base:" || query === NBD_CONTEXT_BASE_ALLOCATION);
+    const available = [NBD_CONTEXT_BASE_ALLOCATION, ...(entry.metaContexts ?? []).map(({ name }) => name)];
     const replies: Buffer[] = [];
-    if (matches) {
-      const contextId = isSet ? baseAllocationContextId : 0;
-      const body = Buffer.concat([u32(contextId), Buffer.from(NBD_CONTEXT_BASE_ALLOCATION, "latin1")]);
+    const contextIds = new Map<string, number>();
+    available.forEach((name, index) => {
+      const matches = isSet
+        ? request.queries.includes(name)
+        : request.queries.length === 0 || request.queries.some((query) => listQueryMatches(query, name));
+      if (!matches || contextIds.has(name)) return;
+      const contextId = isSet ? baseAllocationContextId + index : 0;
+      contextIds.set(name, contextId);
+      const body = Buffer.concat([u32(contextId), Buffer.from(name, "utf8")]);
       replies.push(optionReply(option, NBD_REP_META_CONTEXT, body));
-      if (isSet) this.metaContextExportName = request.exportName;
+    });
+    if (isSet && contextIds.size > 0) {
+      this.metaContextSelection = { exportName: request.exportName, contextIds };
     }
     replies.push(optionReply(option, NBD_REP_ACK));
     return proceed(replies);
@@ -301,7 +316,14 @@ export class Handshake {
     // We never fragment a read, so DF is always honoured, but the flag needs structured replies.
     if (this.structuredReplies) flags |= NBD_FLAG_SEND_DF;
     if (caps.canMultiConn) flags |= NBD_FLAG_CAN_MULTI_CONN;
-    const hasContext = this.structuredReplies && this.metaContextExportName === entry.name;
+    const selection = this.metaContextSelection;
+    const contextIds =
+      this.structuredReplies && selection?.exportName === entry.name ? selection.contextIds : undefined;
+    const metaContexts: SelectedMetaContext[] = [];
+    for (const context of entry.metaContexts ?? []) {
+      const id = contextIds?.get(context.name);
+      if (id !== undefined) metaContexts.push({ id, context });
+    }
     return {
       exportName: entry.name,
       device,
@@ -309,7 +331,8 @@ export class Handshake {
       isReadOnly,
       transmissionFlags: flags,
       structuredReplies: this.structuredReplies,
-      baseAllocationContextId: hasContext ? baseAllocationContextId : 0,
+      baseAllocationContextId: contextIds?.get(NBD_CONTEXT_BASE_ALLOCATION) ?? 0,
+      metaContexts,
       requestLengthBytesMax: this.requestLengthBytesMax,
     };
   }
@@ -346,6 +369,11 @@ function parseMetaContextRequest(payload: Buffer): MetaContextRequest | undefine
   }
   if (positionBytes !== payload.byteLength) return undefined;
   return { exportName, queries };
+}
+
+/** LIST: a query ending in ':' is a wildcard for the names it prefixes; any other query is an exact name. */
+function listQueryMatches(query: string, name: string): boolean {
+  return query === name || (query.endsWith(":") && name.startsWith(query));
 }
 
 const utf8Decoder = new TextDecoder("utf-8", { fatal: true });

@@ -3,6 +3,13 @@
  * that was negotiated. Immutable once the transmission starts (NBD has no renegotiation without TLS).
  */
 import type { BlockDevice } from "../block/device.js";
+import type { MetaContext } from "../block/export-source.js";
+
+/** An export's own metadata context selected by SET_META_CONTEXT, with its per-connection id. */
+export interface SelectedMetaContext {
+  readonly id: number;
+  readonly context: MetaContext;
+}
 
 export interface NbdSession {
   readonly exportName: string;
@@ -16,6 +23,8 @@ export interface NbdSession {
   readonly structuredReplies: boolean;
   /** Id of the selected base:allocation context, 0 when none was selected for this export. */
   readonly baseAllocationContextId: number;
+  /** The export's other selected contexts, in the order their BLOCK_STATUS chunks are sent (after base). */
+  readonly metaContexts: readonly SelectedMetaContext[];
   /** Largest READ/WRITE payload (advertised as the maximum block size). */
   readonly requestLengthBytesMax: number;
 }

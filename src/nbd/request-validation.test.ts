@@ -43,6 +43,7 @@ function session(overrides: Partial<NbdSession> = {}): NbdSession {
     transmissionFlags: allFlags,
     structuredReplies: true,
     baseAllocationContextId: 1,
+    metaContexts: [],
     requestLengthBytesMax: 32 << 20,
     ...overrides,
   };
@@ -147,6 +148,11 @@ test("validateRequest refuses unknown commands and flags, flags on the wrong com
   assert.equal(validate(zeroNoFast, NBD_CMD_WRITE_ZEROES, NBD_CMD_FLAG_NO_HOLE, 0n, 512), undefined);
   const noContext = session({ baseAllocationContextId: 0 });
   assert.equal(validate(noContext, NBD_CMD_BLOCK_STATUS, 0, 0n, 512), "EINVAL");
+  const dirtyOnly = session({
+    baseAllocationContextId: 0,
+    metaContexts: [{ id: 2, context: { name: "qemu:dirty-bitmap:x", extents: async () => [] } }],
+  });
+  assert.equal(validate(dirtyOnly, NBD_CMD_BLOCK_STATUS, 0, 0n, 512), undefined, "any context will do");
 });
 
 test("validateRequest refuses modifications of a read-only export with EPERM, even past the end", () => {

@@ -76,7 +76,8 @@ export function validateRequest(
   if (command === NBD_CMD_TRIM && (flags & NBD_FLAG_SEND_TRIM) === 0) return "EINVAL";
   if (command === NBD_CMD_WRITE_ZEROES && (flags & NBD_FLAG_SEND_WRITE_ZEROES) === 0) return "EINVAL";
   if (command === NBD_CMD_BLOCK_STATUS) {
-    if (!session.structuredReplies || session.baseAllocationContextId === 0) return "EINVAL";
+    const hasContext = session.baseAllocationContextId !== 0 || session.metaContexts.length > 0;
+    if (!session.structuredReplies || !hasContext) return "EINVAL";
   }
 
   // Every remaining command addresses a range: READ, WRITE, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS.

@@ -11,6 +11,10 @@
  * BLOCK_STATUS are structured when structured replies were negotiated, every other reply is simple (as
  * nbdkit does).
  *
+ * BLOCK_STATUS answers one chunk per context selected at SET_META_CONTEXT (base:allocation from the
+ * device's extents, then the export's own contexts such as qemu:dirty-bitmap:cbt), each clipped to the
+ * request, at most extentsPerReplyMax descriptors (one with REQ_ONE); the last chunk carries DONE.
+ *
  * Error model: a BlockError's errno goes through errno-map.ts; anything else thrown below is a bug that we
  * log and answer EIO: the connection and the daemon stay up. Nothing here throws.
  *
@@ -285,46 +289,81 @@ export class Transmission {
     this.sink.sendReply(chunk, onWritten);
   }
 
+  /**
+   * One BLOCK_STATUS chunk per selected context (base:allocation first, then the export's own), the last
+   * with DONE. Every context is asked before anything is sent, so an error is still a single ERROR chunk
+   * and the chunks leave without an await between them.
+   */
   private async blockStatus(request: NbdRequest): Promise<void> {
-    const extents = await this.session.device.extents!(request.offsetBytes, request.lengthBytes);
+    const { offsetBytes, lengthBytes } = request;
     const isReqOne = (request.commandFlags & NBD_CMD_FLAG_REQ_ONE) !== 0;
-    // Descriptors: u32 length, u32 flags; consecutive extents with the same status are merged.
-    const descriptors: number[] = [];
-    let coveredBytes = 0;
-    for (const extent of extents) {
-      if (coveredBytes >= request.lengthBytes) break;
-      const lengthBytes = Math.min(extent.lengthBytes, request.lengthBytes - coveredBytes);
-      if (!(lengthBytes > 0)) continue;
-      const status = (extent.isHole ? NBD_STATE_HOLE : 0) | (extent.isZero ? NBD_STATE_ZERO : 0);
-      const count = descriptors.length;
-      if (count > 0 && descriptors[count - 1] === status) {
-        descriptors[count - 2]! += lengthBytes;
-      } else {
-        if (count / 2 >= extentsPerReplyMax || (isReqOne && count > 0)) break;
-        descriptors.push(lengthBytes, status);
-      }
-      coveredBytes += lengthBytes;
+    const chunks: Array<{ readonly contextId: number; readonly descriptors: number[] }> = [];
+    const baseContextId = this.session.baseAllocationContextId;
+    if (baseContextId !== 0) {
+      const extents = await this.session.device.extents!(offsetBytes, lengthBytes);
+      const statuses = extents.map((extent) => ({
+        lengthBytes: extent.lengthBytes,
+        flags: (extent.isHole ? NBD_STATE_HOLE : 0) | (extent.isZero ? NBD_STATE_ZERO : 0),
+      }));
+      chunks.push({ contextId: baseContextId, descriptors: descriptorsOf(statuses, lengthBytes, isReqOne) });
     }
-    if (descriptors.length === 0) {
+    for (const { id, context } of this.session.metaContexts) {
+      const statuses = await context.extents(offsetBytes, lengthBytes);
+      chunks.push({ contextId: id, descriptors: descriptorsOf(statuses, lengthBytes, isReqOne) });
+    }
+    const empty = chunks.find((chunk) => chunk.descriptors.length === 0);
+    if (chunks.length === 0 || empty) {
       this.logger.error(
-        { export: this.session.exportName, offsetBytes: request.offsetBytes },
-        "device returned no extents (a bug below the NBD face); answered EIO",
+        { export: this.session.exportName, offsetBytes, contextId: empty?.contextId },
+        "a metadata context returned no extents (a bug below the NBD face); answered EIO",
       );
       this.sendError(request, "EIO");
       return;
     }
-    const payloadBytes = 4 + 4 * descriptors.length;
-    const reply = Buffer.allocUnsafe(NBD_STRUCTURED_REPLY_HEADER_BYTES + payloadBytes);
-    writeStructuredHeader(reply, 0, request, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, payloadBytes);
-    let positionBytes = NBD_STRUCTURED_REPLY_HEADER_BYTES;
-    reply.writeUInt32BE(this.session.baseAllocationContextId, positionBytes);
-    positionBytes += 4;
-    for (const value of descriptors) {
-      reply.writeUInt32BE(value, positionBytes);
+    for (let index = 0; index < chunks.length; index += 1) {
+      const { contextId, descriptors } = chunks[index]!;
+      const flags = index === chunks.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
+      const payloadBytes = 4 + 4 * descriptors.length;
+      const reply = Buffer.allocUnsafe(NBD_STRUCTURED_REPLY_HEADER_BYTES + payloadBytes);
+      writeStructuredHeader(reply, 0, request, flags, NBD_REPLY_TYPE_BLOCK_STATUS, payloadBytes);
+      let positionBytes = NBD_STRUCTURED_REPLY_HEADER_BYTES;
+      reply.writeUInt32BE(contextId, positionBytes);
       positionBytes += 4;
+      for (const value of descriptors) {
+        reply.writeUInt32BE(value, positionBytes);
+        positionBytes += 4;
+      }
+      this.sink.sendReply(reply);
     }
-    this.sink.sendReply(reply);
   }
+}
+
+/**
+ * Block status descriptors (u32 length, u32 flags, flattened) from runs that start at the request's
+ * offset: clipped to the request, consecutive runs with the same flags merged, at most extentsPerReplyMax
+ * descriptors, one with REQ_ONE. Empty when the runs cover nothing.
+ */
+function descriptorsOf(
+  runs: readonly { readonly lengthBytes: number; readonly flags: number }[],
+  requestLengthBytes: number,
+  isReqOne: boolean,
+): number[] {
+  const descriptors: number[] = [];
+  let coveredBytes = 0;
+  for (const run of runs) {
+    if (coveredBytes >= requestLengthBytes) break;
+    const lengthBytes = Math.min(run.lengthBytes, requestLengthBytes - coveredBytes);
+    if (!(lengthBytes > 0)) continue;
+    const count = descriptors.length;
+    if (count > 0 && descriptors[count - 1] === run.flags) {
+      descriptors[count - 2]! += lengthBytes;
+    } else {
+      if (count / 2 >= extentsPerReplyMax || (isReqOne && count > 0)) break;
+      descriptors.push(lengthBytes, run.flags);
+    }
+    coveredBytes += lengthBytes;
+  }
+  return descriptors;
 }
 
 function zeroFlagsOf(request: NbdRequest): ZeroFlags | undefined {
