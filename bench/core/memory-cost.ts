@@ -8,10 +8,10 @@
  * B. Chunk map: takes a snapshot with 4 KiB chunks of a file device and touches 100,000 chunks with
  *    4 KiB origin writes (each preserves one chunk); the heap growth per touched chunk is the DiffArea's
  *    per-chunk cost. Storage is a file in a temp dir (its data is not in the process) or `memory:` (its
- *    data is, as ArrayBuffers). Also times snapshotInfo(), which walks the chunk map.
- * C. A model of the chunk-map entry (the same Map<number, {area, offsetBytes}> shape) with storage offsets
- *    below and above 2 GiB: integers ≥ 2^31 are not Smis on x64 and may be stored as doubles, and the
- *    engine's real run (B) stays below 2 GiB of storage.
+ *    data is, as ArrayBuffers). Also times snapshotInfo(), which reads a counter.
+ * C. A model of the chunk-map entry (the same Map<number, number> shape: one location code per chunk)
+ *    with storage offsets below and above 2 GiB: integers ≥ 2^31 are not Smis on x64 and are stored as
+ *    heap numbers, and the engine's real run (B) stays below 2 GiB of storage.
  *
  * Needs --expose-gc; run without it, the script re-runs itself with it.
  */
@@ -231,11 +231,10 @@ async function measureChunks(storageKind: "file" | "memory"): Promise<{ rows: Ch
 // ---- C. model of one chunk-map entry, below and above 2 GiB of storage ----
 
 function modelEntryBytes(firstOffsetBytes: number, entryCount: number): number {
-  const area = { name: "area" };
   const before = sample();
-  const chunks = new Map<number, { readonly area: object; readonly offsetBytes: number }>();
+  const chunks = new Map<number, number>();
   for (let i = 0; i < entryCount; i++) {
-    chunks.set(i, { area, offsetBytes: firstOffsetBytes + i * 4 * KiB });
+    chunks.set(i, firstOffsetBytes + i * 4 * KiB);
   }
   const grown = delta(sample(), before);
   if (chunks.size !== entryCount) throw new Error("model map lost entries");
@@ -276,7 +275,7 @@ printSection(
       `storage), ${fixed(memoryChunks.infoUs, 0)} µs (memory storage): the stored-chunk count is kept as a ` +
       "counter, so this does not grow with the chunk map.",
     "",
-    `Model of one entry (\`Map<number, {area, offsetBytes}>\`, ${modelCount} entries): storage offsets ` +
+    `Model of one entry (\`Map<number, number>\`, ${modelCount} entries): storage offsets ` +
       `< 2 GiB: ${fixed(modelLow, 1)} B/entry; offsets ≥ 4 GiB (not Smis on x64): ${fixed(modelHigh, 1)} ` +
       "B/entry.",
     "",

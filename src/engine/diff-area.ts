@@ -35,6 +35,8 @@ import { ChunkGeometry, type ChunkPiece } from "./chunk-geometry.js";
 import type { OnCowError } from "./engine-types.js";
 
 const failedChunk = "failed" as const;
+/** The chunk map's value for a failed chunk; stored chunks hold DiffStorage location codes (≥ 0). */
+const failedCode = -1;
 const chunkBuffersPooledMax = 8;
 type ChunkEntry = StorageLocation | typeof failedChunk;
 
@@ -56,7 +58,8 @@ export class DiffArea {
   private readonly storage: DiffStorage;
   private readonly onCowError: OnCowError;
   private readonly onCorrupted: (errno: Errno) => void;
-  private readonly chunks = new Map<number, ChunkEntry>();
+  /** Touched chunks only: one location code each (~37-53 B with the Map's own cost), decoded on use. */
+  private readonly chunks = new Map<number, number>();
   private readonly locks = new KeyedMutex();
   private corruptedErrno: Errno | null = null;
   private destroyed = false;
@@ -99,8 +102,8 @@ export class DiffArea {
   }
 
   isChunkStored(chunkIndex: number): boolean {
-    const entry = this.chunks.get(chunkIndex);
-    return entry !== undefined && entry !== failedChunk;
+    const code = this.chunks.get(chunkIndex);
+    return code !== undefined && code !== failedCode;
   }
 
   // ---- origin write path (called by the Tracker before it writes the origin) ----
@@ -142,7 +145,7 @@ export class DiffArea {
       } catch (error) {
         const blockError = toBlockError(error, `copy-before-write of ${this.deviceName} chunk ${chunkIndex}`);
         if (this.onCowError === "fail-origin-write") throw blockError;
-        this.chunks.set(chunkIndex, failedChunk);
+        this.chunks.set(chunkIndex, failedCode);
         this.setCorrupted(blockError.errno);
       } finally {
         this.giveBuffer(buffer);
@@ -152,9 +155,16 @@ export class DiffArea {
     }
   }
 
+  private entry(chunkIndex: number): ChunkEntry | undefined {
+    const code = this.chunks.get(chunkIndex);
+    if (code === undefined) return undefined;
+    if (code === failedCode) return failedChunk;
+    return this.storage.locationAt(code);
+  }
+
   private setStored(chunkIndex: number, location: StorageLocation): void {
     assert(!this.chunks.has(chunkIndex), "a chunk is stored once");
-    this.chunks.set(chunkIndex, location);
+    this.chunks.set(chunkIndex, this.storage.locationCode(location));
     this.storedCount++;
   }
 
@@ -179,7 +189,7 @@ export class DiffArea {
       // Consecutive chunks still on the origin are read with one origin read under all their locks.
       let run: ChunkPiece[] = [];
       for (const piece of this.geometry.pieces(offsetBytes, target.byteLength)) {
-        const entry = this.chunks.get(piece.chunkIndex);
+        const entry = this.entry(piece.chunkIndex);
         if (entry === failedChunk) throw this.usableError();
         if (entry === undefined) {
           run.push(piece);
@@ -228,7 +238,7 @@ export class DiffArea {
             piece.pieceOffsetBytes,
             piece.pieceOffsetBytes + piece.lengthBytes,
           );
-          const entry = this.chunks.get(piece.chunkIndex);
+          const entry = this.entry(piece.chunkIndex);
           if (entry === failedChunk) throw this.usableError();
           if (entry) await this.storage.read(entry, piece.inChunkBytes, pieceTarget);
           else
@@ -280,7 +290,7 @@ export class DiffArea {
     const release = await this.locks.lock(chunkIndex);
     try {
       this.checkUsable();
-      const entry = this.chunks.get(chunkIndex);
+      const entry = this.entry(chunkIndex);
       if (entry === failedChunk) throw this.usableError();
       if (entry) {
         await this.storage.write(entry, inChunkBytes, source);

@@ -23,6 +23,9 @@ import { assert } from "../util/assert.js";
 import { regionAlignmentFor, StorageArea } from "./storage-area.js";
 
 export const growthPortionBytesDefault = 64 * 1024 * 1024;
+/** Bounds of the location encoding (locationCode): areas per storage and bytes per area. */
+export const areasMax = 255;
+const areaOffsetBytesLimit = 2 ** 45;
 
 export type StorageEvent =
   | { readonly type: "low_space"; readonly freeBytes: number }
@@ -59,6 +62,7 @@ export class DiffStorage {
     assert(this.growthPortionBytes > 0);
     this.onEvent = options.onEvent ?? (() => {});
     const area = StorageArea.open(options.path, { growable: true });
+    clampToEncodable(area);
     this.areas.push(area);
     // blksnap sizes a small storage at create: grow it to the first portion right away.
     if (area.growable && area.capacityBytes <= this.growthPortionBytes / 2)
@@ -96,6 +100,25 @@ export class DiffStorage {
       capacityBytes: this.capacityBytes,
       limitBytes: this.limitBytes,
     };
+  }
+
+  /**
+   * A location as one number, so a chunk map holds a number per chunk instead of an object: the area's
+   * place in this storage times 2^45 plus the offset (areas up to 32 TiB, up to 255 areas; exact in a double).
+   */
+  locationCode(location: StorageLocation): number {
+    const areaIndex = this.areas.indexOf(location.area);
+    assert(areaIndex >= 0 && areaIndex < areasMax, "location of another storage");
+    assert(location.offsetBytes >= 0 && location.offsetBytes < areaOffsetBytesLimit, "offset beyond 32 TiB");
+    return areaIndex * areaOffsetBytesLimit + location.offsetBytes;
+  }
+
+  locationAt(code: number): StorageLocation {
+    assert(Number.isSafeInteger(code) && code >= 0, "invalid location code");
+    const areaIndex = Math.floor(code / areaOffsetBytesLimit);
+    const area = this.areas[areaIndex];
+    assert(area, "location code of an unknown area");
+    return { area, offsetBytes: code - areaIndex * areaOffsetBytesLimit };
   }
 
   /** Whether one region of `lengthBytes` fits now or after growth (checked at take, like blksnap's EFAULT). */
@@ -156,7 +179,9 @@ export class DiffStorage {
   /** Adds a file, temp file, device or RAM area to a live storage. */
   append(path: string, sizeBytes?: number): StorageArea {
     if (this.closed) throw new BlockError("EIO", "difference storage is closed");
+    if (this.areas.length >= areasMax) throw new BlockError("ENOSPC", `At most ${areasMax} storage areas`);
     const area = StorageArea.open(path, { sizeBytes: sizeBytes ?? this.growthPortionBytes, growable: false });
+    clampToEncodable(area);
     if (area.capacityBytes <= area.filledBytes) {
       void area.close();
       throw new BlockError("EINVAL", `Cannot append ${JSON.stringify(path)}: it holds no usable space`);
@@ -212,6 +237,12 @@ export class DiffStorage {
     const roomBytes = this.limitBytes - this.capacityBytes;
     if (roomBytes <= 0) return;
     const stepBytes = Math.min(wantedBytes, roomBytes);
-    area.grow(area.capacityBytes + stepBytes);
+    const newCapacityBytes = Math.min(area.capacityBytes + stepBytes, areaOffsetBytesLimit);
+    if (newCapacityBytes > area.capacityBytes) area.grow(newCapacityBytes);
   }
+}
+
+/** Uses at most the first 32 TiB of an area, the most a location code can address. */
+function clampToEncodable(area: StorageArea): void {
+  if (area.capacityBytes > areaOffsetBytesLimit) area.capacityBytes = areaOffsetBytesLimit;
 }
