@@ -5,46 +5,13 @@
  * these pseudo-files never wait for I/O, and never on blocksnap's own FUSE files.
  */
 import { readdirSync, readFileSync } from "node:fs";
+import { readMountInfoSync } from "../util/mount-info.js";
 
 export interface LoopMount {
   readonly backingFile: string;
   readonly loopDevice: string;
   readonly mountPoint: string;
   readonly fsType: string;
-}
-
-export interface MountInfoEntry {
-  readonly majorMinor: string;
-  readonly mountPoint: string;
-  readonly fsType: string;
-  readonly source: string;
-}
-
-/** Parses /proc/self/mountinfo (proc(5)): "id parent maj:min root mountpoint opts [optional...] - fstype source superopts". */
-export function parseMountInfo(text: string): MountInfoEntry[] {
-  const entries: MountInfoEntry[] = [];
-  for (const line of text.split("\n")) {
-    if (!line) continue;
-    const fields = line.split(" ");
-    const separator = fields.indexOf("-");
-    const majorMinor = fields[2];
-    const mountPoint = fields[4];
-    const fsType = fields[separator + 1];
-    const source = fields[separator + 2];
-    if (separator < 6 || !majorMinor || !mountPoint || !fsType || source === undefined) continue;
-    entries.push({
-      majorMinor,
-      mountPoint: unescapeMountField(mountPoint),
-      fsType,
-      source: unescapeMountField(source),
-    });
-  }
-  return entries;
-}
-
-/** mountinfo escapes space, tab, newline and backslash as \ooo octal. */
-export function unescapeMountField(field: string): string {
-  return field.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(Number.parseInt(octal, 8)));
 }
 
 /** Loop devices and their backing files, e.g. { loopDevice: "/dev/loop3", backingFile, majorMinor: "7:3" }. */
@@ -79,7 +46,7 @@ export function findLoopMounts(backingFiles: readonly string[]): LoopMount[] {
   const wanted = new Set(backingFiles);
   const loops = listLoopDevices().filter((loop) => wanted.has(loop.backingFile));
   if (loops.length === 0) return [];
-  const mounts = parseMountInfo(readFileSync("/proc/self/mountinfo", "utf8"));
+  const mounts = readMountInfoSync();
   const result: LoopMount[] = [];
   for (const loop of loops) {
     for (const mount of mounts) {

@@ -8,26 +8,18 @@
  * mount and umount run with -i so that no mount.fuse / umount.fuse helper interprets our options.
  */
 import { execFile, spawn } from "node:child_process";
-import { readFile, realpath, writeFile } from "node:fs/promises";
+import { realpath, writeFile } from "node:fs/promises";
 import { basename, dirname, join, resolve } from "node:path";
 import { BlockError } from "../block/errors.js";
 import type { Logger } from "../util/logger.js";
 import { silentLogger } from "../util/logger.js";
+import { type MountInfoEntry, readMountInfo } from "../util/mount-info.js";
 
 export const fuseFsType = "fuse.blocksnap";
 const fuseSource = "blocksnap";
 const fusectlDir = "/sys/fs/fuse/connections";
 const commandTimeoutMs = 30_000;
 const probeTimeoutMs = 5_000;
-
-export interface MountInfoEntry {
-  readonly mountId: number;
-  /** The superblock's device number as the kernel's dev_t (major << 20 | minor): the fusectl name. */
-  readonly deviceNumber: number;
-  readonly mountPoint: string;
-  readonly fsType: string;
-  readonly source: string;
-}
 
 export interface CommandResult {
   readonly exitCode: number | null;
@@ -54,37 +46,6 @@ export function runCommand(
       },
     );
   });
-}
-
-/** Parses /proc/self/mountinfo (proc(5)): mount points come octal-escaped (\040 for a space). */
-export function parseMountInfo(text: string): MountInfoEntry[] {
-  const entries: MountInfoEntry[] = [];
-  for (const line of text.split("\n")) {
-    if (line.length === 0) continue;
-    const fields = line.split(" ");
-    const separator = fields.indexOf("-");
-    if (separator < 6) continue;
-    const [major, minor] = (fields[2] ?? "").split(":").map((part) => Number.parseInt(part, 10));
-    if (major === undefined || minor === undefined || Number.isNaN(major) || Number.isNaN(minor)) continue;
-    entries.push({
-      mountId: Number.parseInt(fields[0] ?? "", 10),
-      deviceNumber: major * 2 ** 20 + minor,
-      mountPoint: unescapeMountField(fields[4] ?? ""),
-      fsType: fields[separator + 1] ?? "",
-      source: unescapeMountField(fields[separator + 2] ?? ""),
-    });
-  }
-  return entries;
-}
-
-function unescapeMountField(field: string): string {
-  return field.replace(/\\([0-7]{3})/g, (_match, octal: string) =>
-    String.fromCharCode(Number.parseInt(octal, 8)),
-  );
-}
-
-export async function readMountInfo(): Promise<MountInfoEntry[]> {
-  return parseMountInfo(await readFile("/proc/self/mountinfo", "utf8"));
 }
 
 /** blocksnap FUSE mounts at `mountPoint`, bottom first (later lines are mounted on top). */

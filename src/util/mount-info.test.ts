@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { parseMountInfo } from "./fuse-mount.js";
+import { parseMountInfo } from "./mount-info.js";
 
 test("parseMountInfo reads device numbers, escaped mount points, types and sources", () => {
   const text = [
@@ -14,6 +14,7 @@ test("parseMountInfo reads device numbers, escaped mount points, types and sourc
   assert.equal(entries.length, 3);
   assert.deepEqual(entries[1], {
     mountId: 42,
+    majorMinor: "0:39",
     deviceNumber: 39,
     mountPoint: "/var/lib/blocksnap/my mnt",
     fsType: "fuse.blocksnap",
@@ -21,4 +22,18 @@ test("parseMountInfo reads device numbers, escaped mount points, types and sourc
   });
   assert.equal(entries[0]?.deviceNumber, 8 * 2 ** 20 + 1);
   assert.equal(entries[2]?.deviceNumber, 259 * 2 ** 20 + 3);
+});
+
+test("parseMountInfo reads mount points with escaped spaces", () => {
+  const text = "36 35 7:3 / /mnt/with\\040space rw,relatime shared:1 - ext4 /dev/loop3 rw\n";
+  assert.deepEqual(parseMountInfo(text), [
+    {
+      mountId: 36,
+      majorMinor: "7:3",
+      deviceNumber: 7 * 2 ** 20 + 3,
+      mountPoint: "/mnt/with space",
+      fsType: "ext4",
+      source: "/dev/loop3",
+    },
+  ]);
 });
