@@ -109,7 +109,7 @@ test("overflow of a block-device storage (loop device) corrupts only the snapsho
   if (!which("losetup")) return t.skip("losetup is not installed");
   const backing = join(directory, "loop-storage.img");
   writeFileSync(backing, new Uint8Array(512 * KiB));
-  const loop = (await runOk("losetup", ["-f", "--show", backing])).stdout.trim();
+  const loop = (await runOk("losetup", ["-f", "--show", backing])).trim();
   loopDevices.push(loop);
   // A block device is used whole and never grows, whatever the limit says.
   const events = await overflowScenario(loop, 64 << 20);

@@ -25,7 +25,7 @@ const skipReason = !isRoot
 before(async () => {
   if (skipReason) return;
   writeFileSync(backing, new Uint8Array(32 << 20));
-  loopDevice = (await runOk("losetup", ["-f", "--show", backing])).stdout.trim();
+  loopDevice = (await runOk("losetup", ["-f", "--show", backing])).trim();
   await runOk("mkfs.ext4", ["-q", loopDevice]);
   mkdirSync(mountPoint);
   await runOk("mount", [loopDevice, mountPoint]);

@@ -14,7 +14,8 @@ import { after, before, test } from "node:test";
 import { BlockError } from "../../src/block/errors.js";
 import { Engine } from "../../src/engine/engine.js";
 import { NbdServer } from "../../src/nbd/nbd-server.js";
-import { hasLibnbdPython, libnbdPython, missingTools, runOk } from "./nbd-test-helpers.js";
+import { missingTools, runOk } from "../helpers/commands.js";
+import { hasLibnbdPython, libnbdPython } from "./nbd-test-helpers.js";
 
 const kib = 1024;
 const block = 64 * kib;

@@ -3,11 +3,11 @@
  * MemoryBackend / FileBackend, and asynchronous runners for the real clients. The server shares the test's
  * event loop, so clients are only ever spawned asynchronously (a spawnSync would deadlock the server).
  */
-import { execFile, spawn } from "node:child_process";
+import { spawn } from "node:child_process";
 import * as fs from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { delimiter, dirname, join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { FileBackend } from "../../src/backends/file-backend.js";
 import { MemoryBackend } from "../../src/backends/memory-backend.js";
@@ -17,6 +17,7 @@ import type { Export } from "../../src/block/export-source.js";
 import { StaticExportSource } from "../../src/block/export-source.js";
 import type { NbdServerOptions } from "../../src/nbd/nbd-server.js";
 import { NbdServer } from "../../src/nbd/nbd-server.js";
+import { run, which } from "../helpers/commands.js";
 
 export const libnbdPython = "/usr/bin/python3";
 
@@ -68,68 +69,9 @@ export function fileExport(
   return { entry: deviceExport(name, backend, false, `file export ${name}`), backend };
 }
 
-export interface RunResult {
-  readonly code: number;
-  readonly stdout: string;
-  readonly stderr: string;
-}
-
-/** Runs a command asynchronously; never rejects on a non-zero exit (the test asserts on it). */
-export function run(
-  command: string,
-  args: readonly string[],
-  options: { readonly timeoutMs?: number; readonly env?: NodeJS.ProcessEnv } = {},
-): Promise<RunResult> {
-  return new Promise((resolvePromise) => {
-    execFile(
-      command,
-      args,
-      { timeout: options.timeoutMs ?? 60_000, maxBuffer: 64 * 1024 * 1024, env: options.env ?? process.env },
-      (error, stdout, stderr) => {
-        const code = error ? (typeof error.code === "number" ? error.code : 1) : 0;
-        resolvePromise({ code, stdout: String(stdout), stderr: String(stderr) });
-      },
-    );
-  });
-}
-
-/** Runs a command and fails with its output when it exits non-zero. */
-export async function runOk(command: string, args: readonly string[], timeoutMs?: number): Promise<string> {
-  const result = await run(command, args, timeoutMs === undefined ? {} : { timeoutMs });
-  if (result.code !== 0) {
-    throw new Error(`${command} ${args.join(" ")} exited ${result.code}\n${result.stdout}\n${result.stderr}`);
-  }
-  return result.stdout;
-}
-
-/** The full path of an executable on PATH, or undefined. */
-export function findTool(name: string): string | undefined {
-  if (name.includes("/")) return isExecutable(name) ? name : undefined;
-  for (const directory of (process.env.PATH ?? "").split(delimiter)) {
-    const candidate = join(directory, name);
-    if (isExecutable(candidate)) return candidate;
-  }
-  return undefined;
-}
-
-function isExecutable(path: string): boolean {
-  try {
-    fs.accessSync(path, fs.constants.X_OK);
-    return fs.statSync(path).isFile();
-  } catch {
-    return false;
-  }
-}
-
-/** Returns a reason to skip when a tool is missing, else undefined. */
-export function missingTools(...names: string[]): string | undefined {
-  const missing = names.filter((name) => findTool(name) === undefined);
-  return missing.length > 0 ? `requires ${missing.join(", ")} (not installed)` : undefined;
-}
-
 /** True when Debian's python3 has the libnbd bindings (python3-libnbd). */
 export async function hasLibnbdPython(): Promise<boolean> {
-  if (findTool(libnbdPython) === undefined) return false;
+  if (which(libnbdPython) === undefined) return false;
   const result = await run(libnbdPython, ["-c", "import nbd"]);
   return result.code === 0;
 }

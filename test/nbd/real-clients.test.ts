@@ -11,15 +11,13 @@ import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import type { FileBackend } from "../../src/backends/file-backend.js";
+import { missingTools, run, runOk } from "../helpers/commands.js";
 import type { TestServer } from "./nbd-test-helpers.js";
 import {
   fileExport,
   hasLibnbdPython,
   libnbdPython,
   memoryExport,
-  missingTools,
-  run,
-  runOk,
   sourceTreeFile,
   startTestServer,
 } from "./nbd-test-helpers.js";

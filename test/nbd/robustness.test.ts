@@ -12,14 +12,8 @@ import { StaticExportSource } from "../../src/block/export-source.js";
 import { inflightBytesMax, replyQueueBytesMax } from "../../src/nbd/nbd-limits.js";
 import { NbdServer } from "../../src/nbd/nbd-server.js";
 import type { Logger } from "../../src/util/logger.js";
-import {
-  deviceExport,
-  memoryExport,
-  missingTools,
-  run,
-  startTestServer,
-  waitFor,
-} from "./nbd-test-helpers.js";
+import { missingTools, run } from "../helpers/commands.js";
+import { deviceExport, memoryExport, startTestServer, waitFor } from "./nbd-test-helpers.js";
 import { errno, NBD_CMD, RawNbdClient, requestBytes } from "./raw-nbd-client.js";
 import { BuggyDevice, FailingDevice, GatedDevice } from "./test-devices.js";
 

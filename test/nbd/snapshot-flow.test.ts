@@ -13,7 +13,7 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { Engine } from "../../src/engine/engine.js";
 import { NbdServer } from "../../src/nbd/nbd-server.js";
-import { missingTools, run, runOk } from "./nbd-test-helpers.js";
+import { missingTools, run, runOk } from "../helpers/commands.js";
 
 const mib = 1024 * 1024;
 const sizeBytes = 16 * mib;
