@@ -10,7 +10,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import type { CbtInfo } from "../../src/engine/engine-types.js";
-import { DaemonProcess, hasTool, runCommand } from "./cli-harness.js";
+import { which } from "../helpers/commands.js";
+import { DaemonProcess, runCommand } from "./cli-harness.js";
 
 const blockSizeBytes = 64 * 1024;
 const blockCount = 64;
@@ -47,7 +48,7 @@ async function writeBlocks(name: string, blockIndexes: readonly number[]): Promi
 }
 
 void test("CBT maps across takes, mark-dirty, and a restart", async (t) => {
-  if (!hasTool("qemu-io")) return t.skip("needs qemu-io (qemu-utils)");
+  if (!which("qemu-io")) return t.skip("needs qemu-io (qemu-utils)");
   await daemon.cliOk([
     "device",
     "add",

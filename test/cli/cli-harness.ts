@@ -5,7 +5,7 @@
  * number of attempts, and no test sleeps for a fixed time.
  */
 import assert from "node:assert/strict";
-import { type ChildProcess, spawn, spawnSync } from "node:child_process";
+import { type ChildProcess, spawn } from "node:child_process";
 import { request as httpRequest } from "node:http";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -67,10 +67,6 @@ export function runCli(
   options: { env?: NodeJS.ProcessEnv } = {},
 ): Promise<CommandResult> {
   return runCommand(process.execPath, [cliPath, ...args], options);
-}
-
-export function hasTool(name: string): boolean {
-  return spawnSync("sh", ["-c", `command -v ${name}`], { stdio: "ignore" }).status === 0;
 }
 
 /** GET over a Unix socket; resolves with the status code, rejects when nothing listens. */

@@ -8,7 +8,8 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
-import { cleanEnvironment, cliPath, DaemonProcess, hasTool, runCli, runCommand } from "./cli-harness.js";
+import { which } from "../helpers/commands.js";
+import { cleanEnvironment, cliPath, DaemonProcess, runCli, runCommand } from "./cli-harness.js";
 
 let directory = "";
 after(async () => {
@@ -16,7 +17,7 @@ after(async () => {
 });
 
 void test("the daemon serves NBD on a socket-activation descriptor (nbdinfo -- [ blocksnap serve ])", async (t) => {
-  if (!hasTool("nbdinfo")) return t.skip("nbdinfo is not installed (libnbd-bin)");
+  if (!which("nbdinfo")) return t.skip("nbdinfo is not installed (libnbd-bin)");
   directory = await mkdtemp(join(tmpdir(), "blocksnap-activation-"));
   const stateDir = join(directory, "state");
   const daemon = await DaemonProcess.start(stateDir);

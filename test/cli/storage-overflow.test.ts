@@ -11,7 +11,8 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import type { EventView, SnapshotView } from "../../src/daemon/api-types.js";
 import type { SnapshotEvent } from "../../src/engine/engine-types.js";
-import { BackgroundCli, DaemonProcess, hasTool, runCommand } from "./cli-harness.js";
+import { which } from "../helpers/commands.js";
+import { BackgroundCli, DaemonProcess, runCommand } from "./cli-harness.js";
 
 const eventsMax = 16;
 let directory = "";
@@ -64,7 +65,7 @@ async function createSmallSnapshot(device: string): Promise<string> {
 }
 
 void test("overflow: no_space then corrupted (ENOSPC) by wait-event; origin intact; image EIO; destroy", async (t) => {
-  if (!hasTool("qemu-io")) return t.skip("needs qemu-io (qemu-utils)");
+  if (!which("qemu-io")) return t.skip("needs qemu-io (qemu-utils)");
   assert.equal((await qemuIo(originUri("o1"), "write -P 0x11 0 8M")).code, 0);
   const id = await createSmallSnapshot("o1");
 
@@ -104,7 +105,7 @@ void test("overflow: no_space then corrupted (ENOSPC) by wait-event; origin inta
 });
 
 void test("overflow seen by watch: events printed until corrupted; watch also ends on destroy", async (t) => {
-  if (!hasTool("qemu-io")) return t.skip("needs qemu-io (qemu-utils)");
+  if (!which("qemu-io")) return t.skip("needs qemu-io (qemu-utils)");
   const id = await createSmallSnapshot("o2");
   const watcher = new BackgroundCli(["snapshot", "watch", id, "--json", "--state-dir", daemon.stateDir]);
   const write = await qemuIo(originUri("o2"), "write -P 0x33 0 4M");

@@ -13,7 +13,8 @@ import type {
   SnapshotView,
   StatusView,
 } from "../../src/daemon/api-types.js";
-import { DaemonProcess, hasTool, runCommand } from "./cli-harness.js";
+import { which } from "../helpers/commands.js";
+import { DaemonProcess, runCommand } from "./cli-harness.js";
 
 const uuidPattern = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 let directory = "";
@@ -39,7 +40,7 @@ async function qemuIo(uri: string, ...commands: string[]): Promise<void> {
 }
 
 void test("two devices: create, take, info shows both images with URIs and paths, images serve the old data, destroy", async (t) => {
-  if (!hasTool("qemu-io") || !hasTool("nbdinfo"))
+  if (!which("qemu-io") || !which("nbdinfo"))
     return t.skip("needs qemu-io and nbdinfo (qemu-utils, libnbd-bin)");
   const added = await daemon.cliJson<{ name: string; sizeBytes: number; nbdUris: string[] }>([
     "device",

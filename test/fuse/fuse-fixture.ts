@@ -10,7 +10,7 @@
 import { type ChildProcess, execFile } from "node:child_process";
 import { access, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { delimiter, join } from "node:path";
+import { join } from "node:path";
 import type { TestContext } from "node:test";
 import { FileBackend } from "../../src/backends/file-backend.js";
 import { MemoryBackend } from "../../src/backends/memory-backend.js";
@@ -18,6 +18,7 @@ import { CheckedDevice } from "../../src/block/checked-device.js";
 import type { BlockDevice } from "../../src/block/device.js";
 import { type Export, StaticExportSource } from "../../src/block/export-source.js";
 import { FuseServer } from "../../src/fuse/fuse-server.js";
+import { which } from "../helpers/commands.js";
 
 export interface RunResult {
   readonly exitCode: number | null;
@@ -53,18 +54,6 @@ export async function must(file: string, args: readonly string[], timeoutMs?: nu
     );
   }
   return result.stdout;
-}
-
-async function hasTool(tool: string): Promise<boolean> {
-  for (const directory of (process.env.PATH ?? "").split(delimiter).concat(["/usr/sbin", "/sbin"])) {
-    try {
-      await access(join(directory, tool));
-      return true;
-    } catch {
-      // not in this directory
-    }
-  }
-  return false;
 }
 
 /** Why this machine cannot run a root FUSE test with `tools`, or undefined when it can. */
@@ -107,7 +96,7 @@ export async function skipReason(tools: readonly string[]): Promise<string | und
     return "/dev/fuse is absent";
   }
   for (const tool of ["mount", "umount", "losetup", ...tools]) {
-    if (!(await hasTool(tool))) return `${tool} is not installed`;
+    if (!which(tool)) return `${tool} is not installed`;
   }
   return undefined;
 }
