@@ -13,7 +13,7 @@
  *   GC                 - how many takes overlapped a garbage-collection pause, and the longest such pause.
  *
  * Backends: `memory` (MemoryBackend: every request completes without leaving the microtask queue),
- * `memory+async` (MemoryBackend with yieldEachOperation: every backend request waits one macrotask, as
+ * `memory+async` (MemoryBackend with yieldCount () => 1: every backend request waits one macrotask, as
  * real asynchronous I/O would, so writes are genuinely in flight when take holds them), `file` (sparse
  * files in a temp dir, synchronous pread/pwrite), and 16 × 1 TiB memory devices (CBT maps of 4 MiB each,
  * which the switch copies under the hold). Writers yield to the event loop every few writes so that timers
@@ -101,7 +101,7 @@ async function measure(stallCase: StallCase): Promise<StallResult> {
           name,
           backendPath: "memory:",
           backend: new MemoryBackend(stallCase.deviceSizeBytes, {
-            yieldEachOperation: stallCase.backend === "memory+async",
+            yieldCount: stallCase.backend === "memory+async" ? () => 1 : undefined,
           }),
         });
       }

@@ -3,9 +3,9 @@
  * trim and by zero writes that cover whole pages, so extents() can report real holes. Single-threaded
  * JavaScript needs no locks here; overlapping requests in flight resolve in arrival order.
  *
- * An optional `yieldEvery` hook lets tests interleave concurrent requests (each operation awaits one
- * macrotask before touching the data), which is how the race and model tests shake out ordering bugs in
- * the stages above.
+ * An optional `yieldCount` hook lets tests interleave concurrent requests (each operation awaits that
+ * many macrotasks before touching the data), which is how the race and model tests shake out ordering
+ * bugs in the stages above.
  */
 
 import type { BlockDevice, Capabilities, Extent, WriteFlags, ZeroFlags } from "../block/device.js";
@@ -14,9 +14,10 @@ import { assert } from "../util/assert.js";
 export const memoryPageSizeBytes = 64 * 1024;
 
 export interface MemoryBackendOptions {
-  /** Await a macrotask before each operation, so concurrent requests interleave (tests). */
-  readonly yieldEachOperation?: boolean;
-  /** Await this many macrotasks before each operation (a seeded source of random latency for tests). */
+  /**
+   * Await this many macrotasks before each operation, so concurrent requests interleave (tests; `() => 1`
+   * for a fixed latency, a seeded PRNG for random latency).
+   */
   readonly yieldCount?: () => number;
 }
 
@@ -33,13 +34,11 @@ export class MemoryBackend implements BlockDevice {
     canMultiConn: true,
   };
   private readonly pages = new Map<number, Uint8Array>();
-  private readonly yieldEachOperation: boolean;
   private readonly yieldCount: (() => number) | undefined;
 
   constructor(sizeBytes: number, options: MemoryBackendOptions = {}) {
     assert(Number.isSafeInteger(sizeBytes) && sizeBytes >= 0, "MemoryBackend size must be a safe integer");
     this.sizeBytes = sizeBytes;
-    this.yieldEachOperation = options.yieldEachOperation ?? false;
     this.yieldCount = options.yieldCount;
   }
 
@@ -148,9 +147,7 @@ export class MemoryBackend implements BlockDevice {
   }
 
   private maybeYield(): Promise<void> | undefined {
-    if (this.yieldCount) return yieldMacrotasks(this.yieldCount());
-    if (!this.yieldEachOperation) return undefined;
-    return new Promise((resolve) => setImmediate(resolve));
+    return this.yieldCount ? yieldMacrotasks(this.yieldCount()) : undefined;
   }
 }
 

@@ -40,7 +40,7 @@ function nonZeroBlocks(map: Uint8Array): number[] {
 }
 
 function newTracker(sizeBytes = 4 * MiB): { tracker: Tracker; backend: MemoryBackend } {
-  const backend = new MemoryBackend(sizeBytes, { yieldEachOperation: true });
+  const backend = new MemoryBackend(sizeBytes, { yieldCount: () => 1 });
   const tracker = new Tracker("disk0", backend, new CbtMap(sizeBytes));
   return { tracker, backend };
 }
@@ -185,7 +185,7 @@ test("a failed backend write still marks CBT and does not leave the tracker in f
 
 test("a CBT failure skips neither the write nor copy-before-write", async () => {
   const sizeBytes = 2 * MiB;
-  const backend = new MemoryBackend(sizeBytes, { yieldEachOperation: true });
+  const backend = new MemoryBackend(sizeBytes, { yieldCount: () => 1 });
   // A map made for half the device (as after a resize): marks in the upper half fail.
   const tracker = new Tracker("disk0", backend, new CbtMap(sizeBytes / 2));
   const before = pattern(sizeBytes, 1);
