@@ -59,34 +59,31 @@ export class Tracker implements BlockDevice {
     return this.backend.directReadFd?.() ?? null;
   }
 
-  async write(offsetBytes: number, source: Uint8Array, flags?: WriteFlags): Promise<void> {
-    if (this.held) await this.waitForRelease();
-    this.inflightWrites++;
-    try {
-      await this.beforeModify(offsetBytes, source.byteLength);
-      await this.backend.write(offsetBytes, source, flags);
-    } finally {
-      this.afterModify();
-    }
+  write(offsetBytes: number, source: Uint8Array, flags?: WriteFlags): Promise<void> {
+    return this.modify(offsetBytes, source.byteLength, () => this.backend.write(offsetBytes, source, flags));
   }
 
-  async writeZeroes(offsetBytes: number, lengthBytes: number, flags?: ZeroFlags): Promise<void> {
+  writeZeroes(offsetBytes: number, lengthBytes: number, flags?: ZeroFlags): Promise<void> {
+    return this.modify(offsetBytes, lengthBytes, () =>
+      this.backend.writeZeroes(offsetBytes, lengthBytes, flags),
+    );
+  }
+
+  trim(offsetBytes: number, lengthBytes: number, flags?: WriteFlags): Promise<void> {
+    return this.modify(offsetBytes, lengthBytes, () => this.backend.trim(offsetBytes, lengthBytes, flags));
+  }
+
+  /** Every modification: through the write gate, CBT mark, copy-before-write, then the backend. */
+  private async modify(
+    offsetBytes: number,
+    lengthBytes: number,
+    modifyBackend: () => Promise<void>,
+  ): Promise<void> {
     if (this.held) await this.waitForRelease();
     this.inflightWrites++;
     try {
       await this.beforeModify(offsetBytes, lengthBytes);
-      await this.backend.writeZeroes(offsetBytes, lengthBytes, flags);
-    } finally {
-      this.afterModify();
-    }
-  }
-
-  async trim(offsetBytes: number, lengthBytes: number, flags?: WriteFlags): Promise<void> {
-    if (this.held) await this.waitForRelease();
-    this.inflightWrites++;
-    try {
-      await this.beforeModify(offsetBytes, lengthBytes);
-      await this.backend.trim(offsetBytes, lengthBytes, flags);
+      await modifyBackend();
     } finally {
       this.afterModify();
     }
