@@ -1,6 +1,7 @@
 /**
  * `blocksnap serve`: runs the daemon in the foreground (for systemd, a container, or a terminal). Every
- * default works without configuration (ARCHITECTURE.md §4); `none` turns a face off. The daemon code is
+ * default works without configuration and exposes nothing (ARCHITECTURE.md §4): the sockets are the
+ * daemon user's only and there is no TCP listener unless `--nbd-listen` asks for one; `none` turns a face off. The daemon code is
  * imported only here, lazily, so the client commands never load the engine.
  */
 import type { Command } from "commander";
@@ -11,8 +12,6 @@ import {
   currentStateDirEnvironment,
   fuseMountDirIn,
   nbdSocketPathIn,
-  nbdTcpHostDefault,
-  nbdTcpPortDefault,
   resolveStateDir,
 } from "../daemon/paths.js";
 import { reportError } from "./command-context.js";
@@ -24,6 +23,8 @@ interface ServeOptions {
   readonly nbdSocket?: string;
   readonly nbdListen?: { host: string; port: number } | "none";
   readonly fuseMount?: string;
+  readonly socketGroup?: string;
+  readonly insecureNoTls?: boolean;
   readonly logLevel: string;
 }
 
@@ -52,8 +53,16 @@ export function addServeCommand(program: Command): void {
     .option("--nbd-socket <path>", "NBD Unix socket, or none (default: <state dir>/nbd.sock)")
     .option(
       "--nbd-listen <host:port>",
-      `NBD over TCP, or none (default: ${nbdTcpHostDefault}:${nbdTcpPortDefault})`,
+      "NBD over TCP, e.g. 127.0.0.1:10809 (default: none; a non-loopback address needs --insecure-no-tls)",
       parseListenAddress,
+    )
+    .option(
+      "--socket-group <group>",
+      "open the control and NBD Unix sockets to this group (0660) instead of the daemon's user only (0600)",
+    )
+    .option(
+      "--insecure-no-tls",
+      "allow NBD over TCP on a non-loopback address without TLS (anyone who reaches it can write every export)",
     )
     .option("--fuse-mount <dir>", "FUSE mount point, or none (default: <state dir>/mnt when root)")
     .addOption(
@@ -63,7 +72,7 @@ export function addServeCommand(program: Command): void {
     )
     .addHelpText(
       "after",
-      "\nExamples:\n  $ blocksnap serve\n  $ blocksnap serve --state-dir /tmp/bs --nbd-listen none --fuse-mount none\n",
+      "\nExamples:\n  $ blocksnap serve\n  $ blocksnap serve --socket-group backup --nbd-listen 127.0.0.1:10809\n  $ blocksnap serve --state-dir /tmp/bs --nbd-socket none --fuse-mount none\n",
     )
     .action(async (options: ServeOptions) => {
       const stateDir = resolveStateDir(options.stateDir, currentStateDirEnvironment());
@@ -74,11 +83,7 @@ export function addServeCommand(program: Command): void {
       const nbdSocketPath =
         options.nbdSocket === "none" ? null : (options.nbdSocket ?? nbdSocketPathIn(stateDir));
       const nbdTcp =
-        options.nbdListen === undefined
-          ? { host: nbdTcpHostDefault, port: nbdTcpPortDefault }
-          : options.nbdListen === "none"
-            ? null
-            : options.nbdListen;
+        options.nbdListen === undefined || options.nbdListen === "none" ? null : options.nbdListen;
       const fuse =
         options.fuseMount === "none"
           ? null
@@ -88,13 +93,18 @@ export function addServeCommand(program: Command): void {
             };
       const logger = pino({ level: options.logLevel }, pino.destination({ dest: 2, sync: true }));
       const { serveUntilSignal } = await import("../daemon/serve.js");
+      const { resolveSocketGroup } = await import("../daemon/socket-access.js");
       let exitCode: number;
       try {
+        const socketGroup =
+          options.socketGroup === undefined ? null : resolveSocketGroup(options.socketGroup);
         exitCode = await serveUntilSignal({
           stateDir,
           controlSocketPath,
           nbdSocketPath,
           nbdTcp,
+          insecureNoTls: options.insecureNoTls === true,
+          socketAccess: { group: socketGroup },
           nbdActivationFd: socketActivationFd(),
           fuse,
           version: packageVersion(),

@@ -26,6 +26,8 @@ export function statusLines(status: StatusView): string[] {
     ],
     ["fuse", status.fuse.mountDir ?? "off"],
   ]);
+  lines.push("", "who can connect:");
+  lines.push(...status.access.whoCanConnect.map((line) => `  ${line}`));
   lines.push("", "devices:");
   lines.push(...deviceTable(status).map((line) => `  ${line}`));
   lines.push("", "snapshots:");

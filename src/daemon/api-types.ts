@@ -35,11 +35,19 @@ export interface SnapshotView extends Omit<SnapshotInfo, "devices"> {
   readonly devices: readonly SnapshotDeviceView[];
 }
 
+/** Who can connect to the daemon (`status`): the socket mode and group, and one line per face. */
+export interface AccessView {
+  readonly socketMode: string;
+  readonly socketGroup: string | null;
+  readonly whoCanConnect: readonly string[];
+}
+
 export interface StatusView {
   readonly pid: number;
   readonly version: string;
   readonly stateDir: string;
   readonly controlSocket: string;
+  readonly access: AccessView;
   readonly nbd: {
     readonly socketPath: string | null;
     readonly tcp: { readonly host: string; readonly port: number } | null;

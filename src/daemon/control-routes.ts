@@ -23,6 +23,7 @@ import {
   waitEventQuerySchema,
 } from "./api-schemas.js";
 import type {
+  AccessView,
   CbtMapJsonView,
   DestroyedView,
   DeviceListView,
@@ -43,6 +44,7 @@ export interface DaemonIdentity {
   readonly version: string;
   readonly stateDir: string;
   readonly controlSocket: string;
+  readonly access: AccessView;
 }
 
 export interface ControlContext {

@@ -189,7 +189,13 @@ before(async () => {
     context: {
       engine,
       registry,
-      identity: { pid: process.pid, version: "9.9.9", stateDir: directory, controlSocket: socketPath },
+      identity: {
+        pid: process.pid,
+        version: "9.9.9",
+        stateDir: directory,
+        controlSocket: socketPath,
+        access: { socketMode: "0600", socketGroup: null, whoCanConnect: ["control socket: user root only"] },
+      },
       addresses: {
         nbdSocketPath: "/s/nbd.sock",
         nbdTcp: { host: "127.0.0.1", port: 10809 },
@@ -374,7 +380,13 @@ void test("listen() refuses a socket path on which a server still answers", asyn
       context: {
         engine,
         registry: new DeviceRegistry(join(directory, "other.json"), engine, silentLogger),
-        identity: { pid: process.pid, version: "0", stateDir: directory, controlSocket: socketPath },
+        identity: {
+          pid: process.pid,
+          version: "0",
+          stateDir: directory,
+          controlSocket: socketPath,
+          access: { socketMode: "0600", socketGroup: null, whoCanConnect: [] },
+        },
         addresses: { nbdSocketPath: null, nbdTcp: null, fuseMountDir: null },
         shutdownSignal: new AbortController().signal,
       },

@@ -1,5 +1,6 @@
 /**
- * The control API's HTTP plumbing on a Unix socket (mode 0600; like Docker's engine API): body collection
+ * The control API's HTTP plumbing on a Unix socket (mode 0600, or 0660 to `--socket-group`; like Docker's
+ * engine API): body collection
  * with a size bound, JSON parsing, routing (control-routes.ts), and errors as
  * `{ "error": { "errno", "message" } }` with the status of http-status.ts.
  *
@@ -11,7 +12,7 @@
  * the daemon crashes instead of serving a wrong snapshot (TigerBeetle's rule, ARCHITECTURE.md §2).
  */
 import { AssertionError } from "node:assert";
-import { chmod, rm } from "node:fs/promises";
+import { rm } from "node:fs/promises";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { connect } from "node:net";
 import { BlockError, toBlockError } from "../block/errors.js";
@@ -19,6 +20,7 @@ import type { Logger } from "../util/logger.js";
 import type { ApiErrorBody } from "./api-types.js";
 import { type ControlContext, matchRoute, type RouteResult } from "./control-routes.js";
 import { httpStatusForErrno } from "./http-status.js";
+import { listenRestricted, type SocketAccess } from "./socket-access.js";
 
 export const requestBodyBytesMax = 1024 * 1024;
 export const controlConnectionsMax = 64;
@@ -28,6 +30,8 @@ export interface ControlServerOptions {
   readonly socketPath: string;
   readonly context: ControlContext;
   readonly logger: Logger;
+  /** Default: the daemon's user only (0600). */
+  readonly access?: SocketAccess;
 }
 
 export class ControlServer {
@@ -69,23 +73,19 @@ export class ControlServer {
       throw new BlockError("EBUSY", `something is already listening on ${options.socketPath}`);
     }
     await rm(options.socketPath, { force: true });
-    const listening = new Promise<void>((resolve, reject) => {
-      controlServer.server.once("error", reject);
-      controlServer.server.once("listening", () => {
-        controlServer.server.off("error", reject);
-        resolve();
-      });
-    });
-    // The socket file is created synchronously inside listen(): the umask makes it 0600 from the start,
-    // and is restored before anything else can run.
-    const umaskPrevious = process.umask(0o177);
-    try {
-      controlServer.server.listen(options.socketPath);
-    } finally {
-      process.umask(umaskPrevious);
-    }
-    await listening;
-    await chmod(options.socketPath, 0o600);
+    await listenRestricted(
+      options.socketPath,
+      options.access ?? { group: null },
+      () =>
+        new Promise<void>((resolve, reject) => {
+          controlServer.server.once("error", reject);
+          controlServer.server.once("listening", () => {
+            controlServer.server.off("error", reject);
+            resolve();
+          });
+          controlServer.server.listen(options.socketPath);
+        }),
+    );
     return controlServer;
   }
 

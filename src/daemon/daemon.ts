@@ -22,6 +22,14 @@ import { ControlServer } from "./control-server.js";
 import { DeviceRegistry } from "./device-registry.js";
 import type { ExportAddresses } from "./export-urls.js";
 import { deviceRegistryPathIn, lockFilePathIn } from "./paths.js";
+import {
+  applyStateDirAccess,
+  describeAccess,
+  listenRestricted,
+  plaintextTcpWarning,
+  type SocketAccess,
+  socketMode,
+} from "./socket-access.js";
 import { StateLock } from "./state-lock.js";
 
 export interface DaemonOptions {
@@ -29,8 +37,12 @@ export interface DaemonOptions {
   readonly controlSocketPath: string;
   /** null: no NBD Unix socket. */
   readonly nbdSocketPath: string | null;
-  /** null: no NBD over TCP. Port 0 picks a free port (tests). */
+  /** null (the default): no NBD over TCP. Port 0 picks a free port (tests). */
   readonly nbdTcp: { readonly host: string; readonly port: number } | null;
+  /** Plaintext TCP on a non-loopback address is refused unless this is set. */
+  readonly insecureNoTls?: boolean;
+  /** Who may use the Unix sockets; default: the daemon's user only. */
+  readonly socketAccess?: SocketAccess;
   /** A listening NBD socket inherited through systemd socket activation (fd 3), served in addition. */
   readonly nbdActivationFd?: number | null;
   /** null: no FUSE. `required`: the mount was asked for explicitly, so failing to mount fails the start. */
@@ -72,7 +84,12 @@ export class Daemon {
 
   static async start(options: DaemonOptions): Promise<Daemon> {
     const { logger, stateDir } = options;
+    const socketAccess = options.socketAccess ?? { group: null };
+    // Checked before anything is started: a refused listener must not leave half a daemon behind.
+    const tcpWarning =
+      options.nbdTcp === null ? null : plaintextTcpWarning(options.nbdTcp, options.insecureNoTls === true);
     await mkdir(stateDir, { recursive: true, mode: 0o700 });
+    await applyStateDirAccess(stateDir, socketAccess);
     const lock = await StateLock.acquire(lockFilePathIn(stateDir), logger);
     const undo: (() => Promise<void>)[] = [() => lock.release()];
     try {
@@ -96,10 +113,13 @@ export class Daemon {
         undo.push(() => server.close());
         if (options.nbdSocketPath !== null) {
           const socketPath = options.nbdSocketPath;
-          await server.listenUnix(socketPath);
+          await listenRestricted(socketPath, socketAccess, () => server.listenUnix(socketPath));
           undo.push(() => rm(socketPath, { force: true }));
         }
-        if (options.nbdTcp !== null) nbdTcp = await listenNbdTcp(server, options.nbdTcp);
+        if (options.nbdTcp !== null) {
+          nbdTcp = await listenNbdTcp(server, options.nbdTcp);
+          logger.warn({ nbdTcp: `${nbdTcp.host}:${nbdTcp.port}` }, tcpWarning ?? "NBD over TCP");
+        }
         if (activationFd !== null) {
           await server.listenFd(activationFd);
           logger.info({ fd: activationFd }, "serving NBD on the socket-activation descriptor");
@@ -116,9 +136,20 @@ export class Daemon {
         nbdTcp,
         fuseMountDir: fuseServer === null ? null : fuseServer.mountDir,
       };
+      const access = {
+        socketMode: `0${socketMode(socketAccess).toString(8)}`,
+        socketGroup: socketAccess.group?.name ?? null,
+        whoCanConnect: describeAccess({
+          access: socketAccess,
+          nbdSocketPath: options.nbdSocketPath,
+          nbdActivation: activationFd !== null,
+          nbdTcp,
+        }),
+      };
       const controlServer = await ControlServer.listen({
         socketPath: options.controlSocketPath,
         logger,
+        access: socketAccess,
         context: {
           engine,
           registry,
@@ -129,6 +160,7 @@ export class Daemon {
             version: options.version,
             stateDir,
             controlSocket: options.controlSocketPath,
+            access,
           },
         },
       });
@@ -142,6 +174,7 @@ export class Daemon {
           fuseMountDir: addresses.fuseMountDir,
           devices: engine.listDevices().length,
           devicesUnavailable: registry.unavailable().length,
+          whoCanConnect: access.whoCanConnect,
         },
         "blocksnap daemon ready",
       );

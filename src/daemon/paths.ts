@@ -6,9 +6,6 @@
 import { homedir } from "node:os";
 import { join } from "node:path";
 
-export const nbdTcpHostDefault = "127.0.0.1";
-export const nbdTcpPortDefault = 10809;
-
 export interface StateDirEnvironment {
   readonly env: Readonly<Record<string, string | undefined>>;
   readonly isRoot: boolean;
