@@ -7,6 +7,7 @@ import { Command, CommanderError } from "commander";
 import { addCbtCommands } from "./cbt-commands.js";
 import { exitCodeUsage } from "./cli-error.js";
 import { addDeviceCommands } from "./device-commands.js";
+import { addInstallUnitsCommand } from "./install-units-command.js";
 import { addServeCommand } from "./serve-command.js";
 import { addSnapshotCommands } from "./snapshot-commands.js";
 import { addStatusCommands } from "./status-commands.js";
@@ -30,6 +31,7 @@ export function buildProgram(): Command {
   addDeviceCommands(program);
   addCbtCommands(program);
   addSnapshotCommands(program);
+  addInstallUnitsCommand(program);
   return program;
 }
 

@@ -25,7 +25,21 @@ interface ServeOptions {
   readonly fuseMount?: string;
   readonly socketGroup?: string;
   readonly insecureNoTls?: boolean;
+  readonly stopWait: number;
   readonly logLevel: string;
+}
+
+export const stopWaitSecondsDefault = 300;
+const stopWaitSecondsMax = 86_400;
+
+export function parseStopWait(text: string): number {
+  const seconds = Number(text);
+  if (!/^\d{1,6}$/.test(text) || seconds > stopWaitSecondsMax) {
+    throw new InvalidArgumentError(
+      `expected a whole number of seconds up to ${stopWaitSecondsMax}, got ${JSON.stringify(text)}`,
+    );
+  }
+  return seconds;
 }
 
 /** `HOST:PORT`, `[IPV6]:PORT` or `none` (not null: commander turns a null result into ""). */
@@ -65,6 +79,12 @@ export function addServeCommand(program: Command): void {
       "allow NBD over TCP on a non-loopback address without TLS (anyone who reaches it can write every export)",
     )
     .option("--fuse-mount <dir>", "FUSE mount point, or none (default: <state dir>/mnt when root)")
+    .option(
+      "--stop-wait <seconds>",
+      "at SIGTERM, keep serving up to this long while file systems are mounted on our devices",
+      parseStopWait,
+      stopWaitSecondsDefault,
+    )
     .addOption(
       new Option("--log-level <level>", "log level of the JSON logs on stderr")
         .choices(["fatal", "error", "warn", "info", "debug", "trace", "silent"])
@@ -107,6 +127,7 @@ export function addServeCommand(program: Command): void {
           socketAccess: { group: socketGroup },
           nbdActivationFd: socketActivationFd(),
           fuse,
+          stopWaitMs: options.stopWait * 1000,
           version: packageVersion(),
           logger,
         });

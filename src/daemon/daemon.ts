@@ -15,6 +15,7 @@ import { join } from "node:path";
 import { BlockError, toBlockError } from "../block/errors.js";
 import { Engine } from "../engine/engine.js";
 import { LoopFreezer } from "../freeze/loop-freezer.js";
+import { findLoopMountsUnder, type LoopMount } from "../freeze/mount-discovery.js";
 import { cleanStaleMount, FuseServer } from "../fuse/fuse-server.js";
 import { NbdServer } from "../nbd/nbd-server.js";
 import type { Logger } from "../util/logger.js";
@@ -121,7 +122,11 @@ export class Daemon {
           logger.warn({ nbdTcp: `${nbdTcp.host}:${nbdTcp.port}` }, tcpWarning ?? "NBD over TCP");
         }
         if (activationFd !== null) {
-          await server.listenFd(activationFd);
+          const activatedTcp = await server.listenFd(activationFd);
+          // A socket unit can name any address: the rule of --nbd-listen holds for it too.
+          const activatedWarning =
+            activatedTcp === null ? null : plaintextTcpWarning(activatedTcp, options.insecureNoTls === true);
+          if (activatedWarning !== null) logger.warn({ fd: activationFd }, activatedWarning);
           logger.info({ fd: activationFd }, "serving NBD on the socket-activation descriptor");
         }
       }
@@ -196,6 +201,14 @@ export class Daemon {
       }
       throw error;
     }
+  }
+
+  /**
+   * The file systems mounted on loop devices over our FUSE files: what a stop would cut off (their next
+   * writes fail and the journal aborts), so serve.ts waits for them to go first.
+   */
+  mountedFileSystems(): LoopMount[] {
+    return this.fuseServer === null ? [] : findLoopMountsUnder(this.fuseServer.mountDir);
   }
 
   /** Idempotent; see the stop order in the notes above. */

@@ -1,37 +1,112 @@
 /**
- * Runs a Daemon as the process's main job: start, then wait for SIGINT or SIGTERM and stop cleanly
- * (exit code 0). A second signal during the stop, or a stop that takes longer than stopTimeoutMs, exits
- * at once with code 1 (the lock and socket files are then stale, and the next start removes them).
+ * Runs a Daemon as the process's main job: start, tell systemd it is ready (sd-notify.ts), then wait for
+ * SIGINT or SIGTERM and stop cleanly (exit code 0).
+ *
+ * A stop never cuts off a mounted file system by surprise: while file systems are mounted on loop devices
+ * over our FUSE files, the daemon logs at error level what is mounted, keeps serving, and waits until they
+ * are unmounted — or until `stopWaitMs` passes, or a second signal arrives (the admin's "stop anyway").
+ * Only then does the stop begin (its FUSE unmount is lazy, so such a file system sees I/O errors). systemd
+ * sends one SIGTERM and, after TimeoutStopSec, SIGKILL; the unit from install-units sets TimeoutStopSec
+ * above `--stop-wait` so the wait ends first. A signal during the stop itself, or a stop that takes longer
+ * than stopTimeoutMs, exits at once with code 1 (the lock and socket files are then stale, and the next
+ * start removes them).
  */
+import type { LoopMount } from "../freeze/mount-discovery.js";
 import type { Logger } from "../util/logger.js";
 import { Daemon, type DaemonOptions } from "./daemon.js";
+import { SdNotifier } from "./sd-notify.js";
 
 const stopTimeoutMs = 30_000;
+const mountPollIntervalMs = 1_000;
+
+export interface ServeOptions extends DaemonOptions {
+  /** How long a stop waits for file systems mounted on our devices to be unmounted. */
+  readonly stopWaitMs: number;
+}
 
 /** Resolves with the exit code once the daemon has stopped. Start failures reject. */
-export async function serveUntilSignal(options: DaemonOptions): Promise<number> {
+export async function serveUntilSignal(options: ServeOptions): Promise<number> {
+  const { logger } = options;
+  const notifier = new SdNotifier(process.env, logger);
   const daemon = await Daemon.start(options);
+  void notifier.notify({ READY: "1", STATUS: "serving" });
+  const { stopWaitMs } = options;
   return await new Promise<number>((resolve) => {
-    let signalCount = 0;
+    let phase: "serving" | "waiting for unmount" | "stopping" = "serving";
+    let releaseWait: (() => void) | null = null;
     const onSignal = (signal: NodeJS.Signals): void => {
-      signalCount++;
-      if (signalCount > 1) {
-        options.logger.warn({ signal }, "second signal during stop: exiting now");
+      if (phase === "stopping") {
+        logger.warn({ signal }, "second signal during stop: exiting now");
         process.exit(1);
       }
-      options.logger.info({ signal }, "signal received");
-      stopWithTimeout(daemon, options.logger).then(
-        () => {
-          process.off("SIGINT", onSignal);
-          process.off("SIGTERM", onSignal);
-          resolve(0);
-        },
-        () => resolve(1),
-      );
+      if (phase === "waiting for unmount") {
+        logger.warn({ signal }, "second signal: stopping although file systems are still mounted");
+        releaseWait?.();
+        return;
+      }
+      logger.info({ signal }, "signal received");
+      phase = "waiting for unmount";
+      const waited = new Promise<void>((release) => {
+        releaseWait = release;
+      });
+      void waitForUnmount(daemon, logger, notifier, stopWaitMs, waited)
+        .then(async () => {
+          phase = "stopping";
+          await notifier.notify({ STOPPING: "1", STATUS: "stopping" });
+          await stopWithTimeout(daemon, logger);
+        })
+        .then(
+          () => {
+            process.off("SIGINT", onSignal);
+            process.off("SIGTERM", onSignal);
+            resolve(0);
+          },
+          () => resolve(1),
+        );
     };
     process.on("SIGINT", onSignal);
     process.on("SIGTERM", onSignal);
   });
+}
+
+/** Resolves once nothing is mounted on our devices, `stopWaitMs` passed, or `released` resolved. */
+async function waitForUnmount(
+  daemon: Daemon,
+  logger: Logger,
+  notifier: SdNotifier,
+  stopWaitMs: number,
+  released: Promise<void>,
+): Promise<void> {
+  let mounts = daemon.mountedFileSystems();
+  if (mounts.length === 0) return;
+  logger.error(
+    { mounted: mounts.map(describeMount), stopWaitMs },
+    "stop requested while file systems are mounted on blocksnap devices: still serving until they are unmounted (a second signal stops anyway, and their writes then fail)",
+  );
+  let stillWaiting = true;
+  void released.then(() => {
+    stillWaiting = false;
+  });
+  const deadline = Date.now() + stopWaitMs;
+  while (stillWaiting && mounts.length > 0) {
+    if (Date.now() >= deadline) {
+      logger.error(
+        { mounted: mounts.map(describeMount), stopWaitMs },
+        "file systems are still mounted after the stop wait: stopping anyway, their writes will fail",
+      );
+      return;
+    }
+    void notifier.notify({
+      STATUS: `stopping: waiting for ${mounts.length} mounted file system(s): ${mounts.map((mount) => mount.mountPoint).join(", ")}`,
+    });
+    await Promise.race([released, new Promise((wake) => setTimeout(wake, mountPollIntervalMs))]);
+    mounts = daemon.mountedFileSystems();
+  }
+  if (mounts.length === 0) logger.info("the file systems on blocksnap devices are unmounted: stopping");
+}
+
+function describeMount(mount: LoopMount): string {
+  return `${mount.mountPoint} (${mount.fsType} on ${mount.loopDevice} over ${mount.backingFile})`;
 }
 
 async function stopWithTimeout(daemon: Daemon, logger: Logger): Promise<void> {

@@ -44,7 +44,16 @@ export function listLoopDevices(
  */
 export function findLoopMounts(backingFiles: readonly string[]): LoopMount[] {
   const wanted = new Set(backingFiles);
-  const loops = listLoopDevices().filter((loop) => wanted.has(loop.backingFile));
+  return loopMountsOf(listLoopDevices().filter((loop) => wanted.has(loop.backingFile)));
+}
+
+/** The file systems on loop devices over any file inside `directory` (a FUSE mount's files). */
+export function findLoopMountsUnder(directory: string): LoopMount[] {
+  const prefix = directory.endsWith("/") ? directory : `${directory}/`;
+  return loopMountsOf(listLoopDevices().filter((loop) => loop.backingFile.startsWith(prefix)));
+}
+
+function loopMountsOf(loops: ReturnType<typeof listLoopDevices>): LoopMount[] {
   if (loops.length === 0) return [];
   const mounts = readMountInfoSync();
   const result: LoopMount[] = [];

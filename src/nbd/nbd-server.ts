@@ -85,9 +85,15 @@ export class NbdServer {
     return { host: address.address, port: address.port };
   }
 
-  /** Serves an inherited listening socket (systemd socket activation passes it as fd 3). */
-  async listenFd(fd: number): Promise<void> {
-    await this.listen({ fd });
+  /**
+   * Serves an inherited listening socket (systemd socket activation passes it as fd 3). Returns its TCP
+   * address, or null for a Unix socket, so the caller can apply the same rules as to --nbd-listen.
+   */
+  async listenFd(fd: number): Promise<{ host: string; port: number } | null> {
+    const server = await this.listen({ fd });
+    const address = server.address();
+    if (address === null || typeof address === "string" || address.address === "") return null;
+    return { host: address.address, port: address.port };
   }
 
   get connectionCount(): number {
