@@ -22,6 +22,7 @@ import type { Logger } from "../util/logger.js";
 import { ControlServer } from "./control-server.js";
 import { DeviceRegistry } from "./device-registry.js";
 import type { ExportAddresses } from "./export-urls.js";
+import { DaemonPathPolicy } from "./path-policy.js";
 import { deviceRegistryPathIn, lockFilePathIn } from "./paths.js";
 import {
   applyStateDirAccess,
@@ -100,7 +101,8 @@ export class Daemon {
         deviceFilePath: (deviceName) => (fuseMountDir === null ? null : join(fuseMountDir, deviceName)),
         logger,
       });
-      const engine = new Engine({ logger, freezer });
+      const pathPolicy = new DaemonPathPolicy({ stateDir, fuseMountDir: () => fuseMountDir });
+      const engine = new Engine({ logger, freezer, pathPolicy });
       undo.push(() => engine.close());
       const registry = new DeviceRegistry(deviceRegistryPathIn(stateDir), engine, logger);
       await registry.restore();

@@ -19,7 +19,6 @@
  * const image = engine.findExport(`disk0@${snapshot.id}`)!.device; // reads return the state at take
  */
 import { randomUUID } from "node:crypto";
-import { realpathSync } from "node:fs";
 import { FileBackend } from "../backends/file-backend.js";
 import { MemoryBackend } from "../backends/memory-backend.js";
 import { CheckedDevice } from "../block/checked-device.js";
@@ -30,8 +29,9 @@ import { isValidCbtBlockSize } from "../cbt/cbt-geometry.js";
 import { CbtMap } from "../cbt/cbt-map.js";
 import { Tracker } from "../stages/tracker.js";
 import { DiffStorage, growthPortionBytesDefault } from "../storage/diff-storage.js";
-import { memoryStoragePath } from "../storage/storage-area.js";
+import { memoryStoragePath, type StorageArea } from "../storage/storage-area.js";
 import { type Logger, silentLogger } from "../util/logger.js";
+import { type Admission, BackendClaims, type PathPolicy } from "./backend-claims.js";
 import {
   chunkSizeBytesDefault,
   chunkSizeBytesMax,
@@ -63,6 +63,8 @@ export interface EngineOptions {
   readonly logger?: Logger;
   /** Freezes what sits on member devices around take (src/freeze); none by default. */
   readonly freezer?: Freezer;
+  /** Refusals of backend and storage paths by place (the daemon's state and mount); none by default. */
+  readonly pathPolicy?: PathPolicy;
 }
 
 export const freezeTimeoutMsDefault = 30_000;
@@ -79,8 +81,8 @@ interface DeviceEntry {
   readonly backend: BlockDevice & { close?(): Promise<void> };
   readonly tracker: Tracker;
   readonly export: Export;
-  /** Canonical path of the backend file or device, to refuse it as storage. */
-  readonly realPath: string | null;
+  /** Owner of the backend's claim (backend-claims.ts). */
+  readonly claimOwner: object;
   snapshotId: string | null;
 }
 
@@ -90,12 +92,16 @@ export class Engine implements ExportSource {
   private readonly devices = new Map<string, DeviceEntry>();
   private readonly snapshots = new Map<string, Snapshot>();
   private readonly imageExports = new Map<string, Export>();
+  /** Owner of each snapshot's storage claims (backend-claims.ts). */
+  private readonly snapshotClaims = new Map<string, object>();
   private readonly listeners = new Set<() => void>();
+  private readonly claims: BackendClaims;
   private closed = false;
 
   constructor(options: EngineOptions = {}) {
     this.logger = options.logger ?? silentLogger;
     this.freezer = options.freezer ?? null;
+    this.claims = new BackendClaims(options.pathPolicy ?? null);
   }
 
   // ---- devices ----
@@ -124,11 +130,33 @@ export class Engine implements ExportSource {
     if (typeof options.backendPath !== "string" || options.backendPath === "") {
       throw new BlockError("EINVAL", "A backend path is required");
     }
-    this.checkNotStorage(options.backendPath);
+    const admission =
+      options.backend === undefined && options.backendPath !== memoryBackendPath
+        ? await this.claims.admit(options.backendPath, "backend")
+        : null;
+    this.checkAddable(options.name);
     const backend = options.backend ?? this.openBackend(options.backendPath, options.sizeBytes);
-    if (backend.sizeBytes <= 0) {
+    const claimOwner = {};
+    try {
+      if (admission !== null) {
+        await this.claims.confirm(
+          admission,
+          openedDescriptor(backend),
+          claimOwner,
+          `the backend of device ${options.name}`,
+        );
+      }
+      if (backend.sizeBytes <= 0) {
+        throw new BlockError(
+          "EINVAL",
+          `Backend ${JSON.stringify(options.backendPath)} is empty: give --size`,
+        );
+      }
+      this.checkAddable(options.name);
+    } catch (error) {
+      this.claims.release(claimOwner);
       await backend.close?.();
-      throw new BlockError("EINVAL", `Backend ${JSON.stringify(options.backendPath)} is empty: give --size`);
+      throw error;
     }
     const cbt = new CbtMap(backend.sizeBytes, options.cbtBlockSizeBytes);
     const tracker = new Tracker(options.name, backend, cbt);
@@ -137,7 +165,7 @@ export class Engine implements ExportSource {
       backendPath: options.backendPath,
       backend,
       tracker,
-      realPath: backendRealPath(options.backendPath),
+      claimOwner,
       snapshotId: null,
       export: {
         name: options.name,
@@ -163,6 +191,7 @@ export class Engine implements ExportSource {
       await entry.backend.flush();
     } finally {
       await entry.backend.close?.();
+      this.claims.release(entry.claimOwner);
     }
     this.logger.info({ device: name }, "device removed");
   }
@@ -236,9 +265,14 @@ export class Engine implements ExportSource {
     if (new Set(deviceNames).size !== deviceNames.length) {
       throw new BlockError("EINVAL", "A device is listed twice");
     }
-    const members = deviceNames.map((name) => this.device(name));
-    for (const member of members) this.checkFree(member);
-    this.checkStorageNotOn(options.storage);
+    const checkMembers = () => {
+      this.checkOpen();
+      const members = deviceNames.map((name) => this.device(name));
+      for (const member of members) this.checkFree(member);
+      return members;
+    };
+    checkMembers();
+    const admission = await this.admitStorage(options.storage);
 
     const id = randomUUID();
     let snapshot: Snapshot | undefined;
@@ -248,6 +282,24 @@ export class Engine implements ExportSource {
       growthPortionBytes,
       onEvent: (event) => snapshot?.pushEvent({ ...event, timeMs: Date.now() }),
     });
+    const claimOwner = {};
+    let members: DeviceEntry[];
+    try {
+      if (admission !== null) {
+        for (const fd of storage.fileDescriptors) {
+          await this.claims.confirm(admission, fd, claimOwner, `the difference storage of snapshot ${id}`);
+        }
+      }
+      // The checks above awaited: the members may have gone or joined a snapshot meanwhile.
+      members = checkMembers();
+      if (this.snapshots.size >= snapshotsMax)
+        throw new BlockError("ENOSPC", `At most ${snapshotsMax} snapshots`);
+    } catch (error) {
+      this.claims.release(claimOwner);
+      await storage.close();
+      throw error;
+    }
+    this.snapshotClaims.set(id, claimOwner);
     snapshot = new Snapshot({
       id,
       storage,
@@ -274,9 +326,6 @@ export class Engine implements ExportSource {
     if (snapshot.isTaken || snapshot.state === "destroyed") {
       throw new BlockError("EPERM", `Cannot add ${deviceName} to snapshot ${id}: it was already taken`);
     }
-    if (entry.realPath && snapshot.storage.realPaths.includes(entry.realPath)) {
-      throw new BlockError("EINVAL", `Device ${deviceName} holds the difference storage of snapshot ${id}`);
-    }
     snapshot.addMember(entry.tracker);
     entry.snapshotId = id;
   }
@@ -290,8 +339,24 @@ export class Engine implements ExportSource {
     ) {
       throw new BlockError("EINVAL", `Invalid storage size ${options.sizeBytes}`);
     }
-    this.checkStorageNotOn(options.storage);
-    snapshot.storage.append(options.storage, options.sizeBytes);
+    const admission = await this.admitStorage(options.storage);
+    const area = snapshot.storage.openArea(options.storage, options.sizeBytes);
+    const claimOwner = this.snapshotClaims.get(id);
+    try {
+      if (admission !== null && claimOwner !== undefined) {
+        await this.claims.confirm(
+          admission,
+          openedDescriptor(area.device),
+          claimOwner,
+          `the difference storage of snapshot ${id}`,
+        );
+      }
+      if (this.snapshots.get(id) !== snapshot) throw new BlockError("ESRCH", `Snapshot ${id} was destroyed`);
+      snapshot.storage.appendArea(area);
+    } catch (error) {
+      await area.close();
+      throw error;
+    }
     return snapshot.storage.info();
   }
 
@@ -353,6 +418,9 @@ export class Engine implements ExportSource {
     try {
       await snapshot.destroy();
     } finally {
+      const claimOwner = this.snapshotClaims.get(id);
+      if (claimOwner !== undefined) this.claims.release(claimOwner);
+      this.snapshotClaims.delete(id);
       for (const name of snapshot.memberNames) {
         const entry = this.devices.get(name);
         if (entry?.snapshotId === id) entry.snapshotId = null;
@@ -394,6 +462,7 @@ export class Engine implements ExportSource {
         this.logger.error({ device: entry.name, err: error }, "flush at close failed");
       }
       await entry.backend.close?.();
+      this.claims.release(entry.claimOwner);
     }
     this.notify();
   }
@@ -429,36 +498,17 @@ export class Engine implements ExportSource {
     }
   }
 
-  /**
-   * Refuses a storage path that is the backend of any device, member or not: storage regions and the
-   * device's own writes would overwrite each other.
-   */
-  private checkStorageNotOn(storagePath: string): void {
-    if (storagePath === memoryStoragePath) return;
-    const storageRealPath = backendRealPath(storagePath);
-    if (storageRealPath === null) return;
-    for (const entry of this.devices.values()) {
-      if (entry.realPath === storageRealPath) {
-        throw new BlockError(
-          "EINVAL",
-          `Cannot store differences on ${storagePath}: it is the backend of ${entry.name}`,
-        );
-      }
-    }
+  /** Checks a storage path before it is opened; null for RAM. */
+  private async admitStorage(storagePath: string): Promise<Admission | null> {
+    if (storagePath === memoryStoragePath) return null;
+    return this.claims.admit(storagePath, "storage");
   }
 
-  /** Refuses a backend path that holds the difference storage of a snapshot (the mirror of the above). */
-  private checkNotStorage(backendPath: string): void {
-    const realPath = backendRealPath(backendPath);
-    if (realPath === null) return;
-    for (const snapshot of this.snapshots.values()) {
-      if (snapshot.storage.realPaths.includes(realPath)) {
-        throw new BlockError(
-          "EINVAL",
-          `Cannot use ${backendPath} as a device: it holds the difference storage of snapshot ${snapshot.id}`,
-        );
-      }
-    }
+  /** The checks of addDevice that must hold again after each of its awaits. */
+  private checkAddable(name: string): void {
+    this.checkOpen();
+    if (this.devices.has(name)) throw new BlockError("EEXIST", `Device ${name} already exists`);
+    if (this.devices.size >= devicesMax) throw new BlockError("ENOSPC", `At most ${devicesMax} devices`);
   }
 
   private describeDevice(entry: DeviceEntry): DeviceInfo {
@@ -504,13 +554,11 @@ function checkRange(range: ByteRange, sizeBytes: number): void {
   }
 }
 
-function backendRealPath(path: string): string | null {
-  if (path === memoryBackendPath) return null;
-  try {
-    return realpathSync(path);
-  } catch {
-    return null;
-  }
+/** The descriptor a file or device backend holds open (its identity is checked on it, not on a path). */
+function openedDescriptor(device: BlockDevice | StorageArea["device"]): number {
+  const fd = device instanceof FileBackend ? device.directReadFd() : null;
+  if (fd === null) throw new BlockError("EIO", "The backend was closed while it was being added");
+  return fd;
 }
 
 /** NBD's NBD_STATE_DIRTY, bit 0 of a `qemu:dirty-bitmap:*` context. */

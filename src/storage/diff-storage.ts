@@ -17,6 +17,7 @@
  * grow. Not done yet: space is not reserved with fallocate (Node has none), so a full host file system
  * surfaces as an EIO/ENOSPC write error later, which corrupts the snapshot like any storage error.
  */
+import { FileBackend } from "../backends/file-backend.js";
 import { BlockError } from "../block/errors.js";
 import type { StorageInfo } from "../engine/engine-types.js";
 import { assert } from "../util/assert.js";
@@ -76,6 +77,14 @@ export class DiffStorage {
   /** Canonical paths of the files and devices used (to refuse storage on a snapshot member). */
   get realPaths(): string[] {
     return this.areas.flatMap((area) => (area.realPath ? [area.realPath] : []));
+  }
+
+  /** The open descriptors of the file and device areas (to check what was really opened). */
+  get fileDescriptors(): number[] {
+    return this.areas.flatMap((area) => {
+      const fd = area.device instanceof FileBackend ? area.device.directReadFd() : null;
+      return fd === null ? [] : [fd];
+    });
   }
 
   get capacityBytes(): number {
@@ -178,6 +187,13 @@ export class DiffStorage {
 
   /** Adds a file, temp file, device or RAM area to a live storage. */
   append(path: string, sizeBytes?: number): StorageArea {
+    const area = this.openArea(path, sizeBytes);
+    this.appendArea(area);
+    return area;
+  }
+
+  /** Opens an area for appendArea() without adding it yet (the engine checks what was opened first). */
+  openArea(path: string, sizeBytes?: number): StorageArea {
     if (this.closed) throw new BlockError("EIO", "difference storage is closed");
     if (this.areas.length >= areasMax) throw new BlockError("ENOSPC", `At most ${areasMax} storage areas`);
     const area = StorageArea.open(path, { sizeBytes: sizeBytes ?? this.growthPortionBytes, growable: false });
@@ -186,12 +202,21 @@ export class DiffStorage {
       void area.close();
       throw new BlockError("EINVAL", `Cannot append ${JSON.stringify(path)}: it holds no usable space`);
     }
+    return area;
+  }
+
+  /** Adds an area from openArea(); closes it and fails when the storage was closed meanwhile. */
+  appendArea(area: StorageArea): void {
+    if (this.closed || this.areas.length >= areasMax) {
+      void area.close();
+      if (this.closed) throw new BlockError("EIO", "difference storage is closed");
+      throw new BlockError("ENOSPC", `At most ${areasMax} storage areas`);
+    }
     this.areas.push(area);
     if (this.freeBytes >= this.growthPortionBytes / 2) {
       this.lowSpaceSignalled = false;
       this.noSpaceSignalled = false;
     }
-    return area;
   }
 
   async close(): Promise<void> {
