@@ -122,11 +122,15 @@ export class ControlServer {
     await rm(this.socketPath, { force: true });
   }
 
+  /**
+   * Everything a request does runs inside this one try: the target's parse, the body, the route. A
+   * hostile request can earn an error answer, never an exception outside the request.
+   */
   private async handle(request: IncomingMessage, response: ServerResponse): Promise<void> {
     const method = request.method ?? "GET";
-    const url = new URL(request.url ?? "/", "http://blocksnap");
-    this.logger.debug({ method, path: url.pathname }, "control request");
     try {
+      const url = parseTarget(request.url);
+      this.logger.debug({ method, path: url.pathname }, "control request");
       const body = await readJsonBody(request);
       const match = matchRoute(method, url.pathname);
       if (match.kind === "not-found") {
@@ -141,7 +145,13 @@ export class ControlServer {
       const result = await match.route.handler(this.context, { params: match.params, query, body });
       sendResult(response, result);
     } catch (error) {
-      this.sendError(request, response, error);
+      try {
+        this.sendError(request, response, error);
+      } catch (sendFailure) {
+        // Answering failed too (the connection is gone): drop it, the request is over.
+        this.logger.warn({ err: (sendFailure as Error)?.message }, "control answer failed");
+        response.destroy();
+      }
     }
   }
 
@@ -179,6 +189,21 @@ export class ControlServer {
     }
     if (status === 413) response.setHeader("Connection", "close");
     sendJson(response, status, errorBody(blockError.errno, blockError.message));
+  }
+}
+
+/**
+ * The request target as a URL. Only origin-form (`/path?query`) is accepted: an absolute URL, `*` or a
+ * target that does not parse (`//[`) is a bad request (EINVAL), never a throw outside the handler.
+ */
+function parseTarget(target: string | undefined): URL {
+  if (target === undefined || !target.startsWith("/") || target.startsWith("//")) {
+    throw new BlockError("EINVAL", "the request target must be a path starting with a single /");
+  }
+  try {
+    return new URL(target, "http://blocksnap");
+  } catch {
+    throw new BlockError("EINVAL", "the request target is not a valid path");
   }
 }
 
