@@ -2,7 +2,9 @@
  * The CLI's client of the control API: one HTTP request per call over the daemon's Unix socket, no
  * keep-alive (the process exits right after). Error bodies `{ "error": { "errno", "message" } }` become
  * CliErrors carrying the errno; a socket that is missing or refuses connections becomes a message that
- * says how to start the daemon. Responses are bounded (64 MiB: a CBT map of 2^21 blocks is 2 MiB).
+ * says how to start the daemon; a connection the daemon closes without an answer (too many connections)
+ * becomes "the daemon did not answer", and its 503 EAGAIN answer reads "daemon busy". Responses are
+ * bounded (64 MiB: a CBT map of 2^21 blocks is 2 MiB).
  */
 import { request as httpRequest } from "node:http";
 import { CliError } from "./cli-error.js";
@@ -78,7 +80,7 @@ export class ControlClient {
             }
             chunks.push(chunk);
           });
-          response.once("error", reject);
+          response.once("error", (error: NodeJS.ErrnoException) => reject(this.connectionError(error)));
           response.once("end", () =>
             resolve({
               status: response.statusCode ?? 500,
@@ -100,6 +102,14 @@ export class ControlClient {
       return new CliError(
         `the blocksnap daemon is not running (no daemon at ${this.socketPath}); start it with \`blocksnap serve\``,
         { errno: code, cause: error },
+      );
+    }
+    if (code === "EPIPE" || code === "ECONNRESET" || code === "ECONNABORTED") {
+      // The daemon closed the connection before answering: it refuses connections beyond its limit, and
+      // cuts requests that did not arrive in time.
+      return new CliError(
+        `the daemon did not answer at ${this.socketPath} (connection closed: ${code}); it may be busy, try again`,
+        { errno: "EAGAIN", cause: error },
       );
     }
     if (code === "EACCES" || code === "EPERM") {

@@ -4,9 +4,12 @@
  * with a size bound, JSON parsing, routing (control-routes.ts), and errors as
  * `{ "error": { "errno", "message" } }` with the status of http-status.ts.
  *
- * Bounds: request bodies ≤ 1 MiB (413 beyond), at most 64 connections (the CLI uses one per command;
- * long polls hold one each), and close() waits a bounded time for in-flight requests before cutting
- * connections. Logging: one debug line per request, errors at warn/error.
+ * Bounds, so that no client can hold the API: request bodies ≤ 1 MiB (413 beyond); the headers must arrive
+ * within headersTimeoutMs and the whole request (headers and body) within requestTimeoutMs, else Node
+ * answers 408 and closes (a long poll is not cut: the timer stops once its request is received); at most
+ * requestsInFlightMax requests at once (long polls count), beyond which the answer is 503 EAGAIN at once;
+ * at most controlConnectionsMax connections (Node drops the ones beyond). close() waits a bounded time for
+ * in-flight requests before cutting connections. Logging: one debug line per request, errors at warn/error.
  *
  * Broken invariants (AssertionError) thrown by the engine are answered with 500 and then rethrown, so
  * the daemon crashes instead of serving a wrong snapshot (TigerBeetle's rule, ARCHITECTURE.md §2).
@@ -23,7 +26,11 @@ import { httpStatusForErrno } from "./http-status.js";
 import { listenRestricted, type SocketAccess } from "./socket-access.js";
 
 export const requestBodyBytesMax = 1024 * 1024;
-export const controlConnectionsMax = 64;
+export const requestsInFlightMax = 64;
+export const controlConnectionsMax = 256;
+export const headersTimeoutMs = 10_000;
+export const requestTimeoutMs = 20_000;
+const timeoutCheckIntervalMs = 1000;
 const closeGraceMs = 5000;
 
 export interface ControlServerOptions {
@@ -47,20 +54,48 @@ export class ControlServer {
     this.socketPath = options.socketPath;
     this.context = options.context;
     this.logger = options.logger;
-    this.server = createServer((request, response) => {
-      // In flight until the answer is flushed (or the connection died): close() must not cut an answer
-      // that is still in the socket's buffer.
-      this.inflightRequests++;
-      response.once("close", () => {
-        this.inflightRequests--;
-        if (this.inflightRequests === 0) for (const waiter of this.idleWaiters.splice(0)) waiter();
-      });
-      void this.handle(request, response);
+    this.server = createServer(
+      {
+        headersTimeout: headersTimeoutMs,
+        requestTimeout: requestTimeoutMs,
+        connectionsCheckingInterval: timeoutCheckIntervalMs,
+      },
+      (request, response) => this.onRequest(request, response),
+    );
+    // `Expect: 100-continue` (curl sends it with large bodies): a body over the limit is refused before
+    // the client sends it, so the 413 reaches it instead of a broken pipe.
+    this.server.on("checkContinue", (request: IncomingMessage, response: ServerResponse) => {
+      if (!(declaredBodyBytes(request) > requestBodyBytesMax)) response.writeContinue();
+      this.onRequest(request, response);
     });
     this.server.maxConnections = controlConnectionsMax;
-    // Long polls answer after up to an hour; nothing on this server may time them out.
-    this.server.requestTimeout = 0;
-    this.server.headersTimeout = 60_000;
+  }
+
+  private onRequest(request: IncomingMessage, response: ServerResponse): void {
+    // In flight until the answer is flushed (or the connection died): close() must not cut an answer
+    // that is still in the socket's buffer.
+    this.inflightRequests++;
+    response.once("close", () => {
+      this.inflightRequests--;
+      if (this.inflightRequests === 0) for (const waiter of this.idleWaiters.splice(0)) waiter();
+    });
+    if (this.inflightRequests > requestsInFlightMax) {
+      this.refuseBusy(request, response);
+      return;
+    }
+    void this.handle(request, response);
+  }
+
+  /** Answers 503 without reading the body, and closes the connection. */
+  private refuseBusy(request: IncomingMessage, response: ServerResponse): void {
+    this.logger.warn({ requestsInFlightMax }, "control API busy: request refused");
+    response.setHeader("Connection", "close");
+    sendJson(
+      response,
+      503,
+      errorBody("EAGAIN", `daemon busy: ${requestsInFlightMax} requests in flight; try again`),
+    );
+    request.resume();
   }
 
   /**
@@ -180,7 +215,7 @@ export class ControlServer {
       );
       return;
     }
-    const status = httpStatusForErrno(blockError.errno);
+    const status = blockError instanceof RequestBodyTooLarge ? 413 : httpStatusForErrno(blockError.errno);
     if (status >= 500) {
       this.logger.warn(
         { method: request.method, url: request.url, errno: blockError.errno, err: blockError.message },
@@ -247,11 +282,21 @@ function sendJson(response: ServerResponse, status: number, value: unknown): voi
   response.end(text);
 }
 
+function declaredBodyBytes(request: IncomingMessage): number {
+  return Number(request.headers["content-length"] ?? 0);
+}
+
+/** A request body over requestBodyBytesMax: the one EFBIG answered 413 (a too large argument is 400). */
+class RequestBodyTooLarge extends BlockError {
+  constructor() {
+    super("EFBIG", `request body larger than ${requestBodyBytesMax} bytes`);
+  }
+}
+
 /** Collects at most requestBodyBytesMax bytes and parses them as JSON; an empty body is undefined. */
 function readJsonBody(request: IncomingMessage): Promise<unknown> {
-  const tooLarge = (): BlockError =>
-    new BlockError("EFBIG", `request body larger than ${requestBodyBytesMax} bytes`);
-  if (Number(request.headers["content-length"] ?? 0) > requestBodyBytesMax) {
+  const tooLarge = (): BlockError => new RequestBodyTooLarge();
+  if (declaredBodyBytes(request) > requestBodyBytesMax) {
     request.resume();
     return Promise.reject(tooLarge());
   }

@@ -7,6 +7,9 @@ export function httpStatusForErrno(errno: string): number {
     case "EINVAL":
     case "ENOTDIR":
     case "EISDIR":
+    // A size the file system cannot hold (a growth portion of 2^50) is a bad argument. Only a request body
+    // over the limit is 413, and control-server.ts answers that one itself.
+    case "EFBIG":
       return 400;
     case "EPERM":
     case "EACCES":
@@ -22,9 +25,8 @@ export function httpStatusForErrno(errno: string): number {
     case "EALREADY":
     case "ENODEV":
       return 409;
-    case "EFBIG":
-      return 413;
     case "ESHUTDOWN":
+    case "EAGAIN":
       return 503;
     case "ETIMEDOUT":
       return 504;

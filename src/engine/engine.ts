@@ -137,6 +137,7 @@ export class Engine implements ExportSource {
     this.checkAddable(options.name);
     const backend = options.backend ?? this.openBackend(options.backendPath, options.sizeBytes);
     const claimOwner = {};
+    let tracker: Tracker;
     try {
       if (admission !== null) {
         await this.claims.confirm(
@@ -152,14 +153,14 @@ export class Engine implements ExportSource {
           `Backend ${JSON.stringify(options.backendPath)} is empty: give --size`,
         );
       }
+      // The CBT map is allocated inside the try: if it fails, the backend opened above is closed.
+      tracker = new Tracker(options.name, backend, new CbtMap(backend.sizeBytes, options.cbtBlockSizeBytes));
       this.checkAddable(options.name);
     } catch (error) {
       this.claims.release(claimOwner);
       await backend.close?.();
       throw error;
     }
-    const cbt = new CbtMap(backend.sizeBytes, options.cbtBlockSizeBytes);
-    const tracker = new Tracker(options.name, backend, cbt);
     const entry: DeviceEntry = {
       name: options.name,
       backendPath: options.backendPath,

@@ -63,11 +63,17 @@ export class DiffStorage {
     assert(this.growthPortionBytes > 0);
     this.onEvent = options.onEvent ?? (() => {});
     const area = StorageArea.open(options.path, { growable: true });
-    clampToEncodable(area);
-    this.areas.push(area);
-    // blksnap sizes a small storage at create: grow it to the first portion right away.
-    if (area.growable && area.capacityBytes <= this.growthPortionBytes / 2)
-      this.growBy(area, this.growthPortionBytes);
+    try {
+      clampToEncodable(area);
+      this.areas.push(area);
+      // blksnap sizes a small storage at create: grow it to the first portion right away.
+      if (area.growable && area.capacityBytes <= this.growthPortionBytes / 2)
+        this.growBy(area, this.growthPortionBytes);
+    } catch (error) {
+      // The constructor fails, so nobody will close() this storage: release what it opened here.
+      void area.close();
+      throw error;
+    }
   }
 
   get paths(): string[] {
