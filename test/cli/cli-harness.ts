@@ -58,6 +58,9 @@ export function runCommand(
       clearTimeout(timer);
       resolve({ code, signal, stdout, stderr });
     });
+    // A child that exits without reading its input (losetup, mkfs) makes this write fail with EPIPE: that
+    // is not the command's failure, and its exit code says what happened.
+    child.stdin.once("error", () => {});
     child.stdin.end(options.input ?? "");
   });
 }
