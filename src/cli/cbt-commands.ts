@@ -34,7 +34,13 @@ export function cbtInfoLines(info: CbtInfo): string[] {
 }
 
 export function addCbtCommands(program: Command): void {
-  const cbt = program.command("cbt").description("change-block tracking: info, map, mark dirty");
+  const cbt = program
+    .command("cbt")
+    .description("change-block tracking: info, map, mark dirty")
+    .addHelpText(
+      "after",
+      "\nExamples:\n  $ blocksnap cbt info disk0\n  $ blocksnap cbt read disk0 --out /tmp/disk0.cbt\n",
+    );
 
   addCommonOptions(
     cbt.command("info").description("show a device's CBT parameters").argument("<name>", "device name"),

@@ -16,7 +16,13 @@ interface DeviceAddOptions extends CommonOptions {
 }
 
 export function addDeviceCommands(program: Command): void {
-  const device = program.command("device").description("add, remove and list origin devices");
+  const device = program
+    .command("device")
+    .description("add, remove and list origin devices")
+    .addHelpText(
+      "after",
+      "\nExamples:\n  $ blocksnap device add disk0 --backend /var/lib/images/disk0.img --size 10G\n  $ blocksnap device list\n",
+    );
 
   addCommonOptions(
     device

@@ -6,8 +6,10 @@
 import { Command, CommanderError } from "commander";
 import { addCbtCommands } from "./cbt-commands.js";
 import { exitCodeUsage } from "./cli-error.js";
+import { addCompletionCommands, answerCompletion } from "./completion-command.js";
 import { addDeviceCommands } from "./device-commands.js";
 import { addInstallUnitsCommand } from "./install-units-command.js";
+import { addManCommand } from "./man-command.js";
 import { addServeCommand } from "./serve-command.js";
 import { addSnapshotCommands } from "./snapshot-commands.js";
 import { addStatusCommands } from "./status-commands.js";
@@ -32,6 +34,8 @@ export function buildProgram(): Command {
   addCbtCommands(program);
   addSnapshotCommands(program);
   addInstallUnitsCommand(program);
+  addManCommand(program);
+  addCompletionCommands(program);
   return program;
 }
 
@@ -48,6 +52,7 @@ export async function runCli(argv: readonly string[]): Promise<void> {
     process.exit(0);
   });
   const program = buildProgram();
+  if (argv[2] === "__complete") return await answerCompletion(program, argv.slice(3));
   try {
     await program.parseAsync([...argv]);
   } catch (error) {

@@ -168,7 +168,13 @@ export function snapshotTable(snapshots: readonly SnapshotView[]): string[] {
 }
 
 export function addSnapshotCommands(program: Command): void {
-  const snapshot = program.command("snapshot").description("create, take, inspect and destroy snapshots");
+  const snapshot = program
+    .command("snapshot")
+    .description("create, take, inspect and destroy snapshots")
+    .addHelpText(
+      "after",
+      "\nExamples:\n  $ id=$(blocksnap snapshot create --device disk0 --storage /var/tmp --limit 1G)\n  $ blocksnap snapshot take $id\n  $ blocksnap snapshot destroy $id\n",
+    );
 
   addCommonOptions(
     snapshot
