@@ -6,6 +6,7 @@
  */
 import { resolve } from "node:path";
 import type { Command } from "commander";
+import { BlockError } from "../block/errors.js";
 import { controlSocketPathIn, currentStateDirEnvironment, resolveStateDir } from "../daemon/paths.js";
 import { CliError } from "./cli-error.js";
 import { ControlClient } from "./control-client.js";
@@ -77,11 +78,34 @@ export function reportError(error: unknown, json: boolean): void {
   const cliError =
     error instanceof CliError
       ? error
-      : new CliError(error instanceof Error ? error.message : String(error), { errno: "EIO", cause: error });
+      : new CliError(error instanceof Error ? error.message : String(error), {
+          errno: errnoOf(error),
+          cause: error,
+        });
   const errno = cliError.errno ?? "EIO";
   process.stderr.write(
     `blocksnap: ${cliError.message}${cliError.errno === null ? "" : ` (${cliError.errno})`}\n`,
   );
   if (json) writeJson({ error: { errno, message: cliError.message } });
   process.exitCode = cliError.exitCode;
+}
+
+/**
+ * The real errno of a failure that did not come from the daemon (a start failure of `serve`): a
+ * BlockError's errno, or a Node system error's code (EADDRINUSE, EBUSY). An EIO that wraps a system error
+ * (toBlockError turns codes it has no name for into EIO) reports the wrapped code; EIO only when there is none.
+ */
+function errnoOf(error: unknown): string {
+  const systemCode = (value: unknown): string | null => {
+    const code = (value as { code?: unknown } | null)?.code;
+    return typeof code === "string" && /^E[A-Z0-9]+$/.test(code) ? code : null;
+  };
+  if (error instanceof BlockError && error.errno !== "EIO") return error.errno;
+  let current: unknown = error;
+  for (let depth = 0; depth < 8 && current !== undefined && current !== null; depth++) {
+    const code = systemCode(current);
+    if (code !== null) return code;
+    current = (current as { cause?: unknown }).cause;
+  }
+  return "EIO";
 }

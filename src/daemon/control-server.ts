@@ -17,13 +17,13 @@
 import { AssertionError } from "node:assert";
 import { rm } from "node:fs/promises";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
-import { connect } from "node:net";
 import { BlockError, toBlockError } from "../block/errors.js";
 import type { Logger } from "../util/logger.js";
 import type { ApiErrorBody } from "./api-types.js";
 import { type ControlContext, matchRoute, type RouteResult } from "./control-routes.js";
 import { httpStatusForErrno } from "./http-status.js";
 import { listenRestricted, type SocketAccess } from "./socket-access.js";
+import { removeStaleSocket } from "./stale-socket.js";
 
 export const requestBodyBytesMax = 1024 * 1024;
 export const requestsInFlightMax = 64;
@@ -99,15 +99,13 @@ export class ControlServer {
   }
 
   /**
-   * Listens on `socketPath`, replacing a stale socket file. A socket on which something still answers is
-   * never replaced (EBUSY): with `--socket`, two state directories could name the same socket.
+   * Listens on `socketPath`, replacing only a stale socket (stale-socket.ts). A socket on which something
+   * still answers is never replaced (EBUSY): with `--socket`, two state directories could name the same
+   * socket; a file that is not a socket is never removed (EEXIST).
    */
   static async listen(options: ControlServerOptions): Promise<ControlServer> {
     const controlServer = new ControlServer(options);
-    if (await isSocketAnswering(options.socketPath)) {
-      throw new BlockError("EBUSY", `something is already listening on ${options.socketPath}`);
-    }
-    await rm(options.socketPath, { force: true });
+    await removeStaleSocket(options.socketPath);
     await listenRestricted(
       options.socketPath,
       options.access ?? { group: null },
@@ -240,17 +238,6 @@ function parseTarget(target: string | undefined): URL {
   } catch {
     throw new BlockError("EINVAL", "the request target is not a valid path");
   }
-}
-
-function isSocketAnswering(socketPath: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const socket = connect(socketPath);
-    socket.once("connect", () => {
-      socket.destroy();
-      resolve(true);
-    });
-    socket.once("error", () => resolve(false));
-  });
 }
 
 function errorBody(errno: string, message: string): ApiErrorBody {

@@ -32,6 +32,7 @@ import {
   type SocketAccess,
   socketMode,
 } from "./socket-access.js";
+import { removeStaleSocket } from "./stale-socket.js";
 import { StateLock } from "./state-lock.js";
 
 export interface DaemonOptions {
@@ -116,6 +117,7 @@ export class Daemon {
         undo.push(() => server.close());
         if (options.nbdSocketPath !== null) {
           const socketPath = options.nbdSocketPath;
+          await removeStaleSocket(socketPath);
           await listenRestricted(socketPath, socketAccess, () => server.listenUnix(socketPath));
           undo.push(() => rm(socketPath, { force: true }));
         }

@@ -90,6 +90,8 @@ export interface DaemonStartOptions {
   readonly env?: NodeJS.ProcessEnv;
   /** Pass --state-dir (default true); false relies on the environment. */
   readonly passStateDir?: boolean;
+  /** The control socket when `args` moves it with --socket (default: <state dir>/blocksnap.sock). */
+  readonly controlSocket?: string;
 }
 
 export class DaemonProcess {
@@ -98,9 +100,12 @@ export class DaemonProcess {
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   stderr = "";
 
-  private constructor(stateDir: string, child: ChildProcess) {
+  private readonly controlSocketPath: string;
+
+  private constructor(stateDir: string, child: ChildProcess, controlSocket?: string) {
     this.stateDir = stateDir;
     this.child = child;
+    this.controlSocketPath = controlSocket ?? join(stateDir, "blocksnap.sock");
     child.stderr?.setEncoding("utf8").on("data", (text: string) => {
       this.stderr += text;
     });
@@ -108,7 +113,7 @@ export class DaemonProcess {
   }
 
   get controlSocket(): string {
-    return join(this.stateDir, "blocksnap.sock");
+    return this.controlSocketPath;
   }
 
   get nbdSocket(): string {
@@ -132,7 +137,7 @@ export class DaemonProcess {
       env: options.env ?? cleanEnvironment(),
       stdio: ["ignore", "ignore", "pipe"],
     });
-    const daemon = new DaemonProcess(stateDir, child);
+    const daemon = new DaemonProcess(stateDir, child, options.controlSocket);
     let exited = false;
     void daemon.exited.then(() => {
       exited = true;
