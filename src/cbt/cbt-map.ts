@@ -19,13 +19,21 @@
  */
 import { randomUUID } from "node:crypto";
 import { BlockError } from "../block/errors.js";
-import type { CbtInfo } from "../engine/engine-types.js";
 import { assert } from "../util/assert.js";
 import { cbtGeometry } from "./cbt-geometry.js";
 
 export const snapNumberMax = 255;
 /** Default bound on the runs of one changedRuns() answer (the NBD face's extents per reply). */
 const changedRunsMaxDefault = 64 * 1024;
+
+export interface CbtInfo {
+  readonly blockSizeBytes: number;
+  readonly deviceSizeBytes: number;
+  readonly blockCount: number;
+  readonly generationId: string;
+  /** blksnap's changes_number: the number of the last take in this generation (0 before the first). */
+  readonly changesNumber: number;
+}
 
 export class CbtMap {
   readonly blockSizeBytes: number;

@@ -3,8 +3,14 @@
  * the daemon's control API unchanged: sizes and offsets in bytes, ids as strings, times in milliseconds.
  */
 import type { Errno } from "../block/errors.js";
+import type { CbtInfo } from "../cbt/cbt-map.js";
+import type { OnCowError } from "../cow/diff-area.js";
+import type { StorageInfo } from "../storage/diff-storage.js";
 
-export type OnCowError = "break-snapshot" | "fail-origin-write";
+export type { CbtInfo } from "../cbt/cbt-map.js";
+export type { StorageInfo } from "../storage/diff-storage.js";
+export type { OnCowError };
+
 export type SnapshotState = "created" | "taken" | "corrupted" | "destroyed";
 
 export interface DeviceAddOptions {
@@ -24,15 +30,6 @@ export interface DeviceInfo {
   /** The snapshot this device belongs to, if any. */
   readonly snapshotId: string | null;
   readonly cbt: CbtInfo;
-}
-
-export interface CbtInfo {
-  readonly blockSizeBytes: number;
-  readonly deviceSizeBytes: number;
-  readonly blockCount: number;
-  readonly generationId: string;
-  /** blksnap's changes_number: the number of the last take in this generation (0 before the first). */
-  readonly changesNumber: number;
 }
 
 export interface ByteRange {
@@ -100,14 +97,6 @@ export type SnapshotEvent =
   | { readonly type: "corrupted"; readonly timeMs: number; readonly device: string; readonly errno: Errno }
   | { readonly type: "no_space"; readonly timeMs: number; readonly requestedBytes: number }
   | { readonly type: "low_space"; readonly timeMs: number; readonly freeBytes: number };
-
-export interface StorageInfo {
-  readonly kind: "file" | "directory" | "block-device" | "memory" | "mixed";
-  readonly paths: readonly string[];
-  readonly usedBytes: number;
-  readonly capacityBytes: number;
-  readonly limitBytes: number;
-}
 
 export interface SnapshotDeviceInfo {
   readonly name: string;

@@ -27,17 +27,17 @@ import { BlockError } from "../block/errors.js";
 import type { Export, ExportSource, MetaContext } from "../block/export-source.js";
 import { isValidCbtBlockSize } from "../cbt/cbt-geometry.js";
 import { CbtMap } from "../cbt/cbt-map.js";
-import { Tracker } from "../stages/tracker.js";
-import { DiffStorage, growthPortionBytesDefault } from "../storage/diff-storage.js";
-import { memoryStoragePath, type StorageArea } from "../storage/storage-area.js";
-import { type Logger, silentLogger } from "../util/logger.js";
-import { type Admission, BackendClaims, type PathPolicy } from "./backend-claims.js";
 import {
   chunkSizeBytesDefault,
   chunkSizeBytesMax,
   chunkSizeBytesMin,
   isValidChunkSize,
-} from "./chunk-geometry.js";
+} from "../cow/chunk-geometry.js";
+import { Tracker } from "../cow/tracker.js";
+import { DiffStorage, growthPortionBytesDefault } from "../storage/diff-storage.js";
+import { memoryStoragePath, type StorageArea } from "../storage/storage-area.js";
+import { type Logger, silentLogger } from "../util/logger.js";
+import { type Admission, BackendClaims, type PathPolicy } from "./backend-claims.js";
 import type {
   AppendStorageOptions,
   ByteRange,

@@ -15,11 +15,11 @@
  */
 import { performance } from "node:perf_hooks";
 import { BlockError, type Errno } from "../block/errors.js";
-import { SnapshotImage } from "../stages/snapshot-image.js";
-import type { Tracker } from "../stages/tracker.js";
+import { DiffArea } from "../cow/diff-area.js";
+import { SnapshotImage } from "../cow/snapshot-image.js";
+import type { Tracker } from "../cow/tracker.js";
 import type { DiffStorage } from "../storage/diff-storage.js";
 import { assert } from "../util/assert.js";
-import { DiffArea } from "./diff-area.js";
 import type { OnCowError, SnapshotEvent, SnapshotInfo, SnapshotState, TakeReport } from "./engine-types.js";
 import { EventQueue } from "./event-queue.js";
 import type { Freezer, FreezeSession } from "./freezer.js";

@@ -19,7 +19,6 @@
  */
 import { FileBackend } from "../backends/file-backend.js";
 import { BlockError } from "../block/errors.js";
-import type { StorageInfo } from "../engine/engine-types.js";
 import { assert } from "../util/assert.js";
 import { regionAlignmentFor, StorageArea } from "./storage-area.js";
 
@@ -42,6 +41,14 @@ export interface DiffStorageOptions {
   readonly limitBytes: number;
   readonly growthPortionBytes?: number;
   readonly onEvent?: (event: StorageEvent) => void;
+}
+
+export interface StorageInfo {
+  readonly kind: "file" | "directory" | "block-device" | "memory" | "mixed";
+  readonly paths: readonly string[];
+  readonly usedBytes: number;
+  readonly capacityBytes: number;
+  readonly limitBytes: number;
 }
 
 export class DiffStorage {

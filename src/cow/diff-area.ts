@@ -32,7 +32,9 @@ import type { DiffStorage, StorageLocation } from "../storage/diff-storage.js";
 import { assert } from "../util/assert.js";
 import { KeyedMutex } from "../util/keyed-mutex.js";
 import { ChunkGeometry, type ChunkPiece } from "./chunk-geometry.js";
-import type { OnCowError } from "./engine-types.js";
+
+/** What a failed copy-before-write does: break the snapshot (default) or fail the origin write. */
+export type OnCowError = "break-snapshot" | "fail-origin-write";
 
 const failedChunk = "failed" as const;
 /** The chunk map's value for a failed chunk; stored chunks hold DiffStorage location codes (≥ 0). */

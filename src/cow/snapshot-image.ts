@@ -12,7 +12,7 @@
 import type { BlockDevice, Capabilities, WriteFlags, ZeroFlags } from "../block/device.js";
 import { BlockError } from "../block/errors.js";
 import type { CbtMap } from "../cbt/cbt-map.js";
-import type { DiffArea } from "../engine/diff-area.js";
+import type { DiffArea } from "./diff-area.js";
 
 export class SnapshotImage implements BlockDevice {
   readonly sizeBytes: number;

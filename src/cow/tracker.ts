@@ -13,8 +13,8 @@
  */
 import type { BlockDevice, Capabilities, Extent, WriteFlags, ZeroFlags } from "../block/device.js";
 import type { CbtMap } from "../cbt/cbt-map.js";
-import type { DiffArea } from "../engine/diff-area.js";
 import { assert } from "../util/assert.js";
+import type { DiffArea } from "./diff-area.js";
 
 export class Tracker implements BlockDevice {
   readonly name: string;

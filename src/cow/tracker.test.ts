@@ -5,8 +5,8 @@ import { MemoryBackend } from "../backends/memory-backend.js";
 import type { BlockDevice } from "../block/device.js";
 import { BlockError, type Errno } from "../block/errors.js";
 import { CbtMap } from "../cbt/cbt-map.js";
-import { DiffArea } from "../engine/diff-area.js";
 import { DiffStorage } from "../storage/diff-storage.js";
+import { DiffArea } from "./diff-area.js";
 import { Tracker } from "./tracker.js";
 
 const KiB = 1024;
