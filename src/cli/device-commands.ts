@@ -57,13 +57,15 @@ export function addDeviceCommands(program: Command): void {
   addCommonOptions(
     device
       .command("remove")
-      .description("detach a device (refused while it is in a snapshot)")
-      .argument("<name>", "device name"),
+      .description("detach a device (refused while it is in a snapshot, or in use unless --force)")
+      .argument("<name>", "device name")
+      .option("--force", "remove even while a file system is mounted on a loop device over its FUSE file"),
   )
     .addHelpText("after", "\nExample:\n  $ blocksnap device remove disk0\n")
     .action(
-      clientAction<CommonOptions>(async ({ client, json }, [name]) => {
-        const view = await client.delete<RemovedView>(`/v1/devices/${encodeURIComponent(name!)}`);
+      clientAction<CommonOptions & { force?: boolean }>(async ({ client, json }, [name], options) => {
+        const query = options.force ? "?force=true" : "";
+        const view = await client.delete<RemovedView>(`/v1/devices/${encodeURIComponent(name!)}${query}`);
         if (json) return writeJson(view);
         writeLine(`removed ${view.removed}`);
       }),

@@ -61,4 +61,9 @@ export const cbtMapQuerySchema = z.strictObject({
   format: z.enum(["binary", "base64"]).optional(),
 });
 
+/** `?force=true` (or `1`): remove a device even while a file system is mounted on it. */
+export const deviceRemoveQuerySchema = z.strictObject({
+  force: z.enum(["true", "false", "1", "0"]).optional(),
+});
+
 export const emptyObjectSchema = z.strictObject({});

@@ -15,6 +15,7 @@ import {
   appendStorageBodySchema,
   cbtMapQuerySchema,
   deviceAddBodySchema,
+  deviceRemoveQuerySchema,
   emptyObjectSchema,
   markDirtyBodySchema,
   snapshotAddDeviceBodySchema,
@@ -187,9 +188,9 @@ export const routes: readonly Route[] = [
   }),
 
   route("DELETE", "/v1/devices/:name", async (context, request) => {
-    requireNoQuery(request);
+    const { force } = parse(deviceRemoveQuerySchema, request.query, "query");
     const name = param(request, "name");
-    await context.registry.remove(name);
+    await context.registry.remove(name, { force: force === "true" || force === "1" });
     const view: RemovedView = { removed: name };
     return ok(view);
   }),

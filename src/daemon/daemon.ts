@@ -18,6 +18,7 @@ import { LoopFreezer } from "../freeze/loop-freezer.js";
 import { findLoopMountsUnder, type LoopMount } from "../freeze/mount-discovery.js";
 import { cleanStaleMount, FuseServer } from "../fuse/fuse-server.js";
 import { NbdServer } from "../nbd/nbd-server.js";
+import { loopDeviceUsersOver } from "../util/file-identity.js";
 import type { Logger } from "../util/logger.js";
 import { ControlServer } from "./control-server.js";
 import { DeviceRegistry } from "./device-registry.js";
@@ -105,7 +106,10 @@ export class Daemon {
       const pathPolicy = new DaemonPathPolicy({ stateDir, fuseMountDir: () => fuseMountDir });
       const engine = new Engine({ logger, freezer, pathPolicy });
       undo.push(() => engine.close());
-      const registry = new DeviceRegistry(deviceRegistryPathIn(stateDir), engine, logger);
+      const registry = new DeviceRegistry(deviceRegistryPathIn(stateDir), engine, logger, {
+        deviceUsers: async (name) =>
+          fuseMountDir === null ? [] : loopDeviceUsersOver(join(fuseMountDir, name)),
+      });
       await registry.restore();
 
       let nbdServer: NbdServer | null = null;
@@ -277,10 +281,11 @@ async function mountFuse(engine: Engine, options: DaemonOptions): Promise<FuseSe
     return null;
   }
   try {
-    await mkdir(fuse.mountDir, { recursive: true, mode: 0o755 });
+    // The dead mount of a daemon killed with -9 first: until it is gone, even mkdir fails with ENOTCONN.
     if (await cleanStaleMount(fuse.mountDir)) {
       logger.warn({ mountDir: fuse.mountDir }, "removed a stale FUSE mount left by a previous daemon");
     }
+    await mkdir(fuse.mountDir, { recursive: true, mode: 0o755 });
     return await FuseServer.mount(engine, { mountDir: fuse.mountDir, logger });
   } catch (error) {
     const blockError = toBlockError(error, `cannot mount FUSE at ${fuse.mountDir}`);

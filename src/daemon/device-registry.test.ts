@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
@@ -82,6 +82,42 @@ void test("a failed add leaves the file unchanged", async () => {
   await assert.rejects(registry.add({ name: "d0", backendPath: "/x/other" }), { errno: "EEXIST" });
   await assert.rejects(registry.add({ name: "d1", backendPath: "/gone" }), { errno: "ENOENT" });
   assert.equal(await readFile(path, "utf8"), before);
+});
+
+void test("a remove whose registry save fails attaches the device again and leaves the file unchanged", async () => {
+  const path = join(directory, "e.json");
+  const engine = fakeEngine();
+  const registry = new DeviceRegistry(path, engine, silentLogger);
+  await registry.add({ name: "d0", backendPath: "/x/d0" });
+  await registry.add({ name: "d1", backendPath: "/x/d1" });
+  const before = await readFile(path, "utf8");
+  // A directory where the temporary file would go makes the atomic write fail.
+  await mkdir(`${path}.tmp-${process.pid}`);
+  await assert.rejects(registry.remove("d0"), /d0 not removed: cannot save/);
+  assert.equal(await readFile(path, "utf8"), before);
+  assert.deepEqual(
+    engine.added.map((options) => options.name),
+    ["d0", "d1", "d0"],
+    "d0 was attached again",
+  );
+  await rm(`${path}.tmp-${process.pid}`, { recursive: true });
+  await registry.remove("d0");
+  assert.doesNotMatch(await readFile(path, "utf8"), /"d0"/);
+});
+
+void test("a device in use is not removed unless forced", async () => {
+  const path = join(directory, "f.json");
+  const registry = new DeviceRegistry(path, fakeEngine(), silentLogger, {
+    deviceUsers: async (name) => (name === "busy" ? ["/dev/loop7 mounted at /mnt (ext4)"] : []),
+  });
+  await registry.add({ name: "busy", backendPath: "/x/busy" });
+  await assert.rejects(registry.remove("busy"), {
+    errno: "EBUSY",
+    message: /loop7 mounted at \/mnt.*--force/,
+  });
+  assert.match(await readFile(path, "utf8"), /"busy"/);
+  await registry.remove("busy", { force: true });
+  assert.doesNotMatch(await readFile(path, "utf8"), /"busy"/);
 });
 
 void test("a device whose backend is gone at restore stays registered as unavailable until removed", async () => {

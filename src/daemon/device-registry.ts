@@ -10,6 +10,11 @@
  *
  * Locking: add/remove run one at a time (a promise chain), so the file always reflects the engine's
  * devices in the order the changes happened. The file is replaced atomically (atomic-write.ts).
+ *
+ * Remove is all or nothing: a device that is in use (a file system mounted on a loop device over its FUSE
+ * file: its journal would abort) is refused with EBUSY unless forced; the engine's remove restores the
+ * device when its final flush fails; and when the file cannot be saved afterwards, the device is attached
+ * again, so the list and the file never disagree.
  */
 import { readFile } from "node:fs/promises";
 import { z } from "zod";
@@ -41,19 +46,31 @@ export interface UnavailableDevice {
   readonly error: { readonly errno: string; readonly message: string };
 }
 
+export interface DeviceRegistryOptions {
+  /** Who uses a device outside the daemon (mounts on loop devices over its FUSE file); none by default. */
+  readonly deviceUsers?: (name: string) => Promise<string[]>;
+}
+
+export interface RemoveOptions {
+  /** Remove even while the device is in use (what uses it then sees I/O errors). */
+  readonly force?: boolean;
+}
+
 export class DeviceRegistry {
   readonly path: string;
   private readonly engine: ControlEngine;
   private readonly logger: Logger;
+  private readonly deviceUsers: (name: string) => Promise<string[]>;
   /** Insertion-ordered: the file lists devices in the order they were added. */
   private readonly entries = new Map<string, RegistryEntry>();
   private readonly unavailableDevices = new Map<string, UnavailableDevice>();
   private tail: Promise<unknown> = Promise.resolve();
 
-  constructor(path: string, engine: ControlEngine, logger: Logger) {
+  constructor(path: string, engine: ControlEngine, logger: Logger, options: DeviceRegistryOptions = {}) {
     this.path = path;
     this.engine = engine;
     this.logger = logger;
+    this.deviceUsers = options.deviceUsers ?? (async () => []);
   }
 
   /** Reads the file (absent = empty) and attaches every device. Fails on a malformed file. */
@@ -111,20 +128,53 @@ export class DeviceRegistry {
     });
   }
 
-  remove(name: string): Promise<void> {
+  remove(name: string, options: RemoveOptions = {}): Promise<void> {
     return this.serialized(async () => {
-      if (this.unavailableDevices.has(name)) {
-        this.unavailableDevices.delete(name);
-      } else {
+      const unavailable = this.unavailableDevices.get(name);
+      const entry = this.entries.get(name);
+      const order = [...this.entries.values()];
+      if (unavailable === undefined) {
+        const users = await this.deviceUsers(name);
+        if (users.length > 0 && options.force !== true) {
+          throw new BlockError(
+            "EBUSY",
+            `Device ${name} is in use (${users.join("; ")}): unmount it first, or remove with --force`,
+          );
+        }
+        if (users.length > 0) this.logger.warn({ device: name, users }, "removing a device that is in use");
         await this.engine.removeDevice(name);
       }
+      this.unavailableDevices.delete(name);
       this.entries.delete(name);
       try {
         await this.save();
       } catch (error) {
-        throw toBlockError(error, `device ${name} removed, but ${this.path} could not be saved`);
+        this.restoreOrder(order);
+        if (unavailable !== undefined) this.unavailableDevices.set(name, unavailable);
+        else if (entry !== undefined) await this.reattach(entry);
+        throw toBlockError(error, `device ${name} not removed: cannot save ${this.path}`);
       }
     });
+  }
+
+  /** Puts the entries back in their former order (the file lists devices in the order they were added). */
+  private restoreOrder(order: readonly RegistryEntry[]): void {
+    this.entries.clear();
+    for (const entry of order) this.entries.set(entry.name, entry);
+  }
+
+  /** Attaches a removed device again (its file entry stayed); unavailable if its backend cannot be opened. */
+  private async reattach(entry: RegistryEntry): Promise<void> {
+    try {
+      await this.engine.addDevice(entry);
+    } catch (error) {
+      const blockError = toBlockError(error, `device ${entry.name}`);
+      this.unavailableDevices.set(entry.name, {
+        name: entry.name,
+        backendPath: entry.backendPath,
+        error: { errno: blockError.errno, message: blockError.message },
+      });
+    }
   }
 
   private async save(): Promise<void> {

@@ -79,9 +79,12 @@ export class DaemonPathPolicy implements PathPolicy {
     if (mountDir !== null && isInside(canonical, mountDir)) {
       throw refuse(`it is on this daemon's own FUSE mount ${mountDir} (its I/O would deadlock)`);
     }
-    // The file system of the parent directory tells what the path is on, before opening anything there.
-    const parent = await stat(dirname(canonical), { bigint: true }).catch(() => null);
-    if (parent !== null) await this.checkFileSystem(majorMinorOf(parent.dev), refuse);
+    // The file system of the path (a directory may be a mount point, also a bind mount of ours), else of
+    // its parent, tells what it is on before anything is opened there. The stats run on the libuv pool.
+    const target =
+      (await stat(canonical, { bigint: true }).catch(() => null)) ??
+      (await stat(dirname(canonical), { bigint: true }).catch(() => null));
+    if (target !== null) await this.checkFileSystem(majorMinorOf(target.dev), refuse);
   }
 
   async checkFile(file: OpenedFile): Promise<void> {

@@ -23,7 +23,7 @@ import { FileBackend } from "../backends/file-backend.js";
 import { MemoryBackend } from "../backends/memory-backend.js";
 import { CheckedDevice } from "../block/checked-device.js";
 import type { BlockDevice } from "../block/device.js";
-import { BlockError } from "../block/errors.js";
+import { BlockError, toBlockError } from "../block/errors.js";
 import type { Export, ExportSource, MetaContext } from "../block/export-source.js";
 import { isValidCbtBlockSize } from "../cbt/cbt-geometry.js";
 import { CbtMap } from "../cbt/cbt-map.js";
@@ -96,6 +96,8 @@ export class Engine implements ExportSource {
   private readonly snapshotClaims = new Map<string, object>();
   private readonly listeners = new Set<() => void>();
   private readonly claims: BackendClaims;
+  /** Names whose removal is flushing: not free for a new device until it ended. */
+  private readonly removing = new Set<string>();
   private closed = false;
 
   constructor(options: EngineOptions = {}) {
@@ -181,18 +183,48 @@ export class Engine implements ExportSource {
     return this.describeDevice(entry);
   }
 
+  /**
+   * All or nothing: the export goes away, the backend is flushed, then closed. When the final flush fails
+   * the device comes back as it was (still serving, same CBT) and the remove can be retried; the name stays
+   * reserved meanwhile, so no add can take it.
+   */
   async removeDevice(name: string): Promise<void> {
     const entry = this.device(name);
     if (entry.snapshotId !== null) {
       throw new BlockError("EBUSY", `Device ${name} is in snapshot ${entry.snapshotId}: destroy it first`);
     }
+    const order = [...this.devices.keys()];
     this.devices.delete(name);
+    this.removing.add(name);
     this.notify();
     try {
-      await entry.backend.flush();
-    } finally {
+      try {
+        await entry.backend.flush();
+      } catch (error) {
+        if (!this.closed) {
+          // Back in its place: listings keep the order in which devices were added.
+          const current = new Map(this.devices);
+          current.set(name, entry);
+          this.devices.clear();
+          for (const key of [...order, ...current.keys()]) {
+            const device = current.get(key);
+            if (device !== undefined && !this.devices.has(key)) this.devices.set(key, device);
+          }
+          this.notify();
+        }
+        const cause = toBlockError(error, "flush");
+        throw new BlockError(
+          cause.errno,
+          `Device ${name} was not removed: its final flush failed (${cause.message})`,
+          {
+            cause: error,
+          },
+        );
+      }
       await entry.backend.close?.();
       this.claims.release(entry.claimOwner);
+    } finally {
+      this.removing.delete(name);
     }
     this.logger.info({ device: name }, "device removed");
   }
@@ -509,6 +541,7 @@ export class Engine implements ExportSource {
   private checkAddable(name: string): void {
     this.checkOpen();
     if (this.devices.has(name)) throw new BlockError("EEXIST", `Device ${name} already exists`);
+    if (this.removing.has(name)) throw new BlockError("EBUSY", `Device ${name} is being removed`);
     if (this.devices.size >= devicesMax) throw new BlockError("ENOSPC", `At most ${devicesMax} devices`);
   }
 

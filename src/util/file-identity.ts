@@ -227,6 +227,19 @@ export async function listLoopDevices(sysBlock = "/sys/block"): Promise<LoopDevi
   return found;
 }
 
+/**
+ * What uses the loop devices over `file` (by the kernel's path of their backing file): their mounts and
+ * holders, each prefixed with the loop device. A loop device that is only attached is not listed.
+ */
+export async function loopDeviceUsersOver(file: string): Promise<string[]> {
+  const users: string[] = [];
+  for (const loop of await listLoopDevices()) {
+    if (loop.backingFile !== file) continue;
+    for (const user of await blockDeviceUsers(loop.majorMinor)) users.push(`${loop.path} ${user}`);
+  }
+  return users;
+}
+
 async function readSysText(path: string): Promise<string | null> {
   try {
     return (await readFile(path, "utf8")).trim();
