@@ -40,7 +40,10 @@ test("a new CBT map: generation id, zero maps, changesNumber 0, active 1, two by
     blockCount: 1024,
     generationId: cbt.generationId,
     changesNumber: 0,
+    generationReason: "attached",
+    generationStartedAt: cbt.info().generationStartedAt,
   });
+  assert.ok(Math.abs(Date.parse(cbt.info().generationStartedAt) - Date.now()) < 60_000);
   const partial = new CbtMap(3 * block + 1);
   assert.equal(partial.blockCount, 4);
   assert.equal(partial.writeMapCopy().byteLength, 4);

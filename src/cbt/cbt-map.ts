@@ -15,7 +15,11 @@
  *   out-of-range set (a device that grew) or the device size changed.
  *
  * Memory: exactly two bytes per block. No locks: JavaScript is single-threaded and every operation is
- * synchronous. Not done yet: persistence across daemon restarts (a restart starts a new generation).
+ * synchronous.
+ *
+ * Every generation carries why it started (`generationReason`) and when, so a backup tool can explain a
+ * forced full backup. exportState()/fromState() carry the whole map across a clean daemon restart
+ * (cbt-state-codec.ts encodes it); a state that does not fit the device starts a new generation instead.
  */
 import { randomUUID } from "node:crypto";
 import { BlockError } from "../block/errors.js";
@@ -33,6 +37,27 @@ export interface CbtInfo {
   readonly generationId: string;
   /** blksnap's changes_number: the number of the last take in this generation (0 before the first). */
   readonly changesNumber: number;
+  /**
+   * Why this generation started: `attached` (a new device), `restored` (kept across a clean restart),
+   * `wrap` (255 takes), `reset` (the device size changed or the map was corrupted), or `untrusted: <why>`
+   * (the saved state of a restarted daemon could not be trusted).
+   */
+  readonly generationReason: string;
+  /** When this generation started (ISO 8601, UTC). */
+  readonly generationStartedAt: string;
+}
+
+/** Everything a CbtMap is, for saving across a restart. */
+export interface CbtState {
+  readonly generationId: string;
+  readonly generationReason: string;
+  readonly generationStartedAtMs: number;
+  readonly blockSizeBytes: number;
+  readonly deviceSizeBytes: number;
+  readonly snapNumberActive: number;
+  readonly snapNumberPrevious: number;
+  readonly writeMap: Uint8Array;
+  readonly readMap: Uint8Array;
 }
 
 export class CbtMap {
@@ -44,10 +69,13 @@ export class CbtMap {
   private snapNumberActive = 1;
   private snapNumberPrevious = 0;
   private generation: string = randomUUID();
+  private generationReasonValue: string;
+  private generationStartedAtMs = Date.now();
   private corrupted = false;
   private readonly blockShift: number;
 
-  constructor(deviceSizeBytes: number, blockSizeBytesOverride?: number) {
+  constructor(deviceSizeBytes: number, blockSizeBytesOverride?: number, generationReason = "attached") {
+    this.generationReasonValue = generationReason;
     const geometry = cbtGeometry(deviceSizeBytes, blockSizeBytesOverride);
     this.blockSizeBytes = geometry.blockSizeBytes;
     this.blockShift = Math.log2(geometry.blockSizeBytes);
@@ -64,6 +92,59 @@ export class CbtMap {
 
   get generationId(): string {
     return this.generation;
+  }
+
+  get generationReason(): string {
+    return this.generationReasonValue;
+  }
+
+  /**
+   * The map of a saved state, or — when the state does not fit the device as it is now (size or block
+   * size changed) — a fresh generation saying why. Never trusts a state it cannot check.
+   */
+  static fromState(state: CbtState, deviceSizeBytes: number, blockSizeBytesOverride?: number): CbtMap {
+    const map = new CbtMap(deviceSizeBytes, blockSizeBytesOverride, "restored");
+    const why =
+      state.deviceSizeBytes !== deviceSizeBytes
+        ? `device size changed from ${state.deviceSizeBytes} to ${deviceSizeBytes} bytes`
+        : state.blockSizeBytes !== map.blockSizeBytes
+          ? `CBT block size changed from ${state.blockSizeBytes} to ${map.blockSizeBytes} bytes`
+          : state.writeMap.length !== map.blockCount || state.readMap.length !== map.blockCount
+            ? "saved maps do not match the block count"
+            : !(
+                  Number.isInteger(state.snapNumberActive) &&
+                  state.snapNumberActive >= 1 &&
+                  state.snapNumberActive <= snapNumberMax &&
+                  state.snapNumberPrevious === state.snapNumberActive - 1
+                )
+              ? "saved snap numbers are inconsistent"
+              : null;
+    if (why !== null) {
+      map.generationReasonValue = `untrusted: ${why}`;
+      return map;
+    }
+    map.writeMap.set(state.writeMap);
+    map.readMap.set(state.readMap);
+    map.snapNumberActive = state.snapNumberActive;
+    map.snapNumberPrevious = state.snapNumberPrevious;
+    map.generation = state.generationId;
+    map.generationStartedAtMs = state.generationStartedAtMs;
+    return map;
+  }
+
+  /** A copy of the whole state (maps included), for saving. */
+  exportState(): CbtState {
+    return {
+      generationId: this.generation,
+      generationReason: this.generationReasonValue,
+      generationStartedAtMs: this.generationStartedAtMs,
+      blockSizeBytes: this.blockSizeBytes,
+      deviceSizeBytes: this.deviceSizeBytesAtCreate,
+      snapNumberActive: this.snapNumberActive,
+      snapNumberPrevious: this.snapNumberPrevious,
+      writeMap: this.writeMap.slice(),
+      readMap: this.readMap.slice(),
+    };
   }
 
   get changesNumber(): number {
@@ -85,6 +166,8 @@ export class CbtMap {
       blockCount: this.blockCountValue,
       generationId: this.generation,
       changesNumber: this.snapNumberPrevious,
+      generationReason: this.generationReasonValue,
+      generationStartedAt: new Date(this.generationStartedAtMs).toISOString(),
     };
   }
 
@@ -113,7 +196,7 @@ export class CbtMap {
   switchAtTake(currentDeviceSizeBytes: number): void {
     const wraps = this.snapNumberActive === snapNumberMax;
     if (this.corrupted || wraps || currentDeviceSizeBytes !== this.deviceSizeBytesAtCreate) {
-      this.reset(currentDeviceSizeBytes);
+      this.reset(currentDeviceSizeBytes, wraps && !this.corrupted ? "wrap" : "reset");
     }
     this.readMap.set(this.writeMap);
     this.snapNumberPrevious = this.snapNumberActive;
@@ -122,7 +205,7 @@ export class CbtMap {
     assert(this.snapNumberPrevious >= 1 && this.snapNumberPrevious <= snapNumberMax);
   }
 
-  reset(deviceSizeBytes: number = this.deviceSizeBytesAtCreate): void {
+  reset(deviceSizeBytes: number = this.deviceSizeBytesAtCreate, reason = "reset"): void {
     const geometry = cbtGeometry(deviceSizeBytes, this.blockSizeBytes);
     this.deviceSizeBytesAtCreate = deviceSizeBytes;
     this.blockCountValue = geometry.blockCount;
@@ -131,6 +214,8 @@ export class CbtMap {
     this.snapNumberActive = 1;
     this.snapNumberPrevious = 0;
     this.generation = randomUUID();
+    this.generationReasonValue = reason;
+    this.generationStartedAtMs = Date.now();
     this.corrupted = false;
   }
 

@@ -30,6 +30,7 @@ export function cbtInfoLines(info: CbtInfo): string[] {
     ["block count", `${info.blockCount}`],
     ["generation id", info.generationId],
     ["changes number", `${info.changesNumber}`],
+    ["generation", `${info.generationReason}, since ${info.generationStartedAt}`],
   ]);
 }
 

@@ -3,6 +3,8 @@
  * against this interface so that its routing and persistence are testable with a fake engine; the real
  * Engine satisfies it structurally. Every method fails with a BlockError carrying an errno.
  */
+
+import type { CbtState } from "../cbt/cbt-map.js";
 import type {
   AppendStorageOptions,
   ByteRange,
@@ -23,6 +25,7 @@ export interface ControlEngine {
   deviceInfo(name: string): DeviceInfo;
   cbtInfo(name: string): CbtInfo;
   cbtRead(name: string): Uint8Array;
+  cbtState(name: string): CbtState;
   cbtMarkDirty(name: string, ranges: readonly ByteRange[]): void;
   createSnapshot(options: SnapshotCreateOptions): Promise<SnapshotInfo>;
   addDeviceToSnapshot(id: string, deviceName: string): void;

@@ -43,6 +43,8 @@ class FakeEngine implements ControlEngine {
         blockCount: 16,
         generationId: "g",
         changesNumber: 0,
+        generationReason: "attached",
+        generationStartedAt: "2026-01-01T00:00:00.000Z",
       },
     };
     this.devices.set(options.name, info);
@@ -66,6 +68,9 @@ class FakeEngine implements ControlEngine {
   cbtRead(name: string): Uint8Array {
     this.deviceInfo(name);
     return this.map;
+  }
+  cbtState(name: string): never {
+    throw new BlockError("ENOSYS", `the fake engine keeps no CBT state for ${name}`);
   }
   cbtMarkDirty(name: string, ranges: readonly ByteRange[]): void {
     this.deviceInfo(name);

@@ -3,7 +3,8 @@
  * root) and driven through the control API on a Unix socket. Start order: state directory, lock, device
  * registry (devices re-attached), NBD, FUSE, control socket last (a client that can connect finds every
  * face ready). Stop order is the reverse: control socket (long polls end with ESHUTDOWN, in-flight
- * requests finish), NBD, FUSE (the faces stop before the engine they read from), engine.close() (destroys
+ * requests finish), NBD, FUSE (the faces stop before the engine they read from), the CBT states saved
+ * (cbt-persistence.ts: the generation goes on at the next start), engine.close() (destroys
  * snapshots, flushes and closes backends), socket files, lock.
  *
  * A failure during start undoes what was started and is reported as a BlockError with a one-line message
@@ -60,6 +61,7 @@ export class Daemon {
   private readonly options: DaemonOptions;
   private readonly lock: StateLock;
   private readonly engine: Engine;
+  private readonly registry: DeviceRegistry;
   private readonly nbdServer: NbdServer | null;
   private readonly fuseServer: FuseServer | null;
   private readonly controlServer: ControlServer;
@@ -70,6 +72,7 @@ export class Daemon {
     options: DaemonOptions;
     lock: StateLock;
     engine: Engine;
+    registry: DeviceRegistry;
     nbdServer: NbdServer | null;
     fuseServer: FuseServer | null;
     controlServer: ControlServer;
@@ -79,6 +82,7 @@ export class Daemon {
     this.options = parts.options;
     this.lock = parts.lock;
     this.engine = parts.engine;
+    this.registry = parts.registry;
     this.nbdServer = parts.nbdServer;
     this.fuseServer = parts.fuseServer;
     this.controlServer = parts.controlServer;
@@ -111,6 +115,8 @@ export class Daemon {
           fuseMountDir === null ? [] : loopDeviceUsersOver(join(fuseMountDir, name)),
       });
       await registry.restore();
+      // A start that fails after this point gives the CBT states back, as a clean stop would.
+      undo.push(() => registry.saveCbtStates());
 
       let nbdServer: NbdServer | null = null;
       let nbdTcp: ExportAddresses["nbdTcp"] = null;
@@ -195,6 +201,7 @@ export class Daemon {
         options,
         lock,
         engine,
+        registry,
         nbdServer,
         fuseServer,
         controlServer,
@@ -233,6 +240,8 @@ export class Daemon {
       ["control server", () => this.controlServer.close()],
       ["NBD server", async () => this.nbdServer?.close()],
       ["FUSE", async () => this.fuseServer?.unmount()],
+      // After the faces, so no write can follow; before the engine closes the backends.
+      ["CBT state", () => this.registry.saveCbtStates()],
       ["engine", () => this.engine.close()],
       [
         "NBD socket",

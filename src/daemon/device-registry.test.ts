@@ -33,6 +33,7 @@ function fakeEngine(missing: ReadonlySet<string> = new Set()): ControlEngine & {
     deviceInfo: unused,
     cbtInfo: unused,
     cbtRead: unused,
+    cbtState: unused,
     cbtMarkDirty: unused,
     createSnapshot: unused,
     addDeviceToSnapshot: unused,
@@ -71,7 +72,13 @@ void test("DeviceRegistry persists adds and removes, and restore() re-adds them 
   });
   const engine = fakeEngine();
   await new DeviceRegistry(path, engine, silentLogger).restore();
-  assert.deepEqual(engine.added, saved.devices);
+  assert.deepEqual(engine.added, [
+    {
+      ...saved.devices[0],
+      cbtGenerationReason: "untrusted: no state saved at a clean stop (the daemon crashed or was killed)",
+    },
+    { ...saved.devices[1], cbtGenerationReason: "untrusted: memory: devices come back empty" },
+  ]);
 });
 
 void test("a failed add leaves the file unchanged", async () => {

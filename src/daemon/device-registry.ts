@@ -2,8 +2,9 @@
  * The persistent list of devices (`<state>/devices.json`), so that devices come back after a restart.
  * Only what the user asked for is stored (name, backend path, CBT block size override); the size is read
  * again from the backend (a file is never re-created at restore: a vanished disk is reported, not replaced
- * by an empty one), and CBT starts a new generation (maps are not persisted yet, as in blksnap). A
- * `memory:` device also keeps its size and comes back empty, like a RAM disk after a reboot.
+ * by an empty one). CBT goes on in the same generation after a clean stop (cbt-persistence.ts saves it at
+ * stop, takes it back at restore) and starts a new one, with the reason, when the saved state cannot be
+ * trusted. A `memory:` device also keeps its size and comes back empty, like a RAM disk after a reboot.
  * A device whose backend cannot be opened at start stays in the registry as "unavailable" (a disk that is
  * late to appear must not silently lose its configuration); `device remove` drops it, `device add` with
  * its name replaces it.
@@ -17,12 +18,14 @@
  * again, so the list and the file never disagree.
  */
 import { readFile } from "node:fs/promises";
+import { dirname } from "node:path";
 import { z } from "zod";
 import { BlockError, toBlockError } from "../block/errors.js";
 import { memoryBackendPath } from "../engine/engine.js";
 import type { DeviceAddOptions, DeviceInfo } from "../engine/engine-types.js";
 import type { Logger } from "../util/logger.js";
 import { writeFileAtomic } from "./atomic-write.js";
+import { forgetSavedCbt, saveCbt, takeSavedCbt } from "./cbt-persistence.js";
 import type { ControlEngine } from "./control-engine.js";
 
 const registryEntrySchema = z.object({
@@ -58,6 +61,8 @@ export interface RemoveOptions {
 
 export class DeviceRegistry {
   readonly path: string;
+  /** The directory of devices.json, where the CBT states wait across a restart. */
+  private readonly stateDir: string;
   private readonly engine: ControlEngine;
   private readonly logger: Logger;
   private readonly deviceUsers: (name: string) => Promise<string[]>;
@@ -68,6 +73,7 @@ export class DeviceRegistry {
 
   constructor(path: string, engine: ControlEngine, logger: Logger, options: DeviceRegistryOptions = {}) {
     this.path = path;
+    this.stateDir = dirname(path);
     this.engine = engine;
     this.logger = logger;
     this.deviceUsers = options.deviceUsers ?? (async () => []);
@@ -78,8 +84,20 @@ export class DeviceRegistry {
     for (const entry of await readRegistryFile(this.path)) {
       this.entries.set(entry.name, entry);
       try {
-        await this.engine.addDevice(entry);
-        this.logger.info({ device: entry.name, backendPath: entry.backendPath }, "device restored");
+        const saved = await takeSavedCbt(this.stateDir, entry.name, entry.backendPath);
+        const info = await this.engine.addDevice({ ...entry, ...saved });
+        this.logger.info(
+          {
+            device: entry.name,
+            backendPath: entry.backendPath,
+            cbtGeneration: info.cbt.generationId,
+            cbtChangesNumber: info.cbt.changesNumber,
+            cbtGenerationReason: info.cbt.generationReason,
+          },
+          info.cbt.generationReason === "restored"
+            ? "device restored; CBT generation kept"
+            : "device restored; CBT starts a new generation",
+        );
       } catch (error) {
         const blockError = toBlockError(error, `device ${entry.name}`);
         this.unavailableDevices.set(entry.name, {
@@ -100,12 +118,31 @@ export class DeviceRegistry {
     }
   }
 
+  /**
+   * Saves the CBT state of every attached device (a clean stop, after the faces stopped). A device whose
+   * state cannot be saved starts a new generation at the next start; that is logged, not thrown.
+   */
+  async saveCbtStates(): Promise<void> {
+    for (const device of this.engine.listDevices()) {
+      try {
+        await saveCbt(this.stateDir, device.name, device.backendPath, this.engine.cbtState(device.name));
+      } catch (error) {
+        this.logger.error(
+          { device: device.name, err: toBlockError(error, "CBT state").message },
+          "cannot save the CBT state: the next start begins a new generation for this device",
+        );
+      }
+    }
+  }
+
   unavailable(): UnavailableDevice[] {
     return [...this.unavailableDevices.values()];
   }
 
   add(options: DeviceAddOptions): Promise<DeviceInfo> {
     return this.serialized(async () => {
+      // A state file left from an earlier life of this name must never be taken for this device's.
+      await forgetSavedCbt(this.stateDir, options.name);
       const info = await this.engine.addDevice(options);
       const entry: RegistryEntry = { name: options.name, backendPath: options.backendPath };
       if (options.cbtBlockSizeBytes !== undefined) entry.cbtBlockSizeBytes = options.cbtBlockSizeBytes;
@@ -146,6 +183,7 @@ export class DeviceRegistry {
       }
       this.unavailableDevices.delete(name);
       this.entries.delete(name);
+      await forgetSavedCbt(this.stateDir, name);
       try {
         await this.save();
       } catch (error) {

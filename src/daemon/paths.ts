@@ -48,3 +48,8 @@ export function lockFilePathIn(stateDir: string): string {
 export function deviceRegistryPathIn(stateDir: string): string {
   return join(stateDir, "devices.json");
 }
+
+/** Where a device's CBT state waits between a clean stop and the next start (cbt-persistence.ts). */
+export function cbtStatePathIn(stateDir: string, deviceName: string): string {
+  return join(stateDir, "cbt", `${deviceName}.cbt`);
+}

@@ -3,7 +3,7 @@
  * the daemon's control API unchanged: sizes and offsets in bytes, ids as strings, times in milliseconds.
  */
 import type { Errno } from "../block/errors.js";
-import type { CbtInfo } from "../cbt/cbt-map.js";
+import type { CbtInfo, CbtState } from "../cbt/cbt-map.js";
 import type { OnCowError } from "../cow/diff-area.js";
 import type { StorageInfo } from "../storage/diff-storage.js";
 
@@ -21,6 +21,10 @@ export interface DeviceAddOptions {
   readonly sizeBytes?: number;
   /** Override of the CBT block size rule (power of two, 4 KiB .. 64 MiB). */
   readonly cbtBlockSizeBytes?: number;
+  /** The CBT state saved at the last clean stop, checked by the caller; CbtMap.fromState checks the rest. */
+  readonly cbtState?: CbtState;
+  /** Why a new generation starts when there is no state to restore (default `attached`). */
+  readonly cbtGenerationReason?: string;
 }
 
 export interface DeviceInfo {

@@ -26,7 +26,7 @@ import type { BlockDevice } from "../block/device.js";
 import { BlockError, toBlockError } from "../block/errors.js";
 import type { Export, ExportSource, MetaContext } from "../block/export-source.js";
 import { isValidCbtBlockSize } from "../cbt/cbt-geometry.js";
-import { CbtMap } from "../cbt/cbt-map.js";
+import { CbtMap, type CbtState } from "../cbt/cbt-map.js";
 import {
   chunkSizeBytesDefault,
   chunkSizeBytesMax,
@@ -156,7 +156,11 @@ export class Engine implements ExportSource {
         );
       }
       // The CBT map is allocated inside the try: if it fails, the backend opened above is closed.
-      tracker = new Tracker(options.name, backend, new CbtMap(backend.sizeBytes, options.cbtBlockSizeBytes));
+      const cbt =
+        options.cbtState === undefined
+          ? new CbtMap(backend.sizeBytes, options.cbtBlockSizeBytes, options.cbtGenerationReason)
+          : CbtMap.fromState(options.cbtState, backend.sizeBytes, options.cbtBlockSizeBytes);
+      tracker = new Tracker(options.name, backend, cbt);
       this.checkAddable(options.name);
     } catch (error) {
       this.claims.release(claimOwner);
@@ -241,6 +245,11 @@ export class Engine implements ExportSource {
 
   cbtInfo(name: string): CbtInfo {
     return this.device(name).tracker.cbt.info();
+  }
+
+  /** The whole CBT state of a device, for saving at a clean stop. */
+  cbtState(name: string): CbtState {
+    return this.device(name).tracker.cbt.exportState();
   }
 
   cbtRead(name: string): Uint8Array {

@@ -2,7 +2,8 @@
  * CBT through the real binary, checked against a model of blksnap's maps (ARCHITECTURE.md §3): over
  * several takes, the map read while a snapshot is held does not change with later origin writes;
  * changes_number rises by one per take; blocks written in round k carry k+1 in the next map; mark-dirty
- * raises the blocks it covers now and in the next map; a daemon restart starts a new generation.
+ * raises the blocks it covers now and in the next map; a clean restart keeps the generation and the maps,
+ * a kill -9 starts a new generation that says why.
  */
 import assert from "node:assert/strict";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
@@ -62,13 +63,15 @@ void test("CBT maps across takes, mark-dirty, and a restart", async (t) => {
   ]);
   const initial = await daemon.cliJson<CbtInfo>(["cbt", "info", "c0"]);
   assert.deepEqual(
-    { ...initial, generationId: "" },
+    { ...initial, generationId: "", generationStartedAt: "" },
     {
       blockSizeBytes,
       deviceSizeBytes: blockCount * blockSizeBytes,
       blockCount,
       generationId: "",
       changesNumber: 0,
+      generationReason: "attached",
+      generationStartedAt: "",
     },
   );
   const human = await daemon.cliOk(["cbt", "info", "c0"]);
@@ -119,10 +122,32 @@ void test("CBT maps across takes, mark-dirty, and a restart", async (t) => {
     await daemon.cliOk(["snapshot", "destroy", id]);
   }
 
+  // A clean restart keeps the generation, the changes number and the exact maps.
+  await writeBlocks("c0", [7, 8]);
+  const beforeRestart = await daemon.cliJson<CbtInfo>(["cbt", "info", "c0"]);
+  const readMapBefore = await readMap("c0", roundsCount, "before-restart");
   assert.equal((await daemon.stop()).code, 0);
   daemon = await DaemonProcess.start(stateDir);
   const restarted = await daemon.cliJson<CbtInfo>(["cbt", "info", "c0"]);
-  assert.notEqual(restarted.generationId, initial.generationId);
-  assert.equal(restarted.changesNumber, 0);
-  assert.equal(restarted.blockSizeBytes, blockSizeBytes);
+  assert.deepEqual(restarted, { ...beforeRestart, generationReason: "restored" });
+  assert.equal(restarted.generationId, initial.generationId);
+  assert.deepEqual(await readMap("c0", roundsCount, "after-restart"), readMapBefore);
+  // The writes made before the restart are in the next take's map.
+  const id = (
+    await daemon.cliOk(["snapshot", "create", "--storage", "memory:", "--limit", "4M", "--device", "c0"])
+  ).trim();
+  await daemon.cliOk(["snapshot", "take", id, "--no-freeze"]);
+  const next = await readMap("c0", roundsCount + 1, "after-restart-take");
+  assert.equal(next[7], beforeRestart.changesNumber + 1);
+  assert.equal(next[8], beforeRestart.changesNumber + 1);
+  await daemon.cliOk(["snapshot", "destroy", id]);
+
+  // A kill -9 leaves no saved state: a new generation, and the reason says why.
+  assert.equal((await daemon.stop("SIGKILL")).signal, "SIGKILL");
+  daemon = await DaemonProcess.start(stateDir);
+  const afterCrash = await daemon.cliJson<CbtInfo>(["cbt", "info", "c0"]);
+  assert.notEqual(afterCrash.generationId, initial.generationId);
+  assert.equal(afterCrash.changesNumber, 0);
+  assert.match(afterCrash.generationReason, /^untrusted: no state saved at a clean stop/);
+  assert.match(await daemon.cliOk(["cbt", "info", "c0"]), /^generation:\s+untrusted: no state saved/m);
 });

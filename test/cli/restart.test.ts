@@ -78,7 +78,13 @@ void test("devices come back after SIGKILL; stale files do not block; a second d
     assert.notEqual(
       device.cbt.generationId,
       previous?.cbt.generationId,
-      "a restart starts a new CBT generation",
+      "a restart after kill -9 starts a new CBT generation",
+    );
+    assert.match(
+      device.cbt.generationReason,
+      device.name === "m0"
+        ? /^untrusted: memory: devices come back empty$/
+        : /^untrusted: no state saved at a clean stop/,
     );
   }
   assert.deepEqual(
