@@ -55,8 +55,18 @@ async function startWithFuse(name: string, mountDir: string): Promise<DaemonProc
 
 async function attachLoop(file: string): Promise<string> {
   const loop = (await runOk("losetup", ["-f", "--show", file])).trim();
-  cleanups.push(() => run("losetup", ["-d", loop]));
+  cleanups.push(() => detachLoop(loop));
   return loop;
+}
+
+/**
+ * Detaches `loop` only while it is still over a file of this test: once detached, the kernel may hand the
+ * same /dev/loopN to another test running in parallel, whose device must not be cut off.
+ */
+async function detachLoop(loop: string): Promise<void> {
+  const name = loop.replace("/dev/", "");
+  const backingFile = await readFile(`/sys/block/${name}/loop/backing_file`, "utf8").catch(() => "");
+  if (backingFile.startsWith(`${directory}/`)) await run("losetup", ["-d", loop]);
 }
 
 async function mountExt4(loop: string, mountPoint: string): Promise<void> {
@@ -178,7 +188,7 @@ void test("device remove under an ext4 mounted on its FUSE file is EBUSY unless 
   assert.deepEqual(await listedNames(daemon), []);
   assert.deepEqual(await registryNames(daemon), []);
   await run("umount", ["-l", fs1]);
-  await run("losetup", ["-d", loop1]);
+  await detachLoop(loop1);
   await daemon.stop("SIGKILL");
 });
 

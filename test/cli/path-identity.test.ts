@@ -41,7 +41,7 @@ before(async () => {
 
 after(async () => {
   await daemon?.stop();
-  for (const loop of loopDevices) await runCommand("losetup", ["-d", loop]);
+  for (const loop of [...loopDevices]) await detachLoop(loop);
   await rm(directory, { recursive: true, force: true });
 });
 
@@ -63,9 +63,22 @@ function attachLoop(file: string): string {
   return loop;
 }
 
+/**
+ * Detaches `loop` once, and only while it is still over a file of this test: a detached /dev/loopN may be
+ * handed to another test running in parallel, whose device must not be cut off.
+ */
 async function detachLoop(loop: string): Promise<void> {
-  await runCommand("losetup", ["-d", loop]);
-  loopDevices.splice(loopDevices.indexOf(loop), 1);
+  const index = loopDevices.indexOf(loop);
+  if (index < 0) return;
+  loopDevices.splice(index, 1);
+  const name = loop.replace("/dev/", "");
+  let backingFile = "";
+  try {
+    backingFile = readFileSync(`/sys/block/${name}/loop/backing_file`, "utf8");
+  } catch {
+    return;
+  }
+  if (backingFile.startsWith(`${directory}/`)) await runCommand("losetup", ["-d", loop]);
 }
 
 void test("a second device on disk0's backend is refused however the path reaches it", async () => {
