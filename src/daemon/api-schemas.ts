@@ -4,6 +4,7 @@
  * can judge (a name already taken, a chunk size that is not a power of two) is left to the engine.
  */
 import { z } from "zod";
+import { deviceNameProblem } from "../engine/names.js";
 import { waitEventTimeoutMsMax } from "./api-types.js";
 
 export const markDirtyRangesMax = 65_536;
@@ -13,7 +14,12 @@ const commandLengthMax = 16384;
 const freezeTimeoutMsMax = 600_000;
 
 const sizeBytes = z.int().nonnegative();
-const deviceName = z.string().min(1).max(64);
+// The engine's one rule (names.ts), so that the API refuses a bad name with the same reason.
+const deviceName = z.string().check((context) => {
+  const problem = deviceNameProblem(context.value);
+  if (problem !== null)
+    context.issues.push({ code: "custom", message: `invalid device name: ${problem}`, input: context.value });
+});
 const path = z.string().min(1).max(pathLengthMax);
 
 export const deviceAddBodySchema = z.strictObject({

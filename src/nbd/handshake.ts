@@ -232,7 +232,7 @@ export class Handshake {
     }
     const entry = this.source.findExport(name);
     if (!entry) {
-      return proceed([optionReply(option, NBD_REP_ERR_UNKNOWN, `export ${JSON.stringify(name)} not found`)]);
+      return proceed([optionReply(option, NBD_REP_ERR_UNKNOWN, `export ${quotedName(name)} not found`)]);
     }
     const session = this.sessionOf(entry);
     const replies = this.infoReplies(option, entry, session, requests);
@@ -277,7 +277,7 @@ export class Handshake {
       return proceed([optionReply(option, NBD_REP_ERR_INVALID, "malformed request")]);
     const entry = this.source.findExport(request.exportName);
     if (!entry) {
-      const message = `export ${JSON.stringify(request.exportName)} not found`;
+      const message = `export ${quotedName(request.exportName)} not found`;
       return proceed([optionReply(option, NBD_REP_ERR_UNKNOWN, message)]);
     }
     const available = [NBD_CONTEXT_BASE_ALLOCATION, ...(entry.metaContexts ?? []).map(({ name }) => name)];
@@ -377,6 +377,17 @@ function listQueryMatches(query: string, name: string): boolean {
 }
 
 const utf8Decoder = new TextDecoder("utf-8", { fatal: true });
+
+/**
+ * A client's name quoted for an error message, cut to a few hundred bytes: a 4096-byte name must not make
+ * the reply's string longer than the spec's 4096-byte limit (no real export name is this long).
+ */
+function quotedName(name: string): string {
+  const nameCharsMax = 128;
+  return name.length <= nameCharsMax
+    ? JSON.stringify(name)
+    : `${JSON.stringify(name.slice(0, nameCharsMax))}…`;
+}
 
 /** A protocol string: at most 4096 bytes of valid UTF-8 without NUL; undefined otherwise. */
 export function decodeString(bytes: Uint8Array): string | undefined {
