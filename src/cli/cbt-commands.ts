@@ -4,8 +4,7 @@
  */
 import { writeFile } from "node:fs/promises";
 import type { Command } from "commander";
-import type { CbtMapJsonView } from "../daemon/api-types.js";
-import type { CbtInfo } from "../engine/engine-types.js";
+import type { CbtInfoView, CbtMapJsonView } from "../daemon/api-types.js";
 import { addCommonOptions, type CommonOptions, clientAction } from "./command-context.js";
 import { rangeArgument } from "./option-parsers.js";
 import { formatFields, writeJson, writeLine } from "./output.js";
@@ -23,7 +22,7 @@ function cbtPath(name: string, suffix = ""): string {
   return `/v1/devices/${encodeURIComponent(name)}/cbt${suffix}`;
 }
 
-export function cbtInfoLines(info: CbtInfo): string[] {
+export function cbtInfoLines(info: CbtInfoView): string[] {
   return formatFields([
     ["block size", `${info.blockSizeBytes}`],
     ["device size", `${info.deviceSizeBytes}`],
@@ -49,7 +48,7 @@ export function addCbtCommands(program: Command): void {
     .addHelpText("after", "\nExample:\n  $ blocksnap cbt info disk0\n")
     .action(
       clientAction<CommonOptions>(async ({ client, json }, [name]) => {
-        const info = await client.get<CbtInfo>(cbtPath(name!));
+        const info = await client.get<CbtInfoView>(cbtPath(name!));
         if (json) return writeJson(info);
         for (const line of cbtInfoLines(info)) writeLine(line);
       }),
@@ -95,7 +94,7 @@ export function addCbtCommands(program: Command): void {
     .addHelpText("after", "\nExample:\n  $ blocksnap cbt mark-dirty disk0 --range 0:1M --range 4G:64K\n")
     .action(
       clientAction<CbtMarkDirtyOptions>(async ({ client, json }, [name], options) => {
-        const info = await client.post<CbtInfo>(cbtPath(name!, "/mark-dirty"), { ranges: options.range });
+        const info = await client.post<CbtInfoView>(cbtPath(name!, "/mark-dirty"), { ranges: options.range });
         if (json) return writeJson(info);
         writeLine(
           `marked ${options.range.length} range${options.range.length === 1 ? "" : "s"} dirty on ${name}`,

@@ -12,12 +12,14 @@ import { Option } from "commander";
 import {
   type DestroyedView,
   type EventView,
+  type SnapshotEventView,
   type SnapshotListView,
   type SnapshotView,
+  type StorageInfoView,
   type StorageView,
+  type TakeReportView,
   waitEventTimeoutMsMax,
 } from "../daemon/api-types.js";
-import type { SnapshotEvent, StorageInfo, TakeReport } from "../engine/engine-types.js";
 import { CliError } from "./cli-error.js";
 import { absolutePath, addCommonOptions, type CommonOptions, clientAction } from "./command-context.js";
 import type { ControlClient } from "./control-client.js";
@@ -69,11 +71,11 @@ function snapshotPath(id: string, suffix = ""): string {
   return `/v1/snapshots/${encodeURIComponent(id)}${suffix}`;
 }
 
-export function formatStorage(storage: StorageInfo): string {
+export function formatStorage(storage: StorageInfoView): string {
   return `${storage.kind}  used ${formatSize(storage.usedBytes)} / capacity ${formatSize(storage.capacityBytes)} / limit ${formatSize(storage.limitBytes)}`;
 }
 
-export function formatEvent(event: SnapshotEvent): string {
+export function formatEvent(event: SnapshotEventView): string {
   const time = formatTimeMs(event.timeMs);
   switch (event.type) {
     case "corrupted":
@@ -119,7 +121,7 @@ export function snapshotInfoLines(view: SnapshotView): string[] {
 }
 
 /** The pre-take and post-take hooks of the last take, when they were configured. */
-export function hookLines(report: TakeReport | null): string[] {
+export function hookLines(report: TakeReportView | null): string[] {
   const lines: string[] = [];
   if (report === null) return lines;
   for (const [name, hook] of [
@@ -385,7 +387,7 @@ async function watch(
   client: ControlClient,
   id: string,
   onStart: () => void,
-  onEvent: (event: SnapshotEvent) => void,
+  onEvent: (event: SnapshotEventView) => void,
 ): Promise<"corrupted" | "destroyed"> {
   const gone = (error: unknown): boolean => error instanceof CliError && error.errno === "ESRCH";
   // A snapshot id that never existed is an error, not a snapshot that was destroyed while watched.

@@ -1,16 +1,10 @@
 /**
- * Response bodies of the control API (docs/api.md), shared by the daemon and the CLI. Engine data passes
- * through unchanged; the daemon only adds how to reach each export (NBD URIs, FUSE path).
+ * The bodies of the control API (docs/api.md), shared by the daemon and the CLI: the wire format of `/v1`.
+ *
+ * These types are written out here, not derived from the engine's: the engine may rename a field, the API
+ * only grows. api-mapping.ts copies engine data into them field by field, so a renamed engine field fails
+ * the build there instead of silently renaming a JSON key. The CLI reads only these types.
  */
-import type {
-  CbtInfo,
-  DeviceInfo,
-  SnapshotDeviceInfo,
-  SnapshotEvent,
-  SnapshotInfo,
-  StorageInfo,
-} from "../engine/engine-types.js";
-import type { UnavailableDevice } from "./device-registry.js";
 
 /** The longest wait-event long poll: one hour. */
 export const waitEventTimeoutMsMax = 3_600_000;
@@ -19,21 +13,97 @@ export interface ApiErrorBody {
   readonly error: { readonly errno: string; readonly message: string };
 }
 
-export interface DeviceView extends DeviceInfo {
+/** `GET /v1/devices/:name/cbt`: blksnap's CBT parameters. */
+export interface CbtInfoView {
+  readonly blockSizeBytes: number;
+  readonly deviceSizeBytes: number;
+  readonly blockCount: number;
+  readonly generationId: string;
+  readonly changesNumber: number;
+  readonly generationReason: string;
+  /** ISO 8601, UTC. */
+  readonly generationStartedAt: string;
+}
+
+export interface StorageInfoView {
+  readonly kind: "file" | "directory" | "block-device" | "memory" | "mixed";
+  readonly paths: readonly string[];
+  readonly usedBytes: number;
+  readonly capacityBytes: number;
+  readonly limitBytes: number;
+}
+
+export interface DeviceView {
+  readonly name: string;
+  readonly backendPath: string;
+  readonly sizeBytes: number;
+  readonly snapshotId: string | null;
+  readonly cbt: CbtInfoView;
   /** The origin export `<device>` over NBD: Unix socket first, then TCP. */
   readonly nbdUris: readonly string[];
   readonly fusePath: string | null;
 }
 
-export interface SnapshotDeviceView extends SnapshotDeviceInfo {
+/** A registered device that could not be attached at start. */
+export interface UnavailableDeviceView {
+  readonly name: string;
+  readonly backendPath: string;
+  readonly error: { readonly errno: string; readonly message: string };
+}
+
+export interface SnapshotDeviceView {
+  readonly name: string;
+  /** `<device>@<snapshot-id>` once taken. */
+  readonly imageName: string | null;
+  readonly sizeBytes: number;
+  readonly chunksStored: number;
+  readonly error: string | null;
   /** The image export `<device>@<snapshot-id>`; empty before take. */
   readonly nbdUris: readonly string[];
   readonly fusePath: string | null;
 }
 
-export interface SnapshotView extends Omit<SnapshotInfo, "devices"> {
+export interface FrozenMountView {
+  readonly device: string;
+  readonly mountPoint: string;
+  readonly loopDevice: string;
+  readonly fsType: string;
+  readonly freezeMs: number;
+  readonly frozenMs: number;
+  readonly error: string | null;
+}
+
+export interface HookResultView {
+  readonly command: string;
+  readonly exitCode: number | null;
+  readonly timedOut: boolean;
+  readonly durationMs: number;
+  readonly output: string;
+}
+
+export interface TakeReportView {
+  readonly frozen: readonly FrozenMountView[];
+  readonly preTake: HookResultView | null;
+  readonly postTake: HookResultView | null;
+}
+
+export interface SnapshotView {
+  readonly id: string;
+  readonly state: "created" | "taken" | "corrupted" | "destroyed";
+  readonly createdAtMs: number;
+  readonly takenAtMs: number | null;
+  readonly takeStallMs: number | null;
+  readonly takeReport: TakeReportView | null;
+  readonly chunkSizeBytes: number;
+  readonly onCowError: "break-snapshot" | "fail-origin-write";
+  readonly storage: StorageInfoView;
   readonly devices: readonly SnapshotDeviceView[];
 }
+
+export type SnapshotEventView =
+  | { readonly type: "corrupted"; readonly timeMs: number; readonly device: string; readonly errno: string }
+  | { readonly type: "no_space"; readonly timeMs: number; readonly requestedBytes: number }
+  | { readonly type: "low_space"; readonly timeMs: number; readonly freeBytes: number };
 
 /** Who can connect to the daemon (`status`): the socket mode and group, and one line per face. */
 export interface AccessView {
@@ -54,31 +124,31 @@ export interface StatusView {
   };
   readonly fuse: { readonly mountDir: string | null };
   readonly devices: readonly DeviceView[];
-  readonly devicesUnavailable: readonly UnavailableDevice[];
+  readonly devicesUnavailable: readonly UnavailableDeviceView[];
   readonly snapshots: readonly SnapshotView[];
 }
 
 export interface DeviceListView {
   readonly devices: readonly DeviceView[];
-  readonly devicesUnavailable: readonly UnavailableDevice[];
+  readonly devicesUnavailable: readonly UnavailableDeviceView[];
 }
 
 export interface SnapshotListView {
   readonly snapshots: readonly SnapshotView[];
 }
 
-export interface CbtMapJsonView extends CbtInfo {
+export interface CbtMapJsonView extends CbtInfoView {
   /** The read map, one byte per CBT block, base64. */
   readonly mapBase64: string;
 }
 
 export interface EventView {
   /** null when the timeout passed without an event. */
-  readonly event: SnapshotEvent | null;
+  readonly event: SnapshotEventView | null;
 }
 
 export interface StorageView {
-  readonly storage: StorageInfo;
+  readonly storage: StorageInfoView;
 }
 
 export interface RemovedView {

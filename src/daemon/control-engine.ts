@@ -4,19 +4,18 @@
  * Engine satisfies it structurally. Every method fails with a BlockError carrying an errno.
  */
 
-import type { CbtState } from "../cbt/cbt-map.js";
+import type { CbtInfo, CbtState } from "../cbt/cbt-map.js";
 import type {
   AppendStorageOptions,
   ByteRange,
-  CbtInfo,
   DeviceAddOptions,
   DeviceInfo,
   SnapshotCreateOptions,
   SnapshotEvent,
   SnapshotInfo,
-  StorageInfo,
   TakeOptions,
 } from "../engine/engine-types.js";
+import type { StorageInfo } from "../storage/diff-storage.js";
 
 export interface ControlEngine {
   addDevice(options: DeviceAddOptions): Promise<DeviceInfo>;

@@ -12,6 +12,15 @@ import type { z } from "zod";
 import { BlockError } from "../block/errors.js";
 import type { SnapshotEvent, SnapshotInfo } from "../engine/engine-types.js";
 import {
+  cbtInfoView,
+  deviceView as deviceWireView,
+  type ExportReach,
+  snapshotEventView,
+  snapshotView as snapshotWireView,
+  storageInfoView,
+  unavailableDeviceView,
+} from "./api-mapping.js";
+import {
   appendStorageBodySchema,
   cbtMapQuerySchema,
   deviceAddBodySchema,
@@ -35,6 +44,7 @@ import type {
   SnapshotView,
   StatusView,
   StorageView,
+  UnavailableDeviceView,
 } from "./api-types.js";
 import type { ControlEngine } from "./control-engine.js";
 import type { DeviceRegistry } from "./device-registry.js";
@@ -104,32 +114,28 @@ function param(request: RouteRequest, name: string): string {
   return value;
 }
 
-export function deviceView(context: ControlContext, name: string): DeviceView {
-  const info = context.engine.deviceInfo(name);
+function reach(context: ControlContext, exportName: string): ExportReach {
   return {
-    ...info,
-    nbdUris: nbdUrisFor(info.name, context.addresses),
-    fusePath: fusePathFor(info.name, context.addresses),
+    nbdUris: nbdUrisFor(exportName, context.addresses),
+    fusePath: fusePathFor(exportName, context.addresses),
   };
+}
+
+function deviceView(context: ControlContext, name: string): DeviceView {
+  const info = context.engine.deviceInfo(name);
+  return deviceWireView(info, reach(context, info.name));
 }
 
 function listDeviceViews(context: ControlContext): DeviceView[] {
-  return context.engine.listDevices().map((info) => ({
-    ...info,
-    nbdUris: nbdUrisFor(info.name, context.addresses),
-    fusePath: fusePathFor(info.name, context.addresses),
-  }));
+  return context.engine.listDevices().map((info) => deviceWireView(info, reach(context, info.name)));
 }
 
-export function snapshotView(context: ControlContext, info: SnapshotInfo): SnapshotView {
-  return {
-    ...info,
-    devices: info.devices.map((device) => ({
-      ...device,
-      nbdUris: device.imageName === null ? [] : nbdUrisFor(device.imageName, context.addresses),
-      fusePath: device.imageName === null ? null : fusePathFor(device.imageName, context.addresses),
-    })),
-  };
+function unavailableDeviceViews(context: ControlContext): UnavailableDeviceView[] {
+  return context.registry.unavailable().map(unavailableDeviceView);
+}
+
+function snapshotView(context: ControlContext, info: SnapshotInfo): SnapshotView {
+  return snapshotWireView(info, (imageName) => reach(context, imageName));
 }
 
 async function waitEventOrShutdown(
@@ -160,7 +166,7 @@ export const routes: readonly Route[] = [
       nbd: { socketPath: addresses.nbdSocketPath, tcp: addresses.nbdTcp },
       fuse: { mountDir: addresses.fuseMountDir },
       devices: listDeviceViews(context),
-      devicesUnavailable: context.registry.unavailable(),
+      devicesUnavailable: unavailableDeviceViews(context),
       snapshots: engine.listSnapshots().map((info) => snapshotView(context, info)),
     };
     return ok(status);
@@ -170,7 +176,7 @@ export const routes: readonly Route[] = [
     requireNoQuery(request);
     const view: DeviceListView = {
       devices: listDeviceViews(context),
-      devicesUnavailable: context.registry.unavailable(),
+      devicesUnavailable: unavailableDeviceViews(context),
     };
     return ok(view);
   }),
@@ -197,7 +203,7 @@ export const routes: readonly Route[] = [
 
   route("GET", "/v1/devices/:name/cbt", (context, request) => {
     requireNoQuery(request);
-    return ok(context.engine.cbtInfo(param(request, "name")));
+    return ok(cbtInfoView(context.engine.cbtInfo(param(request, "name"))));
   }),
 
   route("GET", "/v1/devices/:name/cbt/map", (context, request) => {
@@ -207,7 +213,7 @@ export const routes: readonly Route[] = [
     const info = context.engine.cbtInfo(name);
     const map = context.engine.cbtRead(name);
     if (format !== "base64") return { status: 200, binary: map };
-    const view: CbtMapJsonView = { ...info, mapBase64: Buffer.from(map).toString("base64") };
+    const view: CbtMapJsonView = { ...cbtInfoView(info), mapBase64: Buffer.from(map).toString("base64") };
     return ok(view);
   }),
 
@@ -216,7 +222,7 @@ export const routes: readonly Route[] = [
     const name = param(request, "name");
     const body = parse(markDirtyBodySchema, request.body, "ranges");
     context.engine.cbtMarkDirty(name, body.ranges);
-    return ok(context.engine.cbtInfo(name));
+    return ok(cbtInfoView(context.engine.cbtInfo(name)));
   }),
 
   route("GET", "/v1/snapshots", (context, request) => {
@@ -258,7 +264,8 @@ export const routes: readonly Route[] = [
   route("POST", "/v1/snapshots/:id/storage", async (context, request) => {
     requireNoQuery(request);
     const body = parse(appendStorageBodySchema, request.body, "storage");
-    const view: StorageView = { storage: await context.engine.appendStorage(param(request, "id"), body) };
+    const storage = await context.engine.appendStorage(param(request, "id"), body);
+    const view: StorageView = { storage: storageInfoView(storage) };
     return ok(view);
   }),
 
@@ -271,7 +278,8 @@ export const routes: readonly Route[] = [
 
   route("GET", "/v1/snapshots/:id/event", async (context, request) => {
     const { timeoutMs } = parse(waitEventQuerySchema, request.query, "query");
-    const view: EventView = { event: await waitEventOrShutdown(context, param(request, "id"), timeoutMs) };
+    const event = await waitEventOrShutdown(context, param(request, "id"), timeoutMs);
+    const view: EventView = { event: event === null ? null : snapshotEventView(event) };
     return ok(view);
   }),
 ];

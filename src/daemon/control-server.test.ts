@@ -5,16 +5,16 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { BlockError } from "../block/errors.js";
+import type { CbtInfo } from "../cbt/cbt-map.js";
 import type {
   ByteRange,
-  CbtInfo,
   DeviceAddOptions,
   DeviceInfo,
   SnapshotCreateOptions,
   SnapshotEvent,
   SnapshotInfo,
-  StorageInfo,
 } from "../engine/engine-types.js";
+import type { StorageInfo } from "../storage/diff-storage.js";
 import { silentLogger } from "../util/logger.js";
 import type { ControlEngine } from "./control-engine.js";
 import { ControlServer, requestBodyBytesMax } from "./control-server.js";

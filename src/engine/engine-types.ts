@@ -7,10 +7,6 @@ import type { CbtInfo, CbtState } from "../cbt/cbt-map.js";
 import type { OnCowError } from "../cow/diff-area.js";
 import type { StorageInfo } from "../storage/diff-storage.js";
 
-export type { CbtInfo } from "../cbt/cbt-map.js";
-export type { StorageInfo } from "../storage/diff-storage.js";
-export type { OnCowError };
-
 export type SnapshotState = "created" | "taken" | "corrupted" | "destroyed";
 
 export interface DeviceAddOptions {

@@ -18,6 +18,7 @@
  * await engine.takeSnapshot(snapshot.id);
  * const image = engine.findExport(`disk0@${snapshot.id}`)!.device; // reads return the state at take
  */
+
 import { randomUUID } from "node:crypto";
 import { FileBackend } from "../backends/file-backend.js";
 import { MemoryBackend } from "../backends/memory-backend.js";
@@ -26,6 +27,7 @@ import type { BlockDevice } from "../block/device.js";
 import { BlockError, toBlockError } from "../block/errors.js";
 import type { Export, ExportSource, MetaContext } from "../block/export-source.js";
 import { isValidCbtBlockSize } from "../cbt/cbt-geometry.js";
+import type { CbtInfo } from "../cbt/cbt-map.js";
 import { CbtMap, type CbtState } from "../cbt/cbt-map.js";
 import {
   chunkSizeBytesDefault,
@@ -34,6 +36,7 @@ import {
   isValidChunkSize,
 } from "../cow/chunk-geometry.js";
 import { Tracker } from "../cow/tracker.js";
+import type { StorageInfo } from "../storage/diff-storage.js";
 import { DiffStorage, growthPortionBytesDefault } from "../storage/diff-storage.js";
 import { memoryStoragePath, type StorageArea } from "../storage/storage-area.js";
 import { type Logger, silentLogger } from "../util/logger.js";
@@ -41,13 +44,11 @@ import { type Admission, BackendClaims, type PathPolicy } from "./backend-claims
 import type {
   AppendStorageOptions,
   ByteRange,
-  CbtInfo,
   DeviceAddOptions,
   DeviceInfo,
   SnapshotCreateOptions,
   SnapshotEvent,
   SnapshotInfo,
-  StorageInfo,
   TakeOptions,
 } from "./engine-types.js";
 import { waitTimeoutMsMax } from "./event-queue.js";

@@ -13,14 +13,16 @@
  * uses the diff area afterwards); requests inside the diff areas are awaited (bounded) before the storage
  * is closed. Members are then free to join another snapshot.
  */
+
 import { performance } from "node:perf_hooks";
 import { BlockError, type Errno } from "../block/errors.js";
+import type { OnCowError } from "../cow/diff-area.js";
 import { DiffArea } from "../cow/diff-area.js";
 import { SnapshotImage } from "../cow/snapshot-image.js";
 import type { Tracker } from "../cow/tracker.js";
 import type { DiffStorage } from "../storage/diff-storage.js";
 import { assert } from "../util/assert.js";
-import type { OnCowError, SnapshotEvent, SnapshotInfo, SnapshotState, TakeReport } from "./engine-types.js";
+import type { SnapshotEvent, SnapshotInfo, SnapshotState, TakeReport } from "./engine-types.js";
 import { EventQueue } from "./event-queue.js";
 import type { Freezer, FreezeSession } from "./freezer.js";
 

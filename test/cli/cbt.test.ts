@@ -10,7 +10,7 @@ import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import type { CbtInfo } from "../../src/engine/engine-types.js";
+import type { CbtInfoView } from "../../src/daemon/api-types.js";
 import { which } from "../helpers/commands.js";
 import { DaemonProcess, runCommand } from "./cli-harness.js";
 
@@ -61,7 +61,7 @@ void test("CBT maps across takes, mark-dirty, and a restart", async (t) => {
     "--cbt-block-size",
     "64K",
   ]);
-  const initial = await daemon.cliJson<CbtInfo>(["cbt", "info", "c0"]);
+  const initial = await daemon.cliJson<CbtInfoView>(["cbt", "info", "c0"]);
   assert.deepEqual(
     { ...initial, generationId: "", generationStartedAt: "" },
     {
@@ -92,7 +92,7 @@ void test("CBT maps across takes, mark-dirty, and a restart", async (t) => {
     await daemon.cliOk(["snapshot", "take", id]);
     readModel.set(writeModel);
 
-    const info = await daemon.cliJson<CbtInfo>(["cbt", "info", "c0"]);
+    const info = await daemon.cliJson<CbtInfoView>(["cbt", "info", "c0"]);
     assert.equal(info.changesNumber, take);
     assert.equal(info.generationId, initial.generationId);
     const held = await readMap("c0", take, "held");
@@ -124,11 +124,11 @@ void test("CBT maps across takes, mark-dirty, and a restart", async (t) => {
 
   // A clean restart keeps the generation, the changes number and the exact maps.
   await writeBlocks("c0", [7, 8]);
-  const beforeRestart = await daemon.cliJson<CbtInfo>(["cbt", "info", "c0"]);
+  const beforeRestart = await daemon.cliJson<CbtInfoView>(["cbt", "info", "c0"]);
   const readMapBefore = await readMap("c0", roundsCount, "before-restart");
   assert.equal((await daemon.stop()).code, 0);
   daemon = await DaemonProcess.start(stateDir);
-  const restarted = await daemon.cliJson<CbtInfo>(["cbt", "info", "c0"]);
+  const restarted = await daemon.cliJson<CbtInfoView>(["cbt", "info", "c0"]);
   assert.deepEqual(restarted, { ...beforeRestart, generationReason: "restored" });
   assert.equal(restarted.generationId, initial.generationId);
   assert.deepEqual(await readMap("c0", roundsCount, "after-restart"), readMapBefore);
@@ -145,7 +145,7 @@ void test("CBT maps across takes, mark-dirty, and a restart", async (t) => {
   // A kill -9 leaves no saved state: a new generation, and the reason says why.
   assert.equal((await daemon.stop("SIGKILL")).signal, "SIGKILL");
   daemon = await DaemonProcess.start(stateDir);
-  const afterCrash = await daemon.cliJson<CbtInfo>(["cbt", "info", "c0"]);
+  const afterCrash = await daemon.cliJson<CbtInfoView>(["cbt", "info", "c0"]);
   assert.notEqual(afterCrash.generationId, initial.generationId);
   assert.equal(afterCrash.changesNumber, 0);
   assert.match(afterCrash.generationReason, /^untrusted: no state saved at a clean stop/);

@@ -9,8 +9,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import type { EventView, SnapshotView } from "../../src/daemon/api-types.js";
-import type { SnapshotEvent } from "../../src/engine/engine-types.js";
+import type { EventView, SnapshotEventView, SnapshotView } from "../../src/daemon/api-types.js";
 import { which } from "../helpers/commands.js";
 import { BackgroundCli, DaemonProcess, runCommand } from "./cli-harness.js";
 
@@ -72,7 +71,7 @@ void test("overflow: no_space then corrupted (ENOSPC) by wait-event; origin inta
   const write = await qemuIo(originUri("o1"), "write -P 0x22 0 4M");
   assert.equal(write.code, 0, write.output);
 
-  const events: SnapshotEvent[] = [];
+  const events: SnapshotEventView[] = [];
   for (let index = 0; index < eventsMax; index++) {
     const view = await daemon.cliJson<EventView>(["snapshot", "wait-event", id, "--timeout", "5000"]);
     assert.notEqual(view.event, null, `no corrupted event after ${JSON.stringify(events)}`);
@@ -116,7 +115,7 @@ void test("overflow seen by watch: events printed until corrupted; watch also en
   const lines = watchOutput
     .trim()
     .split("\n")
-    .map((line) => JSON.parse(line) as { event?: SnapshotEvent; end?: string });
+    .map((line) => JSON.parse(line) as { event?: SnapshotEventView; end?: string });
   const types = lines.flatMap((line) => (line.event === undefined ? [] : [line.event.type]));
   assert.ok(types.includes("no_space") && types.at(-1) === "corrupted", `watch printed ${watchOutput}`);
   assert.deepEqual(lines.at(-1), { end: "corrupted" });

@@ -8,7 +8,7 @@ import { appendFile, mkdtemp, readFile, rename, rm, writeFile } from "node:fs/pr
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import type { CbtInfo } from "../../src/engine/engine-types.js";
+import type { CbtInfoView } from "../../src/daemon/api-types.js";
 import { DaemonProcess } from "../cli/cli-harness.js";
 
 let directory = "";
@@ -30,7 +30,7 @@ async function cbtAfterStart(
   const daemon = await DaemonProcess.start(stateDir);
   try {
     await setup?.(daemon);
-    return await daemon.cliJson<CbtInfo>(["cbt", "info", name]);
+    return await daemon.cliJson<CbtInfoView>(["cbt", "info", name]);
   } finally {
     assert.equal((await daemon.stop()).code, 0, daemon.stderr);
   }

@@ -11,8 +11,7 @@ import assert from "node:assert/strict";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { after, afterEach, before, test } from "node:test";
-import type { SnapshotView } from "../../src/daemon/api-types.js";
-import type { TakeReport } from "../../src/engine/engine-types.js";
+import type { SnapshotView, TakeReportView } from "../../src/daemon/api-types.js";
 import { LoopFreezer } from "../../src/freeze/loop-freezer.js";
 import {
   type FileSystemOnDevice,
@@ -183,7 +182,7 @@ test("a freeze stuck behind a FUSE server that stopped answering: bounded by the
     timeoutMs: 500,
   };
   process.kill(f.daemon.pid, "SIGSTOP");
-  let report: TakeReport | "hung" = "hung";
+  let report: TakeReportView | "hung" = "hung";
   try {
     const session = await Promise.race([freezer.freeze(context), hungAfter(10_000)]);
     if (session === "hung") assert.fail("freeze() did not answer although its timeout ran out");
