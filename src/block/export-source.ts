@@ -4,26 +4,40 @@
  * failing every request with EIO (its snapshot was corrupted or destroyed) while a client still holds it:
  * faces keep answering with that error, they never hang.
  *
- * An export may carry metadata contexts beyond what its device reports (NBD's `base:allocation` comes from
- * the device's extents): for example an image's CBT as `qemu:dirty-bitmap:cbt`. Faces see only names and
- * extents, never snapshots or maps.
+ * A snapshot image also says which of its blocks changed before its take (`changedBlocks`, blksnap's CBT
+ * read map) in protocol-neutral terms; the NBD face names it (`qemu:dirty-bitmap:cbt…`, see
+ * src/nbd/export-meta-contexts.ts). Faces see numbers and runs, never snapshots or maps.
  */
 import type { BlockDevice } from "./device.js";
 
-/** One run of a metadata context: `flags` as NBD defines them for that context. */
-export interface MetaContextExtent {
+/** A run of bytes whose blocks all changed, or all did not. */
+export interface ChangedRun {
   readonly lengthBytes: number;
-  readonly flags: number;
+  readonly changed: boolean;
 }
 
-export interface MetaContext {
-  /** The full NBD context name, `namespace:leaf`, e.g. `qemu:dirty-bitmap:cbt`. */
-  readonly name: string;
+/**
+ * Which blocks of an image changed before its take, for incremental backup. Takes are numbered 1, 2, ...
+ * within a CBT generation; a new generation (device attached, map reset, 255 takes, a restart whose state
+ * could not be trusted) starts again at 1, and no take of an older generation can be a base.
+ */
+export interface ChangedBlocks {
+  /** The CBT generation of this image's take (a UUID). */
+  readonly generationId: string;
+  /** This image's take number within its generation (blksnap's changes_number at take), at least 1. */
+  readonly changesNumber: number;
   /**
-   * Runs covering [offsetBytes, offsetBytes + lengthBytes) from offsetBytes, in order; may cover less,
-   * never more. The range is already checked against the device size. Errors are BlockErrors.
+   * Runs over [offsetBytes, offsetBytes + lengthBytes), from offsetBytes and in order, of the blocks
+   * written after take `sinceChangesNumber` of the same generation (1 <= sinceChangesNumber <
+   * changesNumber) and up to this image's take, or written through the image since. May cover less than
+   * asked, never more; the range is already checked against the device size. BlockError EIO once the
+   * image's snapshot is gone (a later take may have moved the map on).
    */
-  extents(offsetBytes: number, lengthBytes: number): Promise<readonly MetaContextExtent[]>;
+  changedRuns(
+    sinceChangesNumber: number,
+    offsetBytes: number,
+    lengthBytes: number,
+  ): Promise<readonly ChangedRun[]>;
 }
 
 export interface Export {
@@ -33,8 +47,8 @@ export interface Export {
   /** Already wrapped in a CheckedDevice. */
   readonly device: BlockDevice;
   readonly readOnly: boolean;
-  /** Extra metadata contexts (unique names, none named `base:allocation`); absent means none. */
-  readonly metaContexts?: readonly MetaContext[];
+  /** A snapshot image's changed blocks; absent on origins. */
+  readonly changedBlocks?: ChangedBlocks;
 }
 
 export interface ExportSource {

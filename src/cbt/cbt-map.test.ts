@@ -285,6 +285,36 @@ test("changedRuns: reports the blocks written in the last epoch only, merged int
   ]);
 });
 
+test("changedRunsSince: the blocks changed after any earlier take of the generation", () => {
+  const cbt = new CbtMap(4 * MiB);
+  cbt.set(0, block); // epoch 1
+  cbt.switchAtTake(4 * MiB); // take 1
+  cbt.set(5 * block, block); // epoch 2
+  cbt.switchAtTake(4 * MiB); // take 2
+  cbt.set(9 * block, block); // epoch 3
+  cbt.switchAtTake(4 * MiB); // take 3
+  const spans = (since: number) =>
+    cbt.changedRunsSince(since, 0, 4 * MiB).reduce<{ at: number; spans: Array<[number, number]> }>(
+      (state, run) => {
+        if (run.changed) state.spans.push([state.at, run.lengthBytes]);
+        return { at: state.at + run.lengthBytes, spans: state.spans };
+      },
+      { at: 0, spans: [] },
+    ).spans;
+  assert.deepEqual(spans(2), [[9 * block, block]]);
+  assert.deepEqual(spans(1), [
+    [5 * block, block],
+    [9 * block, block],
+  ]);
+  assert.deepEqual(spans(0), [
+    [0, block],
+    [5 * block, block],
+    [9 * block, block],
+  ]);
+  assert.deepEqual(cbt.changedRunsSince(2, 0, 4 * MiB), cbt.changedRuns(0, 4 * MiB));
+  assert.throws(() => cbt.changedRunsSince(3, 0, block), /AssertionError|take before the last/);
+});
+
 test("changedRuns: setBoth (mark-dirty) raises a block into the current answer", () => {
   const cbt = new CbtMap(4 * MiB);
   cbt.switchAtTake(4 * MiB);

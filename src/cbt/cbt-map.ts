@@ -228,13 +228,50 @@ export class CbtMap {
   /**
    * Runs over [offsetBytes, offsetBytes + lengthBytes), clipped to the device size, of blocks "changed in
    * the last epoch": readMap[i] >= changesNumber (written since the previous take of this generation, or
-   * raised by setBoth). Reads the map in place (no copy). Before the first take nothing is changed. At most
-   * `runsMax` runs: the answer may then cover less than asked (what NBD's BLOCK_STATUS allows).
+   * raised by setBoth). Before the first take nothing is changed. See changedRunsSince.
    */
   changedRuns(
     offsetBytes: number,
     lengthBytes: number,
     runsMax: number = changedRunsMaxDefault,
+  ): Array<{ lengthBytes: number; changed: boolean }> {
+    const since = this.snapNumberPrevious - 1;
+    if (since < 0) return this.runsWhere(offsetBytes, lengthBytes, runsMax, () => false);
+    return this.changedRunsSince(since, offsetBytes, lengthBytes, runsMax);
+  }
+
+  /**
+   * Runs of blocks changed after take `sinceChangesNumber` of this generation (0 = since the generation
+   * began): readMap[i] > sinceChangesNumber, which must be below changesNumber. Reads the map in place (no
+   * copy). At most `runsMax` runs: the answer may then cover less than asked (what NBD's BLOCK_STATUS
+   * allows).
+   */
+  changedRunsSince(
+    sinceChangesNumber: number,
+    offsetBytes: number,
+    lengthBytes: number,
+    runsMax: number = changedRunsMaxDefault,
+  ): Array<{ lengthBytes: number; changed: boolean }> {
+    assert(
+      Number.isSafeInteger(sinceChangesNumber) &&
+        sinceChangesNumber >= 0 &&
+        sinceChangesNumber < this.snapNumberPrevious,
+      "changes can be asked only since a take before the last one",
+    );
+    const readMap = this.readMap;
+    return this.runsWhere(
+      offsetBytes,
+      lengthBytes,
+      runsMax,
+      (blockIndex) => readMap[blockIndex]! > sinceChangesNumber,
+    );
+  }
+
+  private runsWhere(
+    offsetBytes: number,
+    lengthBytes: number,
+    runsMax: number,
+    isChanged: (blockIndex: number) => boolean,
   ): Array<{ lengthBytes: number; changed: boolean }> {
     assert(Number.isSafeInteger(offsetBytes) && offsetBytes >= 0, "CBT offset must be a safe integer");
     assert(Number.isSafeInteger(lengthBytes) && lengthBytes >= 0, "CBT length must be a safe integer");
@@ -242,12 +279,10 @@ export class CbtMap {
     if (this.corrupted) throw new BlockError("EFAULT", "CBT map is corrupted until the next take");
     const endBytes = Math.min(offsetBytes + lengthBytes, this.deviceSizeBytesAtCreate);
     const runs: Array<{ lengthBytes: number; changed: boolean }> = [];
-    const previous = this.snapNumberPrevious;
-    const readMap = this.readMap;
     let positionBytes = offsetBytes;
     while (positionBytes < endBytes) {
       const blockIndex = Math.floor(positionBytes / this.blockSizeBytes);
-      const changed = previous > 0 && readMap[blockIndex]! >= previous;
+      const changed = isChanged(blockIndex);
       const blockEndBytes = Math.min(endBytes, (blockIndex + 1) * this.blockSizeBytes);
       const last = runs[runs.length - 1];
       if (last && last.changed === changed) {

@@ -25,7 +25,7 @@ import { MemoryBackend } from "../backends/memory-backend.js";
 import { CheckedDevice } from "../block/checked-device.js";
 import type { BlockDevice } from "../block/device.js";
 import { BlockError, toBlockError } from "../block/errors.js";
-import type { Export, ExportSource, MetaContext } from "../block/export-source.js";
+import type { ChangedBlocks, Export, ExportSource } from "../block/export-source.js";
 import { isValidCbtBlockSize } from "../cbt/cbt-geometry.js";
 import type { CbtInfo } from "../cbt/cbt-map.js";
 import { CbtMap, type CbtState } from "../cbt/cbt-map.js";
@@ -423,12 +423,15 @@ export class Engine implements ExportSource {
       const member = snapshot.member(name);
       if (!member?.image) continue;
       const exportName = imageExportName(name, id);
+      const changedBlocks = imageChangedBlocks(snapshot, member.tracker.cbt);
       this.imageExports.set(exportName, {
         name: exportName,
-        description: `snapshot image of ${name}, snapshot ${id}`,
+        description:
+          `snapshot image of ${name}, snapshot ${id}, ` +
+          `CBT generation ${changedBlocks.generationId} take ${changedBlocks.changesNumber}`,
         device: new CheckedDevice(member.image),
         readOnly: false,
-        metaContexts: [cbtMetaContext(snapshot, member.tracker.cbt)],
+        changedBlocks,
       });
     }
     const info = snapshot.info();
@@ -605,25 +608,26 @@ function openedDescriptor(device: BlockDevice | StorageArea["device"]): number {
   return fd;
 }
 
-/** NBD's NBD_STATE_DIRTY, bit 0 of a `qemu:dirty-bitmap:*` context. */
-const nbdStateDirty = 1;
-
 /**
- * The image's CBT as `qemu:dirty-bitmap:cbt`: dirty = changed in the epoch that ended at this take. The
- * read map is frozen at take and the device is in one snapshot at a time, so the answer is stable while
- * the snapshot lives (set_both may still raise blocks, which is right to report). Once the snapshot is
- * destroyed the next take may switch the map: then the context fails with EIO, like the image.
+ * The image's changed blocks, read from the device's CBT read map (frozen at take). The device is in one
+ * snapshot at a time, so the map, its generation and its take number stay those of this take while the
+ * snapshot lives (set_both may still raise blocks, which is right to report). Once the snapshot is
+ * destroyed the next take may switch the map: then the answer is EIO, like the image's.
  */
-function cbtMetaContext(snapshot: Snapshot, cbt: CbtMap): MetaContext {
+function imageChangedBlocks(snapshot: Snapshot, cbt: CbtMap): ChangedBlocks {
+  const { generationId, changesNumber } = cbt.info();
   return {
-    name: "qemu:dirty-bitmap:cbt",
-    extents: async (offsetBytes, lengthBytes) => {
+    generationId,
+    changesNumber,
+    changedRuns: async (sinceChangesNumber, offsetBytes, lengthBytes) => {
       if (snapshot.state === "destroyed") {
         throw new BlockError("EIO", `Snapshot ${snapshot.id} was destroyed`);
       }
-      return cbt
-        .changedRuns(offsetBytes, lengthBytes)
-        .map((run) => ({ lengthBytes: run.lengthBytes, flags: run.changed ? nbdStateDirty : 0 }));
+      const now = cbt.info();
+      if (now.generationId !== generationId || now.changesNumber !== changesNumber) {
+        throw new BlockError("EIO", `The CBT of snapshot ${snapshot.id} moved on to a later take`);
+      }
+      return cbt.changedRunsSince(sinceChangesNumber, offsetBytes, lengthBytes);
     },
   };
 }

@@ -3,6 +3,7 @@ import { test } from "node:test";
 import { MemoryBackend } from "../backends/memory-backend.js";
 import { CheckedDevice } from "../block/checked-device.js";
 import { StaticExportSource } from "../block/export-source.js";
+import { exportMetaContexts } from "./export-meta-contexts.js";
 import { decodeString, Handshake } from "./handshake.js";
 import {
   NBD_FLAG_READ_ONLY,
@@ -82,14 +83,18 @@ test("decodeString accepts UTF-8 up to 4096 bytes without NUL", () => {
   assert.equal(decodeString(Buffer.from([0xc3])), undefined);
 });
 
-const dirtyContext = { name: "qemu:dirty-bitmap:cbt", extents: async () => [] };
+const generationContext = "qemu:dirty-bitmap:cbt-g1-1";
 
-function contextHandshake() {
+function contextSource(): StaticExportSource {
   const device = new CheckedDevice(new MemoryBackend(1 << 20));
-  const source = new StaticExportSource([
-    { name: "image", description: "", device, readOnly: false, metaContexts: [dirtyContext] },
+  const changedBlocks = { generationId: "g1", changesNumber: 2, changedRuns: async () => [] };
+  return new StaticExportSource([
+    { name: "image", description: "", device, readOnly: false, changedBlocks },
     { name: "origin", description: "", device, readOnly: false },
   ]);
+}
+
+function contextHandshake(source = contextSource()) {
   const machine = new Handshake({ source, requestLengthBytesMax: 32 << 20 });
   assert.equal(machine.onClientFlags(3).kind, "continue");
   return machine;
@@ -120,22 +125,27 @@ test("Handshake LIST_META_CONTEXT: all, namespace wildcards, exact names; unknow
   const machine = contextHandshake();
   const list = (exportName: string, queries: readonly string[]) =>
     contextsOf(machine.onOption(NBD_OPT_LIST_META_CONTEXT, metaContextPayload(exportName, queries)).replies);
-  const both: Array<[number, string]> = [
+  const all: Array<[number, string]> = [
     [0, "base:allocation"],
     [0, "qemu:dirty-bitmap:cbt"],
+    [0, generationContext],
   ];
-  assert.deepEqual(list("image", []), both);
-  assert.deepEqual(list("image", ["qemu:"]), [[0, "qemu:dirty-bitmap:cbt"]]);
-  assert.deepEqual(list("image", ["qemu:dirty-bitmap:"]), [[0, "qemu:dirty-bitmap:cbt"]]);
+  const dirty = all.slice(1);
+  assert.deepEqual(list("image", []), all);
+  assert.deepEqual(list("image", ["qemu:"]), dirty);
+  assert.deepEqual(list("image", ["qemu:dirty-bitmap:"]), dirty);
   assert.deepEqual(list("image", ["base:"]), [[0, "base:allocation"]]);
   assert.deepEqual(list("image", ["x-unknown:", "qemu:dirty-bitmap:other"]), []);
-  assert.deepEqual(list("image", ["base:", "qemu:", "qemu:dirty-bitmap:cbt"]), both, "no duplicates");
+  assert.deepEqual(list("image", [generationContext]), [[0, generationContext]]);
+  assert.deepEqual(list("image", ["qemu:dirty-bitmap:cbt-g0-1", "qemu:dirty-bitmap:cbt-g1-2"]), []);
+  assert.deepEqual(list("image", ["base:", "qemu:", "qemu:dirty-bitmap:cbt"]), all, "no duplicates");
   assert.deepEqual(list("origin", []), [[0, "base:allocation"]]);
   assert.deepEqual(list("origin", ["qemu:"]), []);
 });
 
 test("Handshake SET_META_CONTEXT: exact names, unique ids, bound at GO to the same export only", () => {
-  const machine = contextHandshake();
+  const source = contextSource();
+  const machine = contextHandshake(source);
   const set = (exportName: string, queries: readonly string[]) =>
     machine.onOption(NBD_OPT_SET_META_CONTEXT, metaContextPayload(exportName, queries)).replies;
   const refused = set("image", ["qemu:dirty-bitmap:cbt"]);
@@ -155,7 +165,8 @@ test("Handshake SET_META_CONTEXT: exact names, unique ids, bound at GO to the sa
   assert.equal(go.session.baseAllocationContextId, selected[0]![0]);
   assert.equal(go.session.metaContexts.length, 1);
   assert.equal(go.session.metaContexts[0]!.id, selected[1]![0]);
-  assert.equal(go.session.metaContexts[0]!.context, dirtyContext);
+  assert.equal(go.session.metaContexts[0]!.context, exportMetaContexts(source.findExport("image")!)[0]);
+  assert.equal(go.session.metaContexts[0]!.context.name, "qemu:dirty-bitmap:cbt");
 
   const other = contextHandshake();
   assert.equal(other.onOption(NBD_OPT_STRUCTURED_REPLY, Buffer.alloc(0)).kind, "continue");

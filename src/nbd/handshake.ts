@@ -11,8 +11,8 @@
  * nbd-and-stack.md §1.2).
  *
  * Metadata contexts: every export has base:allocation (id 1, from the device's extents) plus the export's
- * own `metaContexts` (e.g. `qemu:dirty-bitmap:cbt` on snapshot images), ids 2, 3... by their place in the
- * export's list at SET time. LIST: no query lists all; a query ending in ':' (`base:`, `qemu:`,
+ * own contexts (export-meta-contexts.ts: `qemu:dirty-bitmap:cbt…` on snapshot images), ids 2, 3... by their
+ * place in the export's list at SET time. LIST: no query lists all; a query ending in ':' (`base:`, `qemu:`,
  * `qemu:dirty-bitmap:`) lists the contexts it prefixes; other queries match exact names; unknown
  * namespaces match nothing and are ignored, never refused. SET selects exact names only (an empty leaf
  * selects nothing, as the spec advises) and is valid for the export named in the last SET only; GO then
@@ -22,6 +22,7 @@
  * name and must exist in the source).
  */
 import type { Export, ExportSource } from "../block/export-source.js";
+import { exportMetaContexts } from "./export-meta-contexts.js";
 import {
   blockSizeMinimumBytes,
   blockSizePreferredBytes,
@@ -280,7 +281,7 @@ export class Handshake {
       const message = `export ${quotedName(request.exportName)} not found`;
       return proceed([optionReply(option, NBD_REP_ERR_UNKNOWN, message)]);
     }
-    const available = [NBD_CONTEXT_BASE_ALLOCATION, ...(entry.metaContexts ?? []).map(({ name }) => name)];
+    const available = [NBD_CONTEXT_BASE_ALLOCATION, ...exportMetaContexts(entry).map(({ name }) => name)];
     const replies: Buffer[] = [];
     const contextIds = new Map<string, number>();
     available.forEach((name, index) => {
@@ -320,7 +321,7 @@ export class Handshake {
     const contextIds =
       this.structuredReplies && selection?.exportName === entry.name ? selection.contextIds : undefined;
     const metaContexts: SelectedMetaContext[] = [];
-    for (const context of entry.metaContexts ?? []) {
+    for (const context of exportMetaContexts(entry)) {
       const id = contextIds?.get(context.name);
       if (id !== undefined) metaContexts.push({ id, context });
     }

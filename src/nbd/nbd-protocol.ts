@@ -117,3 +117,5 @@ export const NBD_ESHUTDOWN = 108;
 export const NBD_CONTEXT_BASE_ALLOCATION = "base:allocation";
 export const NBD_STATE_HOLE = 1 << 0;
 export const NBD_STATE_ZERO = 1 << 1;
+/** Bit 0 of a `qemu:dirty-bitmap:*` context: the block is dirty (changed). */
+export const NBD_STATE_DIRTY = 1 << 0;

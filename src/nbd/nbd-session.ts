@@ -3,7 +3,7 @@
  * that was negotiated. Immutable once the transmission starts (NBD has no renegotiation without TLS).
  */
 import type { BlockDevice } from "../block/device.js";
-import type { MetaContext } from "../block/export-source.js";
+import type { MetaContext } from "./export-meta-contexts.js";
 
 /** An export's own metadata context selected by SET_META_CONTEXT, with its per-connection id. */
 export interface SelectedMetaContext {

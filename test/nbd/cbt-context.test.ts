@@ -1,10 +1,13 @@
 /**
- * CBT over NBD: a snapshot image export carries `qemu:dirty-bitmap:cbt`, proven with clients nobody on this
- * project wrote. Engine + NbdServer in process, a 4 MiB device with 64 KiB CBT blocks. qemu-io writes the
- * origin, a first take publishes an image whose map shows every block written since the device was added;
- * more writes, destroy, a second take (changesNumber 2): its image shows exactly the blocks written between
- * the takes, through nbdinfo (--map, --json contexts), qemu-img map's x-dirty-bitmap (dirty read through
- * the hole bit) and libnbd's block_status (one chunk per selected context).
+ * CBT over NBD: a snapshot image export carries `qemu:dirty-bitmap:cbt` and one
+ * `qemu:dirty-bitmap:cbt-<generation>-<take>` per earlier take of its generation, proven with clients nobody
+ * on this project wrote. Engine + NbdServer in process, a 4 MiB device with 64 KiB CBT blocks. qemu-io
+ * writes the origin; the first take's image has no changed-blocks context (no earlier take to compare
+ * with) and says its generation and take in its description; more writes, destroy, a second take
+ * (changesNumber 2): its image shows exactly the blocks written between the takes, through nbdinfo (--map,
+ * --json contexts), qemu-img map's x-dirty-bitmap (dirty read through the hole bit) and libnbd's
+ * block_status (one chunk per selected context). A third take answers for either baseline; after a new
+ * generation an NBD-only client finds its baseline's context gone.
  */
 import assert from "node:assert/strict";
 import { mkdtemp, rm } from "node:fs/promises";
@@ -13,6 +16,7 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { BlockError } from "../../src/block/errors.js";
 import { Engine } from "../../src/engine/engine.js";
+import { exportMetaContexts } from "../../src/nbd/export-meta-contexts.js";
 import { NbdServer } from "../../src/nbd/nbd-server.js";
 import { missingTools, runOk } from "../helpers/commands.js";
 import { hasLibnbdPython, libnbdPython } from "./nbd-test-helpers.js";
@@ -87,10 +91,10 @@ async function nbdinfoRows(
   return rows;
 }
 
-/** The spans nbdinfo --map=qemu:dirty-bitmap:cbt reports dirty (type 1, "dirty"), merged. */
-async function dirtySpans(exportName: string): Promise<Spans> {
+/** The spans nbdinfo --map=<context> (default qemu:dirty-bitmap:cbt) reports dirty (type 1), merged. */
+async function dirtySpans(exportName: string, context = dirtyContext): Promise<Spans> {
   const spans: Spans = [];
-  for (const [offset, length, type, description] of await nbdinfoRows(exportName, dirtyContext)) {
+  for (const [offset, length, type, description] of await nbdinfoRows(exportName, context)) {
     assert.equal(description, type === 1 ? "dirty" : "clean", "nbdinfo knows the dirty-bitmap namespace");
     if (type !== 1) continue;
     const last = spans.at(-1);
@@ -108,21 +112,36 @@ const writtenBetweenTakes: Spans = [
   [63 * block, block],
 ];
 
-test("the first take's image reports dirty every block written since the device was added", async (t) => {
+let generationId = "";
+const sinceContext = (generation: string, take: number) => `${dirtyContext}-${generation}-${take}`;
+
+/** nbdinfo --json of one export: its description and contexts. */
+async function exportListing(exportName: string): Promise<{ description: string; contexts: string[] }> {
+  const listing = JSON.parse(await runOk("nbdinfo", ["--json", uri(exportName)])) as {
+    exports: Array<{ description?: string; contexts: string[] }>;
+  };
+  const entry = listing.exports[0]!;
+  return { description: entry.description ?? "", contexts: [...entry.contexts].sort() };
+}
+
+test("the first take of a generation has no changed-blocks context; its description names generation and take", async (t) => {
   const skip = missingTools("qemu-io", "nbdinfo");
   if (skip) return t.skip(skip);
   await runOk("qemu-io", ["-f", "raw", uri("disk0"), "-c", "write -P 0x11 0 128k", "-c", "write 640k 4k"]);
   firstImage = await takeImage();
-  assert.equal(engine.cbtInfo("disk0").changesNumber, 1);
-  assert.deepEqual(await dirtySpans(firstImage.image), [
-    [0, 2 * block],
-    [10 * block, block],
-  ]);
+  const cbt = engine.cbtInfo("disk0");
+  generationId = cbt.generationId;
+  assert.equal(cbt.changesNumber, 1);
+  const listing = await exportListing(firstImage.image);
+  assert.deepEqual(
+    listing.contexts,
+    ["base:allocation"],
+    "no earlier take of this generation to compare with",
+  );
+  assert.match(listing.description, new RegExp(`CBT generation ${generationId} take 1$`));
   assert.deepEqual(await nbdinfoRows("disk0", "base:allocation"), [[0, sizeBytes, 0, "data"]]);
-  const originList = JSON.parse(await runOk("nbdinfo", ["--json", uri("disk0")])) as {
-    exports: Array<{ contexts: string[] }>;
-  };
-  assert.deepEqual(originList.exports[0]!.contexts, ["base:allocation"], "the origin has no CBT context");
+  const origin = await exportListing("disk0");
+  assert.deepEqual(origin.contexts, ["base:allocation"], "the origin has no CBT context");
 });
 
 test("after a second take the image reports dirty exactly the blocks written between the takes", async (t) => {
@@ -141,26 +160,20 @@ test("after a second take the image reports dirty exactly the blocks written bet
     "-c",
     `write ${sizeBytes - 4096} 4k`,
   ]);
-  // The first image's map is frozen at its take: the new writes do not show.
-  assert.deepEqual(await dirtySpans(firstImage.image), [
-    [0, 2 * block],
-    [10 * block, block],
-  ]);
   await engine.destroySnapshot(firstImage.id);
   secondImage = await takeImage();
   assert.equal(engine.cbtInfo("disk0").changesNumber, 2);
   assert.deepEqual(await dirtySpans(secondImage.image), writtenBetweenTakes);
+  assert.deepEqual(await dirtySpans(secondImage.image, sinceContext(generationId, 1)), writtenBetweenTakes);
   // base:allocation still answers on the same export.
   assert.deepEqual(
     await nbdinfoRows(secondImage.image, "base:allocation"),
     [[0, sizeBytes, 0, "data"]],
     "a file-backed image reports data everywhere",
   );
-  const listing = JSON.parse(await runOk("nbdinfo", ["--json", uri(secondImage.image)])) as {
-    exports: Array<{ "export-name": string; contexts: string[] }>;
-  };
-  assert.equal(listing.exports[0]!["export-name"], secondImage.image);
-  assert.deepEqual([...listing.exports[0]!.contexts].sort(), ["base:allocation", dirtyContext]);
+  const listing = await exportListing(secondImage.image);
+  assert.deepEqual(listing.contexts, ["base:allocation", dirtyContext, sinceContext(generationId, 1)]);
+  assert.match(listing.description, new RegExp(`CBT generation ${generationId} take 2$`));
 });
 
 test("qemu-img map with x-dirty-bitmap reads the dirty blocks through the hole bit", async (t) => {
@@ -242,10 +255,11 @@ print(json.dumps(result))
   for (const [context, , entries] of result.one) {
     assert.equal(entries.length, 2, `REQ_ONE: one extent for ${context}`);
   }
+  const dirtyContexts = [dirtyContext, sinceContext(generationId, 1)];
   assert.deepEqual(result.lists, {
-    "": ["base:allocation", dirtyContext],
-    "qemu:": [dirtyContext],
-    "qemu:dirty-bitmap:": [dirtyContext],
+    "": ["base:allocation", ...dirtyContexts],
+    "qemu:": dirtyContexts,
+    "qemu:dirty-bitmap:": dirtyContexts,
     "base:": ["base:allocation"],
     "x-unknown:": [],
   });
@@ -261,8 +275,10 @@ test("image writes raise their blocks into the map (set_both); destroy removes t
     [30 * block, block],
     ...writtenBetweenTakes.slice(2),
   ]);
-  const context = engine.findExport(secondImage.image)?.metaContexts?.[0];
-  assert.equal(context?.name, dirtyContext);
+  const image = engine.findExport(secondImage.image);
+  assert.ok(image);
+  const context = exportMetaContexts(image)[0]!;
+  assert.equal(context.name, dirtyContext);
   await engine.destroySnapshot(secondImage.id);
   // A client still bound to the image must not see the map of a later take: the context fails like the image.
   await assert.rejects(
@@ -274,4 +290,73 @@ test("image writes raise their blocks into the map (set_both); destroy removes t
     (entry) => entry["export-name"],
   );
   assert.deepEqual(names, ["disk0"], "the image export is gone with its snapshot");
+});
+
+/** What an NBD-only client sees when it asks for the changes since its baseline: can_meta_context per name. */
+async function canSelect(exportName: string, contexts: readonly string[]): Promise<boolean[]> {
+  const script = `
+import json, sys, nbd
+h = nbd.NBD()
+for name in sys.argv[2:]:
+    h.add_meta_context(name)
+h.connect_uri(sys.argv[1])
+print(json.dumps([h.can_meta_context(name) for name in sys.argv[2:]]))
+h.shutdown()
+`;
+  return JSON.parse(await runOk(libnbdPython, ["-c", script, uri(exportName), ...contexts])) as boolean[];
+}
+
+test("a third take answers for either baseline; a new generation makes the old baseline's context vanish", async (t) => {
+  const skip = missingTools("qemu-io", "nbdinfo");
+  if (skip) return t.skip(skip);
+  if (!(await hasLibnbdPython())) return t.skip("requires /usr/bin/python3 with the nbd module");
+  if (!secondImage || generationId === "") return t.skip("needs the second test's snapshot");
+  // The previous test destroyed the second snapshot. Between takes 2 and 3: blocks 40 and 50.
+  await runOk("qemu-io", [
+    "-f",
+    "raw",
+    uri("disk0"),
+    "-c",
+    `write ${40 * block} 4k`,
+    "-c",
+    `write ${50 * block} 4k`,
+  ]);
+  const third = await takeImage();
+  // set_both raised block 30 (written through the second image) in the live map too: it shows again.
+  const sinceSecond: Spans = [
+    [30 * block, block],
+    [40 * block, block],
+    [50 * block, block],
+  ];
+  assert.deepEqual(await dirtySpans(third.image), sinceSecond);
+  assert.deepEqual(await dirtySpans(third.image, sinceContext(generationId, 2)), sinceSecond);
+  // Since take 1: what changed between takes 1 and 2, and everything since.
+  assert.deepEqual(await dirtySpans(third.image, sinceContext(generationId, 1)), [
+    ...writtenBetweenTakes.slice(0, 2),
+    ...sinceSecond,
+    ...writtenBetweenTakes.slice(2),
+  ]);
+  const baselines = [sinceContext(generationId, 2), sinceContext(generationId, 3), sinceContext("other", 2)];
+  assert.deepEqual(await canSelect(third.image, baselines), [true, false, false]);
+  await engine.destroySnapshot(third.id);
+
+  // Re-attaching the device starts a new generation: take 1 again, and no baseline of the old one.
+  await engine.removeDevice("disk0");
+  await engine.addDevice({
+    name: "disk0",
+    backendPath: join(directory, "disk0.img"),
+    cbtBlockSizeBytes: block,
+  });
+  const fresh = await takeImage();
+  const cbt = engine.cbtInfo("disk0");
+  assert.notEqual(cbt.generationId, generationId);
+  assert.equal(cbt.changesNumber, 1);
+  assert.deepEqual(await canSelect(fresh.image, [dirtyContext, sinceContext(generationId, 2)]), [
+    false,
+    false,
+  ]);
+  const listing = await exportListing(fresh.image);
+  assert.deepEqual(listing.contexts, ["base:allocation"]);
+  assert.match(listing.description, new RegExp(`CBT generation ${cbt.generationId} take 1$`));
+  await engine.destroySnapshot(fresh.id);
 });
