@@ -27,6 +27,7 @@ interface ServeOptions {
   readonly insecureNoTls?: boolean;
   readonly stopWait: number;
   readonly logLevel: string;
+  readonly supervise?: boolean;
 }
 
 export const stopWaitSecondsDefault = 300;
@@ -80,6 +81,10 @@ export function addServeCommand(program: Command): void {
     )
     .option("--fuse-mount <dir>", "FUSE mount point, or none (default: <state dir>/mnt when root)")
     .option(
+      "--supervise",
+      "run the engine under a small supervisor that keeps the sockets and the FUSE mount through engine crashes and `blocksnap restart`",
+    )
+    .option(
       "--stop-wait <seconds>",
       "at SIGTERM, keep serving up to this long while file systems are mounted on our devices",
       parseStopWait,
@@ -114,11 +119,30 @@ export function addServeCommand(program: Command): void {
       const logger = pino({ level: options.logLevel }, pino.destination({ dest: 2, sync: true }));
       const { serveUntilSignal } = await import("../daemon/serve.js");
       const { resolveSocketGroup } = await import("../daemon/socket-access.js");
+      const { EngineLink } = await import("../supervisor/engine-link.js");
       let exitCode: number;
       try {
         const socketGroup =
           options.socketGroup === undefined ? null : resolveSocketGroup(options.socketGroup);
+        const link = await EngineLink.fromEnvironment();
+        if (options.supervise === true && link === null) {
+          const { superviseEngine } = await import("../supervisor/supervisor.js");
+          exitCode = await superviseEngine({
+            stateDir,
+            controlSocketPath,
+            nbdSocketPath,
+            nbdTcp,
+            insecureNoTls: options.insecureNoTls === true,
+            socketAccess: { group: socketGroup },
+            nbdActivationFd: socketActivationFd(),
+            fuse,
+            logger: logger.child({ role: "supervisor" }),
+            engineArgv: process.argv.slice(1),
+          });
+          process.exit(exitCode);
+        }
         exitCode = await serveUntilSignal({
+          ...(link === null ? {} : { supervised: link }),
           stateDir,
           controlSocketPath,
           nbdSocketPath,

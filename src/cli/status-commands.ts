@@ -10,8 +10,21 @@ import { packageVersion } from "./version.js";
 
 export function statusLines(status: StatusView): string[] {
   const tcp = status.nbd.tcp;
+  const supervisor = status.supervisor;
   const lines = formatFields([
     ["daemon", `pid ${status.pid}, version ${status.version}`],
+    ...(supervisor === undefined
+      ? []
+      : [
+          [
+            "supervisor",
+            `pid ${supervisor.pid}, engine #${supervisor.engineNumber}, ${supervisor.restarts.length} unplanned restart(s)${
+              supervisor.restarts.length === 0
+                ? ""
+                : `, last ${supervisor.restarts.at(-1)?.at}: ${supervisor.restarts.at(-1)?.cause}`
+            }`,
+          ] as [string, string],
+        ]),
     ["state dir", status.stateDir],
     ["control", status.controlSocket],
     [
@@ -50,6 +63,24 @@ export function addStatusCommands(program: Command): void {
 
   addCommonOptions(
     program
+      .command("restart")
+      .description("restart the daemon's engine without unmounting anything (needs serve --supervise)")
+      .option("--force", "restart even though snapshots exist (they are destroyed)"),
+  )
+    .addHelpText("after", "\nExample:\n  $ blocksnap restart\n")
+    .action(
+      clientAction<CommonOptions & { force?: boolean }>(async ({ client, json }, _args, options) => {
+        const before = await client.post<{ enginePid: number }>("/v1/restart", {
+          ...(options.force === true ? { force: true } : {}),
+        });
+        const after = await waitForNewEngine(() => client.get<StatusView>("/v1/status"), before.enginePid);
+        if (json) return writeJson({ previousPid: before.enginePid, pid: after.pid, version: after.version });
+        writeLine(`engine restarted: pid ${before.enginePid} → ${after.pid}, version ${after.version}`);
+      }),
+    );
+
+  addCommonOptions(
+    program
       .command("version")
       .description("print the version of this command and of the running daemon, if any"),
   )
@@ -68,4 +99,26 @@ export function addStatusCommands(program: Command): void {
         writeLine(daemon === null ? "daemon: not running" : `daemon: ${daemon.version} (pid ${daemon.pid})`);
       }),
     );
+}
+
+const restartWaitMs = 60_000;
+const restartPollMs = 100;
+
+/** Polls status until a different engine answers; the requests in between wait in the supervisor's queue. */
+async function waitForNewEngine(status: () => Promise<StatusView>, previousPid: number): Promise<StatusView> {
+  const deadline = Date.now() + restartWaitMs;
+  let lastError: unknown = null;
+  while (Date.now() < deadline) {
+    try {
+      const current = await status();
+      if (current.pid !== previousPid) return current;
+    } catch (error) {
+      lastError = error;
+    }
+    await new Promise((resolve) => setTimeout(resolve, restartPollMs));
+  }
+  throw new CliError(
+    `no new engine answered within ${restartWaitMs / 1000} s${lastError === null ? "" : `: ${String(lastError)}`}`,
+    { errno: "ETIMEDOUT" },
+  );
 }

@@ -73,3 +73,5 @@ export const deviceRemoveQuerySchema = z.strictObject({
 });
 
 export const emptyObjectSchema = z.strictObject({});
+
+export const restartBodySchema = z.strictObject({ force: z.boolean().optional() });

@@ -112,12 +112,22 @@ export interface AccessView {
   readonly whoCanConnect: readonly string[];
 }
 
+export interface SupervisorView {
+  readonly pid: number;
+  /** 1 for the first engine; +1 for every restart, planned or not. */
+  readonly engineNumber: number;
+  /** Unplanned engine deaths, oldest first. */
+  readonly restarts: readonly { readonly at: string; readonly cause: string }[];
+}
+
 export interface StatusView {
   readonly pid: number;
   readonly version: string;
   readonly stateDir: string;
   readonly controlSocket: string;
   readonly access: AccessView;
+  /** Present when the daemon runs under `serve --supervise`; `pid` is then the engine's. */
+  readonly supervisor?: SupervisorView;
   readonly nbd: {
     readonly socketPath: string | null;
     readonly tcp: { readonly host: string; readonly port: number } | null;

@@ -27,6 +27,7 @@ import {
   deviceRemoveQuerySchema,
   emptyObjectSchema,
   markDirtyBodySchema,
+  restartBodySchema,
   snapshotAddDeviceBodySchema,
   snapshotCreateBodySchema,
   takeBodySchema,
@@ -56,6 +57,12 @@ export interface DaemonIdentity {
   readonly stateDir: string;
   readonly controlSocket: string;
   readonly access: AccessView;
+  /** Present when the daemon runs as a supervised engine (serve --supervise). */
+  readonly supervisor?: {
+    readonly pid: number;
+    readonly engineNumber: number;
+    readonly restarts: readonly { readonly at: string; readonly cause: string }[];
+  };
 }
 
 export interface ControlContext {
@@ -65,6 +72,11 @@ export interface ControlContext {
   readonly addresses: ExportAddresses;
   /** Aborted when the daemon begins to shut down: long polls end with ESHUTDOWN. */
   readonly shutdownSignal: AbortSignal;
+  /**
+   * A planned restart (supervised engines only): checks, then hands over after the answer is sent.
+   * Absent when the daemon runs without a supervisor.
+   */
+  readonly restart?: (options: { force: boolean }) => { enginePid: number };
 }
 
 export interface RouteRequest {
@@ -170,6 +182,18 @@ export const routes: readonly Route[] = [
       snapshots: engine.listSnapshots().map((info) => snapshotView(context, info)),
     };
     return ok(status);
+  }),
+
+  route("POST", "/v1/restart", (context, request) => {
+    requireNoQuery(request);
+    const { force } = parse(restartBodySchema, request.body ?? {}, "restart");
+    if (context.restart === undefined) {
+      throw new BlockError(
+        "ENOTSUP",
+        "a restart needs a supervisor: run the daemon with blocksnap serve --supervise",
+      );
+    }
+    return ok({ restarting: true, ...context.restart({ force: force === true }) }, 202);
   }),
 
   route("GET", "/v1/devices", (context, request) => {

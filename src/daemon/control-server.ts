@@ -17,6 +17,7 @@
 import { AssertionError } from "node:assert";
 import { rm } from "node:fs/promises";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import type { Socket } from "node:net";
 import { BlockError, toBlockError } from "../block/errors.js";
 import type { Logger } from "../util/logger.js";
 import type { ApiErrorBody } from "./api-types.js";
@@ -48,6 +49,8 @@ export class ControlServer {
   private readonly logger: Logger;
   private inflightRequests = 0;
   private readonly idleWaiters: (() => void)[] = [];
+  /** False when another process (the supervisor) listens and passes connections: its socket file. */
+  private ownsSocketFile = true;
   private closing: Promise<void> | null = null;
 
   private constructor(options: ControlServerOptions) {
@@ -123,6 +126,26 @@ export class ControlServer {
   }
 
   /**
+   * Serves connections another process accepted (the supervisor, src/supervisor/): no listener here, and
+   * the socket file at `socketPath` stays the other process's.
+   */
+  static attach(options: ControlServerOptions): ControlServer {
+    const controlServer = new ControlServer(options);
+    controlServer.ownsSocketFile = false;
+    return controlServer;
+  }
+
+  /** One connection accepted elsewhere (paused: the supervisor read nothing from it). */
+  acceptConnection(socket: Socket): void {
+    if (this.closing) {
+      socket.destroy();
+      return;
+    }
+    this.server.emit("connection", socket);
+    socket.resume();
+  }
+
+  /**
    * Stops accepting, lets in-flight requests finish (long polls were ended by the shutdown signal) for at
    * most a few seconds, then closes every connection and removes the socket file.
    */
@@ -151,8 +174,10 @@ export class ControlServer {
       }
     }
     this.server.closeAllConnections();
-    await closed;
-    await rm(this.socketPath, { force: true });
+    if (this.ownsSocketFile) {
+      await closed;
+      await rm(this.socketPath, { force: true });
+    }
   }
 
   /**

@@ -7,6 +7,11 @@
  * (cbt-persistence.ts: the generation goes on at the next start), engine.close() (destroys
  * snapshots, flushes and closes backends), socket files, lock.
  *
+ * Supervised (`supervised`: an EngineLink, src/supervisor/): the supervisor owns the listeners and the
+ * /dev/fuse descriptor. Nothing listens here: the accepted sockets it passes go to the faces; FUSE is
+ * mounted over the inherited descriptor, or the previous engine's session is resumed; the socket files
+ * stay the supervisor's at stop. handOver() ends this engine for a planned restart without unmounting.
+ *
  * A failure during start undoes what was started and is reported as a BlockError with a one-line message
  * (port in use, another daemon on the state directory, an explicit FUSE mount that failed).
  */
@@ -19,13 +24,15 @@ import { LoopFreezer } from "../freeze/loop-freezer.js";
 import { findLoopMountsUnder, type LoopMount } from "../freeze/mount-discovery.js";
 import { cleanStaleMount, FuseServer } from "../fuse/fuse-server.js";
 import { NbdServer } from "../nbd/nbd-server.js";
+import type { EngineLink } from "../supervisor/engine-link.js";
+import { assert } from "../util/assert.js";
 import { loopDeviceUsersOver } from "../util/file-identity.js";
 import type { Logger } from "../util/logger.js";
 import { ControlServer } from "./control-server.js";
 import { DeviceRegistry } from "./device-registry.js";
 import type { ExportAddresses } from "./export-urls.js";
 import { DaemonPathPolicy } from "./path-policy.js";
-import { deviceRegistryPathIn, lockFilePathIn } from "./paths.js";
+import { deviceRegistryPathIn, fuseSessionStatePathIn, lockFilePathIn } from "./paths.js";
 import {
   applyStateDirAccess,
   describeAccess,
@@ -54,6 +61,8 @@ export interface DaemonOptions {
   readonly fuse: { readonly mountDir: string; readonly required: boolean } | null;
   readonly version: string;
   readonly logger: Logger;
+  /** Set when this process is an engine under `serve --supervise`. */
+  readonly supervised?: EngineLink;
 }
 
 export class Daemon {
@@ -121,7 +130,15 @@ export class Daemon {
       let nbdServer: NbdServer | null = null;
       let nbdTcp: ExportAddresses["nbdTcp"] = null;
       const activationFd = options.nbdActivationFd ?? null;
-      if (options.nbdSocketPath !== null || options.nbdTcp !== null || activationFd !== null) {
+      const link = options.supervised;
+      if (link !== undefined) {
+        // The supervisor decided which NBD listeners exist; any connection it passes is served.
+        const server = new NbdServer(engine, { logger });
+        nbdServer = server;
+        undo.push(() => server.close());
+        link.onConnection("nbd", (socket) => server.serveSocket(socket));
+        nbdTcp = link.hello.nbdTcp;
+      } else if (options.nbdSocketPath !== null || options.nbdTcp !== null || activationFd !== null) {
         const server = new NbdServer(engine, { logger });
         nbdServer = server;
         undo.push(() => server.close());
@@ -165,7 +182,9 @@ export class Daemon {
           nbdTcp,
         }),
       };
-      const controlServer = await ControlServer.listen({
+      // The context's restart hook needs the Daemon built below.
+      let built: Daemon | null = null;
+      const controlOptions = {
         socketPath: options.controlSocketPath,
         logger,
         access: socketAccess,
@@ -174,15 +193,40 @@ export class Daemon {
           registry,
           addresses,
           shutdownSignal: shutdownController.signal,
+          ...(link === undefined
+            ? {}
+            : {
+                restart: (restartOptions: { force: boolean }) => {
+                  assert(built !== null, "restart before the daemon is built");
+                  return built.requestRestart(restartOptions);
+                },
+              }),
           identity: {
             pid: process.pid,
             version: options.version,
             stateDir,
             controlSocket: options.controlSocketPath,
             access,
+            ...(link === undefined
+              ? {}
+              : {
+                  supervisor: {
+                    pid: link.hello.supervisorPid,
+                    engineNumber: link.hello.engineNumber,
+                    restarts: link.hello.restarts,
+                  },
+                }),
           },
         },
-      });
+      };
+      let controlServer: ControlServer;
+      if (link === undefined) {
+        controlServer = await ControlServer.listen(controlOptions);
+      } else {
+        const attached = ControlServer.attach(controlOptions);
+        link.onConnection("control", (socket) => attached.acceptConnection(socket));
+        controlServer = attached;
+      }
       logger.info(
         {
           version: options.version,
@@ -197,7 +241,8 @@ export class Daemon {
         },
         "blocksnap daemon ready",
       );
-      return new Daemon({
+      link?.ready();
+      built = new Daemon({
         options,
         lock,
         engine,
@@ -208,6 +253,7 @@ export class Daemon {
         shutdownController,
         addresses,
       });
+      return built;
     } catch (error) {
       for (const step of undo.reverse()) {
         await step().catch((undoError: unknown) => {
@@ -226,6 +272,56 @@ export class Daemon {
     return this.fuseServer === null ? [] : findLoopMountsUnder(this.fuseServer.mountDir);
   }
 
+  /**
+   * Begins a planned restart (supervised engines): refused while snapshots exist unless forced (they do
+   * not survive an engine yet); the hand-over itself starts after the caller's answer is on its way.
+   */
+  requestRestart(options: { force: boolean }): { enginePid: number } {
+    if (this.stopping !== null) throw new BlockError("ESHUTDOWN", "the daemon is already stopping");
+    const snapshots = this.engine.listSnapshots().length;
+    if (snapshots > 0 && !options.force) {
+      throw new BlockError(
+        "EBUSY",
+        `${snapshots} snapshot(s) would be destroyed by a restart (snapshots do not survive the engine yet): destroy them first, or restart with --force`,
+      );
+    }
+    this.stopping = new Promise<void>((resolve) => {
+      setImmediate(() => {
+        void this.handOver().finally(resolve);
+      });
+    });
+    return { enginePid: process.pid };
+  }
+
+  /**
+   * A planned restart: like a stop, but FUSE is detached instead of unmounted (the supervisor keeps the
+   * connection for the next engine) and the socket files stay. Ends the process (EngineLink.endHandedOver).
+   */
+  private async handOver(): Promise<void> {
+    const { logger, supervised } = this.options;
+    assert(supervised !== undefined, "hand-over without a supervisor");
+    logger.info("planned restart: handing over to the next engine");
+    supervised.beginHandover();
+    this.shutdownController.abort();
+    const steps: [string, () => Promise<void>][] = [
+      ["control server", () => this.controlServer.close()],
+      ["NBD server", async () => this.nbdServer?.close()],
+      ["FUSE", async () => this.fuseServer?.detach()],
+      ["CBT state", () => this.registry.saveCbtStates()],
+      ["engine", () => this.engine.close()],
+      ["lock", () => this.lock.release()],
+    ];
+    for (const [what, step] of steps) {
+      try {
+        await step();
+      } catch (error) {
+        logger.error({ err: (error as Error)?.message }, `handing over the ${what} failed`);
+      }
+    }
+    logger.info("handed over");
+    supervised.endHandedOver();
+  }
+
   /** Idempotent; see the stop order in the notes above. */
   stop(): Promise<void> {
     this.stopping ??= this.stopOnce();
@@ -239,14 +335,24 @@ export class Daemon {
     const steps: [string, () => Promise<void>][] = [
       ["control server", () => this.controlServer.close()],
       ["NBD server", async () => this.nbdServer?.close()],
-      ["FUSE", async () => this.fuseServer?.unmount()],
+      [
+        "FUSE",
+        async () => {
+          await this.fuseServer?.unmount();
+          // Unmounted: there is no session left for a successor to resume.
+          await rm(fuseSessionStatePathIn(this.options.stateDir), { force: true });
+        },
+      ],
       // After the faces, so no write can follow; before the engine closes the backends.
       ["CBT state", () => this.registry.saveCbtStates()],
       ["engine", () => this.engine.close()],
       [
         "NBD socket",
         async () => {
-          if (this.options.nbdSocketPath !== null) await rm(this.options.nbdSocketPath, { force: true });
+          const ownsSocket = this.options.supervised === undefined;
+          if (ownsSocket && this.options.nbdSocketPath !== null) {
+            await rm(this.options.nbdSocketPath, { force: true });
+          }
         },
       ],
       ["lock", () => this.lock.release()],
@@ -289,13 +395,33 @@ async function mountFuse(engine: Engine, options: DaemonOptions): Promise<FuseSe
     logger.info("FUSE face off: mounting needs root (NBD is still served)");
     return null;
   }
+  const link = options.supervised;
+  if (link !== undefined && link.hello.fuseFd === null) return null;
+  const inherited =
+    link?.hello.fuseFd == null
+      ? {}
+      : { inheritedFd: link.hello.fuseFd, statePath: fuseSessionStatePathIn(options.stateDir) };
+  if (link?.hello.resumeFuse === true && inherited.inheritedFd !== undefined) {
+    // No fallback here: an engine that cannot resume fails, and the supervisor starts a fresh connection.
+    try {
+      return await FuseServer.resume(engine, {
+        mountDir: fuse.mountDir,
+        logger,
+        inheritedFd: inherited.inheritedFd,
+        statePath: fuseSessionStatePathIn(options.stateDir),
+      });
+    } catch (error) {
+      link?.resumeFailed(String(error));
+      throw error;
+    }
+  }
   try {
     // The dead mount of a daemon killed with -9 first: until it is gone, even mkdir fails with ENOTCONN.
     if (await cleanStaleMount(fuse.mountDir)) {
       logger.warn({ mountDir: fuse.mountDir }, "removed a stale FUSE mount left by a previous daemon");
     }
     await mkdir(fuse.mountDir, { recursive: true, mode: 0o755 });
-    return await FuseServer.mount(engine, { mountDir: fuse.mountDir, logger });
+    return await FuseServer.mount(engine, { mountDir: fuse.mountDir, logger, ...inherited });
   } catch (error) {
     const blockError = toBlockError(error, `cannot mount FUSE at ${fuse.mountDir}`);
     if (fuse.required) throw blockError;

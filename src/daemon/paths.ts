@@ -53,3 +53,8 @@ export function deviceRegistryPathIn(stateDir: string): string {
 export function cbtStatePathIn(stateDir: string, deviceName: string): string {
   return join(stateDir, "cbt", `${deviceName}.cbt`);
 }
+
+/** What a supervised engine leaves for its successor to resume the FUSE session (fuse-session-state.ts). */
+export function fuseSessionStatePathIn(stateDir: string): string {
+  return join(stateDir, "fuse-session.json");
+}

@@ -18,12 +18,15 @@ export type NotifyFields = Readonly<Record<string, string>>;
 
 export class SdNotifier {
   private readonly notifySocket: string | null;
+  private readonly mainPid: number;
   private readonly logger: Logger;
   private tail: Promise<void> = Promise.resolve();
   private pendingCount = 0;
   private warned = false;
 
-  constructor(environment: NodeJS.ProcessEnv, logger: Logger) {
+  /** `mainPid`: the service's main process when that is not us (a supervised engine names its supervisor). */
+  constructor(environment: NodeJS.ProcessEnv, logger: Logger, mainPid: number = process.pid) {
+    this.mainPid = mainPid;
     const socket = environment.NOTIFY_SOCKET;
     this.notifySocket = socket === undefined || socket === "" ? null : socket;
     this.logger = logger;
@@ -50,7 +53,7 @@ export class SdNotifier {
 
   private send(assignments: readonly string[]): Promise<void> {
     return new Promise((resolve) => {
-      const child = spawn("systemd-notify", [`--pid=${process.pid}`, ...assignments], {
+      const child = spawn("systemd-notify", [`--pid=${this.mainPid}`, ...assignments], {
         stdio: ["ignore", "ignore", "pipe"],
         env: { ...process.env, NOTIFY_SOCKET: this.notifySocket ?? "" },
       });

@@ -27,7 +27,7 @@ export interface ServeOptions extends DaemonOptions {
 /** Resolves with the exit code once the daemon has stopped. Start failures reject. */
 export async function serveUntilSignal(options: ServeOptions): Promise<number> {
   const { logger } = options;
-  const notifier = new SdNotifier(process.env, logger);
+  const notifier = new SdNotifier(process.env, logger, options.supervised?.hello.supervisorPid);
   const daemon = await Daemon.start(options);
   void notifier.notify({ READY: "1", STATUS: "serving" });
   const { stopWaitMs } = options;

@@ -4,7 +4,7 @@
  * machines we run on (x86-64, arm64) and padded to 8 bytes by the header itself, so fixed offsets suffice.
  *
  * Names keep the kernel header's spelling so that a reader can grep the header for them. Only what the
- * server uses is here; the rest of the header (CUSE, DAX mappings, notifications) is left out.
+ * server uses is here; the rest of the header (CUSE, DAX mappings, other notifications) is left out.
  */
 
 export const FUSE_KERNEL_VERSION = 7;
@@ -16,6 +16,9 @@ export const FUSE_KERNEL_MINOR_IMPLEMENTED = 36;
 /** Oldest kernel minor we accept: 7.28 gave FUSE_MAX_PAGES (large requests), Linux 4.20. */
 export const FUSE_KERNEL_MINOR_MIN = 28;
 export const FUSE_ROOT_ID = 1n;
+
+// enum fuse_notify_code: requests read but not answered go back to the queue (7.40, Linux 6.9).
+export const FUSE_NOTIFY_RESEND = 7;
 
 // enum fuse_opcode
 export const FUSE_LOOKUP = 1;

@@ -18,6 +18,7 @@ import { MessageChannel, type MessagePort, Worker } from "node:worker_threads";
 import { BlockError, toBlockError } from "../block/errors.js";
 import { assert } from "../util/assert.js";
 import type { Logger } from "../util/logger.js";
+import * as abi from "./fuse-abi.js";
 import {
   controlBytes,
   type DirectReadMessage,
@@ -52,6 +53,7 @@ export class FuseChannel {
   private resolveEnded: () => void = () => {};
   private closed = false;
   private workerExited = false;
+  private requestsInFlight = 0;
 
   private constructor(fd: number, options: FuseChannelOptions) {
     assert(options.slotCount >= 1 && options.slotCount <= 4096, "slotCount");
@@ -76,6 +78,38 @@ export class FuseChannel {
       throw toBlockError(error, `Cannot open ${path}`);
     }
     return new FuseChannel(fd, options);
+  }
+
+  /**
+   * Takes an open /dev/fuse descriptor inherited from another process (the supervisor keeps the
+   * connection while engines come and go). The channel owns `fd` from now on: close() closes it.
+   */
+  static adopt(fd: number, options: FuseChannelOptions): FuseChannel {
+    assert(Number.isSafeInteger(fd) && fd >= 0, "adopted /dev/fuse descriptor");
+    return new FuseChannel(fd, options);
+  }
+
+  /**
+   * FUSE_NOTIFY_RESEND (protocol 7.40, Linux 6.9): the kernel puts every request that was read from this
+   * connection but not answered back in its queue, so a successor serves what a dead predecessor took.
+   * False when the kernel does not know the notification.
+   */
+  notifyResend(): boolean {
+    const message = new Uint8Array(16);
+    const view = new DataView(message.buffer);
+    view.setUint32(0, message.byteLength, true);
+    view.setInt32(4, abi.FUSE_NOTIFY_RESEND, true);
+    view.setBigUint64(8, 0n, true);
+    try {
+      fs.writeSync(this.fd, message);
+      return true;
+    } catch (error) {
+      this.options.logger.warn(
+        { err: error },
+        "FUSE_NOTIFY_RESEND refused: requests a predecessor took are lost",
+      );
+      return false;
+    }
   }
 
   start(handler: FuseRequestHandler): void {
@@ -182,6 +216,11 @@ export class FuseChannel {
     }
   }
 
+  /** Requests handed to the handler and not yet answered (a hand-over waits for 0). */
+  get inFlight(): number {
+    return this.requestsInFlight;
+  }
+
   /** Requests being served right now (tests and diagnostics). */
   get busySlots(): number {
     let busy = 0;
@@ -196,6 +235,7 @@ export class FuseChannel {
       case "request": {
         const view = this.slotViews[message.slot];
         assert(view, `reader posted slot ${message.slot}`);
+        this.requestsInFlight += 1;
         handler(view, message.lengthBytes).then(
           () => this.release(message.slot),
           (error: unknown) => {
@@ -234,6 +274,7 @@ export class FuseChannel {
   }
 
   private release(slot: number): void {
+    this.requestsInFlight -= 1;
     Atomics.store(this.control, readerControl.firstSlot + slot, 0);
     Atomics.add(this.control, readerControl.releases, 1);
     Atomics.notify(this.control, readerControl.releases);

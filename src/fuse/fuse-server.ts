@@ -9,6 +9,12 @@
  * answered. Exports appear and vanish live: lookups and listings always ask the source, and
  * onExportsChanged kills the files of vanished exports at once (their open handles answer EIO).
  *
+ * Succession (the supervised engine, src/supervisor/): with `inheritedFd` the server uses a /dev/fuse
+ * descriptor another process holds, and with `statePath` it keeps there what a successor needs
+ * (fuse-session-state.ts). resume() is that successor: no mount and no INIT, the saved state instead, and
+ * FUSE_NOTIFY_RESEND so that requests the predecessor read but never answered are served now. detach() is
+ * a planned hand-over: stop reading, let the requests in flight finish, leave the mount and connection up.
+ *
  * unmount(): idempotent. umount, lazily when busy; a lazily unmounted file system can outlive us (a loop
  * device still holds a file), so its connection is then aborted through fusectl: users of the files get
  * I/O errors instead of hanging on a server that is gone. The descriptor is closed after the reader ends.
@@ -28,10 +34,15 @@ import {
   unmountFuse,
 } from "./fuse-mount.js";
 import { FuseSession } from "./fuse-session.js";
+import { readFuseSessionState, writeFuseSessionState } from "./fuse-session-state.js";
 
 export interface FuseServerOptions {
   readonly mountDir: string;
   readonly logger?: Logger;
+  /** An open /dev/fuse kept by another process (the supervisor); otherwise one is opened here. */
+  readonly inheritedFd?: number;
+  /** Where the session keeps what a successor process needs (fuse-session-state.ts). */
+  readonly statePath?: string;
 }
 
 /** Largest READ and WRITE: 256 pages, the kernel's default fs.fuse.max_pages_limit. */
@@ -40,6 +51,8 @@ const maxWriteBytes = 1024 * 1024;
 const slotCount = 64;
 const initTimeoutMs = 10_000;
 const readerEndTimeoutMs = 5_000;
+const drainTimeoutMs = 10_000;
+const drainPollMs = 5;
 
 export class FuseServer {
   readonly mountDir: string;
@@ -84,22 +97,7 @@ export class FuseServer {
     if ((await blocksnapMountsAt(mountDir)).length > 0) {
       throw new BlockError("EBUSY", `${mountDir} is already served by a running blocksnap`);
     }
-    const channel = FuseChannel.open({
-      slotCount,
-      slotBytes: FuseSession.slotBytesFor(maxWriteBytes),
-      logger,
-    });
-    const session = new FuseSession({
-      source,
-      send: (reply) => channel.send(reply),
-      logger,
-      maxWriteBytes,
-      backgroundRequestsMax: slotCount,
-      directReads: {
-        open: (handle, fd, sizeBytes) => channel.openDirectRead(handle, fd, sizeBytes),
-        close: (handle) => channel.closeDirectRead(handle),
-      },
-    });
+    const { channel, session } = FuseServer.openSession(source, options, logger);
     channel.start((slot, lengthBytes) => session.handle(slot, lengthBytes));
     let deviceNumber: number | undefined;
     try {
@@ -114,6 +112,76 @@ export class FuseServer {
     }
     logger.info({ mountDir }, "fuse file system mounted");
     return new FuseServer(mountDir, channel, session, deviceNumber, source, logger);
+  }
+
+  /**
+   * Serves the live mount at `options.mountDir` over `options.inheritedFd`, whose INIT a predecessor
+   * process answered and whose state it left at `options.statePath`.
+   */
+  static async resume(
+    source: ExportSource,
+    options: FuseServerOptions & { readonly inheritedFd: number; readonly statePath: string },
+  ): Promise<FuseServer> {
+    const logger = options.logger ?? silentLogger;
+    const mountDir = await canonicalMountDir(options.mountDir);
+    const deviceNumber = (await blocksnapMountsAt(mountDir)).at(-1)?.deviceNumber;
+    if (deviceNumber === undefined) {
+      throw new BlockError("ENOENT", `no blocksnap FUSE mount at ${mountDir} to resume`);
+    }
+    const state = readFuseSessionState(options.statePath);
+    const { channel, session } = FuseServer.openSession(source, options, logger);
+    channel.start((slot, lengthBytes) => session.handle(slot, lengthBytes));
+    session.resume(state);
+    channel.notifyResend();
+    logger.info({ mountDir }, "fuse file system resumed");
+    return new FuseServer(mountDir, channel, session, deviceNumber, source, logger);
+  }
+
+  private static openSession(
+    source: ExportSource,
+    options: FuseServerOptions,
+    logger: Logger,
+  ): { channel: FuseChannel; session: FuseSession } {
+    const channelOptions = { slotCount, slotBytes: FuseSession.slotBytesFor(maxWriteBytes), logger };
+    const channel =
+      options.inheritedFd === undefined
+        ? FuseChannel.open(channelOptions)
+        : FuseChannel.adopt(options.inheritedFd, channelOptions);
+    const { statePath } = options;
+    const session = new FuseSession({
+      source,
+      send: (reply) => channel.send(reply),
+      logger,
+      maxWriteBytes,
+      backgroundRequestsMax: slotCount,
+      directReads: {
+        open: (handle, fd, sizeBytes) => channel.openDirectRead(handle, fd, sizeBytes),
+        close: (handle) => channel.closeDirectRead(handle),
+      },
+      ...(statePath === undefined
+        ? {}
+        : { onStateChanged: (state) => writeFuseSessionState(statePath, state) }),
+    });
+    return { channel, session };
+  }
+
+  /**
+   * A planned hand-over to a successor: reads no new request, waits (bounded) for the ones in flight to be
+   * answered, and leaves mount and connection to the process that keeps /dev/fuse open. A request the
+   * reader takes meanwhile is served too, or — if it comes after the drain — resent to the successor.
+   */
+  async detach(): Promise<void> {
+    this.unsubscribe();
+    this.channel.stop();
+    const deadline = Date.now() + drainTimeoutMs;
+    let quietPolls = 0;
+    while (quietPolls < 2 && Date.now() < deadline) {
+      await new Promise((wake) => setTimeout(wake, drainPollMs));
+      quietPolls = this.channel.inFlight === 0 ? quietPolls + 1 : 0;
+    }
+    if (quietPolls < 2)
+      this.logger.warn({ busy: this.channel.busySlots }, "fuse requests still running at hand-over");
+    this.logger.info({ mountDir: this.mountDir }, "fuse file system handed over");
   }
 
   /** Unmounts (lazily if busy), ends the connection and closes /dev/fuse. Idempotent. */

@@ -19,6 +19,10 @@
  * lands right behind the reply header, so a read costs no allocation and one write(2). The slot must hold
  * FUSE_OUT_HEADER_BYTES + the largest read we negotiate (maxWriteBytes).
  *
+ * Succession (fuse-session-state.ts): with `onStateChanged`, every change of the numbers the kernel holds
+ * (a new node, an opened or released handle) is handed over synchronously before the reply that reveals
+ * it; resume() takes such a state instead of an INIT, in a process that adopted a live connection.
+ *
  * Not done: READDIRPLUS, locks, xattrs, ioctls, lseek (ENOSYS; the kernel falls back); discard (fallocate
  * PUNCH_HOLE, see fallocate()). INTERRUPT is ignored
  * because every request finishes in bounded time on its own. The device size is fixed: size changes are
@@ -32,6 +36,7 @@ import { assert } from "../util/assert.js";
 import type { Logger } from "../util/logger.js";
 import { FUSE_ERROR_NOT_IMPLEMENTED, fuseErrorOf } from "./errno-map.js";
 import * as abi from "./fuse-abi.js";
+import type { FuseSessionState } from "./fuse-session-state.js";
 import { type FileNode, InodeTable } from "./inode-table.js";
 
 export interface FuseSessionOptions {
@@ -47,6 +52,8 @@ export interface FuseSessionOptions {
   readonly handlesMax?: number;
   /** Where READs of a handle may be served without the session (FuseChannel's reader thread). */
   readonly directReads?: DirectReadRegistry;
+  /** Called synchronously, before the reply, whenever the state a successor needs changes. */
+  readonly onStateChanged?: (state: FuseSessionState) => void;
 }
 
 export interface DirectReadRegistry {
@@ -94,6 +101,10 @@ export class FuseSession {
   private readonly directoryHandles = new Map<bigint, DirectoryEntry[]>();
   private nextHandle = 1n;
   private negotiatedMinor = 0;
+  /** Handles below this were numbered by a predecessor process (resume()). */
+  private predecessorHandlesBelow = 0n;
+  /** The table's next node id when the state was last handed over: a new node changes it. */
+  private handedOverNextNodeId = 0;
   private destroyed = false;
   private readonly startSeconds = BigInt(Math.floor(Date.now() / 1000));
   private readonly uid = process.getuid?.() ?? 0;
@@ -133,6 +144,60 @@ export class FuseSession {
     for (const handle of this.directHandles) {
       if (this.fileHandles.get(handle)?.alive !== true) this.closeDirectRead(handle);
     }
+  }
+
+  /** What a successor process needs to go on serving this connection (fuse-session-state.ts). */
+  exportState(): FuseSessionState {
+    const table = this.table.exportState();
+    return {
+      negotiatedMinor: this.negotiatedMinor,
+      maxWriteBytes: this.options.maxWriteBytes,
+      nextNodeId: table.nextNodeId,
+      nodes: table.nodes,
+      nextHandle: this.nextHandle.toString(),
+      handles: [...this.fileHandles].map(([handle, node]) => ({
+        handle: handle.toString(),
+        nodeId: node.nodeId,
+      })),
+    };
+  }
+
+  /**
+   * Goes on serving a connection whose INIT a predecessor answered: its node ids and file handles stay
+   * valid (handles of exports that vanished meanwhile answer EIO). Before the first request only, and after
+   * the reader has started (direct reads are registered again).
+   */
+  resume(state: FuseSessionState): void {
+    assert(this.negotiatedMinor === 0 && this.fileHandles.size === 0, "resume of a used FuseSession");
+    if (state.maxWriteBytes !== this.options.maxWriteBytes) {
+      throw new BlockError(
+        "EINVAL",
+        `the FUSE connection was set up for ${state.maxWriteBytes}-byte writes, this server uses ${this.options.maxWriteBytes}`,
+      );
+    }
+    if (state.negotiatedMinor < abi.FUSE_KERNEL_MINOR_MIN) {
+      throw new BlockError("EINVAL", `the FUSE connection's protocol 7.${state.negotiatedMinor} is unusable`);
+    }
+    this.table.restore(state);
+    let nextHandle = BigInt(state.nextHandle);
+    for (const saved of state.handles) {
+      const handle = BigInt(saved.handle);
+      if (handle >= nextHandle) nextHandle = handle + 1n;
+      const node = this.table.node(saved.nodeId);
+      if (!node) continue;
+      this.fileHandles.set(handle, node);
+      this.table.opened(node);
+      this.registerDirectRead(handle, node);
+    }
+    this.nextHandle = nextHandle;
+    this.predecessorHandlesBelow = nextHandle;
+    this.negotiatedMinor = state.negotiatedMinor;
+    this.handedOverNextNodeId = this.table.nextNodeId;
+    this.options.logger.info(
+      { negotiated: `7.${state.negotiatedMinor}`, nodes: state.nodes.length, handles: this.fileHandles.size },
+      "fuse session resumed",
+    );
+    this.resolveInitialized();
   }
 
   /** Serves one request read from /dev/fuse into `slot[0, lengthBytes)`. Never rejects but for assertions. */
@@ -260,6 +325,7 @@ export class FuseSession {
     this.replyOk(request, abi.FUSE_INIT_OUT_BYTES);
     if (major > abi.FUSE_KERNEL_VERSION) return;
     this.negotiatedMinor = negotiatedMinor;
+    this.handOver();
     this.options.logger.info(
       {
         kernel: `${major}.${minor}`,
@@ -278,6 +344,7 @@ export class FuseSession {
     const node = this.table.find(name);
     if (!node) throw new BlockError("ENOENT", `no export ${JSON.stringify(name)}`);
     this.table.lookedUp(node);
+    this.handOverNewNodes();
     const { view } = request;
     const at = abi.FUSE_OUT_HEADER_BYTES;
     view.setBigUint64(at + 0, BigInt(node.nodeId), true);
@@ -365,11 +432,8 @@ export class FuseSession {
     const handle = this.allocateHandle();
     this.fileHandles.set(handle, node);
     this.table.opened(node);
-    const { device } = node.entry;
-    const directFd = device.directReadFd?.() ?? null;
-    if (directFd !== null && this.options.directReads?.open(handle, directFd, device.sizeBytes)) {
-      this.directHandles.add(handle);
-    }
+    this.registerDirectRead(handle, node);
+    this.handOver();
     this.writeOpenOut(request.view, handle, abi.FOPEN_DIRECT_IO | abi.FOPEN_PARALLEL_DIRECT_WRITES);
     this.replyOk(request, abi.FUSE_OPEN_OUT_BYTES);
   }
@@ -433,6 +497,7 @@ export class FuseSession {
       this.closeDirectRead(handle);
       this.fileHandles.delete(handle);
       this.table.released(node);
+      this.handOver();
     }
     this.replyOk(request, 0);
   }
@@ -484,8 +549,11 @@ export class FuseSession {
     const offset = view.getBigUint64(at + 8, true);
     const sizeBytes = Math.min(view.getUint32(at + 16, true), slot.byteLength - abi.FUSE_OUT_HEADER_BYTES);
     let entries = this.directoryHandles.get(handle);
-    if (!entries) throw new BlockError("EIO", "readdir on an unknown directory handle");
-    if (offset === 0n) {
+    if (!entries && handle >= this.predecessorHandlesBelow) {
+      throw new BlockError("EIO", "readdir on an unknown directory handle");
+    }
+    // A directory handle a predecessor process opened (they are not handed over): list afresh.
+    if (!entries || offset === 0n) {
       // rewinddir(): a new pass sees the exports of now.
       entries = this.listDirectory();
       this.directoryHandles.set(handle, entries);
@@ -542,7 +610,28 @@ export class FuseSession {
     ];
     for (const node of this.table.list())
       entries.push({ name: node.name, nodeId: node.nodeId, type: abi.DT_REG });
+    this.handOverNewNodes();
     return entries;
+  }
+
+  private registerDirectRead(handle: bigint, node: FileNode): void {
+    const { device } = node.entry;
+    const directFd = device.directReadFd?.() ?? null;
+    if (directFd !== null && this.options.directReads?.open(handle, directFd, device.sizeBytes)) {
+      this.directHandles.add(handle);
+    }
+  }
+
+  private handOverNewNodes(): void {
+    if (this.table.nextNodeId !== this.handedOverNextNodeId) this.handOver();
+  }
+
+  private handOver(): void {
+    const { onStateChanged } = this.options;
+    if (!onStateChanged) return;
+    const state = this.exportState();
+    this.handedOverNextNodeId = state.nextNodeId;
+    onStateChanged(state);
   }
 
   private closeDirectRead(handle: bigint): void {

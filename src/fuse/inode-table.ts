@@ -10,6 +10,9 @@
  * A node dies when its export vanishes (reconcile(), called on source.onExportsChanged and by every
  * lookup); dead nodes answer EIO to open handles and are forgotten once the kernel has dropped every
  * lookup reference and every handle is released. Single-threaded: called on the main thread only.
+ *
+ * A successor process (fuse-session-state.ts) restores the live nodes by id and name; their lookup counts
+ * are not known, so a restored node counts as looked up until its export vanishes, and is then dropped.
  */
 import type { Export, ExportSource } from "../block/export-source.js";
 import { assert } from "../util/assert.js";
@@ -25,6 +28,8 @@ export interface FileNode {
 }
 
 const firstFileNodeId = 2;
+/** The lookup count of a restored node: never reached by FORGETs, so it lives while its export does. */
+const restoredLookupCount = Number.MAX_SAFE_INTEGER;
 
 export class InodeTable {
   private readonly source: ExportSource;
@@ -32,7 +37,7 @@ export class InodeTable {
   private readonly byName = new Map<string, FileNode>();
   /** Every node the kernel may still name: live ones and dead ones still referenced. */
   private readonly byId = new Map<number, FileNode>();
-  private nextNodeId = firstFileNodeId;
+  private nextId = firstFileNodeId;
 
   constructor(source: ExportSource) {
     this.source = source;
@@ -66,13 +71,14 @@ export class InodeTable {
   }
 
   lookedUp(node: FileNode): void {
-    node.lookupCount += 1;
+    if (node.lookupCount < restoredLookupCount) node.lookupCount += 1;
   }
 
   forget(nodeId: number, lookupCount: number): void {
     const node = this.byId.get(nodeId);
     if (!node) return;
-    node.lookupCount = Math.max(0, node.lookupCount - lookupCount);
+    if (node.lookupCount < restoredLookupCount)
+      node.lookupCount = Math.max(0, node.lookupCount - lookupCount);
     this.dropIfUnused(node);
   }
 
@@ -86,6 +92,47 @@ export class InodeTable {
     this.dropIfUnused(node);
   }
 
+  /** The id the next new node gets: it changes exactly when a node is created. */
+  get nextNodeId(): number {
+    return this.nextId;
+  }
+
+  /** The live nodes and the next id, for a successor process. */
+  exportState(): { nextNodeId: number; nodes: { nodeId: number; name: string }[] } {
+    return {
+      nextNodeId: this.nextId,
+      nodes: [...this.byName.values()].map((node) => ({ nodeId: node.nodeId, name: node.name })),
+    };
+  }
+
+  /**
+   * Takes over the numbering of a predecessor: nodes whose export is still there keep their id; the others
+   * are left out, so the kernel's requests on them fail as on a vanished export. Only before any request.
+   */
+  restore(state: {
+    readonly nextNodeId: number;
+    readonly nodes: readonly { nodeId: number; name: string }[];
+  }): void {
+    assert(this.byId.size === 0 && this.nextId === firstFileNodeId, "restore into a used InodeTable");
+    let nextNodeId = Math.max(firstFileNodeId, state.nextNodeId);
+    for (const saved of state.nodes) {
+      const entry = this.source.findExport(saved.name);
+      if (!entry || saved.nodeId < firstFileNodeId || this.byName.has(saved.name)) continue;
+      const node: FileNode = {
+        nodeId: saved.nodeId,
+        name: saved.name,
+        entry,
+        alive: true,
+        lookupCount: restoredLookupCount,
+        openCount: 0,
+      };
+      this.byName.set(node.name, node);
+      this.byId.set(node.nodeId, node);
+      nextNodeId = Math.max(nextNodeId, saved.nodeId + 1);
+    }
+    this.nextId = nextNodeId;
+  }
+
   /** Nodes held in memory (tests: dead nodes must not leak). */
   get size(): number {
     return this.byId.size;
@@ -94,15 +141,15 @@ export class InodeTable {
   private create(entry: Export): FileNode {
     assert(!this.byName.has(entry.name), `export ${entry.name} already has a live node`);
     const node: FileNode = {
-      nodeId: this.nextNodeId,
+      nodeId: this.nextId,
       name: entry.name,
       entry,
       alive: true,
       lookupCount: 0,
       openCount: 0,
     };
-    this.nextNodeId += 1;
-    assert(Number.isSafeInteger(this.nextNodeId), "node ids exhausted");
+    this.nextId += 1;
+    assert(Number.isSafeInteger(this.nextId), "node ids exhausted");
     this.byName.set(entry.name, node);
     this.byId.set(node.nodeId, node);
     return node;
@@ -110,6 +157,8 @@ export class InodeTable {
 
   private retire(node: FileNode): void {
     node.alive = false;
+    // Unknown FORGETs of a restored node: a request naming it after this fails like one on an unknown node.
+    if (node.lookupCount === restoredLookupCount) node.lookupCount = 0;
     if (this.byName.get(node.name) === node) this.byName.delete(node.name);
     this.dropIfUnused(node);
   }

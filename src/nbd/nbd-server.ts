@@ -96,6 +96,16 @@ export class NbdServer {
     return { host: address.address, port: address.port };
   }
 
+  /**
+   * Serves one connection accepted by another process (the supervisor passes it paused, unread), under
+   * the same limits as our own listeners' connections.
+   */
+  serveSocket(socket: net.Socket): void {
+    socket.setNoDelay(true);
+    this.accept(socket);
+    socket.resume();
+  }
+
   get connectionCount(): number {
     return this.connections.size;
   }

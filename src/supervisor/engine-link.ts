@@ -1,0 +1,95 @@
+/**
+ * The engine's side of the supervisor link (supervisor.ts): the hello that says how to start (resume the
+ * FUSE session or mount it, which TCP address the supervisor listens on), the accepted sockets the
+ * supervisor passes over (each handed to the face it belongs to), and the messages back: ready, and the
+ * start of a planned hand-over. When the channel closes (the supervisor died), the engine stops as at
+ * SIGTERM: nothing would pass it new connections, and its FUSE mount would outlive a supervisor restart.
+ */
+import type * as net from "node:net";
+import { BlockError } from "../block/errors.js";
+import {
+  type EngineMessage,
+  type EngineRestartRecord,
+  engineEnvironmentKey,
+  type ListenerKind,
+  type SupervisorMessage,
+} from "./supervisor-protocol.js";
+
+export interface EngineHello {
+  readonly resumeFuse: boolean;
+  readonly fuseFd: number | null;
+  readonly nbdTcp: { readonly host: string; readonly port: number } | null;
+  readonly supervisorPid: number;
+  readonly engineNumber: number;
+  readonly restarts: readonly EngineRestartRecord[];
+}
+
+const helloTimeoutMs = 10_000;
+
+export class EngineLink {
+  readonly hello: EngineHello;
+  private readonly handlers = new Map<ListenerKind, (socket: net.Socket) => void>();
+
+  private constructor(hello: EngineHello) {
+    this.hello = hello;
+    process.on("message", (message: SupervisorMessage, handle: unknown) => {
+      if (message?.kind !== "connection") return;
+      const socket = handle as net.Socket | undefined;
+      if (!socket) return;
+      const handler = this.handlers.get(message.listener);
+      if (handler) handler(socket);
+      else socket.destroy();
+    });
+    process.once("disconnect", () => {
+      process.kill(process.pid, "SIGTERM");
+    });
+  }
+
+  /** The link when this process is a supervised engine (started by supervisor.ts), else null. */
+  static async fromEnvironment(): Promise<EngineLink | null> {
+    if (process.env[engineEnvironmentKey] === undefined || typeof process.send !== "function") return null;
+    const hello = await new Promise<EngineHello>((resolve, reject) => {
+      const timer = setTimeout(
+        () => reject(new BlockError("ETIMEDOUT", "no hello from the supervisor")),
+        helloTimeoutMs,
+      );
+      const onMessage = (message: SupervisorMessage) => {
+        if (message?.kind !== "hello") return;
+        clearTimeout(timer);
+        process.off("message", onMessage);
+        resolve(message);
+      };
+      process.on("message", onMessage);
+    });
+    return new EngineLink(hello);
+  }
+
+  /** Connections accepted on the supervisor's `kind` listeners go to `handler` from now on. */
+  onConnection(kind: ListenerKind, handler: (socket: net.Socket) => void): void {
+    this.handlers.set(kind, handler);
+  }
+
+  ready(): void {
+    this.send({ kind: "ready" });
+  }
+
+  beginHandover(): void {
+    this.send({ kind: "handover" });
+  }
+
+  /** Resuming the FUSE session failed: the supervisor gives the next engine a fresh connection. */
+  resumeFailed(reason: string): void {
+    this.send({ kind: "resume-failed", reason });
+  }
+
+  /** Everything is saved: tells the supervisor, then ends this process (see "handed-over"). */
+  endHandedOver(): void {
+    process.send?.({ kind: "handed-over" } satisfies EngineMessage, () => {
+      process.kill(process.pid, "SIGKILL");
+    });
+  }
+
+  private send(message: EngineMessage): void {
+    process.send?.(message);
+  }
+}

@@ -1,0 +1,269 @@
+/**
+ * `serve --supervise` (issue 15): an ext4 mounted on a loop device over a device's FUSE file, written by
+ * fio with crc32c verification, while the engine is killed with SIGKILL at random moments or restarted
+ * with `blocksnap restart`. fio must finish without an error and verify every block, the kernel log must
+ * show no I/O error for that loop device and no ext4 error, and e2fsck -fn must be clean after unmount.
+ * Also: the supervisor gives up on an engine that keeps dying before it is ready, a planned restart keeps
+ * the CBT generation, and a killed supervisor leaves no hang and no mount.
+ * Root only (FUSE, losetup, mount); skipped with the reason otherwise. Seeded: the seed is printed.
+ */
+import assert from "node:assert/strict";
+import { mkdir, mkdtemp, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, type TestContext, test } from "node:test";
+import type { CbtInfo } from "../../src/cbt/cbt-map.js";
+import type { StatusView } from "../../src/daemon/api-types.js";
+import { DaemonProcess } from "../cli/cli-harness.js";
+import { isRoot, missingTools, run, runOk } from "../helpers/commands.js";
+import { Prng } from "../helpers/prng.js";
+
+const MiB = 1024 * 1024;
+let directory = "";
+const daemons: DaemonProcess[] = [];
+const cleanups: (() => Promise<unknown>)[] = [];
+
+before(async () => {
+  directory = await mkdtemp(join(tmpdir(), "blocksnap-supervised-"));
+});
+
+after(async () => {
+  for (const cleanup of cleanups.reverse()) await cleanup().catch(() => {});
+  for (const daemon of daemons) await daemon.stop("SIGKILL");
+  const mounts = await readFile("/proc/self/mounts", "utf8");
+  for (const line of mounts.split("\n").reverse()) {
+    const mountPoint = line.split(" ")[1];
+    if (mountPoint?.startsWith(`${directory}/`)) await run("umount", ["-l", mountPoint]);
+  }
+  await rm(directory, { recursive: true, force: true });
+});
+
+function skipReason(): string | undefined {
+  if (!isRoot) return "needs root (FUSE, losetup, mount)";
+  return missingTools("losetup", "mkfs.ext4", "mount", "umount", "e2fsck", "fio", "dmesg");
+}
+
+function skipIfUnable(t: TestContext): boolean {
+  const reason = skipReason();
+  if (reason !== undefined) t.skip(reason);
+  return reason !== undefined;
+}
+
+async function startSupervised(name: string): Promise<DaemonProcess> {
+  const daemon = await DaemonProcess.start(join(directory, name), {
+    args: ["--supervise", "--nbd-listen", "none", "--fuse-mount", join(directory, name, "mnt")],
+  });
+  daemons.push(daemon);
+  return daemon;
+}
+
+async function enginePid(daemon: DaemonProcess): Promise<number> {
+  return (await daemon.cliJson<StatusView>(["status"])).pid;
+}
+
+/** The pids of the supervisor's children (the engine, when one runs). */
+async function childrenOf(pid: number): Promise<number[]> {
+  const text = await readFile(`/proc/${pid}/task/${pid}/children`, "utf8").catch(() => "");
+  return text
+    .split(" ")
+    .filter((word) => word.trim() !== "")
+    .map(Number);
+}
+
+/** A device with an ext4 on a loop device over its FUSE file, mounted; returns the loop and mount point. */
+async function mountedExt4(
+  daemon: DaemonProcess,
+  name: string,
+): Promise<{ loop: string; mountPoint: string }> {
+  const backend = join(directory, `${name}.img`);
+  await runOk("truncate", ["-s", `${256 * MiB}`, backend]);
+  await daemon.cliOk(["device", "add", "disk0", "--backend", backend]);
+  const loop = (
+    await runOk("losetup", ["-f", "--show", "--direct-io=on", join(daemon.stateDir, "mnt", "disk0")])
+  ).trim();
+  cleanups.push(() => run("losetup", ["-d", loop]));
+  await runOk("mkfs.ext4", ["-q", "-F", loop], 60_000);
+  const mountPoint = join(directory, `${name}-fs`);
+  await mkdir(mountPoint, { recursive: true });
+  await runOk("mount", [loop, mountPoint]);
+  cleanups.push(() => run("umount", ["-l", mountPoint]));
+  return { loop, mountPoint };
+}
+
+/** fio random writes with crc32c verification of every block, in the background. */
+function startFio(mountPoint: string, seconds: number): Promise<{ code: number | null; stdout: string }> {
+  return run(
+    "fio",
+    [
+      "--name=verify",
+      `--filename=${join(mountPoint, "fio.dat")}`,
+      "--size=48M",
+      "--rw=randwrite",
+      "--bs=4k",
+      "--ioengine=libaio",
+      "--iodepth=16",
+      "--direct=1",
+      "--verify=crc32c",
+      "--do_verify=1",
+      "--verify_fatal=1",
+      "--verify_state_save=0",
+      "--time_based",
+      `--runtime=${seconds}`,
+    ],
+    { timeoutMs: (seconds + 120) * 1000 },
+  ).then((result) => ({ code: result.code, stdout: result.stdout + result.stderr }));
+}
+
+async function kernelLogLines(): Promise<string[]> {
+  return (await runOk("dmesg", [])).split("\n");
+}
+
+/** The kernel's complaints about `loop` since `before`: I/O errors and ext4 errors. */
+function kernelErrors(before: readonly string[], now: readonly string[], loop: string): string[] {
+  const device = loop.replace("/dev/", "");
+  const seen = new Set(before);
+  return now.filter(
+    (line) =>
+      !seen.has(line) &&
+      (line.includes(`I/O error, dev ${device},`) ||
+        line.includes(`Buffer I/O error on dev ${device}`) ||
+        line.includes(`EXT4-fs error (device ${device})`) ||
+        line.includes(`Aborting journal on device ${device}`)),
+  );
+}
+
+async function unmountAndCheck(loop: string, mountPoint: string): Promise<void> {
+  await runOk("umount", [mountPoint]);
+  const fsck = await run("e2fsck", ["-fn", loop], { timeoutMs: 120_000 });
+  assert.equal(fsck.code, 0, `e2fsck -fn after the restarts:\n${fsck.stdout}${fsck.stderr}`);
+}
+
+void test("kill -9 of the engine 10 times under fio on ext4 over FUSE: fio verifies, no I/O error, fsck clean", async (t) => {
+  if (skipIfUnable(t)) return;
+  const daemon = await startSupervised("kill");
+  const { loop, mountPoint } = await mountedExt4(daemon, "kill");
+  const random = Prng.fromEnvironment();
+  t.diagnostic(`seed ${random.seed} (replay with BLOCKSNAP_SEED=${random.seed})`);
+  const kernelBefore = await kernelLogLines();
+  const fio = startFio(mountPoint, 20);
+  const killed: number[] = [];
+  for (let round = 0; round < 10; round++) {
+    await new Promise((resolve) => setTimeout(resolve, random.int(300, 1500)));
+    const [engine] = await childrenOf(daemon.pid);
+    if (engine === undefined) continue;
+    process.kill(engine, "SIGKILL");
+    killed.push(engine);
+  }
+  const result = await fio;
+  assert.equal(result.code, 0, `fio failed after ${killed.length} engine kills:\n${result.stdout}`);
+  assert.match(result.stdout, /err= 0/);
+  assert.ok(killed.length >= 5, `only ${killed.length} engines were running to be killed`);
+  const status = await daemon.cliJson<StatusView>(["status"]);
+  assert.ok(status.supervisor !== undefined, "status shows the supervisor");
+  assert.equal(status.supervisor.pid, daemon.pid);
+  assert.ok(!killed.includes(status.pid), "a new engine serves");
+  assert.ok(status.supervisor.restarts.length >= killed.length - 1, "status counts the restarts");
+  assert.match(status.supervisor.restarts.at(-1)?.cause ?? "", /SIGKILL/);
+  assert.deepEqual(kernelErrors(kernelBefore, await kernelLogLines(), loop), []);
+  await unmountAndCheck(loop, mountPoint);
+  assert.deepEqual((await daemon.stop("SIGTERM")).code, 0);
+});
+
+void test("blocksnap restart 5 times under fio: no failed request, the CBT generation is kept, status shows the engine", async (t) => {
+  if (skipIfUnable(t)) return;
+  const daemon = await startSupervised("planned");
+  const { loop, mountPoint } = await mountedExt4(daemon, "planned");
+  const generation = (await daemon.cliJson<CbtInfo>(["cbt", "info", "disk0"])).generationId;
+  const kernelBefore = await kernelLogLines();
+  const fio = startFio(mountPoint, 10);
+  let pid = await enginePid(daemon);
+  for (let round = 0; round < 5; round++) {
+    await new Promise((resolve) => setTimeout(resolve, 800));
+    const restarted = await daemon.cliJson<{ previousPid: number; pid: number }>(["restart"]);
+    assert.equal(restarted.previousPid, pid);
+    assert.notEqual(restarted.pid, pid);
+    pid = restarted.pid;
+  }
+  const result = await fio;
+  assert.equal(result.code, 0, `fio failed across planned restarts:\n${result.stdout}`);
+  assert.deepEqual(kernelErrors(kernelBefore, await kernelLogLines(), loop), []);
+  const status = await daemon.cliJson<StatusView>(["status"]);
+  assert.equal(status.supervisor?.engineNumber, 6);
+  assert.deepEqual(status.supervisor?.restarts, [], "planned restarts are not deaths");
+  const cbt = await daemon.cliJson<CbtInfo>(["cbt", "info", "disk0"]);
+  assert.equal(cbt.generationId, generation, "a planned restart keeps the CBT generation");
+  await unmountAndCheck(loop, mountPoint);
+  assert.deepEqual((await daemon.stop("SIGTERM")).code, 0);
+  await assert.rejects(readFile(join(daemon.stateDir, "blocksnap.sock")), /ENOENT/);
+});
+
+void test("restart is refused without a supervisor, and while snapshots exist unless --force", async (t) => {
+  if (skipIfUnable(t)) return;
+  const plain = await DaemonProcess.start(join(directory, "plain"));
+  daemons.push(plain);
+  const refused = await plain.cli(["restart"]);
+  assert.equal(refused.code, 1);
+  assert.match(refused.stderr, /serve --supervise/);
+  await plain.stop();
+
+  const daemon = await startSupervised("busy");
+  await daemon.cliOk(["device", "add", "m0", "--backend", "memory:", "--size", `${4 * MiB}`]);
+  await daemon.cliOk(["snapshot", "create", "--device", "m0", "--storage", "memory:", "--limit", `${4 * MiB}`]);
+  const busy = await daemon.cli(["restart"]);
+  assert.equal(busy.code, 1);
+  assert.match(busy.stderr, /EBUSY|snapshot/);
+  const forced = await daemon.cliJson<{ pid: number }>(["restart", "--force"]);
+  assert.notEqual(forced.pid, 0);
+  assert.equal((await daemon.cliJson<StatusView>(["status"])).snapshots.length, 0);
+  await daemon.stop();
+});
+
+void test("an engine that keeps dying before it is ready: the supervisor gives up, says why, and cleans up", async (t) => {
+  if (skipIfUnable(t)) return;
+  const daemon = await startSupervised("crashloop");
+  // From now on every engine is killed as soon as it appears, before it can become ready.
+  let stopKilling = false;
+  const killer = (async () => {
+    while (!stopKilling) {
+      for (const pid of await childrenOf(daemon.pid)) {
+        try {
+          process.kill(pid, "SIGKILL");
+        } catch {
+          // Already gone.
+        }
+      }
+      await new Promise((resolve) => setTimeout(resolve, 2));
+    }
+  })();
+  const exited = await Promise.race([
+    daemon.exited,
+    new Promise<null>((resolve) => setTimeout(() => resolve(null), 60_000)),
+  ]);
+  stopKilling = true;
+  await killer;
+  assert.ok(exited !== null, "the supervisor gave up within a minute");
+  assert.equal(exited.code, 1);
+  assert.match(daemon.stderr, /giving up: \d+ engines in a row died before they were ready/);
+  await assert.rejects(readFile(join(daemon.stateDir, "blocksnap.sock")), /ENOENT/);
+  const mounts = await readFile("/proc/self/mounts", "utf8");
+  assert.ok(!mounts.includes(join(daemon.stateDir, "mnt")), "the FUSE mount is gone");
+});
+
+void test("a killed supervisor: the engine stops by itself and leaves no mount", async (t) => {
+  if (skipIfUnable(t)) return;
+  const daemon = await startSupervised("orphan");
+  const engine = await enginePid(daemon);
+  await daemon.stop("SIGKILL");
+  let alive = true;
+  for (let attempt = 0; attempt < 200 && alive; attempt++) {
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    try {
+      process.kill(engine, 0);
+    } catch {
+      alive = false;
+    }
+  }
+  assert.equal(alive, false, "the orphaned engine stopped");
+  const mounts = await readFile("/proc/self/mounts", "utf8");
+  assert.ok(!mounts.includes(join(daemon.stateDir, "mnt")), "the FUSE mount is gone");
+});
