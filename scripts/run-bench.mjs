@@ -9,6 +9,7 @@ const suites = {
   core: "dist/bench/core/run-all.js",
   nbd: "dist/bench/nbd/nbd-bench.js",
   fuse: "dist/bench/fuse/fuse-bench.js",
+  supervisor: "dist/bench/supervisor/restart-pause.js",
 };
 const wanted = process.argv.slice(2);
 for (const name of wanted) {

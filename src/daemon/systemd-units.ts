@@ -29,7 +29,7 @@ export const socketUnitName = "blocksnap.socket";
 export const activationSocketPath = "/run/blocksnap/nbd-activated.sock";
 
 export function renderServiceUnit(options: UnitOptions): string {
-  const execStart = [options.nodePath, options.cliPath, "serve", ...options.serveArgs]
+  const execStart = [options.nodePath, options.cliPath, "serve", "--supervise", ...options.serveArgs]
     .map(quoteUnitWord)
     .join(" ");
   return `[Unit]

@@ -106,7 +106,7 @@ const fixedTargets = [
   "/v1/snapshots/x/event?timeoutMs=1e400",
   "/v1/devices/x/cbt/map?format=evil",
   "/\x00",
-  "/v1/" + "a/".repeat(2000),
+  `/v1/${"a/".repeat(2000)}`,
 ];
 const routeTemplates = [
   "/v1/status",

@@ -34,7 +34,7 @@ void test("install-units writes blocksnap.service and blocksnap.socket that syst
   assert.deepEqual(written, [join(unitDir, "blocksnap.service"), join(unitDir, "blocksnap.socket")]);
   const service = await readFile(written[0]!, "utf8");
   assert.match(service, /^Type=notify$/m);
-  assert.match(service, /^ExecStart=\S+node\S* \S+\/cli\/main\.js serve --stop-wait 120$/m);
+  assert.match(service, /^ExecStart=\S+node\S* \S+\/cli\/main\.js serve --supervise --stop-wait 120$/m);
   assert.match(service, /^TimeoutStopSec=180$/m, "systemd's SIGKILL comes after the daemon's own wait");
   const verified = await run("systemd-analyze", ["verify", ...written], { timeoutMs: 60_000 });
   assert.equal(verified.code, 0, verified.stderr);

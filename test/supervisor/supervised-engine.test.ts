@@ -208,7 +208,16 @@ void test("restart is refused without a supervisor, and while snapshots exist un
 
   const daemon = await startSupervised("busy");
   await daemon.cliOk(["device", "add", "m0", "--backend", "memory:", "--size", `${4 * MiB}`]);
-  await daemon.cliOk(["snapshot", "create", "--device", "m0", "--storage", "memory:", "--limit", `${4 * MiB}`]);
+  await daemon.cliOk([
+    "snapshot",
+    "create",
+    "--device",
+    "m0",
+    "--storage",
+    "memory:",
+    "--limit",
+    `${4 * MiB}`,
+  ]);
   const busy = await daemon.cli(["restart"]);
   assert.equal(busy.code, 1);
   assert.match(busy.stderr, /EBUSY|snapshot/);
