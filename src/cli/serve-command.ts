@@ -119,7 +119,7 @@ export function addServeCommand(program: Command): void {
       const logger = pino({ level: options.logLevel }, pino.destination({ dest: 2, sync: true }));
       const { serveUntilSignal } = await import("../daemon/serve.js");
       const { resolveSocketGroup } = await import("../daemon/socket-access.js");
-      const { EngineLink } = await import("../supervisor/engine-link.js");
+      const { EngineLink } = await import("../daemon/engine-link.js");
       let exitCode: number;
       try {
         const socketGroup =

@@ -36,8 +36,6 @@ import { BlockError, toBlockError } from "../block/errors.js";
 import type { SocketAccess } from "../daemon/socket-access.js";
 import { applyStateDirAccess, listenRestricted, plaintextTcpWarning } from "../daemon/socket-access.js";
 import { removeStaleSocket } from "../daemon/stale-socket.js";
-import { abortConnection, blocksnapMountsAt, canonicalMountDir, unmountFuse } from "../fuse/fuse-mount.js";
-import type { Logger } from "../util/logger.js";
 import {
   type EngineMessage,
   type EngineRestartRecord,
@@ -45,7 +43,9 @@ import {
   engineFuseFd,
   type ListenerKind,
   type SupervisorMessage,
-} from "./supervisor-protocol.js";
+} from "../daemon/supervisor-protocol.js";
+import { abortConnection, blocksnapMountsAt, canonicalMountDir, unmountFuse } from "../fuse/fuse-mount.js";
+import type { Logger } from "../util/logger.js";
 
 export interface SupervisorOptions {
   readonly stateDir: string;
