@@ -3,6 +3,7 @@
  * the faces map it to their protocol in exactly one function each (nbd/errno-map.ts, fuse/errno-map.ts).
  */
 import { constants } from "node:os";
+import { rethrowBrokenInvariant } from "../util/broken-invariant.js";
 
 export const errnoNames = [
   "EPERM",
@@ -67,10 +68,12 @@ export function errnoNumber(errno: Errno): number {
 
 /**
  * Converts a Node.js system error (err.code = "ENOSPC" ...) into a BlockError. Anything without a known
- * errno becomes EIO: a failure we cannot name is an I/O error to the client.
+ * errno becomes EIO: a failure we cannot name is an I/O error to the client. A broken invariant
+ * (AssertionError) is not an operating error: it is rethrown, never turned into an errno.
  */
 export function toBlockError(error: unknown, context: string): BlockError {
   if (error instanceof BlockError) return error;
+  rethrowBrokenInvariant(error);
   const code = (error as { code?: unknown } | null)?.code;
   const errno: Errno = typeof code === "string" && isErrno(code) ? code : "EIO";
   const detail = error instanceof Error ? error.message : String(error);

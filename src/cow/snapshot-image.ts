@@ -63,8 +63,10 @@ export class SnapshotImage implements BlockDevice {
   private markCbt(offsetBytes: number, lengthBytes: number): void {
     try {
       this.cbt.setBoth(offsetBytes, lengthBytes);
-    } catch {
-      // A corrupted map is reset at the next take; the image write itself must not fail for it.
+    } catch (error) {
+      // A corrupted map (BlockError) is reset at the next take; the image write must not fail for it.
+      // Anything else, a broken invariant above all, is not ours to swallow.
+      if (!(error instanceof BlockError)) throw error;
     }
   }
 }

@@ -12,6 +12,7 @@
  * member, and `release()` lets the held writes go — they see the new snapshot. Reads are never held.
  */
 import type { BlockDevice, Capabilities, Extent, WriteFlags, ZeroFlags } from "../block/device.js";
+import { BlockError } from "../block/errors.js";
 import type { CbtMap } from "../cbt/cbt-map.js";
 import { assert } from "../util/assert.js";
 import type { DiffArea } from "./diff-area.js";
@@ -136,7 +137,10 @@ export class Tracker implements BlockDevice {
   private beforeModify(offsetBytes: number, lengthBytes: number): Promise<void> | undefined {
     try {
       this.cbt.set(offsetBytes, lengthBytes);
-    } catch {
+    } catch (error) {
+      // An out-of-range mark flags the map corrupted (reset at the next take) and must not stop the write;
+      // anything else, a broken invariant above all, is not ours to swallow.
+      if (!(error instanceof BlockError)) throw error;
       this.cbtErrorCount++;
     }
     const diffArea = this.diffArea;

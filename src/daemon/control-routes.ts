@@ -11,6 +11,7 @@
 import type { z } from "zod";
 import { BlockError } from "../block/errors.js";
 import type { SnapshotEvent, SnapshotInfo } from "../engine/engine-types.js";
+import { assert } from "../util/assert.js";
 import {
   cbtInfoView,
   deviceView as deviceWireView,
@@ -104,6 +105,7 @@ function route(method: Route["method"], path: string, handler: Handler): Route {
 }
 
 function ok(json: unknown, status = 200): RouteResult {
+  assert(status >= 200 && status < 300, `ok() answers success, not ${status}`);
   return { status, json };
 }
 
@@ -307,6 +309,12 @@ export const routes: readonly Route[] = [
     return ok(view);
   }),
 ];
+
+// One handler per method and path: a duplicate would silently shadow the later one.
+assert(
+  new Set(routes.map((entry) => `${entry.method} /${entry.pattern.join("/")}`)).size === routes.length,
+  "every route is declared once",
+);
 
 export type RouteMatch =
   | { readonly kind: "found"; readonly route: Route; readonly params: Record<string, string> }

@@ -11,14 +11,14 @@
  * at most controlConnectionsMax connections (Node drops the ones beyond). close() waits a bounded time for
  * in-flight requests before cutting connections. Logging: one debug line per request, errors at warn/error.
  *
- * Broken invariants (AssertionError) thrown by the engine are answered with 500 and then rethrown, so
- * the daemon crashes instead of serving a wrong snapshot (TigerBeetle's rule, ARCHITECTURE.md §2).
+ * Broken invariants (AssertionError) thrown by the engine are answered with 500 EIO and then end the
+ * daemon (util/broken-invariant.ts), instead of serving a wrong snapshot.
  */
-import { AssertionError } from "node:assert";
 import { rm } from "node:fs/promises";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { Socket } from "node:net";
 import { BlockError, toBlockError } from "../block/errors.js";
+import { crashOnBrokenInvariant, isBrokenInvariant } from "../util/broken-invariant.js";
 import type { Logger } from "../util/logger.js";
 import type { ApiErrorBody } from "./api-types.js";
 import { type ControlContext, matchRoute, type RouteResult } from "./control-routes.js";
@@ -214,12 +214,14 @@ export class ControlServer {
   }
 
   private sendError(request: IncomingMessage, response: ServerResponse, error: unknown): void {
-    if (error instanceof AssertionError) {
-      this.logger.error({ err: error.message, stack: error.stack }, "broken invariant in a control request");
+    if (isBrokenInvariant(error)) {
+      crashOnBrokenInvariant(
+        error,
+        this.logger,
+        { method: request.method, url: request.url },
+        "a control request",
+      );
       sendJson(response, 500, errorBody("EIO", `internal error: ${error.message}`));
-      setImmediate(() => {
-        throw error;
-      });
       return;
     }
     const blockError =

@@ -39,6 +39,7 @@ import { Tracker } from "../cow/tracker.js";
 import type { StorageInfo } from "../storage/diff-storage.js";
 import { DiffStorage, growthPortionBytesDefault } from "../storage/diff-storage.js";
 import { memoryStoragePath, type StorageArea } from "../storage/storage-area.js";
+import { assert } from "../util/assert.js";
 import { type Logger, silentLogger } from "../util/logger.js";
 import { type Admission, BackendClaims, type PathPolicy } from "./backend-claims.js";
 import type {
@@ -182,6 +183,10 @@ export class Engine implements ExportSource {
         readOnly: !backend.capabilities.canWrite,
       },
     };
+    assert(
+      !this.devices.has(options.name) && !this.removing.has(options.name),
+      "the name was checked free after the last await",
+    );
     this.devices.set(options.name, entry);
     this.logger.info({ device: options.name, backendPath: options.backendPath }, "device added");
     this.notify();
@@ -423,6 +428,7 @@ export class Engine implements ExportSource {
       const member = snapshot.member(name);
       if (!member?.image) continue;
       const exportName = imageExportName(name, id);
+      assert(!this.imageExports.has(exportName), "a snapshot publishes its images once");
       const changedBlocks = imageChangedBlocks(snapshot, member.tracker.cbt);
       this.imageExports.set(exportName, {
         name: exportName,

@@ -17,6 +17,7 @@ import * as fs from "node:fs";
 import { MessageChannel, type MessagePort, Worker } from "node:worker_threads";
 import { BlockError, toBlockError } from "../block/errors.js";
 import { assert } from "../util/assert.js";
+import { crashOnBrokenInvariant } from "../util/broken-invariant.js";
 import type { Logger } from "../util/logger.js";
 import * as abi from "./fuse-abi.js";
 import {
@@ -240,10 +241,9 @@ export class FuseChannel {
           () => this.release(message.slot),
           (error: unknown) => {
             this.release(message.slot);
-            // Only broken invariants get here (FuseSession answers operating errors): crash.
-            process.nextTick(() => {
-              throw error;
-            });
+            // Only broken invariants get here (FuseSession answers operating errors): the process ends.
+            const thrown = error instanceof Error ? error : new Error(String(error));
+            crashOnBrokenInvariant(thrown, this.options.logger, { slot: message.slot }, "the FUSE channel");
           },
         );
         return;

@@ -33,6 +33,7 @@ import type { BlockDevice } from "../block/device.js";
 import { BlockError } from "../block/errors.js";
 import type { ExportSource } from "../block/export-source.js";
 import { assert } from "../util/assert.js";
+import { crashOnBrokenInvariant, isBrokenInvariant } from "../util/broken-invariant.js";
 import type { Logger } from "../util/logger.js";
 import { FUSE_ERROR_NOT_IMPLEMENTED, fuseErrorOf } from "./errno-map.js";
 import * as abi from "./fuse-abi.js";
@@ -200,7 +201,11 @@ export class FuseSession {
     this.resolveInitialized();
   }
 
-  /** Serves one request read from /dev/fuse into `slot[0, lengthBytes)`. Never rejects but for assertions. */
+  /**
+   * Serves one request read from /dev/fuse into `slot[0, lengthBytes)`. A broken invariant below is
+   * answered EIO and ends the daemon (util/broken-invariant.ts); a malformed slot rejects (the channel
+   * then crashes).
+   */
   async handle(slot: Uint8Array, lengthBytes: number): Promise<void> {
     assert(lengthBytes >= abi.FUSE_IN_HEADER_BYTES, `short FUSE request: ${lengthBytes} bytes`);
     assert(slot.byteLength >= FuseSession.slotBytesFor(pageBytes), "reader slot too small");
@@ -217,6 +222,11 @@ export class FuseSession {
     try {
       await this.dispatch(request);
     } catch (error) {
+      if (isBrokenInvariant(error)) {
+        crashOnBrokenInvariant(error, this.options.logger, { opcode: request.opcode }, "a FUSE request");
+        this.replyError(request, -constants.errno.EIO);
+        return;
+      }
       const fuseError = fuseErrorOf(error);
       this.options.logger.debug(
         { opcode: request.opcode, error: fuseError, detail: String(error) },

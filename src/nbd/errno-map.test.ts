@@ -1,3 +1,4 @@
+import { AssertionError } from "node:assert";
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { BlockError, errnoNames } from "../block/errors.js";
@@ -29,13 +30,17 @@ test("ENOTSUP is NBD_ENOTSUP only for FAST_ZERO; EOVERFLOW is NBD_EOVERFLOW only
   assert.equal(nbdErrorOfErrno("EOVERFLOW", NBD_CMD_FLAG_DF), 75);
 });
 
-test("errnoOfThrown keeps a BlockError's errno and calls anything else a bug answered EIO", () => {
-  assert.deepEqual(errnoOfThrown(new BlockError("ENOSPC", "full")), { errno: "ENOSPC", isBug: false });
-  assert.deepEqual(errnoOfThrown(new TypeError("x")), { errno: "EIO", isBug: true });
+test("errnoOfThrown keeps a BlockError's errno, names broken invariants, and calls anything else a bug", () => {
+  assert.deepEqual(errnoOfThrown(new BlockError("ENOSPC", "full")), { errno: "ENOSPC", kind: "block-error" });
+  assert.deepEqual(errnoOfThrown(new AssertionError({ message: "broken" })), {
+    errno: "EIO",
+    kind: "broken-invariant",
+  });
+  assert.deepEqual(errnoOfThrown(new TypeError("x")), { errno: "EIO", kind: "bug" });
   assert.deepEqual(errnoOfThrown(Object.assign(new Error("fs"), { code: "ENOSPC" })), {
     errno: "EIO",
-    isBug: true,
+    kind: "bug",
   });
-  assert.deepEqual(errnoOfThrown("string"), { errno: "EIO", isBug: true });
-  assert.deepEqual(errnoOfThrown(undefined), { errno: "EIO", isBug: true });
+  assert.deepEqual(errnoOfThrown("string"), { errno: "EIO", kind: "bug" });
+  assert.deepEqual(errnoOfThrown(undefined), { errno: "EIO", kind: "bug" });
 });

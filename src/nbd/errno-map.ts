@@ -3,12 +3,13 @@
  * the request's command flags because two errors exist on the wire only for one flag each: ENOTSUP answers
  * a FAST_ZERO, EOVERFLOW answers a DF read. Everything unnamed is EINVAL, as in nbdkit.
  *
- * errnoOfThrown() turns whatever a device threw into an errno: a BlockError carries its own; anything else
- * is a bug below us, logged by the caller and answered EIO, so one broken request never takes the daemon
- * down.
+ * errnoOfThrown() turns whatever a device threw into an errno: a BlockError carries its own; a broken
+ * invariant (AssertionError) is answered EIO and then ends the daemon (util/broken-invariant.ts); anything
+ * else is a bug below us, logged by the caller and answered EIO.
  */
 import type { Errno } from "../block/errors.js";
 import { BlockError } from "../block/errors.js";
+import { isBrokenInvariant } from "../util/broken-invariant.js";
 import {
   NBD_CMD_FLAG_DF,
   NBD_CMD_FLAG_FAST_ZERO,
@@ -46,8 +47,12 @@ export function nbdErrorOfErrno(errno: Errno, commandFlags: number): number {
   }
 }
 
-/** The errno of a thrown value, and whether it was a bug (not a BlockError) that the caller must log. */
-export function errnoOfThrown(error: unknown): { readonly errno: Errno; readonly isBug: boolean } {
-  if (error instanceof BlockError) return { errno: error.errno, isBug: false };
-  return { errno: "EIO", isBug: true };
+/** What a thrown value is to the NBD face: an operating error, a broken invariant, or another bug. */
+export type ThrownKind = "block-error" | "broken-invariant" | "bug";
+
+/** The errno of a thrown value and its kind: the caller logs bugs and crashes on broken invariants. */
+export function errnoOfThrown(error: unknown): { readonly errno: Errno; readonly kind: ThrownKind } {
+  if (error instanceof BlockError) return { errno: error.errno, kind: "block-error" };
+  if (isBrokenInvariant(error)) return { errno: "EIO", kind: "broken-invariant" };
+  return { errno: "EIO", kind: "bug" };
 }

@@ -22,6 +22,7 @@
  * name and must exist in the source).
  */
 import type { Export, ExportSource } from "../block/export-source.js";
+import { assert } from "../util/assert.js";
 import { exportMetaContexts } from "./export-meta-contexts.js";
 import {
   blockSizeMinimumBytes,
@@ -294,6 +295,10 @@ export class Handshake {
       const body = Buffer.concat([u32(contextId), Buffer.from(name, "utf8")]);
       replies.push(optionReply(option, NBD_REP_META_CONTEXT, body));
     });
+    assert(
+      !isSet || new Set(contextIds.values()).size === contextIds.size,
+      "SET gives every selected context its own id",
+    );
     if (isSet && contextIds.size > 0) {
       this.metaContextSelection = { exportName: request.exportName, contextIds };
     }
@@ -325,6 +330,15 @@ export class Handshake {
       const id = contextIds?.get(context.name);
       if (id !== undefined) metaContexts.push({ id, context });
     }
+    assert(
+      Number.isSafeInteger(device.sizeBytes) && device.sizeBytes >= 0,
+      "an export's size is a safe integer",
+    );
+    assert(flags <= 0xffff, "transmission flags fit in 16 bits");
+    assert(
+      !isReadOnly || (flags & (NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FUA)) === 0,
+      "a read-only export advertises no write command",
+    );
     return {
       exportName: entry.name,
       device,

@@ -15,13 +15,18 @@
  * device's extents, then the export's own contexts such as qemu:dirty-bitmap:cbt), each clipped to the
  * request, at most extentsPerReplyMax descriptors (one with REQ_ONE); the last chunk carries DONE.
  *
- * Error model: a BlockError's errno goes through errno-map.ts; anything else thrown below is a bug that we
- * log and answer EIO: the connection and the daemon stay up. Nothing here throws.
+ * Error model: a BlockError's errno goes through errno-map.ts; a broken invariant (AssertionError, here or
+ * below) is answered EIO and then ends the daemon (util/broken-invariant.ts); anything else thrown below is
+ * a bug that we log and answer EIO, and the connection stays up. execute() never rejects.
  *
  * Not done: CACHE is a validated no-op (a prefetch hint that promises nothing); no NBD_REPLY_TYPE_ERROR_OFFSET.
  */
+
+import type { AssertionError } from "node:assert";
 import type { Extent, ZeroFlags } from "../block/device.js";
 import type { Errno } from "../block/errors.js";
+import { assert } from "../util/assert.js";
+import { crashOnBrokenInvariant } from "../util/broken-invariant.js";
 import type { Logger } from "../util/logger.js";
 import type { BufferPool } from "./buffer-pool.js";
 import { errnoOfThrown, nbdErrorOfErrno } from "./errno-map.js";
@@ -131,7 +136,7 @@ export class Transmission {
         case NBD_CMD_CACHE:
           break;
         default:
-          throw new Error(`execute() called with unvalidated command ${request.command}`);
+          assert(false, `execute() called with unvalidated command ${request.command}`);
       }
       this.sendSimpleReply(request, 0);
     } catch (error) {
@@ -160,8 +165,14 @@ export class Transmission {
   }
 
   private sendThrown(request: NbdRequest, error: unknown): void {
-    const { errno, isBug } = errnoOfThrown(error);
-    if (isBug) {
+    const { errno, kind } = errnoOfThrown(error);
+    if (kind === "broken-invariant") {
+      const fields = { export: this.session.exportName, command: request.command };
+      crashOnBrokenInvariant(error as AssertionError, this.logger, fields, "an NBD request");
+      this.sendError(request, errno);
+      return;
+    }
+    if (kind === "bug") {
       this.logger.error(
         { err: error, export: this.session.exportName, command: request.command },
         "NBD request failed with an unexpected error (a bug below the NBD face); answered EIO",
@@ -249,6 +260,13 @@ export class Transmission {
       const last = runs[runs.length - 1];
       if (last && !last[2]) last[1] = lengthBytes;
       else runs.push([positionBytes, lengthBytes, false]);
+    }
+    assert(
+      runs.length > 0 && runs[0]![0] === 0 && runs.at(-1)![1] === lengthBytes,
+      "the read's chunks start at its offset and end at its end",
+    );
+    for (let index = 1; index < runs.length; index += 1) {
+      assert(runs[index]![0] === runs[index - 1]![1], "the read's chunks are contiguous");
     }
     // The data chunks are views of `reply`: it goes back to the pool once the last message was written.
     const release = () => this.pool.release(reply);
@@ -363,6 +381,9 @@ function descriptorsOf(
     }
     coveredBytes += lengthBytes;
   }
+  assert(descriptors.length % 2 === 0, "descriptors come in (length, flags) pairs");
+  assert(coveredBytes <= requestLengthBytes, "a status reply never covers more than the request");
+  assert(!isReqOne || descriptors.length <= 2, "REQ_ONE answers one extent");
   return descriptors;
 }
 
@@ -391,6 +412,7 @@ function writeStructuredHeader(
   type: number,
   payloadBytes: number,
 ): void {
+  assert(target.byteLength >= at + NBD_STRUCTURED_REPLY_HEADER_BYTES, "room for the reply header");
   target.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, at);
   target.writeUInt16BE(flags, at + 4);
   target.writeUInt16BE(type, at + 6);
