@@ -5,8 +5,8 @@
 // (engine start and state recovery included). Rounds without an event give the baseline. Root only.
 // Usage (from the repository root, after tsc):
 //   node dist/bench/supervisor/restart-pause.js [--rounds 5] [--runtime-s 3] [--out bench/results/supervisor.md]
-import { type ChildProcess, execFile, spawn } from "node:child_process";
-import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { execFile, spawn } from "node:child_process";
+import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -47,21 +47,18 @@ async function waitForSocket(stateDir: string): Promise<void> {
   throw new Error("the daemon did not start");
 }
 
-async function enginePid(supervisorPid: number): Promise<number> {
-  const children = (await readFile(`/proc/${supervisorPid}/task/${supervisorPid}/children`, "utf8")).trim();
-  const pid = Number(children.split(" ")[0]);
-  if (!Number.isSafeInteger(pid) || pid <= 0) throw new Error("no engine is running");
-  return pid;
+/** The engine's pid as status reports it (the supervisor also keeps a loaded standby child). */
+async function enginePid(stateDir: string): Promise<number> {
+  const status = JSON.parse(
+    await run(process.execPath, [cliPath, "status", "--json", "--state-dir", stateDir]),
+  ) as {
+    pid: number;
+  };
+  return status.pid;
 }
 
 /** The slowest write completion of one fio run, in ms, with `event` fired halfway through. */
-async function oneRound(
-  loop: string,
-  iodepth: number,
-  event: Event,
-  supervisor: ChildProcess,
-  stateDir: string,
-): Promise<number> {
+async function oneRound(loop: string, iodepth: number, event: Event, stateDir: string): Promise<number> {
   const fio = run("fio", [
     "--name=pause",
     `--filename=${loop}`,
@@ -76,7 +73,7 @@ async function oneRound(
     "--output-format=json",
   ]);
   await new Promise((wake) => setTimeout(wake, (runtimeSeconds * 1000) / 2));
-  if (event === "kill -9") process.kill(await enginePid(supervisor.pid ?? 0), "SIGKILL");
+  if (event === "kill -9") process.kill(await enginePid(stateDir), "SIGKILL");
   if (event === "blocksnap restart")
     await run(process.execPath, [cliPath, "restart", "--state-dir", stateDir]);
   const report = JSON.parse(await fio) as { jobs: { write: { clat_ns: { max: number } } }[] };
@@ -120,7 +117,7 @@ async function main(): Promise<void> {
       for (const event of ["none", "kill -9", "blocksnap restart"] as const) {
         const pauses: number[] = [];
         for (let round = 0; round < rounds; round++) {
-          pauses.push(await oneRound(loop, iodepth, event, supervisor, stateDir));
+          pauses.push(await oneRound(loop, iodepth, event, stateDir));
         }
         const line = `| ${iodepth} | ${event} | ${rounds} | ${median(pauses).toFixed(1)} | ${Math.max(...pauses).toFixed(1)} |`;
         lines.push(line);

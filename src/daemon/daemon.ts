@@ -274,7 +274,7 @@ export class Daemon {
 
   /**
    * Begins a planned restart (supervised engines): refused while snapshots exist unless forced (they do
-   * not survive an engine yet); the hand-over itself starts after the caller's answer is on its way.
+   * not survive an engine yet); the hand-over starts once the supervisor has loaded the successor.
    */
   requestRestart(options: { force: boolean }): { enginePid: number } {
     if (this.stopping !== null) throw new BlockError("ESHUTDOWN", "the daemon is already stopping");
@@ -285,8 +285,10 @@ export class Daemon {
         `${snapshots} snapshot(s) would be destroyed by a restart (snapshots do not survive the engine yet): destroy them first, or restart with --force`,
       );
     }
+    const link = this.options.supervised;
+    assert(link !== undefined, "restart without a supervisor");
     this.stopping = new Promise<void>((resolve) => {
-      setImmediate(() => {
+      link.requestRestart(() => {
         void this.handOver().finally(resolve);
       });
     });

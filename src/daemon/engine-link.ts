@@ -6,7 +6,6 @@
  * SIGTERM: nothing would pass it new connections, and its FUSE mount would outlive a supervisor restart.
  */
 import type * as net from "node:net";
-import { BlockError } from "../block/errors.js";
 import {
   type EngineMessage,
   type EngineRestartRecord,
@@ -23,8 +22,6 @@ export interface EngineHello {
   readonly engineNumber: number;
   readonly restarts: readonly EngineRestartRecord[];
 }
-
-const helloTimeoutMs = 10_000;
 
 export class EngineLink {
   readonly hello: EngineHello;
@@ -45,22 +42,26 @@ export class EngineLink {
     });
   }
 
-  /** The link when this process is a supervised engine (started by supervisor.ts), else null. */
+  /**
+   * The link when this process is a supervised engine (started by supervisor.ts), else null. An engine
+   * starts as a standby: it says "loaded" and waits, without a deadline, for the hello that makes it the
+   * engine (the supervisor keeps one ready so that a restart does not wait for Node to boot). If the
+   * supervisor goes away meanwhile, the standby exits.
+   */
   static async fromEnvironment(): Promise<EngineLink | null> {
     if (process.env[engineEnvironmentKey] === undefined || typeof process.send !== "function") return null;
-    const hello = await new Promise<EngineHello>((resolve, reject) => {
-      const timer = setTimeout(
-        () => reject(new BlockError("ETIMEDOUT", "no hello from the supervisor")),
-        helloTimeoutMs,
-      );
+    const exitWithSupervisor = () => process.exit(0);
+    process.once("disconnect", exitWithSupervisor);
+    const hello = await new Promise<EngineHello>((resolve) => {
       const onMessage = (message: SupervisorMessage) => {
         if (message?.kind !== "hello") return;
-        clearTimeout(timer);
         process.off("message", onMessage);
         resolve(message);
       };
       process.on("message", onMessage);
+      process.send?.({ kind: "loaded" } satisfies EngineMessage);
     });
+    process.off("disconnect", exitWithSupervisor);
     return new EngineLink(hello);
   }
 
@@ -71,6 +72,20 @@ export class EngineLink {
 
   ready(): void {
     this.send({ kind: "ready" });
+  }
+
+  /**
+   * A planned restart: the supervisor loads a successor and then calls `handOver` (its "hand-over-now"),
+   * so the pause the clients see does not include Node's boot.
+   */
+  requestRestart(handOver: () => void): void {
+    const onMessage = (message: SupervisorMessage) => {
+      if (message?.kind !== "hand-over-now") return;
+      process.off("message", onMessage);
+      handOver();
+    };
+    process.on("message", onMessage);
+    this.send({ kind: "restart-requested" });
   }
 
   beginHandover(): void {

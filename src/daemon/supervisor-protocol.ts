@@ -28,11 +28,17 @@ export type SupervisorMessage =
       readonly engineNumber: number;
       readonly restarts: readonly EngineRestartRecord[];
     }
-  | { readonly kind: "connection"; readonly listener: ListenerKind };
+  | { readonly kind: "connection"; readonly listener: ListenerKind }
+  /** To the running engine, once its successor is loaded: begin the planned hand-over now. */
+  | { readonly kind: "hand-over-now" };
 
 /** Engine → supervisor. */
 export type EngineMessage =
+  /** A standby engine has loaded its code and waits for its hello. */
+  | { readonly kind: "loaded" }
   | { readonly kind: "ready" }
+  /** POST /v1/restart was accepted: load a successor, then send "hand-over-now". */
+  | { readonly kind: "restart-requested" }
   /** A planned restart begins: keep new connections queued. */
   | { readonly kind: "handover" }
   /**

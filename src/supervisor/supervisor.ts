@@ -98,6 +98,8 @@ class Supervisor {
   private fuseFd: number | null = null;
   private nbdTcp: { host: string; port: number } | null = null;
   private engine: ChildProcess | null = null;
+  /** A loaded engine process waiting for its hello, and the /dev/fuse descriptor it inherited. */
+  private standby: { process: ChildProcess; fuseFd: number | null; loaded: Promise<void> } | null = null;
   private engineReady = false;
   private handingOver = false;
   private handedOver = false;
@@ -217,14 +219,17 @@ class Supervisor {
     }
   }
 
+  /**
+   * Makes the standby (or, without one, a new process) the engine: its hello says how to start. A new
+   * standby is loaded once this engine is ready, so the next restart skips Node's boot.
+   */
   private startEngine(): void {
     const fuseResumable = this.fuseFd !== null && this.fuseSetUp && !this.resumeFailed;
     this.engineNumber += 1;
-    const fuseFd = this.fuseFd;
-    const engine = spawn(process.execPath, [...process.execArgv, ...this.options.engineArgv], {
-      env: { ...process.env, [engineEnvironmentKey]: String(process.pid) },
-      stdio: ["ignore", "inherit", "inherit", "ipc", fuseFd ?? "ignore"],
-    });
+    const standby = this.standby;
+    this.standby = null;
+    const engine = standby !== null && standby.fuseFd === this.fuseFd ? standby.process : this.spawnEngine();
+    if (standby !== null && engine !== standby.process) standby.process.kill("SIGKILL");
     this.engine = engine;
     this.engineReady = false;
     this.handingOver = false;
@@ -232,20 +237,56 @@ class Supervisor {
     const hello: SupervisorMessage = {
       kind: "hello",
       resumeFuse: fuseResumable,
-      fuseFd: fuseFd === null ? null : engineFuseFd,
+      fuseFd: this.fuseFd === null ? null : engineFuseFd,
       nbdTcp: this.nbdTcp,
       supervisorPid: process.pid,
       engineNumber: this.engineNumber,
       restarts: [...this.restarts],
     };
-    engine.send(hello);
-    engine.on("message", (message: EngineMessage) => this.onEngineMessage(engine, message));
-    engine.on("error", (error) => this.logger.error({ err: error }, "engine process error"));
-    engine.on("exit", (code, signal) => this.onEngineExit(engine, code, signal));
+    engine.send(hello, (error) => {
+      if (error) this.logger.warn({ err: error.message }, "the engine is gone before its hello");
+    });
     this.logger.info(
-      { enginePid: engine.pid, engineNumber: this.engineNumber, resumeFuse: fuseResumable },
+      {
+        enginePid: engine.pid,
+        engineNumber: this.engineNumber,
+        resumeFuse: fuseResumable,
+        warm: engine === standby?.process,
+      },
       "engine started",
     );
+  }
+
+  /** A process that loads the engine's code and waits for its hello (a standby until then). */
+  private spawnEngine(): ChildProcess {
+    const child = spawn(process.execPath, [...process.execArgv, ...this.options.engineArgv], {
+      env: { ...process.env, [engineEnvironmentKey]: String(process.pid) },
+      stdio: ["ignore", "inherit", "inherit", "ipc", this.fuseFd ?? "ignore"],
+    });
+    child.on("message", (message: EngineMessage) => this.onEngineMessage(child, message));
+    child.on("error", (error) => this.logger.error({ err: error }, "engine process error"));
+    child.on("exit", (code, signal) => this.onEngineExit(child, code, signal));
+    return child;
+  }
+
+  /** Loads a standby for the next restart (replacing an older one: an upgrade must run the new code). */
+  private prepareStandby(): Promise<void> {
+    if (this.stopping) return Promise.resolve();
+    this.standby?.process.kill("SIGKILL");
+    const child = this.spawnEngine();
+    const loaded = new Promise<void>((resolve) => {
+      const done = () => {
+        child.off("message", onMessage);
+        resolve();
+      };
+      const onMessage = (message: EngineMessage) => {
+        if (message?.kind === "loaded") done();
+      };
+      child.on("message", onMessage);
+      child.once("exit", done);
+    });
+    this.standby = { process: child, fuseFd: this.fuseFd, loaded };
+    return loaded;
   }
 
   private onEngineMessage(engine: ChildProcess, message: EngineMessage): void {
@@ -256,6 +297,15 @@ class Supervisor {
       this.fuseSetUp = this.fuseFd !== null;
       this.resumeFailed = false;
       for (const { kind, socket } of this.queue.splice(0)) this.forward(engine, kind, socket);
+      if (this.standby === null) void this.prepareStandby();
+      return;
+    }
+    if (message.kind === "restart-requested") {
+      // A fresh standby even if one waits: after an upgrade in place it must run the new code.
+      void this.prepareStandby().then(() => {
+        if (engine === this.engine && !this.stopping)
+          engine.send({ kind: "hand-over-now" } satisfies SupervisorMessage);
+      });
       return;
     }
     if (message.kind === "handover") {
@@ -272,6 +322,11 @@ class Supervisor {
   }
 
   private onEngineExit(engine: ChildProcess, code: number | null, signal: NodeJS.Signals | null): void {
+    if (engine === this.standby?.process) {
+      // A standby that died (killed from outside, or out of memory): the next restart boots a process.
+      this.standby = null;
+      return;
+    }
     if (engine !== this.engine) return;
     const wasReady = this.engineReady || this.handingOver;
     this.engine = null;
@@ -377,6 +432,8 @@ class Supervisor {
     if (this.finishing) return;
     this.finishing = true;
     for (const { socket } of this.queue.splice(0)) socket.destroy();
+    this.standby?.process.kill("SIGKILL");
+    this.standby = null;
     const engine = this.engine;
     if (engine !== null && engine.exitCode === null && engine.signalCode === null) {
       const exited = new Promise((resolve) => engine.once("exit", resolve));

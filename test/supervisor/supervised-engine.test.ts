@@ -8,13 +8,14 @@
  * Root only (FUSE, losetup, mount); skipped with the reason otherwise. Seeded: the seed is printed.
  */
 import assert from "node:assert/strict";
-import { mkdir, mkdtemp, readFile, rm } from "node:fs/promises";
+import { spawn } from "node:child_process";
+import { mkdir, mkdtemp, readFile, rm, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { after, before, type TestContext, test } from "node:test";
 import type { CbtInfo } from "../../src/cbt/cbt-map.js";
 import type { StatusView } from "../../src/daemon/api-types.js";
-import { DaemonProcess } from "../cli/cli-harness.js";
+import { cleanEnvironment, DaemonProcess, runCli } from "../cli/cli-harness.js";
 import { isRoot, missingTools, run, runOk } from "../helpers/commands.js";
 import { Prng } from "../helpers/prng.js";
 
@@ -149,8 +150,10 @@ void test("kill -9 of the engine 10 times under fio on ext4 over FUSE: fio verif
   const killed: number[] = [];
   for (let round = 0; round < 10; round++) {
     await new Promise((resolve) => setTimeout(resolve, random.int(300, 1500)));
-    const [engine] = await childrenOf(daemon.pid);
-    if (engine === undefined) continue;
+    // The engine, not the standby the supervisor keeps loaded: the pid status reports.
+    const status = await daemon.cli(["status", "--json"]);
+    if (status.code !== 0) continue;
+    const engine = (JSON.parse(status.stdout) as StatusView).pid;
     process.kill(engine, "SIGKILL");
     killed.push(engine);
   }
@@ -256,6 +259,59 @@ void test("an engine that keeps dying before it is ready: the supervisor gives u
   await assert.rejects(readFile(join(daemon.stateDir, "blocksnap.sock")), /ENOENT/);
   const mounts = await readFile("/proc/self/mounts", "utf8");
   assert.ok(!mounts.includes(join(daemon.stateDir, "mnt")), "the FUSE mount is gone");
+});
+
+void test("an upgrade: a new version installed in place, blocksnap restart, and the daemon reports it", async () => {
+  // An installation of our own to upgrade: the compiled tree, its package.json and the dependencies.
+  const install = join(directory, "install");
+  await mkdir(install, { recursive: true });
+  await runOk("cp", ["-r", resolve("dist"), join(install, "dist")]);
+  const packageJson = JSON.parse(await readFile(resolve("package.json"), "utf8")) as { version: string };
+  await writeFile(join(install, "package.json"), JSON.stringify(packageJson));
+  await symlink(resolve("node_modules"), join(install, "node_modules"));
+  const stateDir = join(directory, "upgrade");
+  const supervisor = spawn(
+    process.execPath,
+    [
+      join(install, "dist/src/cli/main.js"),
+      "serve",
+      "--supervise",
+      "--state-dir",
+      stateDir,
+      "--nbd-listen",
+      "none",
+      "--fuse-mount",
+      "none",
+    ],
+    { stdio: ["ignore", "ignore", "pipe"], env: cleanEnvironment() },
+  );
+  const exited = new Promise((resolve) => supervisor.once("exit", resolve));
+  try {
+    const status = async (): Promise<StatusView | null> => {
+      const result = await runCli(["status", "--json", "--state-dir", stateDir]);
+      return result.code === 0 ? (JSON.parse(result.stdout) as StatusView) : null;
+    };
+    let before: StatusView | null = null;
+    for (let attempt = 0; attempt < 100 && before === null; attempt++) {
+      before = await status();
+      if (before === null) await new Promise((wake) => setTimeout(wake, 100));
+    }
+    assert.ok(before !== null, "the supervised daemon answered");
+    assert.equal(before.version, packageJson.version);
+    await writeFile(
+      join(install, "package.json"),
+      JSON.stringify({ ...packageJson, version: "9.9.9-upgraded" }),
+    );
+    const restarted = await runCli(["restart", "--json", "--state-dir", stateDir]);
+    assert.equal(restarted.code, 0, restarted.stderr);
+    const after = JSON.parse(restarted.stdout) as { pid: number; version: string };
+    assert.equal(after.version, "9.9.9-upgraded");
+    assert.notEqual(after.pid, before.pid);
+    assert.equal((await status())?.supervisor?.pid, supervisor.pid);
+  } finally {
+    supervisor.kill("SIGTERM");
+    await exited;
+  }
 });
 
 void test("a killed supervisor: the engine stops by itself and leaves no mount", async (t) => {
