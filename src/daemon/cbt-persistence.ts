@@ -87,12 +87,13 @@ export async function saveCbt(
   name: string,
   backendPath: string,
   state: CbtState,
+  options: { readonly durable?: boolean } = {},
 ): Promise<void> {
   const identity = await backendIdentity(backendPath);
   if (identity === null) return;
   const path = cbtStatePathIn(stateDir, name);
   await mkdir(dirname(path), { recursive: true, mode: 0o700 });
-  await writeFileAtomic(path, encodeCbtState({ state, backendIdentity: identity }));
+  await writeFileAtomic(path, encodeCbtState({ state, backendIdentity: identity }), 0o600, options);
 }
 
 export async function forgetSavedCbt(stateDir: string, name: string): Promise<void> {

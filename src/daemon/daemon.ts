@@ -309,8 +309,9 @@ export class Daemon {
       ["control server", () => this.controlServer.close()],
       ["NBD server", async () => this.nbdServer?.close()],
       ["FUSE", async () => this.fuseServer?.detach()],
-      ["CBT state", () => this.registry.saveCbtStates()],
-      ["engine", () => this.engine.close()],
+      ["CBT state", () => this.registry.saveCbtStates({ durable: false })],
+      // The successor opens the same files and shares their page cache: nothing to flush for it.
+      ["engine", () => this.engine.close({ flush: false })],
       ["lock", () => this.lock.release()],
     ];
     for (const [what, step] of steps) {

@@ -122,10 +122,17 @@ export class DeviceRegistry {
    * Saves the CBT state of every attached device (a clean stop, after the faces stopped). A device whose
    * state cannot be saved starts a new generation at the next start; that is logged, not thrown.
    */
-  async saveCbtStates(): Promise<void> {
+  /** `durable: false` for a hand-over: the successor reads the states at once (atomic-write.ts). */
+  async saveCbtStates(options: { readonly durable?: boolean } = {}): Promise<void> {
     for (const device of this.engine.listDevices()) {
       try {
-        await saveCbt(this.stateDir, device.name, device.backendPath, this.engine.cbtState(device.name));
+        await saveCbt(
+          this.stateDir,
+          device.name,
+          device.backendPath,
+          this.engine.cbtState(device.name),
+          options,
+        );
       } catch (error) {
         this.logger.error(
           { device: device.name, err: toBlockError(error, "CBT state").message },

@@ -502,14 +502,19 @@ export class Engine implements ExportSource {
   }
 
   /** Destroys every snapshot, then flushes and closes every backend. */
-  async close(): Promise<void> {
+  /**
+   * Destroys every snapshot and closes every backend, flushing it first unless `flush` is false (a
+   * hand-over to a successor process: it opens the same files and shares their page cache, and what a
+   * client flushed is already durable).
+   */
+  async close(options: { readonly flush?: boolean } = {}): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     for (const id of [...this.snapshots.keys()]) await this.destroySnapshot(id);
     for (const entry of [...this.devices.values()]) {
       this.devices.delete(entry.name);
       try {
-        await entry.backend.flush();
+        if (options.flush !== false) await entry.backend.flush();
       } catch (error) {
         this.logger.error({ device: entry.name, err: error }, "flush at close failed");
       }
