@@ -11,18 +11,17 @@
  * once the ones in flight have drained; the snapshot then switches CBT and attaches its DiffArea to every
  * member, and `release()` lets the held writes go — they see the new snapshot. Reads are never held.
  */
-import type { BlockDevice, Capabilities, Extent, WriteFlags, ZeroFlags } from "../block/device.js";
+import type { BlockDevice, WriteFlags, ZeroFlags } from "../block/device.js";
 import { BlockError } from "../block/errors.js";
+import { PassThroughDevice } from "../block/pass-through-device.js";
 import type { CbtMap } from "../cbt/cbt-map.js";
 import { assert } from "../util/assert.js";
 import type { DiffArea } from "./diff-area.js";
 
-export class Tracker implements BlockDevice {
+export class Tracker extends PassThroughDevice {
   readonly name: string;
   readonly backend: BlockDevice;
   readonly cbt: CbtMap;
-  readonly sizeBytes: number;
-  readonly capabilities: Capabilities;
   private diffArea: DiffArea | null = null;
   private inflightWrites = 0;
   private held: Promise<void> | null = null;
@@ -32,11 +31,10 @@ export class Tracker implements BlockDevice {
   cbtErrorCount = 0;
 
   constructor(name: string, backend: BlockDevice, cbt: CbtMap) {
+    super(backend);
     this.name = name;
     this.backend = backend;
     this.cbt = cbt;
-    this.sizeBytes = backend.sizeBytes;
-    this.capabilities = backend.capabilities;
   }
 
   get attachedDiffArea(): DiffArea | null {
@@ -51,26 +49,20 @@ export class Tracker implements BlockDevice {
     return this.inflightWrites;
   }
 
-  read(offsetBytes: number, target: Uint8Array): Promise<void> {
-    return this.backend.read(offsetBytes, target);
-  }
+  // read, flush, extents and directReadFd pass through (PassThroughDevice): origin reads need nothing from
+  // the tracker and may even bypass it (BlockDevice.directReadFd).
 
-  /** Origin reads need nothing from the tracker: they may bypass it (BlockDevice.directReadFd). */
-  directReadFd(): number | null {
-    return this.backend.directReadFd?.() ?? null;
-  }
-
-  write(offsetBytes: number, source: Uint8Array, flags?: WriteFlags): Promise<void> {
+  override write(offsetBytes: number, source: Uint8Array, flags?: WriteFlags): Promise<void> {
     return this.modify(offsetBytes, source.byteLength, () => this.backend.write(offsetBytes, source, flags));
   }
 
-  writeZeroes(offsetBytes: number, lengthBytes: number, flags?: ZeroFlags): Promise<void> {
+  override writeZeroes(offsetBytes: number, lengthBytes: number, flags?: ZeroFlags): Promise<void> {
     return this.modify(offsetBytes, lengthBytes, () =>
       this.backend.writeZeroes(offsetBytes, lengthBytes, flags),
     );
   }
 
-  trim(offsetBytes: number, lengthBytes: number, flags?: WriteFlags): Promise<void> {
+  override trim(offsetBytes: number, lengthBytes: number, flags?: WriteFlags): Promise<void> {
     return this.modify(offsetBytes, lengthBytes, () => this.backend.trim(offsetBytes, lengthBytes, flags));
   }
 
@@ -88,16 +80,6 @@ export class Tracker implements BlockDevice {
     } finally {
       this.afterModify();
     }
-  }
-
-  flush(): Promise<void> {
-    return this.backend.flush();
-  }
-
-  extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    const backend = this.backend;
-    if (!backend.extents) return Promise.resolve([{ lengthBytes, isHole: false, isZero: false }]);
-    return backend.extents(offsetBytes, lengthBytes);
   }
 
   /** Stops admitting modifications and resolves when those in flight have finished. */

@@ -38,7 +38,7 @@ import {
 import { Tracker } from "../cow/tracker.js";
 import type { StorageInfo } from "../storage/diff-storage.js";
 import { DiffStorage, growthPortionBytesDefault } from "../storage/diff-storage.js";
-import { memoryStoragePath, type StorageArea } from "../storage/storage-area.js";
+import { memoryStoragePath, type StorageArea, type StorageDevice } from "../storage/storage-area.js";
 import { assert } from "../util/assert.js";
 import { type Logger, silentLogger } from "../util/logger.js";
 import { type Admission, BackendClaims, type PathPolicy } from "./backend-claims.js";
@@ -67,6 +67,8 @@ export interface EngineOptions {
   readonly freezer?: Freezer;
   /** Refusals of backend and storage paths by place (the daemon's state and mount); none by default. */
   readonly pathPolicy?: PathPolicy;
+  /** A stage in front of every difference storage's chunk I/O (fault injection in tests); none by default. */
+  readonly storageStage?: (device: StorageDevice) => StorageDevice;
 }
 
 export const freezeTimeoutMsDefault = 30_000;
@@ -91,6 +93,7 @@ interface DeviceEntry {
 export class Engine implements ExportSource {
   private readonly logger: Logger;
   private readonly freezer: Freezer | null;
+  private readonly storageStage: EngineOptions["storageStage"];
   private readonly devices = new Map<string, DeviceEntry>();
   private readonly snapshots = new Map<string, Snapshot>();
   private readonly imageExports = new Map<string, Export>();
@@ -105,6 +108,7 @@ export class Engine implements ExportSource {
   constructor(options: EngineOptions = {}) {
     this.logger = options.logger ?? silentLogger;
     this.freezer = options.freezer ?? null;
+    this.storageStage = options.storageStage;
     this.claims = new BackendClaims(options.pathPolicy ?? null);
   }
 
@@ -329,6 +333,7 @@ export class Engine implements ExportSource {
       limitBytes: options.limitBytes,
       growthPortionBytes,
       onEvent: (event) => snapshot?.pushEvent({ ...event, timeMs: Date.now() }),
+      areaStage: this.storageStage,
     });
     const claimOwner = {};
     let members: DeviceEntry[];

@@ -20,7 +20,7 @@
 import { FileBackend } from "../backends/file-backend.js";
 import { BlockError } from "../block/errors.js";
 import { assert } from "../util/assert.js";
-import { regionAlignmentFor, StorageArea } from "./storage-area.js";
+import { regionAlignmentFor, StorageArea, type StorageDevice } from "./storage-area.js";
 
 export const growthPortionBytesDefault = 64 * 1024 * 1024;
 /** Bounds of the location encoding (locationCode): areas per storage and bytes per area. */
@@ -41,6 +41,8 @@ export interface DiffStorageOptions {
   readonly limitBytes: number;
   readonly growthPortionBytes?: number;
   readonly onEvent?: (event: StorageEvent) => void;
+  /** A stage put in front of every area's chunk I/O, appended areas too (fault injection in tests). */
+  readonly areaStage?: (device: StorageDevice) => StorageDevice;
 }
 
 export interface StorageInfo {
@@ -56,6 +58,7 @@ export class DiffStorage {
   readonly growthPortionBytes: number;
   private readonly areas: StorageArea[] = [];
   private readonly onEvent: (event: StorageEvent) => void;
+  private readonly areaStage: ((device: StorageDevice) => StorageDevice) | undefined;
   private lowSpaceSignalled = false;
   private noSpaceSignalled = false;
   private closed = false;
@@ -69,7 +72,9 @@ export class DiffStorage {
     this.growthPortionBytes = options.growthPortionBytes ?? growthPortionBytesDefault;
     assert(this.growthPortionBytes > 0);
     this.onEvent = options.onEvent ?? (() => {});
+    this.areaStage = options.areaStage;
     const area = StorageArea.open(options.path, { growable: true });
+    if (this.areaStage) area.interpose(this.areaStage);
     try {
       clampToEncodable(area);
       this.areas.push(area);
@@ -180,7 +185,7 @@ export class DiffStorage {
 
   async read(location: StorageLocation, offsetInRegionBytes: number, target: Uint8Array): Promise<void> {
     if (this.closed) throw new BlockError("EIO", "difference storage is closed");
-    await location.area.device.read(location.offsetBytes + offsetInRegionBytes, target);
+    await location.area.io.read(location.offsetBytes + offsetInRegionBytes, target);
   }
 
   /**
@@ -190,12 +195,12 @@ export class DiffStorage {
    */
   async write(location: StorageLocation, offsetInRegionBytes: number, source: Uint8Array): Promise<void> {
     if (this.closed) throw new BlockError("EIO", "difference storage is closed");
-    location.area.device.writeSync(location.offsetBytes + offsetInRegionBytes, source);
+    location.area.io.writeSync(location.offsetBytes + offsetInRegionBytes, source);
   }
 
   async flush(): Promise<void> {
     if (this.closed) throw new BlockError("EIO", "difference storage is closed");
-    await Promise.all(this.areas.map((area) => area.device.flush()));
+    await Promise.all(this.areas.map((area) => area.io.flush()));
   }
 
   /** Adds a file, temp file, device or RAM area to a live storage. */
@@ -225,6 +230,7 @@ export class DiffStorage {
       if (this.closed) throw new BlockError("EIO", "difference storage is closed");
       throw new BlockError("ENOSPC", `At most ${areasMax} storage areas`);
     }
+    if (this.areaStage) area.interpose(this.areaStage);
     this.areas.push(area);
     if (this.freeBytes >= this.growthPortionBytes / 2) {
       this.lowSpaceSignalled = false;

@@ -3,14 +3,27 @@
  * Regions are handed out sequentially from `filledBytes`; nothing is freed while the snapshot lives (each
  * chunk is stored once, as in blksnap). Growable areas (files, temp files, memory) are extended by the
  * DiffStorage that owns them; block devices and appended pieces keep their size.
+ *
+ * Chunk I/O goes through `io`, a StorageDevice: the opened file or RAM at first, and any stage put in front
+ * of it with interpose() (a fault stage in tests), so storage errors can be injected like backend errors.
+ * Growth, close and the descriptor stay with the opened `device` itself.
  */
 import { realpathSync, statSync } from "node:fs";
 import { FileBackend } from "../backends/file-backend.js";
 import { MemoryBackend } from "../backends/memory-backend.js";
+import type { BlockDevice } from "../block/device.js";
 import { BlockError } from "../block/errors.js";
 import { assert } from "../util/assert.js";
 
 export type StorageAreaKind = "file" | "directory" | "block-device" | "memory";
+
+/**
+ * What chunk I/O needs of an area's device: a BlockDevice plus a synchronous write, because storage writes
+ * sit on the copy-before-write path of an origin write (see DiffStorage.write).
+ */
+export interface StorageDevice extends BlockDevice {
+  writeSync(offsetBytes: number, source: Uint8Array): void;
+}
 
 export const memoryStoragePath = "memory:";
 /** Regions start on 4 KiB boundaries so that storage I/O stays page aligned. */
@@ -29,6 +42,8 @@ export class StorageArea {
   readonly realPath: string | null;
   readonly growable: boolean;
   readonly device: FileBackend | MemoryBackend;
+  /** Where chunk reads and writes go: `device`, or a stage in front of it (interpose). */
+  io: StorageDevice;
   capacityBytes: number;
   filledBytes: number;
 
@@ -45,6 +60,7 @@ export class StorageArea {
     this.realPath = options.realPath;
     this.growable = options.growable;
     this.device = options.device;
+    this.io = options.device;
     this.capacityBytes = options.capacityBytes;
     this.filledBytes = options.kind === "memory" ? 0 : reservedHeadBytes;
   }
@@ -103,6 +119,11 @@ export class StorageArea {
       device,
       capacityBytes,
     });
+  }
+
+  /** Puts a stage in front of the area's chunk I/O (it wraps whatever is there now). */
+  interpose(stage: (device: StorageDevice) => StorageDevice): void {
+    this.io = stage(this.io);
   }
 
   get freeBytes(): number {
