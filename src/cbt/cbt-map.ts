@@ -133,6 +133,23 @@ export class CbtMap {
   }
 
   /** A copy of the whole state (maps included), for saving. */
+  /** The numbers a take changes, without the maps (the write intent's header). */
+  exportNumbers(): {
+    generationId: string;
+    generationReason: string;
+    generationStartedAtMs: number;
+    snapNumberActive: number;
+    snapNumberPrevious: number;
+  } {
+    return {
+      generationId: this.generation,
+      generationReason: this.generationReasonValue,
+      generationStartedAtMs: this.generationStartedAtMs,
+      snapNumberActive: this.snapNumberActive,
+      snapNumberPrevious: this.snapNumberPrevious,
+    };
+  }
+
   exportState(): CbtState {
     return {
       generationId: this.generation,

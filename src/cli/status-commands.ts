@@ -43,6 +43,11 @@ export function statusLines(status: StatusView): string[] {
   lines.push(...status.access.whoCanConnect.map((line) => `  ${line}`));
   lines.push("", "devices:");
   lines.push(...deviceTable(status).map((line) => `  ${line}`));
+  const recoveries = Object.entries(status.cbtRecoveries ?? {});
+  if (recoveries.length > 0) {
+    lines.push("", "CBT at start:");
+    lines.push(...recoveries.map(([name, outcome]) => `  ${name}: ${outcome}`));
+  }
   lines.push("", "snapshots:");
   lines.push(...snapshotTable(status.snapshots).map((line) => `  ${line}`));
   return lines;

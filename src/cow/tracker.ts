@@ -10,10 +10,15 @@
  * The write gate makes take atomic across devices: `hold()` stops admitting new modifications and resolves
  * once the ones in flight have drained; the snapshot then switches CBT and attaches its DiffArea to every
  * member, and `release()` lets the held writes go — they see the new snapshot. Reads are never held.
+ *
+ * With a write intent (src/persist/region-journal.ts), each modification also tells it which regions it is
+ * about to touch, right after the CBT mark and in the same synchronous step, and waits — only when a
+ * region is touched for the first time since the last checkpoint — until that is durable.
  */
 import type { BlockDevice, WriteFlags, ZeroFlags } from "../block/device.js";
 import { BlockError } from "../block/errors.js";
 import { PassThroughDevice } from "../block/pass-through-device.js";
+import type { WriteIntent } from "../block/write-intent.js";
 import type { CbtMap } from "../cbt/cbt-map.js";
 import { assert } from "../util/assert.js";
 import type { DiffArea } from "./diff-area.js";
@@ -30,8 +35,11 @@ export class Tracker extends PassThroughDevice {
   /** Count of CBT marks that failed (a map corrupted by an out-of-range mark). */
   cbtErrorCount = 0;
 
-  constructor(name: string, backend: BlockDevice, cbt: CbtMap) {
+  readonly writeIntent: WriteIntent | null;
+
+  constructor(name: string, backend: BlockDevice, cbt: CbtMap, writeIntent: WriteIntent | null = null) {
     super(backend);
+    this.writeIntent = writeIntent;
     this.name = name;
     this.backend = backend;
     this.cbt = cbt;
@@ -125,8 +133,10 @@ export class Tracker extends PassThroughDevice {
       if (!(error instanceof BlockError)) throw error;
       this.cbtErrorCount++;
     }
+    const intent = this.writeIntent?.beforeWrite(offsetBytes, lengthBytes) ?? null;
     const diffArea = this.diffArea;
-    return diffArea?.preserveForOriginWrite(offsetBytes, lengthBytes);
+    if (intent === null) return diffArea?.preserveForOriginWrite(offsetBytes, lengthBytes);
+    return intent.then(() => diffArea?.preserveForOriginWrite(offsetBytes, lengthBytes));
   }
 
   private afterModify(): void {

@@ -135,6 +135,12 @@ export interface StatusView {
   readonly fuse: { readonly mountDir: string | null };
   readonly devices: readonly DeviceView[];
   readonly devicesUnavailable: readonly UnavailableDeviceView[];
+  /**
+   * Per device restored at start: what its CBT came back from — `restored after a clean stop`,
+   * `recovered after a daemon crash: N dirty region(s), M block(s) raised` (or a host crash), or
+   * `untrusted: <why>` (a new generation).
+   */
+  readonly cbtRecoveries: Readonly<Record<string, string>>;
   readonly snapshots: readonly SnapshotView[];
 }
 

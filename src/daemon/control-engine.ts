@@ -25,7 +25,7 @@ export interface ControlEngine {
   cbtInfo(name: string): CbtInfo;
   cbtRead(name: string): Uint8Array;
   cbtState(name: string): CbtState;
-  cbtMarkDirty(name: string, ranges: readonly ByteRange[]): void;
+  cbtMarkDirty(name: string, ranges: readonly ByteRange[]): Promise<void>;
   createSnapshot(options: SnapshotCreateOptions): Promise<SnapshotInfo>;
   addDeviceToSnapshot(id: string, deviceName: string): void;
   appendStorage(id: string, options: AppendStorageOptions): Promise<StorageInfo>;

@@ -68,7 +68,7 @@ export interface DaemonIdentity {
 
 export interface ControlContext {
   readonly engine: ControlEngine;
-  readonly registry: Pick<DeviceRegistry, "add" | "remove" | "unavailable">;
+  readonly registry: Pick<DeviceRegistry, "add" | "remove" | "unavailable" | "cbtRecoveries">;
   readonly identity: DaemonIdentity;
   readonly addresses: ExportAddresses;
   /** Aborted when the daemon begins to shut down: long polls end with ESHUTDOWN. */
@@ -181,6 +181,7 @@ export const routes: readonly Route[] = [
       fuse: { mountDir: addresses.fuseMountDir },
       devices: listDeviceViews(context),
       devicesUnavailable: unavailableDeviceViews(context),
+      cbtRecoveries: context.registry.cbtRecoveries(),
       snapshots: engine.listSnapshots().map((info) => snapshotView(context, info)),
     };
     return ok(status);
@@ -243,11 +244,11 @@ export const routes: readonly Route[] = [
     return ok(view);
   }),
 
-  route("POST", "/v1/devices/:name/cbt/mark-dirty", (context, request) => {
+  route("POST", "/v1/devices/:name/cbt/mark-dirty", async (context, request) => {
     requireNoQuery(request);
     const name = param(request, "name");
     const body = parse(markDirtyBodySchema, request.body, "ranges");
-    context.engine.cbtMarkDirty(name, body.ranges);
+    await context.engine.cbtMarkDirty(name, body.ranges);
     return ok(cbtInfoView(context.engine.cbtInfo(name)));
   }),
 

@@ -72,7 +72,7 @@ class FakeEngine implements ControlEngine {
   cbtState(name: string): never {
     throw new BlockError("ENOSYS", `the fake engine keeps no CBT state for ${name}`);
   }
-  cbtMarkDirty(name: string, ranges: readonly ByteRange[]): void {
+  async cbtMarkDirty(name: string, ranges: readonly ByteRange[]): Promise<void> {
     this.deviceInfo(name);
     this.markedRanges.push(...ranges);
   }

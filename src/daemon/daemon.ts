@@ -4,7 +4,7 @@
  * registry (devices re-attached), NBD, FUSE, control socket last (a client that can connect finds every
  * face ready). Stop order is the reverse: control socket (long polls end with ESHUTDOWN, in-flight
  * requests finish), NBD, FUSE (the faces stop before the engine they read from), the CBT states saved
- * (cbt-persistence.ts: the generation goes on at the next start), engine.close() (destroys
+ * (cbt-keeper.ts: exact maps, journals marked clean), engine.close() (destroys
  * snapshots, flushes and closes backends), socket files, lock.
  *
  * Supervised (`supervised`: an EngineLink, src/supervisor/): the supervisor owns the listeners and the
@@ -309,7 +309,7 @@ export class Daemon {
       ["control server", () => this.controlServer.close()],
       ["NBD server", async () => this.nbdServer?.close()],
       ["FUSE", async () => this.fuseServer?.detach()],
-      ["CBT state", () => this.registry.saveCbtStates({ durable: false })],
+      ["CBT state", () => this.registry.saveCbtStates()],
       // The successor opens the same files and shares their page cache: nothing to flush for it.
       ["engine", () => this.engine.close({ flush: false })],
       ["lock", () => this.lock.release()],

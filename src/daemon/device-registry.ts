@@ -2,9 +2,9 @@
  * The persistent list of devices (`<state>/devices.json`), so that devices come back after a restart.
  * Only what the user asked for is stored (name, backend path, CBT block size override); the size is read
  * again from the backend (a file is never re-created at restore: a vanished disk is reported, not replaced
- * by an empty one). CBT goes on in the same generation after a clean stop (cbt-persistence.ts saves it at
- * stop, takes it back at restore) and starts a new one, with the reason, when the saved state cannot be
- * trusted. A `memory:` device also keeps its size and comes back empty, like a RAM disk after a reboot.
+ * by an empty one). CBT goes on in the same generation after a clean stop and after a crash (cbt-keeper.ts:
+ * checkpoints and a write-intent journal) and starts a new one, with the reason, when the saved state
+ * cannot be trusted. A `memory:` device also keeps its size and comes back empty, like a RAM disk after a reboot.
  * A device whose backend cannot be opened at start stays in the registry as "unavailable" (a disk that is
  * late to appear must not silently lose its configuration); `device remove` drops it, `device add` with
  * its name replaces it.
@@ -25,7 +25,7 @@ import { memoryBackendPath } from "../engine/engine.js";
 import type { DeviceAddOptions, DeviceInfo } from "../engine/engine-types.js";
 import type { Logger } from "../util/logger.js";
 import { writeFileAtomic } from "./atomic-write.js";
-import { forgetSavedCbt, saveCbt, takeSavedCbt } from "./cbt-persistence.js";
+import { CbtKeeper } from "./cbt-keeper.js";
 import type { ControlEngine } from "./control-engine.js";
 
 const registryEntrySchema = z.object({
@@ -69,7 +69,9 @@ export class DeviceRegistry {
   /** Insertion-ordered: the file lists devices in the order they were added. */
   private readonly entries = new Map<string, RegistryEntry>();
   private readonly unavailableDevices = new Map<string, UnavailableDevice>();
+  private readonly cbtOutcomes = new Map<string, string>();
   private tail: Promise<unknown> = Promise.resolve();
+  readonly cbt: CbtKeeper;
 
   constructor(path: string, engine: ControlEngine, logger: Logger, options: DeviceRegistryOptions = {}) {
     this.path = path;
@@ -77,6 +79,7 @@ export class DeviceRegistry {
     this.engine = engine;
     this.logger = logger;
     this.deviceUsers = options.deviceUsers ?? (async () => []);
+    this.cbt = new CbtKeeper(this.stateDir, logger, (name) => engine.cbtState(name));
   }
 
   /** Reads the file (absent = empty) and attaches every device. Fails on a malformed file. */
@@ -84,8 +87,18 @@ export class DeviceRegistry {
     for (const entry of await readRegistryFile(this.path)) {
       this.entries.set(entry.name, entry);
       try {
-        const saved = await takeSavedCbt(this.stateDir, entry.name, entry.backendPath);
-        const info = await this.engine.addDevice({ ...entry, ...saved });
+        const loaded = await this.cbt.load(entry.name, entry.backendPath);
+        const writeIntent = this.cbt.intentFor(entry.name, entry.backendPath);
+        let info: DeviceInfo;
+        try {
+          info = await this.engine.addDevice({ ...entry, ...loaded.add, writeIntent });
+        } catch (error) {
+          this.cbt.release(entry.name);
+          throw error;
+        }
+        await this.cbt.attach(entry.name, loaded.previous);
+        this.cbtOutcomes.set(entry.name, loaded.outcome);
+        const kept = "cbtState" in loaded.add;
         this.logger.info(
           {
             device: entry.name,
@@ -93,10 +106,9 @@ export class DeviceRegistry {
             cbtGeneration: info.cbt.generationId,
             cbtChangesNumber: info.cbt.changesNumber,
             cbtGenerationReason: info.cbt.generationReason,
+            cbtRecovery: loaded.outcome,
           },
-          info.cbt.generationReason === "restored"
-            ? "device restored; CBT generation kept"
-            : "device restored; CBT starts a new generation",
+          kept ? "device restored; CBT generation kept" : "device restored; CBT starts a new generation",
         );
       } catch (error) {
         const blockError = toBlockError(error, `device ${entry.name}`);
@@ -119,27 +131,16 @@ export class DeviceRegistry {
   }
 
   /**
-   * Saves the CBT state of every attached device (a clean stop, after the faces stopped). A device whose
-   * state cannot be saved starts a new generation at the next start; that is logged, not thrown.
+   * A clean stop (after the faces stopped): every device's exact CBT maps on disk and its journal marked
+   * clean. What fails is logged; such a device recovers from its journal at the next start.
    */
-  /** `durable: false` for a hand-over: the successor reads the states at once (atomic-write.ts). */
-  async saveCbtStates(options: { readonly durable?: boolean } = {}): Promise<void> {
-    for (const device of this.engine.listDevices()) {
-      try {
-        await saveCbt(
-          this.stateDir,
-          device.name,
-          device.backendPath,
-          this.engine.cbtState(device.name),
-          options,
-        );
-      } catch (error) {
-        this.logger.error(
-          { device: device.name, err: toBlockError(error, "CBT state").message },
-          "cannot save the CBT state: the next start begins a new generation for this device",
-        );
-      }
-    }
+  async saveCbtStates(): Promise<void> {
+    await this.cbt.stopClean();
+  }
+
+  /** What the start found for each restored device's CBT (status). */
+  cbtRecoveries(): Record<string, string> {
+    return Object.fromEntries(this.cbtOutcomes);
   }
 
   unavailable(): UnavailableDevice[] {
@@ -148,9 +149,17 @@ export class DeviceRegistry {
 
   add(options: DeviceAddOptions): Promise<DeviceInfo> {
     return this.serialized(async () => {
-      // A state file left from an earlier life of this name must never be taken for this device's.
-      await forgetSavedCbt(this.stateDir, options.name);
-      const info = await this.engine.addDevice(options);
+      // A state left from an earlier life of this name must never be taken for this device's.
+      await this.cbt.forget(options.name);
+      const writeIntent = this.cbt.intentFor(options.name, options.backendPath);
+      let info: DeviceInfo;
+      try {
+        info = await this.engine.addDevice({ ...options, writeIntent });
+      } catch (error) {
+        this.cbt.release(options.name);
+        throw error;
+      }
+      await this.cbt.attach(options.name, null);
       const entry: RegistryEntry = { name: options.name, backendPath: options.backendPath };
       if (options.cbtBlockSizeBytes !== undefined) entry.cbtBlockSizeBytes = options.cbtBlockSizeBytes;
       if (options.backendPath === memoryBackendPath) entry.sizeBytes = info.sizeBytes;
@@ -166,6 +175,7 @@ export class DeviceRegistry {
         if (previous !== undefined) this.entries.set(options.name, previous);
         if (previousUnavailable !== undefined) this.unavailableDevices.set(options.name, previousUnavailable);
         await this.engine.removeDevice(options.name).catch(() => {});
+        await this.cbt.forget(options.name);
         throw toBlockError(error, `device ${options.name} not added: cannot save ${this.path}`);
       }
       return info;
@@ -190,7 +200,8 @@ export class DeviceRegistry {
       }
       this.unavailableDevices.delete(name);
       this.entries.delete(name);
-      await forgetSavedCbt(this.stateDir, name);
+      this.cbtOutcomes.delete(name);
+      await this.cbt.forget(name);
       try {
         await this.save();
       } catch (error) {
@@ -211,7 +222,14 @@ export class DeviceRegistry {
   /** Attaches a removed device again (its file entry stayed); unavailable if its backend cannot be opened. */
   private async reattach(entry: RegistryEntry): Promise<void> {
     try {
-      await this.engine.addDevice(entry);
+      const writeIntent = this.cbt.intentFor(entry.name, entry.backendPath);
+      try {
+        await this.engine.addDevice({ ...entry, writeIntent });
+      } catch (error) {
+        this.cbt.release(entry.name);
+        throw error;
+      }
+      await this.cbt.attach(entry.name, null);
     } catch (error) {
       const blockError = toBlockError(error, `device ${entry.name}`);
       this.unavailableDevices.set(entry.name, {

@@ -49,9 +49,14 @@ export function deviceRegistryPathIn(stateDir: string): string {
   return join(stateDir, "devices.json");
 }
 
-/** Where a device's CBT state waits between a clean stop and the next start (cbt-persistence.ts). */
+/** A device's CBT checkpoint: its exact maps at a clean stop, its last checkpoint while running (cbt-keeper.ts). */
 export function cbtStatePathIn(stateDir: string, deviceName: string): string {
   return join(stateDir, "cbt", `${deviceName}.cbt`);
+}
+
+/** The CBT write-intent journal of a device (src/persist/region-journal.ts). */
+export function cbtJournalPathIn(stateDir: string, deviceName: string): string {
+  return join(stateDir, "cbt", `${deviceName}.journal`);
 }
 
 /** What a supervised engine leaves for its successor to resume the FUSE session (fuse-session-state.ts). */

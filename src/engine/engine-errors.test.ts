@@ -270,7 +270,7 @@ test("mark-dirty ranges outside the device are EINVAL and mark nothing, even the
   }
   // Control: the valid range alone is marked in both maps.
   const readBefore = engine.cbtRead("disk1");
-  engine.cbtMarkDirty("disk1", [{ offsetBytes: MiB, lengthBytes: 4096 }]);
+  await engine.cbtMarkDirty("disk1", [{ offsetBytes: MiB, lengthBytes: 4096 }]);
   const blockIndex = MiB / engine.cbtInfo("disk1").blockSizeBytes;
   assert.notDeepEqual(engine.cbtRead("disk1"), readBefore);
   assert.equal(engine.cbtRead("disk1")[blockIndex], engine.cbtInfo("disk1").changesNumber);

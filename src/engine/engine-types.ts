@@ -2,7 +2,9 @@
  * Public types of the Engine (the library API). Everything here is plain data that can be sent as JSON by
  * the daemon's control API unchanged: sizes and offsets in bytes, ids as strings, times in milliseconds.
  */
+
 import type { Errno } from "../block/errors.js";
+import type { WriteIntent } from "../block/write-intent.js";
 import type { CbtInfo, CbtState } from "../cbt/cbt-map.js";
 import type { OnCowError } from "../cow/diff-area.js";
 import type { StorageInfo } from "../storage/diff-storage.js";
@@ -21,6 +23,8 @@ export interface DeviceAddOptions {
   readonly cbtState?: CbtState;
   /** Why a new generation starts when there is no state to restore (default `attached`). */
   readonly cbtGenerationReason?: string;
+  /** Told of every modification before it reaches the backend (the daemon's CBT journal). */
+  readonly writeIntent?: WriteIntent;
 }
 
 export interface DeviceInfo {

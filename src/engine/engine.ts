@@ -166,7 +166,7 @@ export class Engine implements ExportSource {
         options.cbtState === undefined
           ? new CbtMap(backend.sizeBytes, options.cbtBlockSizeBytes, options.cbtGenerationReason)
           : CbtMap.fromState(options.cbtState, backend.sizeBytes, options.cbtBlockSizeBytes);
-      tracker = new Tracker(options.name, backend, cbt);
+      tracker = new Tracker(options.name, backend, cbt, options.writeIntent ?? null);
       this.checkAddable(options.name);
     } catch (error) {
       this.claims.release(claimOwner);
@@ -266,10 +266,17 @@ export class Engine implements ExportSource {
     return this.device(name).tracker.cbt.readMapCopy();
   }
 
-  cbtMarkDirty(name: string, ranges: readonly ByteRange[]): void {
+  /** Resolves once the marks are durable too (the device's write intent, when it has one). */
+  async cbtMarkDirty(name: string, ranges: readonly ByteRange[]): Promise<void> {
     const entry = this.device(name);
     for (const range of ranges) checkRange(range, entry.tracker.sizeBytes);
-    for (const range of ranges) entry.tracker.cbt.setBoth(range.offsetBytes, range.lengthBytes);
+    const intents: Promise<void>[] = [];
+    for (const range of ranges) {
+      entry.tracker.cbt.setBoth(range.offsetBytes, range.lengthBytes);
+      const intent = entry.tracker.writeIntent?.beforeWrite(range.offsetBytes, range.lengthBytes) ?? null;
+      if (intent !== null) intents.push(intent);
+    }
+    await Promise.all(intents);
   }
 
   // ---- snapshots ----

@@ -180,6 +180,14 @@ export class Snapshot {
     for (const member of members) member.tracker.release();
     this.takeStallMs = performance.now() - startMs;
     this.takenAtMs = Date.now();
+    // The new numbers durable before the take is reported: a backup tool must never hold a changes
+    // number that a crash could take back (region-journal.ts).
+    await Promise.all(
+      members.map((member) => {
+        const state = member.tracker.cbt.exportNumbers();
+        return member.tracker.writeIntent?.afterTake(state);
+      }),
+    );
     for (const member of members) {
       assert(member.diffArea);
       member.image = new SnapshotImage(member.diffArea, member.tracker.cbt);

@@ -33,7 +33,8 @@ const allowedImports: Readonly<Record<string, readonly string[]>> = {
   freeze: ["block", "engine", "util"],
   nbd: ["block", "util"],
   fuse: ["block", "util"],
-  daemon: ["backends", "block", "cbt", "cow", "engine", "freeze", "fuse", "nbd", "storage", "util"],
+  persist: ["block", "cbt", "util"],
+  daemon: ["backends", "block", "cbt", "cow", "engine", "freeze", "fuse", "nbd", "persist", "storage", "util"],
   supervisor: ["block", "daemon", "fuse", "util"],
   cli: ["block", "daemon", "supervisor", "util"],
 };

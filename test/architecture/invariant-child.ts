@@ -72,6 +72,7 @@ if (face === "nbd") {
         add: () => Promise.reject(new Error("not used")),
         remove: async () => {},
         unavailable: () => [],
+        cbtRecoveries: () => ({}),
       },
       identity: {
         pid: process.pid,

@@ -208,7 +208,7 @@ async function runModel(random: Prng, roundsCount: number): Promise<void> {
           );
         }
       } else if (kind === "dirty") {
-        engine.cbtMarkDirty(device.name, [{ offsetBytes, lengthBytes }]);
+        await engine.cbtMarkDirty(device.name, [{ offsetBytes, lengthBytes }]);
         device.cbt.setBoth(offsetBytes, lengthBytes);
       } else if (snapshot && kind === "imageRead") {
         if (!claims.tryClaim(`imageRead:${device.name}`, offsetBytes, endBytes)) continue;
