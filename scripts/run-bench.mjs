@@ -10,6 +10,7 @@ const suites = {
   nbd: "dist/bench/nbd/nbd-bench.js",
   fuse: "dist/bench/fuse/fuse-bench.js",
   supervisor: "dist/bench/supervisor/restart-pause.js",
+  journal: "dist/bench/durable/journal-cost.js",
 };
 const wanted = process.argv.slice(2);
 for (const name of wanted) {

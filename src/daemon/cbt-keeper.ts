@@ -43,6 +43,8 @@ import { cbtJournalPathIn, cbtStatePathIn } from "./paths.js";
 const checkpointIntervalMs = 30_000;
 /** A documented test hook: where the boot id is read (a changed one simulates a host crash). */
 const bootIdPathEnvironmentKey = "BLOCKSNAP_TEST_BOOT_ID_PATH";
+/** A documented benchmark hook: `1` runs without journals (a crash then costs the CBT generation). */
+const noJournalEnvironmentKey = "BLOCKSNAP_BENCH_NO_CBT_JOURNAL";
 
 export interface LoadedCbt {
   /** What DeviceAddOptions takes: the state to restore, or why a new generation starts. */
@@ -239,7 +241,7 @@ export class CbtKeeper {
     const kept = this.kept.get(name);
     if (kept === undefined) return;
     const identity = await identityOf(kept.backendPath).catch(() => null);
-    if (identity === null) {
+    if (identity === null || process.env[noJournalEnvironmentKey] === "1") {
       kept.intent.start(null);
       return;
     }
