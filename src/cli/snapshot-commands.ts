@@ -9,16 +9,16 @@
 
 import type { Command } from "commander";
 import { Option } from "commander";
-import {
-  type DestroyedView,
-  type EventView,
-  type SnapshotEventView,
-  type SnapshotListView,
-  type SnapshotView,
-  type StorageInfoView,
-  type StorageView,
-  type TakeReportView,
-  waitEventTimeoutMsMax,
+import { freezeTimeoutMsMax, waitEventTimeoutMsMax } from "../daemon/api-limits.js";
+import type {
+  DestroyedView,
+  EventView,
+  SnapshotEventView,
+  SnapshotListView,
+  SnapshotView,
+  StorageInfoView,
+  StorageView,
+  TakeReportView,
 } from "../daemon/api-types.js";
 import { CliError } from "./cli-error.js";
 import { absolutePath, addCommonOptions, type CommonOptions, clientAction } from "./command-context.js";
@@ -281,7 +281,7 @@ export function addSnapshotCommands(program: Command): void {
       .option(
         "--freeze-timeout <ms>",
         "bound for each freeze, thaw and hook, in milliseconds (default 30000)",
-        countArgument("freeze timeout", 600_000),
+        countArgument("freeze timeout", freezeTimeoutMsMax),
       ),
   )
     .addHelpText("after", "\nExample:\n  $ blocksnap snapshot take 6f1c0a52-...\n")

@@ -5,13 +5,14 @@
  */
 import { z } from "zod";
 import { deviceNameProblem } from "../engine/names.js";
-import { waitEventTimeoutMsMax } from "./api-types.js";
-
-export const markDirtyRangesMax = 65_536;
-export const snapshotDevicesMax = 256;
-const pathLengthMax = 4096;
-const commandLengthMax = 16384;
-const freezeTimeoutMsMax = 600_000;
+import {
+  apiCommandCharsMax,
+  apiPathCharsMax,
+  freezeTimeoutMsMax,
+  markDirtyRangesMax,
+  snapshotDevicesMax,
+  waitEventTimeoutMsMax,
+} from "./api-limits.js";
 
 const sizeBytes = z.int().nonnegative();
 // The engine's one rule (names.ts), so that the API refuses a bad name with the same reason.
@@ -20,7 +21,7 @@ const deviceName = z.string().check((context) => {
   if (problem !== null)
     context.issues.push({ code: "custom", message: `invalid device name: ${problem}`, input: context.value });
 });
-const path = z.string().min(1).max(pathLengthMax);
+const path = z.string().min(1).max(apiPathCharsMax);
 
 export const deviceAddBodySchema = z.strictObject({
   name: deviceName,
@@ -43,8 +44,8 @@ export const snapshotCreateBodySchema = z.strictObject({
   chunkSizeBytes: sizeBytes.positive().optional(),
   onCowError: z.enum(["break-snapshot", "fail-origin-write"]).optional(),
   growthPortionBytes: sizeBytes.positive().optional(),
-  preTakeCommand: z.string().min(1).max(commandLengthMax).optional(),
-  postTakeCommand: z.string().min(1).max(commandLengthMax).optional(),
+  preTakeCommand: z.string().min(1).max(apiCommandCharsMax).optional(),
+  postTakeCommand: z.string().min(1).max(apiCommandCharsMax).optional(),
 });
 
 export const takeBodySchema = z.strictObject({

@@ -6,9 +6,6 @@
  * the build there instead of silently renaming a JSON key. The CLI reads only these types.
  */
 
-/** The longest wait-event long poll: one hour. */
-export const waitEventTimeoutMsMax = 3_600_000;
-
 export interface ApiErrorBody {
   readonly error: { readonly errno: string; readonly message: string };
 }

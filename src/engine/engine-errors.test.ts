@@ -9,8 +9,8 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { BlockError, type Errno } from "../block/errors.js";
 import { Engine } from "./engine.js";
+import { waitTimeoutMsMax } from "./engine-limits.js";
 import type { SnapshotCreateOptions } from "./engine-types.js";
-import { waitTimeoutMsMax } from "./event-queue.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;

@@ -26,22 +26,16 @@ import { CheckedDevice } from "../block/checked-device.js";
 import type { BlockDevice } from "../block/device.js";
 import { BlockError, toBlockError } from "../block/errors.js";
 import type { ChangedBlocks, Export, ExportSource } from "../block/export-source.js";
-import { isValidCbtBlockSize } from "../cbt/cbt-geometry.js";
 import type { CbtInfo } from "../cbt/cbt-map.js";
 import { CbtMap, type CbtState } from "../cbt/cbt-map.js";
-import {
-  chunkSizeBytesDefault,
-  chunkSizeBytesMax,
-  chunkSizeBytesMin,
-  isValidChunkSize,
-} from "../cow/chunk-geometry.js";
 import { Tracker } from "../cow/tracker.js";
 import type { StorageInfo } from "../storage/diff-storage.js";
-import { DiffStorage, growthPortionBytesDefault } from "../storage/diff-storage.js";
+import { DiffStorage } from "../storage/diff-storage.js";
 import { memoryStoragePath, type StorageArea, type StorageDevice } from "../storage/storage-area.js";
 import { assert } from "../util/assert.js";
 import { type Logger, silentLogger } from "../util/logger.js";
 import { type Admission, BackendClaims, type PathPolicy } from "./backend-claims.js";
+import { devicesMax, snapshotsMax } from "./engine-limits.js";
 import type {
   AppendStorageOptions,
   ByteRange,
@@ -52,14 +46,18 @@ import type {
   SnapshotInfo,
   TakeOptions,
 } from "./engine-types.js";
-import { waitTimeoutMsMax } from "./event-queue.js";
+import {
+  checkDeviceAddOptions,
+  checkRange,
+  checkSnapshotCreateOptions,
+  checkTakeOptions,
+  checkWaitTimeout,
+} from "./engine-validation.js";
 import type { Freezer } from "./freezer.js";
 import { checkDeviceName, imageExportName } from "./names.js";
 import { Snapshot } from "./snapshot.js";
 
 export const memoryBackendPath = "memory:";
-export const devicesMax = 4096;
-export const snapshotsMax = 1024;
 
 export interface EngineOptions {
   readonly logger?: Logger;
@@ -70,9 +68,6 @@ export interface EngineOptions {
   /** A stage in front of every difference storage's chunk I/O (fault injection in tests); none by default. */
   readonly storageStage?: (device: StorageDevice) => StorageDevice;
 }
-
-export const freezeTimeoutMsDefault = 30_000;
-export const freezeTimeoutMsMax = 10 * 60_000;
 
 /** DeviceAddOptions plus, for library users, a ready BlockDevice instead of a path. */
 export interface DeviceAddLibraryOptions extends DeviceAddOptions {
@@ -120,24 +115,7 @@ export class Engine implements ExportSource {
     if (this.devices.has(options.name))
       throw new BlockError("EEXIST", `Device ${options.name} already exists`);
     if (this.devices.size >= devicesMax) throw new BlockError("ENOSPC", `At most ${devicesMax} devices`);
-    if (
-      options.sizeBytes !== undefined &&
-      (!Number.isSafeInteger(options.sizeBytes) || options.sizeBytes <= 0)
-    ) {
-      throw new BlockError(
-        "EINVAL",
-        `Invalid device size ${options.sizeBytes}: must be a positive number of bytes`,
-      );
-    }
-    if (options.cbtBlockSizeBytes !== undefined && !isValidCbtBlockSize(options.cbtBlockSizeBytes)) {
-      throw new BlockError(
-        "EINVAL",
-        `Invalid CBT block size ${options.cbtBlockSizeBytes}: must be a power of two from 4 KiB to 64 MiB`,
-      );
-    }
-    if (typeof options.backendPath !== "string" || options.backendPath === "") {
-      throw new BlockError("EINVAL", "A backend path is required");
-    }
+    checkDeviceAddOptions(options);
     const admission =
       options.backend === undefined && options.backendPath !== memoryBackendPath
         ? await this.claims.admit(options.backendPath, "backend")
@@ -283,47 +261,10 @@ export class Engine implements ExportSource {
 
   async createSnapshot(options: SnapshotCreateOptions): Promise<SnapshotInfo> {
     this.checkOpen();
-    const chunkSizeBytes = options.chunkSizeBytes ?? chunkSizeBytesDefault;
-    if (!isValidChunkSize(chunkSizeBytes)) {
-      throw new BlockError(
-        "EINVAL",
-        `Invalid chunk size ${chunkSizeBytes}: must be a power of two from ${chunkSizeBytesMin} to ${chunkSizeBytesMax}`,
-      );
-    }
-    if (!Number.isSafeInteger(options.limitBytes) || options.limitBytes <= 0) {
-      throw new BlockError(
-        "EINVAL",
-        `Invalid storage limit ${options.limitBytes}: must be a positive number of bytes`,
-      );
-    }
-    const growthPortionBytes = options.growthPortionBytes ?? growthPortionBytesDefault;
-    if (!Number.isSafeInteger(growthPortionBytes) || growthPortionBytes < chunkSizeBytes) {
-      throw new BlockError(
-        "EINVAL",
-        `Invalid growth portion ${growthPortionBytes}: must be at least one chunk`,
-      );
-    }
-    const onCowError = options.onCowError ?? "break-snapshot";
-    if (onCowError !== "break-snapshot" && onCowError !== "fail-origin-write") {
-      throw new BlockError("EINVAL", `Invalid copy-before-write error policy ${JSON.stringify(onCowError)}`);
-    }
-    if (typeof options.storage !== "string" || options.storage === "") {
-      throw new BlockError("EINVAL", "A storage path is required");
-    }
-    for (const command of [options.preTakeCommand, options.postTakeCommand]) {
-      if (
-        command !== undefined &&
-        (typeof command !== "string" || command.trim() === "" || command.length > 4096)
-      ) {
-        throw new BlockError("EINVAL", "A take hook must be a non-empty command of at most 4096 characters");
-      }
-    }
+    const { chunkSizeBytes, growthPortionBytes, onCowError, deviceNames } =
+      checkSnapshotCreateOptions(options);
     if (this.snapshots.size >= snapshotsMax)
       throw new BlockError("ENOSPC", `At most ${snapshotsMax} snapshots`);
-    const deviceNames = options.devices ?? [];
-    if (new Set(deviceNames).size !== deviceNames.length) {
-      throw new BlockError("EINVAL", "A device is listed twice");
-    }
     const checkMembers = () => {
       this.checkOpen();
       const members = deviceNames.map((name) => this.device(name));
@@ -422,17 +363,7 @@ export class Engine implements ExportSource {
 
   async takeSnapshot(id: string, options: TakeOptions = {}): Promise<SnapshotInfo> {
     const snapshot = this.snapshot(id);
-    const freezeTimeoutMs = options.freezeTimeoutMs ?? freezeTimeoutMsDefault;
-    if (
-      !Number.isSafeInteger(freezeTimeoutMs) ||
-      freezeTimeoutMs <= 0 ||
-      freezeTimeoutMs > freezeTimeoutMsMax
-    ) {
-      throw new BlockError(
-        "EINVAL",
-        `Invalid freeze timeout ${freezeTimeoutMs}: must be 1 to ${freezeTimeoutMsMax} ms`,
-      );
-    }
+    const freezeTimeoutMs = checkTakeOptions(options);
     await snapshot.take({ freezer: options.noFreeze ? null : this.freezer, freezeTimeoutMs });
     // A destroy may have been queued behind this take: publish no image of a snapshot that is gone.
     if (this.snapshots.get(id) !== snapshot) throw new BlockError("ESRCH", `Snapshot ${id} was destroyed`);
@@ -468,9 +399,7 @@ export class Engine implements ExportSource {
 
   waitEvent(id: string, timeoutMs: number): Promise<SnapshotEvent | null> {
     const snapshot = this.snapshot(id);
-    if (!Number.isSafeInteger(timeoutMs) || timeoutMs < 0 || timeoutMs > waitTimeoutMsMax) {
-      throw new BlockError("EINVAL", `Invalid timeout ${timeoutMs}: must be 0 to ${waitTimeoutMsMax} ms`);
-    }
+    checkWaitTimeout(timeoutMs);
     return snapshot.events.wait(timeoutMs);
   }
 
@@ -603,24 +532,6 @@ export class Engine implements ExportSource {
         this.logger.error({ err: error }, "exports listener failed");
       }
     }
-  }
-}
-
-function checkRange(range: ByteRange, sizeBytes: number): void {
-  const { offsetBytes, lengthBytes } = range;
-  if (
-    !Number.isSafeInteger(offsetBytes) ||
-    offsetBytes < 0 ||
-    !Number.isSafeInteger(lengthBytes) ||
-    lengthBytes <= 0
-  ) {
-    throw new BlockError("EINVAL", `Invalid range ${offsetBytes}:${lengthBytes}`);
-  }
-  if (offsetBytes + lengthBytes > sizeBytes) {
-    throw new BlockError(
-      "EINVAL",
-      `Range ${offsetBytes}:${lengthBytes} ends past the device size ${sizeBytes}`,
-    );
   }
 }
 

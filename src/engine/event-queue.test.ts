@@ -2,8 +2,9 @@ import { AssertionError } from "node:assert";
 import assert from "node:assert/strict";
 import { performance } from "node:perf_hooks";
 import { test } from "node:test";
+import { eventsMax, waitTimeoutMsMax } from "./engine-limits.js";
 import type { SnapshotEvent } from "./engine-types.js";
-import { EventQueue, eventsMax, waitTimeoutMsMax } from "./event-queue.js";
+import { EventQueue } from "./event-queue.js";
 
 function noSpace(requestedBytes: number): SnapshotEvent {
   return { type: "no_space", timeMs: 0, requestedBytes };

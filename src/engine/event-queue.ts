@@ -7,10 +7,8 @@
  */
 
 import { assert } from "../util/assert.js";
+import { eventsMax, waitTimeoutMsMax } from "./engine-limits.js";
 import type { SnapshotEvent } from "./engine-types.js";
-
-export const eventsMax = 1024;
-export const waitTimeoutMsMax = 24 * 60 * 60 * 1000;
 
 interface Waiter {
   readonly resolve: (event: SnapshotEvent | null) => void;

@@ -1,0 +1,29 @@
+/**
+ * Bounds of the control API (docs/api.md), the one place the zod schemas and the CLI take them from. Where
+ * the engine has the same bound the API uses the engine's (engine/engine-limits.ts); where the API is
+ * stricter (a long poll, a request's list lengths) it says so here, and module-load assertions keep every
+ * API bound inside the engine's, so the API never accepts what the engine then refuses.
+ */
+import {
+  freezeTimeoutMsMax as engineFreezeTimeoutMsMax,
+  pathCharsMax,
+  takeHookCommandCharsMax,
+  waitTimeoutMsMax,
+} from "../engine/engine-limits.js";
+import { assert } from "../util/assert.js";
+
+/** A backend or storage path in a request body. */
+export const apiPathCharsMax = pathCharsMax;
+/** A pre-take or post-take hook command. */
+export const apiCommandCharsMax = takeHookCommandCharsMax;
+/** `take --freeze-timeout`. */
+export const freezeTimeoutMsMax = engineFreezeTimeoutMsMax;
+/** The longest wait-event long poll: one hour (the engine allows a day; a request should not). */
+export const waitEventTimeoutMsMax = 3_600_000;
+/** Ranges in one mark-dirty request. */
+export const markDirtyRangesMax = 65_536;
+/** Devices named in one snapshot create. */
+export const snapshotDevicesMax = 256;
+
+assert(waitEventTimeoutMsMax <= waitTimeoutMsMax, "a wait the engine would refuse");
+assert(freezeTimeoutMsMax <= engineFreezeTimeoutMsMax && apiCommandCharsMax <= takeHookCommandCharsMax);
