@@ -3,7 +3,7 @@
  * `nbdkit file` and `qemu-nbd -f raw -t -e 0` on the same page-cache-hot file, in one run, with the same
  * clients: `nbdcopy URI null:` (sequential read of everything), fio --ioengine=nbd 4 KiB randread at QD32
  * and QD1, 4 KiB randwrite at QD32 and 256 KiB sequential write at QD16. The machine has 2 cores shared by
- * server and client, so run-to-run noise is about ±30% (nbd-and-stack.md §2.5). Tests run in test-major order (all
+ * server and client, so run-to-run noise is about ±30% (docs/design/nbd-notes.md). Tests run in test-major order (all
  * servers for one test, then the next test) so that drift hits every server alike. Prints a table with
  * ratios and writes it as Markdown to bench/results/nbd.md.
  *

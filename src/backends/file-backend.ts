@@ -2,7 +2,7 @@
  * FileBackend: a regular file or a block device. Data goes through the page cache (no O_DIRECT: Node's
  * buffers are not aligned); FLUSH and FUA are fdatasync. Requests under 64 KiB use the synchronous fs
  * calls: on page-cache-hot data a synchronous pread costs a few microseconds, far less than a hop through
- * the libuv pool (measured in nbd-and-stack.md §2.6); larger ones go through the pool so that their copy
+ * the libuv pool (measured in docs/design/nbd-notes.md); larger ones go through the pool so that their copy
  * overlaps with the event loop. The FUSE face reads /dev/fuse on its own thread, not the pool.
  * fdatasync is asynchronous because it waits for the disk.
  *

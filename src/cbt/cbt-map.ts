@@ -1,5 +1,5 @@
 /**
- * CbtMap: blksnap's change-block tracking (blksnap-reference.md §3), one byte per tracking block.
+ * CbtMap: blksnap's change-block tracking (docs/design/semantics.md), one byte per tracking block.
  *
  * - writeMap is live: an origin write raises each touched block to `snapNumberActive`.
  * - readMap is frozen at take: it is what `cbt read` returns; later origin writes never change it.

@@ -1,6 +1,6 @@
 /**
  * `blocksnap cbt info|read|mark-dirty`: change-block tracking of a device (blksnap's model: one byte per
- * block, the number of the take after which the block last changed; see ARCHITECTURE.md §3).
+ * block, the number of the take after which the block last changed; see docs/design/semantics.md).
  */
 import { writeFile } from "node:fs/promises";
 import type { Command } from "commander";

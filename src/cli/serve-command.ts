@@ -1,6 +1,6 @@
 /**
  * `blocksnap serve`: runs the daemon in the foreground (for systemd, a container, or a terminal). Every
- * default works without configuration and exposes nothing (ARCHITECTURE.md §4): the sockets are the
+ * default works without configuration and exposes nothing (docs/design/architecture.md): the sockets are the
  * daemon user's only and there is no TCP listener unless `--nbd-listen` asks for one; `none` turns a face off. The daemon code is
  * imported only here, lazily, so the client commands never load the engine.
  */

@@ -1,5 +1,5 @@
 /**
- * Parsing and printing of the CLI's sizes and byte ranges (ARCHITECTURE.md §3: bytes everywhere, K/M/G/T
+ * Parsing and printing of the CLI's sizes and byte ranges (docs/design/semantics.md: bytes everywhere, K/M/G/T
  * suffixes are powers of 1024). `SIZE` is digits with an optional suffix (`4096`, `64K`, `1G`; `KiB` and
  * `KB` are read as K too); `RANGE` is `OFFSET:LENGTH`, both sizes, the length at least one byte. Fractions,
  * signs and values beyond 2^53 - 1 are refused rather than rounded.

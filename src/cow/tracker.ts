@@ -5,7 +5,7 @@
  * writes here (blksnap issue #112 is the bug this avoids). Reads, flush and extents pass through.
  *
  * CBT is marked before the write and even when the write then fails (conservative, like QEMU), and a CBT
- * failure never skips copy-before-write (reference quirk 12).
+ * failure never skips copy-before-write (blksnap quirk 12, docs/design/semantics.md).
  *
  * The write gate makes take atomic across devices: `hold()` stops admitting new modifications and resolves
  * once the ones in flight have drained; the snapshot then switches CBT and attaches its DiffArea to every

@@ -1,5 +1,5 @@
 /**
- * The Freezer seam of take (ARCHITECTURE §3, blksnap's bdev_freeze): before the engine holds origin writes
+ * The Freezer seam of take (docs/design/semantics.md, blksnap's bdev_freeze): before the engine holds origin writes
  * it asks a Freezer to quiesce whatever sits on the member devices — file systems mounted on loop devices
  * over blocksnap's FUSE files, user hooks for what blocksnap cannot see — and after it released them it
  * thaws. The engine stays free of mounts and processes; src/freeze/ implements this interface.

@@ -1,5 +1,5 @@
 /**
- * Validation of user-chosen names and ids (ARCHITECTURE §3): the one rule for device names, used by the
+ * Validation of user-chosen names and ids (docs/design/semantics.md): the one rule for device names, used by the
  * engine, the control API's schemas and so the CLI. A device name becomes an NBD export name, a FUSE file
  * name and a command-line argument, so it is refused when it could be read as something else there: a
  * path (`/`, `..`), an option (a leading `-`), a hidden or relative file (a leading `.`), or text that does

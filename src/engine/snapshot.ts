@@ -6,7 +6,7 @@
  * Take is atomic across the members: every tracker stops admitting writes (hold), in-flight writes drain,
  * each tracker switches CBT and attaches its new DiffArea, then all are released. The time from the first
  * hold to the release is the stall, recorded in `takeStallMs`. Freezing file systems mounted on the
- * members happens before this, in the hooks the caller passes (ARCHITECTURE §3: freeze, hold, switch,
+ * members happens before this, in the hooks the caller passes (docs/design/semantics.md: freeze, hold, switch,
  * release, thaw).
  *
  * Destroy: images fail with EIO at once; trackers are held, detached and released (so no origin write

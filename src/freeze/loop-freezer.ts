@@ -1,5 +1,5 @@
 /**
- * LoopFreezer: the Freezer that blocksnap's daemon uses (ARCHITECTURE §3, issue "freeze and thaw around
+ * LoopFreezer: the Freezer that blocksnap's daemon uses (docs/design/semantics.md, issue "freeze and thaw around
  * take"). At take: run the pre-take hook; find the file systems mounted on loop devices over the member
  * devices' FUSE files; freeze them all concurrently (each bounded by the timeout). The engine then holds,
  * switches and releases writes, and calls thaw(): every frozen file system is thawed — always, also when

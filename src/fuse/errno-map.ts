@@ -1,5 +1,5 @@
 /**
- * Errno → FUSE reply error, in exactly one function (ARCHITECTURE.md §2). A FUSE reply carries a negative
+ * Errno → FUSE reply error, in exactly one function (docs/design/architecture.md). A FUSE reply carries a negative
  * Linux errno in fuse_out_header.error; the kernel rejects the whole reply unless -512 < error <= 0.
  *
  * Two rules beyond the plain number:

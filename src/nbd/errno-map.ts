@@ -1,5 +1,5 @@
 /**
- * The only errno → NBD error mapping of the project (nbdkit's nbd_errno(), style-models.md §6.4). It takes
+ * The only errno → NBD error mapping of the project (nbdkit's nbd_errno(), docs/design/errors.md). It takes
  * the request's command flags because two errors exist on the wire only for one flag each: ENOTSUP answers
  * a FAST_ZERO, EOVERFLOW answers a DF read. Everything unnamed is EINVAL, as in nbdkit.
  *

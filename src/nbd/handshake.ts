@@ -8,7 +8,7 @@
  * every other option (STARTTLS, EXTENDED_HEADERS, PEEK_EXPORT, unknown numbers) gets NBD_REP_ERR_UNSUP and
  * haggling continues. Exports are looked up in the ExportSource when INFO, GO or EXPORT_NAME arrives. INFO
  * and GO build their replies with the same function, so they cannot differ (the nbd-server 3.24 bug in
- * nbd-and-stack.md §1.2).
+ * docs/design/nbd-notes.md).
  *
  * Metadata contexts: every export has base:allocation (id 1, from the device's extents) plus the export's
  * own contexts (export-meta-contexts.ts: `qemu:dirty-bitmap:cbt…` on snapshot images), ids 2, 3... by their

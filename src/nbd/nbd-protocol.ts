@@ -3,7 +3,7 @@
  * NBD_CMD_WRITE_ZEROES finds the same thing here, in nbdkit, libnbd and QEMU. Only what blocksnap speaks:
  * fixed newstyle, simple and structured replies; no oldstyle, TLS or extended headers (answered
  * NBD_REP_ERR_UNSUP). All integers on the wire are big-endian. The 64-bit magics are kept as BigInt and
- * as bytes: as Numbers they would silently lose precision (nbd-and-stack.md §1.15).
+ * as bytes: as Numbers they would silently lose precision (docs/design/nbd-notes.md).
  */
 
 // Handshake magics.
@@ -99,7 +99,7 @@ export const NBD_REPLY_TYPE_NONE = 0;
 export const NBD_REPLY_TYPE_OFFSET_DATA = 1;
 export const NBD_REPLY_TYPE_OFFSET_HOLE = 2;
 export const NBD_REPLY_TYPE_BLOCK_STATUS = 5;
-// Parenthesised on purpose: `1 << 15 + 1` is 1 << 16 in JavaScript (nbd-and-stack.md §1.15).
+// Parenthesised on purpose: `1 << 15 + 1` is 1 << 16 in JavaScript (docs/design/nbd-notes.md).
 export const NBD_REPLY_TYPE_ERROR = (1 << 15) + 1;
 export const NBD_REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2;
 

@@ -8,7 +8,7 @@
  * on the hot path: any offset at or above 2^53 (high half >= 2^21) is past the end of every device
  * (device sizes are safe integers), and below that `high * 2^32 + low` is exact. The sum with a u32 length
  * then stays below 2^53 + 2^32, where a comparison with a safe-integer size cannot go wrong. So offset 2^63
- * is an ordinary EINVAL, never a RangeError from fs (nbd-and-stack.md §1.15).
+ * is an ordinary EINVAL, never a RangeError from fs (docs/design/nbd-notes.md).
  *
  * Returns the errno to answer, or undefined when the request may run; errno-map.ts turns it into NBD.
  */

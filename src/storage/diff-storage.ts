@@ -5,7 +5,7 @@
  * block device, or RAM); `appendStorage` adds more (blksnap v1's stretch flow). Regions are allocated
  * sequentially; each chunk is stored once and nothing is freed before destroy.
  *
- * Limit and growth (ARCHITECTURE §3): the first area grows in portions (default 64 MiB) while the total
+ * Limit and growth (docs/design/semantics.md): the first area grows in portions (default 64 MiB) while the total
  * capacity is below `limitBytes`. After each allocation, when free space drops below half a portion, a
  * `low_space {freeBytes}` event is emitted once per crossing and the area grows by
  * min(portion, limit - capacity). When growth is impossible (limit reached, or a block device) a single

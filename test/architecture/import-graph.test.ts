@@ -1,5 +1,5 @@
 /**
- * The layer rules of the source tree (docs/design/architecture.md §Layers), checked on every build: each
+ * The layer rules of the source tree (docs/design/architecture.md, "Rooms and the direction of imports"), checked on every build: each
  * room (a folder of src/) may import only the rooms listed for it below, and no module imports itself
  * through a chain (no cycles). Imports are read with TypeScript's own pre-processor, so comments and
  * strings do not count and type-only and dynamic imports do. Test files (*.test.ts) are not checked.

@@ -1,5 +1,5 @@
 /**
- * CBT through the real binary, checked against a model of blksnap's maps (ARCHITECTURE.md §3): over
+ * CBT through the real binary, checked against a model of blksnap's maps (docs/design/semantics.md): over
  * several takes, the map read while a snapshot is held does not change with later origin writes;
  * changes_number rises by one per take; blocks written in round k carry k+1 in the next map; mark-dirty
  * raises the blocks it covers now and in the next map; a clean restart keeps the generation and the maps,

@@ -1,5 +1,5 @@
 /**
- * Seeded randomized model test of the whole engine (ARCHITECTURE §5): several devices, thousands of
+ * Seeded randomized model test of the whole engine (docs/design/architecture.md, "How it is tested"): several devices, thousands of
  * interleaved and concurrent operations — origin writes, zeroes and trims, image reads and writes,
  * mark-dirty, takes, bursts of takes past the 255-take CBT wrap, destroys — checked against plain
  * Uint8Array models. Every image read must be byte-exact, origins exact, CBT maps and counters equal.

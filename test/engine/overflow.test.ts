@@ -1,5 +1,5 @@
 /**
- * Difference storage overflow and growth, for every storage kind (ARCHITECTURE §3): a limit too small
+ * Difference storage overflow and growth, for every storage kind (docs/design/semantics.md): a limit too small
  * gives exactly one `corrupted` event with ENOSPC, the image fails with EIO, and the origin keeps every
  * byte written to it; policy fail-origin-write fails the origin write instead and keeps the snapshot
  * valid; growth emits `low_space` and, at the limit, one `no_space`.

@@ -1,6 +1,6 @@
 /**
- * Raw-socket probes of the fixed-newstyle handshake: nbd-and-stack.md Appendix B items 1–6 and 10, and the
- * handshake items of §1.14 ("more cases"). Each test speaks bytes to an in-process NbdServer.
+ * Raw-socket probes of the fixed-newstyle handshake (docs/design/nbd-notes.md, "Conformance"): option
+ * corners, bad magics, oversized payloads. Each test speaks bytes to an in-process NbdServer.
  */
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";

@@ -1,5 +1,5 @@
 /**
- * A raw NBD client over net.Socket for the protocol probes (nbd-and-stack.md Appendix B): it sends exactly
+ * A raw NBD client over net.Socket for the protocol probes (docs/design/nbd-notes.md): it sends exactly
  * the bytes a test builds, including what libnbd refuses to send, and reads replies field by field.
  * Written for tests only: no pipelining logic, every read waits for an exact byte count.
  */

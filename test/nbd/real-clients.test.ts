@@ -1,6 +1,6 @@
 /**
  * Real clients nobody on this project wrote, against an in-process NbdServer: nbdinfo (--json, --list,
- * --map), the libnbd Python smoke of nbd-and-stack.md Appendix A (with and without structured replies),
+ * --map), the libnbd Python smoke of docs/design/nbd-notes.md (with and without structured replies),
  * qemu-io pattern round trips (with -z and -f), qemu-img compare, nbdcopy -C 4 and fio --ioengine=nbd with
  * crc32c verification. Exports: a MemoryBackend disk (real holes), a read-only MemoryBackend, and a
  * FileBackend disk. Every tool that is missing skips its test with the reason.

@@ -1,4 +1,4 @@
-# libnbd conformance smoke (nbd-and-stack.md Appendix A), run by libnbd-smoke.test.ts with Debian's
+# libnbd conformance smoke (docs/design/nbd-notes.md), run by libnbd-smoke.test.ts with Debian's
 # python3-libnbd: /usr/bin/python3 smoke.py URI [structured...]. Every line starts with "ok", "note", "==",
 # "export" or "context"; a line starting with "FAIL" (or an uncaught exception) is a failed check.
 import errno

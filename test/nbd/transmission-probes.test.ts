@@ -1,6 +1,5 @@
 /**
- * Raw-socket probes of the transmission phase: nbd-and-stack.md Appendix B items 7–9 and the command items
- * of §1.14 (the table and "more cases"): bad flags and commands, ranges at and past the end, offsets above
+ * Raw-socket probes of the transmission phase (docs/design/nbd-notes.md, "Conformance"): bad flags and commands, ranges at and past the end, offsets above
  * 2^53 and at 2^63, refused WRITE payloads, DF, FAST_ZERO, BLOCK_STATUS, structured reads with holes,
  * repeated cookies, DISC with requests in flight, odd export sizes.
  */
