@@ -60,14 +60,3 @@ export interface BlockDevice {
    */
   directReadFd?(): number | null;
 }
-
-export const readOnlyCapabilities: Capabilities = {
-  canWrite: false,
-  canFlush: false,
-  canFua: false,
-  canTrim: false,
-  canZero: false,
-  canFastZero: false,
-  canExtents: false,
-  canMultiConn: true,
-};

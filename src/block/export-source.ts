@@ -27,6 +27,12 @@ export interface ChangedBlocks {
   /** This image's take number within its generation (blksnap's changes_number at take), at least 1. */
   readonly changesNumber: number;
   /**
+   * The take number of the previous take of this device in the same generation, when the server made it
+   * itself since it started; null when unknown (the first take of a generation, or the first since a
+   * restart: a crash recovery also consumes a number, so changesNumber - 1 need not have been a take).
+   */
+  readonly previousChangesNumber: number | null;
+  /**
    * Runs over [offsetBytes, offsetBytes + lengthBytes), from offsetBytes and in order, of the blocks
    * written after take `sinceChangesNumber` of the same generation (1 <= sinceChangesNumber <
    * changesNumber) and up to this image's take, or written through the image since. May cover less than

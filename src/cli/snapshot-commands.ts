@@ -177,7 +177,18 @@ export function addSnapshotCommands(program: Command): void {
       "after",
       "\nExamples:\n  $ id=$(blocksnap snapshot create --device disk0 --storage /var/tmp --limit 1G)\n  $ blocksnap snapshot take $id\n  $ blocksnap snapshot destroy $id\n",
     );
+  addCreateCommand(snapshot);
+  addAddCommand(snapshot);
+  addAppendStorageCommand(snapshot);
+  addTakeCommand(snapshot);
+  addInfoCommand(snapshot);
+  addListCommand(snapshot);
+  addWaitEventCommand(snapshot);
+  addWatchCommand(snapshot);
+  addDestroyCommand(snapshot);
+}
 
+function addCreateCommand(snapshot: Command): void {
   addCommonOptions(
     snapshot
       .command("create")
@@ -227,7 +238,9 @@ export function addSnapshotCommands(program: Command): void {
         writeLine(view.id);
       }),
     );
+}
 
+function addAddCommand(snapshot: Command): void {
   addCommonOptions(
     snapshot
       .command("add")
@@ -245,7 +258,9 @@ export function addSnapshotCommands(program: Command): void {
         writeLine(`added ${options.device} to ${view.id}`);
       }),
     );
+}
 
+function addAppendStorageCommand(snapshot: Command): void {
   addCommonOptions(
     snapshot
       .command("append-storage")
@@ -271,7 +286,9 @@ export function addSnapshotCommands(program: Command): void {
         writeLine(`storage: ${formatStorage(view.storage)}`);
       }),
     );
+}
 
+function addTakeCommand(snapshot: Command): void {
   addCommonOptions(
     snapshot
       .command("take")
@@ -300,7 +317,9 @@ export function addSnapshotCommands(program: Command): void {
         }
       }),
     );
+}
 
+function addInfoCommand(snapshot: Command): void {
   addCommonOptions(
     snapshot
       .command("info")
@@ -315,7 +334,9 @@ export function addSnapshotCommands(program: Command): void {
         for (const line of snapshotInfoLines(view)) writeLine(line);
       }),
     );
+}
 
+function addListCommand(snapshot: Command): void {
   addCommonOptions(snapshot.command("list").description("list snapshots"))
     .addHelpText("after", "\nExample:\n  $ blocksnap snapshot list\n")
     .action(
@@ -325,7 +346,9 @@ export function addSnapshotCommands(program: Command): void {
         for (const line of snapshotTable(view.snapshots)) writeLine(line);
       }),
     );
+}
 
+function addWaitEventCommand(snapshot: Command): void {
   addCommonOptions(
     snapshot
       .command("wait-event")
@@ -345,7 +368,9 @@ export function addSnapshotCommands(program: Command): void {
         writeLine(view.event === null ? "timeout" : formatEvent(view.event));
       }),
     );
+}
 
+function addWatchCommand(snapshot: Command): void {
   addCommonOptions(
     snapshot
       .command("watch")
@@ -365,7 +390,9 @@ export function addSnapshotCommands(program: Command): void {
         else writeLine(`snapshot ${id} ${end}`);
       }),
     );
+}
 
+function addDestroyCommand(snapshot: Command): void {
   addCommonOptions(
     snapshot
       .command("destroy")

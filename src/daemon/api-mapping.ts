@@ -100,7 +100,7 @@ function hookResultView(hook: HookResult | null): HookResultView | null {
   };
 }
 
-export function takeReportView(report: TakeReport | null): TakeReportView | null {
+function takeReportView(report: TakeReport | null): TakeReportView | null {
   if (report === null) return null;
   return {
     frozen: report.frozen.map(frozenMountView),

@@ -92,8 +92,6 @@ export function isLoopbackHost(host: string): boolean {
   return false;
 }
 
-export type TcpExposure = "loopback" | "network";
-
 /**
  * Decides whether a plaintext TCP listener may start. Returns the warning to log at every start; throws
  * EACCES when the listener would be open to the network without `--insecure-no-tls`.

@@ -98,6 +98,11 @@ export class Engine implements ExportSource {
   private readonly claims: BackendClaims;
   /** Names whose removal is flushing: not free for a new device until it ended. */
   private readonly removing = new Set<string>();
+  /** Per device, the CBT generation and take number of the last take made by this engine. */
+  private readonly lastTakes = new Map<
+    string,
+    { readonly generationId: string; readonly changesNumber: number }
+  >();
   private closed = false;
 
   constructor(options: EngineOptions = {}) {
@@ -218,6 +223,7 @@ export class Engine implements ExportSource {
     } finally {
       this.removing.delete(name);
     }
+    this.lastTakes.delete(name);
     this.logger.info({ device: name }, "device removed");
   }
 
@@ -372,7 +378,11 @@ export class Engine implements ExportSource {
       if (!member?.image) continue;
       const exportName = imageExportName(name, id);
       assert(!this.imageExports.has(exportName), "a snapshot publishes its images once");
-      const changedBlocks = imageChangedBlocks(snapshot, member.tracker.cbt);
+      const changedBlocks = imageChangedBlocks(snapshot, member.tracker.cbt, this.lastTakes.get(name));
+      this.lastTakes.set(name, {
+        generationId: changedBlocks.generationId,
+        changesNumber: changedBlocks.changesNumber,
+      });
       this.imageExports.set(exportName, {
         name: exportName,
         description:
@@ -548,11 +558,20 @@ function openedDescriptor(device: BlockDevice | StorageArea["device"]): number {
  * snapshot lives (set_both may still raise blocks, which is right to report). Once the snapshot is
  * destroyed the next take may switch the map: then the answer is EIO, like the image's.
  */
-function imageChangedBlocks(snapshot: Snapshot, cbt: CbtMap): ChangedBlocks {
+function imageChangedBlocks(
+  snapshot: Snapshot,
+  cbt: CbtMap,
+  lastTake: { readonly generationId: string; readonly changesNumber: number } | undefined,
+): ChangedBlocks {
   const { generationId, changesNumber } = cbt.info();
+  const previousChangesNumber =
+    lastTake?.generationId === generationId && lastTake.changesNumber < changesNumber
+      ? lastTake.changesNumber
+      : null;
   return {
     generationId,
     changesNumber,
+    previousChangesNumber,
     changedRuns: async (sinceChangesNumber, offsetBytes, lengthBytes) => {
       if (snapshot.state === "destroyed") {
         throw new BlockError("EIO", `Snapshot ${snapshot.id} was destroyed`);

@@ -1,5 +1,5 @@
 /**
- * Validation of user-chosen names and ids (docs/design/semantics.md): the one rule for device names, used by the
+ * Validation of user-chosen names (docs/design/semantics.md): the one rule for device names, used by the
  * engine, the control API's schemas and so the CLI. A device name becomes an NBD export name, a FUSE file
  * name and a command-line argument, so it is refused when it could be read as something else there: a
  * path (`/`, `..`), an option (a leading `-`), a hidden or relative file (a leading `.`), or text that does
@@ -9,7 +9,6 @@ import { BlockError } from "../block/errors.js";
 
 export const deviceNameCharsMax = 64;
 const deviceNamePattern = /^[A-Za-z0-9_][A-Za-z0-9._-]*$/;
-const snapshotIdPattern = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
 /** Why `name` is not a valid device name, or null when it is. */
 export function deviceNameProblem(name: unknown): string | null {
@@ -31,10 +30,6 @@ export function checkDeviceName(name: unknown): asserts name is string {
     const shown = typeof name === "string" && name.length > 80 ? `${name.slice(0, 80)}…` : name;
     throw new BlockError("EINVAL", `Invalid device name ${JSON.stringify(shown)}: ${problem}`);
   }
-}
-
-export function isSnapshotId(id: string): boolean {
-  return snapshotIdPattern.test(id);
 }
 
 /** Export name of a snapshot image. */

@@ -128,7 +128,3 @@ async function killMarkedProcesses(runToken: string, signal: NodeJS.Signals): Pr
     }
   }
 }
-
-export function hookSucceeded(result: HookResult | null): boolean {
-  return result === null || (result.exitCode === 0 && !result.timedOut);
-}

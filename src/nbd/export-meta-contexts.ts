@@ -4,8 +4,10 @@
  * and libnbd clients read them without knowing blocksnap:
  *
  * - `qemu:dirty-bitmap:cbt`: the blocks changed since the previous take of the same CBT generation.
- *   Absent on the first take of a generation: then there is no previous take this map can be compared
- *   with, and a client must copy everything.
+ *   Offered only when the server knows that take (ChangedBlocks.previousChangesNumber): absent on the
+ *   first take of a generation, where there is nothing to compare with, and on the first take after a
+ *   restart, where the number before this one may have been consumed by a crash recovery rather than a
+ *   take. A client then selects its baseline's own context below, or copies everything.
  * - `qemu:dirty-bitmap:cbt-<generationId>-<n>`: the blocks changed since take n of generation
  *   <generationId>, for every n from 1 to the image's take number - 1. A backup tool records the generation
  *   and take number of each image it copied (both are in the export description) and next time selects
@@ -55,10 +57,16 @@ export function exportMetaContexts(entry: Export): readonly MetaContext[] {
 }
 
 function changedBlockContexts(changedBlocks: ChangedBlocks): MetaContext[] {
-  const { generationId, changesNumber } = changedBlocks;
+  const { generationId, changesNumber, previousChangesNumber } = changedBlocks;
   assert(Number.isSafeInteger(changesNumber) && changesNumber >= 1, "an image's take number is at least 1");
+  assert(
+    previousChangesNumber === null || (previousChangesNumber >= 1 && previousChangesNumber < changesNumber),
+    "the previous take comes before this one",
+  );
   const contexts: MetaContext[] = [];
-  if (changesNumber >= 2) contexts.push(sinceContext(cbtContextName, changedBlocks, changesNumber - 1));
+  if (previousChangesNumber !== null) {
+    contexts.push(sinceContext(cbtContextName, changedBlocks, previousChangesNumber));
+  }
   for (let since = 1; since < changesNumber; since++) {
     contexts.push(sinceContext(cbtSinceContextName(generationId, since), changedBlocks, since));
   }

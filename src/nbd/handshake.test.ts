@@ -87,7 +87,12 @@ const generationContext = "qemu:dirty-bitmap:cbt-g1-1";
 
 function contextSource(): StaticExportSource {
   const device = new CheckedDevice(new MemoryBackend(1 << 20));
-  const changedBlocks = { generationId: "g1", changesNumber: 2, changedRuns: async () => [] };
+  const changedBlocks = {
+    generationId: "g1",
+    changesNumber: 2,
+    previousChangesNumber: 1,
+    changedRuns: async () => [],
+  };
   return new StaticExportSource([
     { name: "image", description: "", device, readOnly: false, changedBlocks },
     { name: "origin", description: "", device, readOnly: false },

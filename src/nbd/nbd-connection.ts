@@ -251,83 +251,110 @@ export class NbdConnection implements ReplySink {
     this.updateReading();
   }
 
+  /** One state's worth of parsing; false when it must wait for more bytes (or is done). */
   private step(): boolean {
     switch (this.state) {
-      case "RECV_CLIENT_FLAGS": {
-        if (!this.hasBytes(4)) return false;
-        const header = this.queue.peek(4);
-        const clientFlags = header.readUInt32BE(this.queue.peekOffsetBytes);
-        this.queue.skip(4);
-        return this.applyHandshakeStep(this.handshake.onClientFlags(clientFlags));
-      }
-      case "RECV_OPTION_HEADER": {
-        if (!this.hasBytes(NBD_OPTION_HEADER_BYTES)) return false;
-        const header = this.queue.peek(NBD_OPTION_HEADER_BYTES);
-        const at = this.queue.peekOffsetBytes;
-        if (header.readBigUInt64BE(at) !== NBD_IHAVEOPT) {
-          this.die("bad option magic during the handshake");
-          return false;
-        }
-        this.optionCode = header.readUInt32BE(at + 8);
-        this.optionLengthBytes = header.readUInt32BE(at + 12);
-        this.queue.skip(NBD_OPTION_HEADER_BYTES);
-        if (this.optionLengthBytes > optionPayloadSkipBytesMax) {
-          this.die(`option payload of ${this.optionLengthBytes} bytes`);
-          return false;
-        }
-        if (this.optionLengthBytes > optionPayloadBytesMax) {
-          this.skipLeftBytes = this.optionLengthBytes;
-          this.state = "SKIP_OPTION_DATA";
-        } else {
-          this.state = "RECV_OPTION_DATA";
-        }
-        return true;
-      }
-      case "RECV_OPTION_DATA": {
-        if (!this.hasBytes(this.optionLengthBytes)) return false;
-        const payload = this.queue.take(this.optionLengthBytes);
-        return this.applyHandshakeStep(this.handshake.onOption(this.optionCode, payload));
-      }
-      case "SKIP_OPTION_DATA": {
-        this.skipLeftBytes -= this.queue.skip(this.skipLeftBytes);
-        if (this.skipLeftBytes > 0) return this.waitForBytes();
-        return this.applyHandshakeStep(this.handshake.onOversizeOption(this.optionCode));
-      }
+      case "RECV_CLIENT_FLAGS":
+        return this.recvClientFlags();
+      case "RECV_OPTION_HEADER":
+        return this.recvOptionHeader();
+      case "RECV_OPTION_DATA":
+        return this.recvOptionData();
+      case "SKIP_OPTION_DATA":
+        return this.skipOptionData();
       case "RECV_REQUEST_HEADER":
-        if (this.isShuttingDown && this.inflightRequests === 0) {
-          this.finish("server is shutting down");
-          return false;
-        }
-        if (!this.canStartRequest()) return false;
-        if (!this.hasBytes(NBD_REQUEST_HEADER_BYTES)) return false;
-        return this.parseRequestHeader();
-      case "RECV_WRITE_PAYLOAD": {
-        const request = this.pendingWrite!;
-        const lengthBytes = request.lengthBytes;
-        this.payloadFilledBytes += this.queue.takeInto(
-          request.payload!,
-          this.payloadFilledBytes,
-          lengthBytes - this.payloadFilledBytes,
-        );
-        if (this.payloadFilledBytes < lengthBytes) return this.waitForBytes();
-        this.pendingWrite = undefined;
-        this.state = "RECV_REQUEST_HEADER";
-        this.dispatch(request, lengthBytes);
-        return true;
-      }
-      case "SKIP_WRITE_PAYLOAD": {
-        this.skipLeftBytes -= this.queue.skip(this.skipLeftBytes);
-        if (this.skipLeftBytes > 0) return this.waitForBytes();
-        const request = this.pendingWrite!;
-        this.pendingWrite = undefined;
-        this.state = "RECV_REQUEST_HEADER";
-        this.transmission!.sendError(request, this.pendingWriteErrno!);
-        return true;
-      }
+        return this.recvRequestHeader();
+      case "RECV_WRITE_PAYLOAD":
+        return this.recvWritePayload();
+      case "SKIP_WRITE_PAYLOAD":
+        return this.skipWritePayload();
       case "FINISHING":
       case "DEAD":
         return false;
     }
+  }
+
+  private recvClientFlags(): boolean {
+    if (!this.hasBytes(4)) return false;
+    const header = this.queue.peek(4);
+    const clientFlags = header.readUInt32BE(this.queue.peekOffsetBytes);
+    this.queue.skip(4);
+    return this.applyHandshakeStep(this.handshake.onClientFlags(clientFlags));
+  }
+
+  private recvOptionHeader(): boolean {
+    if (!this.hasBytes(NBD_OPTION_HEADER_BYTES)) return false;
+    const header = this.queue.peek(NBD_OPTION_HEADER_BYTES);
+    const at = this.queue.peekOffsetBytes;
+    if (header.readBigUInt64BE(at) !== NBD_IHAVEOPT) {
+      this.die("bad option magic during the handshake");
+      return false;
+    }
+    this.optionCode = header.readUInt32BE(at + 8);
+    this.optionLengthBytes = header.readUInt32BE(at + 12);
+    this.queue.skip(NBD_OPTION_HEADER_BYTES);
+    if (this.optionLengthBytes > optionPayloadSkipBytesMax) {
+      this.die(`option payload of ${this.optionLengthBytes} bytes`);
+      return false;
+    }
+    if (this.optionLengthBytes > optionPayloadBytesMax) {
+      this.skipLeftBytes = this.optionLengthBytes;
+      this.state = "SKIP_OPTION_DATA";
+    } else {
+      this.state = "RECV_OPTION_DATA";
+    }
+    return true;
+  }
+
+  private recvOptionData(): boolean {
+    if (!this.hasBytes(this.optionLengthBytes)) return false;
+    const payload = this.queue.take(this.optionLengthBytes);
+    return this.applyHandshakeStep(this.handshake.onOption(this.optionCode, payload));
+  }
+
+  private skipOptionData(): boolean {
+    this.skipLeftBytes -= this.queue.skip(this.skipLeftBytes);
+    if (this.skipLeftBytes > 0) return this.waitForBytes();
+    return this.applyHandshakeStep(this.handshake.onOversizeOption(this.optionCode));
+  }
+
+  private recvRequestHeader(): boolean {
+    if (this.isShuttingDown && this.inflightRequests === 0) {
+      this.finish("server is shutting down");
+      return false;
+    }
+    if (!this.canStartRequest()) return false;
+    if (!this.hasBytes(NBD_REQUEST_HEADER_BYTES)) return false;
+    return this.parseRequestHeader();
+  }
+
+  private recvWritePayload(): boolean {
+    const request = this.pendingWrite;
+    assert(request?.payload, "a write payload is read for a pending write");
+    const lengthBytes = request.lengthBytes;
+    this.payloadFilledBytes += this.queue.takeInto(
+      request.payload,
+      this.payloadFilledBytes,
+      lengthBytes - this.payloadFilledBytes,
+    );
+    if (this.payloadFilledBytes < lengthBytes) return this.waitForBytes();
+    assert(this.payloadFilledBytes === lengthBytes, "a payload is filled exactly");
+    this.pendingWrite = undefined;
+    this.state = "RECV_REQUEST_HEADER";
+    this.dispatch(request, lengthBytes);
+    return true;
+  }
+
+  private skipWritePayload(): boolean {
+    this.skipLeftBytes -= this.queue.skip(this.skipLeftBytes);
+    if (this.skipLeftBytes > 0) return this.waitForBytes();
+    const request = this.pendingWrite;
+    const errno = this.pendingWriteErrno;
+    assert(request && errno, "a skipped payload belongs to a refused write");
+    this.pendingWrite = undefined;
+    this.state = "RECV_REQUEST_HEADER";
+    this.transmission!.sendError(request, errno);
+    return true;
   }
 
   private parseRequestHeader(): boolean {

@@ -10,10 +10,3 @@ export function assert(condition: unknown, message?: string): asserts condition 
     throw new AssertionError({ message: message ?? "Assertion failed", stackStartFn: assert });
   }
 }
-
-/** Documents that a condition may go either way; it checks nothing. */
-export function maybe(_condition: boolean): void {}
-
-export function assertSafeInteger(value: number, name: string): void {
-  assert(Number.isSafeInteger(value), `${name} must be a safe integer: received ${value}`);
-}

@@ -360,3 +360,52 @@ test("a third take answers for either baseline; a new generation makes the old b
   assert.match(listing.description, new RegExp(`CBT generation ${cbt.generationId} take 1$`));
   await engine.destroySnapshot(fresh.id);
 });
+
+test("the first take after a restart offers only the generation contexts: the number before it may not be a take", async () => {
+  const first = new Engine();
+  const second = new Engine();
+  try {
+    await first.addDevice({
+      name: "r0",
+      backendPath: "memory:",
+      sizeBytes: 1024 * kib,
+      cbtBlockSizeBytes: block,
+    });
+    for (let take = 0; take < 2; take++) {
+      const created = await first.createSnapshot({
+        storage: "memory:",
+        limitBytes: 4096 * kib,
+        devices: ["r0"],
+      });
+      await first.takeSnapshot(created.id);
+      const image = first.findExport(`r0@${created.id}`)!;
+      const names = exportMetaContexts(image).map((context) => context.name);
+      assert.equal(names.includes(dirtyContext), take === 1, `take ${take + 1} of this engine: ${names}`);
+      await first.destroySnapshot(created.id);
+    }
+    const state = first.cbtState("r0");
+    await second.addDevice({
+      name: "r0",
+      backendPath: "memory:",
+      sizeBytes: 1024 * kib,
+      cbtBlockSizeBytes: block,
+      cbtState: state,
+    });
+    const created = await second.createSnapshot({
+      storage: "memory:",
+      limitBytes: 4096 * kib,
+      devices: ["r0"],
+    });
+    await second.takeSnapshot(created.id);
+    const image = second.findExport(`r0@${created.id}`)!;
+    assert.equal(image.changedBlocks?.changesNumber, 3);
+    assert.equal(image.changedBlocks?.previousChangesNumber, null);
+    assert.deepEqual(
+      exportMetaContexts(image).map((context) => context.name),
+      [sinceContext(state.generationId, 1), sinceContext(state.generationId, 2)],
+    );
+  } finally {
+    await first.close();
+    await second.close();
+  }
+});
