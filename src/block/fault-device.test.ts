@@ -106,3 +106,20 @@ test("FaultDevice: a probability replays exactly from its seed", async () => {
     isErrno("EINVAL"),
   );
 });
+
+test("FaultDevice: a delay-only rule slows the call down and lets it succeed", async () => {
+  const inner = new MemoryBackend(64 * KiB);
+  const device = new FaultDevice(inner, { rules: [{ operations: ["write"], delayMs: 5, count: 1 }] });
+  let settled = false;
+  const write = device.write(0, new Uint8Array(512).fill(1)).then(() => {
+    settled = true;
+  });
+  await Promise.resolve();
+  assert.equal(settled, false, "the write waits for its delay");
+  await write;
+  const check = new Uint8Array(512);
+  await inner.read(0, check);
+  assert.equal(check[0], 1);
+  assert.equal(device.firedCounts.get("write"), 1);
+  assert.throws(() => new FaultDevice(inner, { rules: [{ operations: ["read"] }] }), isErrno("EINVAL"));
+});

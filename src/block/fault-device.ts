@@ -1,7 +1,7 @@
 /**
- * FaultDevice: a stage that fails chosen operations, for tests of what the layers above do with I/O errors
- * (nbdkit's error filter, QEMU's blkdebug, TigerBeetle's testing storage). A fault rule names operations,
- * an errno, and when it fires: with a probability drawn from a seeded generator (a failing run replays
+ * FaultDevice: a stage that fails or delays chosen operations, for tests of what the layers above do with
+ * I/O errors and slow devices (nbdkit's error and delay filters, QEMU's blkdebug, TigerBeetle's testing
+ * storage). A fault rule names operations, an errno and/or a delay, and when it fires: with a probability drawn from a seeded generator (a failing run replays
  * from its seed), after the first `skipCount` matching calls, at most `count` times, and only for requests
  * that overlap [offsetBytes, offsetBytes + lengthBytes). The first rule that fires wins. A fired write may
  * be torn: part of the data reaches the device before the error (what a crash mid-write leaves).
@@ -19,7 +19,10 @@ export type FaultOperation = "read" | "write" | "writeZeroes" | "trim" | "flush"
 
 export interface FaultRule {
   readonly operations: readonly FaultOperation[];
-  readonly errno: Errno;
+  /** The error of a fired call; without one a fired call is only delayed. */
+  readonly errno?: Errno;
+  /** A fired call first waits this long (asynchronous operations only; writeSync is never delayed). */
+  readonly delayMs?: number;
   /** Chance that a matching call fails, 0..1; default 1. */
   readonly probability?: number;
   /** Matching calls let through before the rule may fire; default 0. */
@@ -64,6 +67,12 @@ export class FaultDevice extends PassThroughDevice {
       if ((rule.probability ?? 1) < 0 || (rule.probability ?? 1) > 1 || (rule.tornFraction ?? 0) < 0) {
         throw new BlockError("EINVAL", "a fault's probability and torn fraction lie in 0..1");
       }
+      if (rule.errno === undefined && rule.delayMs === undefined) {
+        throw new BlockError("EINVAL", "a fault rule needs an errno, a delay, or both");
+      }
+      if (rule.delayMs !== undefined && !(rule.delayMs >= 0 && rule.delayMs <= 60_000)) {
+        throw new BlockError("EINVAL", "a fault's delay lies in 0..60000 ms");
+      }
     }
     this.rules = options.rules.map((rule) => ({ rule, matched: 0, fired: 0 }));
     this.randomState = (options.seed ?? 1) >>> 0;
@@ -76,13 +85,14 @@ export class FaultDevice extends PassThroughDevice {
   }
 
   override async read(offsetBytes: number, target: Uint8Array): Promise<void> {
-    this.failIfFired("read", offsetBytes, target.byteLength);
+    await this.failIfFired("read", offsetBytes, target.byteLength);
     return this.inner.read(offsetBytes, target);
   }
 
   override async write(offsetBytes: number, source: Uint8Array, flags?: WriteFlags): Promise<void> {
     const fired = this.fire("write", offsetBytes, source.byteLength);
-    if (fired) {
+    if (fired?.delayMs !== undefined) await sleep(fired.delayMs);
+    if (fired?.errno !== undefined) {
       const tornBytes = tornLength(fired, source.byteLength);
       if (tornBytes > 0) await this.inner.write(offsetBytes, source.subarray(0, tornBytes));
       throw faultError(fired, "write", offsetBytes);
@@ -96,7 +106,7 @@ export class FaultDevice extends PassThroughDevice {
     if (!inner.writeSync)
       throw new BlockError("ENOTSUP", "the device under this fault stage has no writeSync");
     const fired = this.fire("write", offsetBytes, source.byteLength);
-    if (fired) {
+    if (fired?.errno !== undefined) {
       const tornBytes = tornLength(fired, source.byteLength);
       if (tornBytes > 0) inner.writeSync(offsetBytes, source.subarray(0, tornBytes));
       throw faultError(fired, "write", offsetBytes);
@@ -105,17 +115,17 @@ export class FaultDevice extends PassThroughDevice {
   }
 
   override async writeZeroes(offsetBytes: number, lengthBytes: number, flags?: ZeroFlags): Promise<void> {
-    this.failIfFired("writeZeroes", offsetBytes, lengthBytes);
+    await this.failIfFired("writeZeroes", offsetBytes, lengthBytes);
     return this.inner.writeZeroes(offsetBytes, lengthBytes, flags);
   }
 
   override async trim(offsetBytes: number, lengthBytes: number, flags?: WriteFlags): Promise<void> {
-    this.failIfFired("trim", offsetBytes, lengthBytes);
+    await this.failIfFired("trim", offsetBytes, lengthBytes);
     return this.inner.trim(offsetBytes, lengthBytes, flags);
   }
 
   override async flush(): Promise<void> {
-    this.failIfFired("flush", 0, 0);
+    await this.failIfFired("flush", 0, 0);
     return this.inner.flush();
   }
 
@@ -123,9 +133,14 @@ export class FaultDevice extends PassThroughDevice {
     return null;
   }
 
-  private failIfFired(operation: FaultOperation, offsetBytes: number, lengthBytes: number): void {
+  private async failIfFired(
+    operation: FaultOperation,
+    offsetBytes: number,
+    lengthBytes: number,
+  ): Promise<void> {
     const fired = this.fire(operation, offsetBytes, lengthBytes);
-    if (fired) throw faultError(fired, operation, offsetBytes);
+    if (fired?.delayMs !== undefined) await sleep(fired.delayMs);
+    if (fired?.errno !== undefined) throw faultError(fired, operation, offsetBytes);
   }
 
   /** The rule that fires for this call, if any; counts it. */
@@ -168,5 +183,10 @@ function tornLength(rule: FaultRule, lengthBytes: number): number {
 }
 
 function faultError(rule: FaultRule, operation: FaultOperation, offsetBytes: number): BlockError {
-  return new BlockError(rule.errno, `injected ${rule.errno} on ${operation} at ${offsetBytes}`);
+  const errno = rule.errno ?? "EIO";
+  return new BlockError(errno, `injected ${errno} on ${operation} at ${offsetBytes}`);
+}
+
+function sleep(delayMs: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, delayMs));
 }

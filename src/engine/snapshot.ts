@@ -174,7 +174,16 @@ export class Snapshot {
     await Promise.all(members.map((member) => member.tracker.hold()));
     for (const member of members) {
       assert(member.diffArea);
+      assert(
+        member.tracker.isHeld && member.tracker.inflightWriteCount === 0,
+        "switch only on a drained device",
+      );
+      const changesBefore = member.tracker.cbt.changesNumber;
       member.tracker.cbt.switchAtTake(member.tracker.sizeBytes);
+      assert(
+        member.tracker.cbt.changesNumber === changesBefore + 1 || member.tracker.cbt.changesNumber === 1,
+        "a take advances the changes number by one, or starts a generation at 1",
+      );
       member.tracker.setDiffArea(member.diffArea);
     }
     for (const member of members) member.tracker.release();
@@ -190,8 +199,13 @@ export class Snapshot {
     );
     for (const member of members) {
       assert(member.diffArea);
+      assert(
+        member.tracker.attachedDiffArea === member.diffArea,
+        "every member copies into its own diff area",
+      );
       member.image = new SnapshotImage(member.diffArea, member.tracker.cbt);
     }
+    assert(this.phase === "taking", "nothing ends a take halfway");
     this.phase = "taken";
   }
 

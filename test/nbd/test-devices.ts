@@ -3,39 +3,17 @@
  * have requests in flight on purpose), and devices that fail like a destroyed snapshot (EIO) or like a bug
  * (a plain Error).
  */
-import type { BlockDevice, Capabilities, Extent, WriteFlags, ZeroFlags } from "../../src/block/device.js";
+import type { BlockDevice, Capabilities, Extent, ZeroFlags } from "../../src/block/device.js";
 import { BlockError } from "../../src/block/errors.js";
+import { PassThroughDevice } from "../../src/block/pass-through-device.js";
 
-/** Forwards every call to `inner`; subclasses override what they change. */
-export class ForwardingDevice implements BlockDevice {
-  readonly inner: BlockDevice;
-  readonly sizeBytes: number;
-  readonly capabilities: Capabilities;
+/** The stage base (PassThroughDevice) with an optional capability override; subclasses override the rest. */
+export class ForwardingDevice extends PassThroughDevice {
+  override readonly capabilities: Capabilities;
 
   constructor(inner: BlockDevice, capabilities: Partial<Capabilities> = {}) {
-    this.inner = inner;
-    this.sizeBytes = inner.sizeBytes;
+    super(inner);
     this.capabilities = { ...inner.capabilities, ...capabilities };
-  }
-
-  read(offsetBytes: number, target: Uint8Array): Promise<void> {
-    return this.inner.read(offsetBytes, target);
-  }
-  write(offsetBytes: number, source: Uint8Array, flags?: WriteFlags): Promise<void> {
-    return this.inner.write(offsetBytes, source, flags);
-  }
-  writeZeroes(offsetBytes: number, lengthBytes: number, flags?: ZeroFlags): Promise<void> {
-    return this.inner.writeZeroes(offsetBytes, lengthBytes, flags);
-  }
-  trim(offsetBytes: number, lengthBytes: number, flags?: WriteFlags): Promise<void> {
-    return this.inner.trim(offsetBytes, lengthBytes, flags);
-  }
-  flush(): Promise<void> {
-    return this.inner.flush();
-  }
-  extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    if (!this.inner.extents) return Promise.resolve([{ lengthBytes, isHole: false, isZero: false }]);
-    return this.inner.extents(offsetBytes, lengthBytes);
   }
 }
 
