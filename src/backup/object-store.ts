@@ -1,0 +1,38 @@
+/**
+ * ObjectStore: the storage a backup repository sits on, reduced to what an object store offers (put, get,
+ * head, list, delete of whole immutable objects by key). The local directory store implements it now; the
+ * S3 store of issue 14 implements the same interface, so the repository code never touches paths.
+ *
+ * Keys are `/`-separated, made of [A-Za-z0-9._-] segments, never starting with `.` (so temporary files of a
+ * store never collide with keys). A put is atomic: a reader sees the whole object or none of it.
+ */
+import { BlockError } from "../block/errors.js";
+
+export interface ObjectInfo {
+  readonly key: string;
+  readonly sizeBytes: number;
+  readonly modifiedMs: number;
+}
+
+export interface ObjectStore {
+  /** A description for messages (the directory path, the s3:// URL). */
+  readonly location: string;
+  /** Stores `data` under `key` atomically and durably; replaces an existing object. */
+  put(key: string, data: Uint8Array): Promise<void>;
+  /** The whole object; ENOENT when absent. */
+  get(key: string): Promise<Uint8Array>;
+  /** Size and time of the object, or null when absent. */
+  head(key: string): Promise<ObjectInfo | null>;
+  /** Every object whose key starts with `prefix`, in no particular order. */
+  list(prefix: string): AsyncIterable<ObjectInfo>;
+  /** Removes the object; absent is not an error. */
+  delete(key: string): Promise<void>;
+}
+
+const keyPattern = /^[A-Za-z0-9_-][A-Za-z0-9._-]*(\/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$/;
+const keyLengthMax = 512;
+
+export function checkObjectKey(key: string): void {
+  if (key.length > keyLengthMax || !keyPattern.test(key))
+    throw new BlockError("EINVAL", `Invalid object key ${JSON.stringify(key)}`);
+}
