@@ -4,6 +4,7 @@
  * size or range) print `blocksnap: <message>` and exit 2; `--help` exits 0.
  */
 import { Command, CommanderError } from "commander";
+import { addBackupCommands } from "./backup-commands.js";
 import { addCbtCommands } from "./cbt-commands.js";
 import { exitCodeUsage } from "./cli-error.js";
 import { addCompletionCommands, answerCompletion } from "./completion-command.js";
@@ -33,6 +34,7 @@ export function buildProgram(): Command {
   addDeviceCommands(program);
   addCbtCommands(program);
   addSnapshotCommands(program);
+  addBackupCommands(program);
   addInstallUnitsCommand(program);
   addManCommand(program);
   addCompletionCommands(program);

@@ -76,3 +76,12 @@ export const deviceRemoveQuerySchema = z.strictObject({
 export const emptyObjectSchema = z.strictObject({});
 
 export const restartBodySchema = z.strictObject({ force: z.boolean().optional() });
+
+export const backupBodySchema = z.strictObject({
+  device: deviceName,
+  repository: path,
+  level: z.enum(["full", "inc", "auto"]).optional(),
+  keyFile: path.optional(),
+  storage: path.optional(),
+  limitBytes: z.int().positive().optional(),
+});

@@ -23,6 +23,7 @@ import {
 } from "./api-mapping.js";
 import {
   appendStorageBodySchema,
+  backupBodySchema,
   cbtMapQuerySchema,
   deviceAddBodySchema,
   deviceRemoveQuerySchema,
@@ -48,6 +49,7 @@ import type {
   StorageView,
   UnavailableDeviceView,
 } from "./api-types.js";
+import type { BackupJobs } from "./backup-jobs.js";
 import type { ControlEngine } from "./control-engine.js";
 import type { DeviceRegistry } from "./device-registry.js";
 import { type ExportAddresses, fusePathFor, nbdUrisFor } from "./export-urls.js";
@@ -73,6 +75,8 @@ export interface ControlContext {
   readonly addresses: ExportAddresses;
   /** Aborted when the daemon begins to shut down: long polls end with ESHUTDOWN. */
   readonly shutdownSignal: AbortSignal;
+  /** Backup jobs (absent in tests that need none). */
+  readonly backups?: BackupJobs;
   /**
    * A planned restart (supervised engines only): checks, then hands over after the answer is sent.
    * Absent when the daemon runs without a supervisor.
@@ -197,6 +201,23 @@ export const routes: readonly Route[] = [
       );
     }
     return ok({ restarting: true, ...context.restart({ force: force === true }) }, 202);
+  }),
+
+  route("POST", "/v1/backups", (context, request) => {
+    requireNoQuery(request);
+    const body = parse(backupBodySchema, request.body, "backup");
+    const job = backupJobs(context).start({ ...body, level: body.level ?? "auto" });
+    return ok(job, 202);
+  }),
+
+  route("GET", "/v1/backups/jobs", (context, request) => {
+    requireNoQuery(request);
+    return ok({ jobs: backupJobs(context).list() });
+  }),
+
+  route("GET", "/v1/backups/jobs/:id", (context, request) => {
+    requireNoQuery(request);
+    return ok(backupJobs(context).get(param(request, "id")));
   }),
 
   route("GET", "/v1/devices", (context, request) => {
@@ -358,4 +379,9 @@ function matchSegments(
     }
   }
   return params;
+}
+
+function backupJobs(context: ControlContext): BackupJobs {
+  if (context.backups === undefined) throw new BlockError("ENOTSUP", "this daemon runs no backups");
+  return context.backups;
 }

@@ -27,6 +27,7 @@ import { NbdServer } from "../nbd/nbd-server.js";
 import { assert } from "../util/assert.js";
 import { loopDeviceUsersOver } from "../util/file-identity.js";
 import type { Logger } from "../util/logger.js";
+import { BackupJobs } from "./backup-jobs.js";
 import { ControlServer } from "./control-server.js";
 import { DeviceRegistry } from "./device-registry.js";
 import type { EngineLink } from "./engine-link.js";
@@ -193,6 +194,19 @@ export class Daemon {
           registry,
           addresses,
           shutdownSignal: shutdownController.signal,
+          backups: new BackupJobs(
+            {
+              createSnapshot: (createOptions) => engine.createSnapshot(createOptions),
+              takeSnapshot: (id) => engine.takeSnapshot(id),
+              destroySnapshot: (id) => engine.destroySnapshot(id),
+              snapshotInfo: (id) => engine.snapshotInfo(id),
+              findExport: (name) => engine.findExport(name),
+              cbtInfo: (name) => engine.cbtInfo(name),
+              cbtRead: (name) => engine.cbtRead(name),
+              deviceSizeBytes: (name) => engine.deviceInfo(name).sizeBytes,
+            },
+            logger,
+          ),
           ...(link === undefined
             ? {}
             : {

@@ -1,0 +1,264 @@
+/**
+ * `blocksnap backup …`: backups of devices into a repository of deduplicated, compressed (and optionally
+ * encrypted) chunks (docs/backup-format.md). `run` asks the daemon, which takes its own snapshot, reads the
+ * image (only what CBT marks changed, for an incremental) and writes chunks and a manifest; the command
+ * follows the job until it ends. `init`, `key create`, `list`, `verify` and `restore` work on the
+ * repository directly and need no daemon.
+ */
+import type { Command } from "commander";
+import { Option } from "commander";
+import { Repository } from "../backup/repository.js";
+import { createKeyFile, readKeyFile } from "../backup/repository-key.js";
+import { restoreToFile, verifyBackups } from "../backup/restore.js";
+import type { BackupJobView } from "../daemon/backup-jobs.js";
+import { CliError } from "./cli-error.js";
+import {
+  absolutePath,
+  addCommonOptions,
+  type CommonOptions,
+  clientAction,
+  reportError,
+} from "./command-context.js";
+import { sizeArgument } from "./option-parsers.js";
+import { formatTable, writeJson, writeLine } from "./output.js";
+import { formatSize } from "./units.js";
+
+interface RepositoryOptions extends CommonOptions {
+  readonly repo: string;
+  readonly key?: string;
+}
+
+interface RunOptions extends RepositoryOptions {
+  readonly level: "full" | "inc" | "auto";
+  readonly storage?: string;
+  readonly limit?: number;
+}
+
+const jobPollMs = 200;
+
+async function openRepository(options: RepositoryOptions): Promise<Repository> {
+  const key = options.key === undefined ? null : await readKeyFile(options.key);
+  return await Repository.open(Repository.storeFor(options.repo), { key });
+}
+
+/** A command that works on the repository here, without the daemon. */
+function localAction<Options extends CommonOptions>(
+  body: (args: string[], options: Options) => Promise<void>,
+): (...actionArgs: unknown[]) => Promise<void> {
+  return async (...actionArgs: unknown[]) => {
+    const command = actionArgs[actionArgs.length - 1] as Command;
+    const options = command.opts<Options>();
+    const args = actionArgs
+      .slice(0, -2)
+      .flatMap((value) => (Array.isArray(value) ? value : [value])) as string[];
+    try {
+      await body(args, options);
+    } catch (error) {
+      reportError(error, options.json === true);
+    }
+  };
+}
+
+function repositoryOptions(command: Command): Command {
+  return command
+    .requiredOption("--repo <dir>", "the backup repository (a directory)")
+    .option("--key <file>", "the repository's key file (encrypted repositories)");
+}
+
+export function addBackupCommands(program: Command): void {
+  const backup = program
+    .command("backup")
+    .description("back up devices into a deduplicating repository, list, verify and restore backups")
+    .addHelpText(
+      "after",
+      "\nExamples:\n  $ blocksnap backup init --repo /srv/backups\n  $ blocksnap backup run disk0 --repo /srv/backups\n  $ blocksnap backup restore disk0/latest --repo /srv/backups --to /tmp/disk0.img\n",
+    );
+
+  addCommonOptions(
+    backup
+      .command("init")
+      .description("create a backup repository in an empty or absent directory")
+      .requiredOption("--repo <dir>", "where to create it")
+      .option("--key <file>", "encrypt with this key file (make one with backup key create)")
+      .option("--chunk-size <size>", "chunk size, a power of two from 64K to 64M (default 4M)", sizeArgument),
+  )
+    .addHelpText("after", "\nExample:\n  $ blocksnap backup init --repo /srv/backups\n")
+    .action(
+      localAction<RepositoryOptions & { chunkSize?: number }>(async (_args, options) => {
+        const key = options.key === undefined ? null : await readKeyFile(options.key);
+        const repository = await Repository.init(Repository.storeFor(absolutePath(options.repo)), {
+          key,
+          ...(options.chunkSize === undefined ? {} : { chunkSizeBytes: options.chunkSize }),
+        });
+        await repository.close();
+        if (options.json)
+          return writeJson({ repository: absolutePath(options.repo), encrypted: key !== null });
+        writeLine(`repository created: ${absolutePath(options.repo)}${key === null ? "" : " (encrypted)"}`);
+      }),
+    );
+
+  const key = backup.command("key").description("repository keys");
+  addCommonOptions(
+    key
+      .command("create")
+      .description(
+        "write a new random key file (mode 0600); keep a copy elsewhere: without it the backups are lost",
+      )
+      .argument("<file>", "the key file to create"),
+  )
+    .addHelpText("after", "\nExample:\n  $ blocksnap backup key create /root/backup.key\n")
+    .action(
+      localAction<CommonOptions>(async ([file], options) => {
+        await createKeyFile(absolutePath(file!));
+        if (options.json) return writeJson({ keyFile: absolutePath(file!) });
+        writeLine(`key written: ${absolutePath(file!)}`);
+      }),
+    );
+
+  addCommonOptions(
+    repositoryOptions(
+      backup
+        .command("run")
+        .description(
+          "back up a device: the daemon snapshots it and stores what changed since the last backup",
+        )
+        .argument("<device>", "the device to back up")
+        .addOption(
+          new Option("--level <level>", "full, inc (fails when impossible) or auto")
+            .choices(["full", "inc", "auto"])
+            .default("auto"),
+        )
+        .option(
+          "--storage <path>",
+          "difference storage of the backup's snapshot (default: the system's temporary directory)",
+        )
+        .option("--limit <size>", "its limit (default: a quarter of the device, at least 64M)", sizeArgument),
+    ),
+  )
+    .addHelpText("after", "\nExample:\n  $ blocksnap backup run disk0 --repo /srv/backups --level auto\n")
+    .action(
+      clientAction<RunOptions>(async ({ client, json }, [device], options) => {
+        let job = await client.post<BackupJobView>("/v1/backups", {
+          device,
+          repository: absolutePath(options.repo),
+          level: options.level,
+          ...(options.key === undefined ? {} : { keyFile: absolutePath(options.key) }),
+          ...(options.storage === undefined ? {} : { storage: absolutePath(options.storage) }),
+          ...(options.limit === undefined ? {} : { limitBytes: options.limit }),
+        });
+        while (job.state === "running") {
+          await new Promise((resolve) => setTimeout(resolve, jobPollMs));
+          job = await client.get<BackupJobView>(`/v1/backups/jobs/${job.id}`);
+        }
+        if (job.state === "failed") {
+          throw new CliError(job.error?.message ?? "backup failed", { errno: job.error?.errno ?? "EIO" });
+        }
+        if (json) return writeJson(job);
+        writeLine(`backup ${job.device}/${job.backupId}: ${job.levelReason}`);
+        if (job.result) {
+          writeLine(
+            `read ${formatSize(job.result.readBytes)}, stored ${job.result.newChunks} new chunk(s), ${formatSize(job.result.newBytesStored)}`,
+          );
+        }
+      }),
+    );
+
+  addCommonOptions(
+    repositoryOptions(
+      backup
+        .command("list")
+        .description("list the backups in a repository, oldest first")
+        .option("--device <name>", "only this device's"),
+    ),
+  )
+    .addHelpText("after", "\nExample:\n  $ blocksnap backup list --repo /srv/backups\n")
+    .action(
+      localAction<RepositoryOptions & { device?: string }>(async (_args, options) => {
+        const repository = await openRepository({ ...options, repo: absolutePath(options.repo) });
+        try {
+          const manifests = [];
+          for (const ref of await repository.listManifests(options.device)) {
+            manifests.push(await repository.readManifest(ref));
+          }
+          if (options.json) {
+            return writeJson({
+              backups: manifests.map(({ chunks: _chunks, ...summary }) => summary),
+            });
+          }
+          const rows = manifests.map((manifest) => [
+            `${manifest.device}/${manifest.id}`,
+            manifest.level,
+            formatSize(manifest.sizeBytes),
+            formatSize(manifest.readBytes),
+            formatSize(manifest.newBytesStored),
+            manifest.finishedAt,
+          ]);
+          for (const line of formatTable(["BACKUP", "LEVEL", "SIZE", "READ", "NEW", "FINISHED"], rows))
+            writeLine(line);
+        } finally {
+          await repository.close();
+        }
+      }),
+    );
+
+  addCommonOptions(
+    repositoryOptions(
+      backup
+        .command("verify")
+        .description("read and check every chunk of one backup (DEVICE/ID, an id, DEVICE/latest) or of all")
+        .argument("[backup]", "which backup (default: all)"),
+    ),
+  )
+    .addHelpText("after", "\nExample:\n  $ blocksnap backup verify --repo /srv/backups\n")
+    .action(
+      localAction<RepositoryOptions>(async ([reference], options) => {
+        const repository = await openRepository({ ...options, repo: absolutePath(options.repo) });
+        try {
+          const refs =
+            reference === undefined
+              ? await repository.listManifests()
+              : [await repository.resolve(reference)];
+          const manifests = [];
+          for (const ref of refs) manifests.push(await repository.readManifest(ref));
+          const problems = await verifyBackups(repository, manifests);
+          if (options.json) writeJson({ backups: manifests.length, problems });
+          else {
+            for (const problem of problems) writeLine(`${problem.backup}: ${problem.problem}`);
+            writeLine(`${manifests.length} backup(s) verified, ${problems.length} problem(s)`);
+          }
+          if (problems.length > 0) process.exitCode = 1;
+        } finally {
+          await repository.close();
+        }
+      }),
+    );
+
+  addCommonOptions(
+    repositoryOptions(
+      backup
+        .command("restore")
+        .description("write a backup (DEVICE/ID, an id, or DEVICE/latest) to a file or block device")
+        .argument("<backup>", "which backup")
+        .requiredOption("--to <path>", "a file (created or overwritten) or a block device at least as large"),
+    ),
+  )
+    .addHelpText(
+      "after",
+      "\nExample:\n  $ blocksnap backup restore disk0/latest --repo /srv/backups --to /tmp/disk0.img\n",
+    )
+    .action(
+      localAction<RepositoryOptions & { to: string }>(async ([reference], options) => {
+        const repository = await openRepository({ ...options, repo: absolutePath(options.repo) });
+        try {
+          const manifest = await repository.readManifest(await repository.resolve(reference!));
+          const outcome = await restoreToFile(repository, manifest, absolutePath(options.to));
+          if (options.json) return writeJson({ backup: `${manifest.device}/${manifest.id}`, ...outcome });
+          writeLine(
+            `restored ${manifest.device}/${manifest.id} to ${absolutePath(options.to)}: ${formatSize(outcome.bytesWritten)}, ${outcome.chunksRead} chunk(s) read`,
+          );
+        } finally {
+          await repository.close();
+        }
+      }),
+    );
+}
