@@ -68,6 +68,8 @@ const startFailuresMax = 5;
 const restartDelaysMs = [0, 250, 500, 1_000, 2_000, 4_000];
 const engineExitGraceMs = 5_000;
 const fuseUnmountAttemptsMax = 16;
+const lateMountChecks = 5;
+const lateMountCheckIntervalMs = 100;
 /** Engine deaths kept for status. */
 const restartRecordsMax = 32;
 
@@ -402,15 +404,24 @@ class Supervisor {
     const { fuse } = this.options;
     if (this.fuseFd === null || fuse === null) return;
     const mountDir = await canonicalMountDir(fuse.mountDir);
-    // Engines that died while mounting may have stacked mounts: remove from the top until none is left.
+    await this.unmountAllAt(mountDir);
+    fs.closeSync(this.fuseFd);
+    this.fuseFd = null;
+    // A mount(8) started by an engine that was killed meanwhile may still complete: look again, briefly.
+    for (let check = 0; check < lateMountChecks; check++) {
+      await new Promise((resolve) => setTimeout(resolve, lateMountCheckIntervalMs));
+      await this.unmountAllAt(mountDir);
+    }
+  }
+
+  /** Engines that died while mounting may have stacked mounts: removes them from the top. */
+  private async unmountAllAt(mountDir: string): Promise<void> {
     for (let attempt = 0; attempt < fuseUnmountAttemptsMax; attempt++) {
       const mount = (await blocksnapMountsAt(mountDir)).at(-1);
-      if (mount === undefined) break;
+      if (mount === undefined) return;
       await unmountFuse(mountDir, mount.deviceNumber, this.logger).catch(() => "gone");
       await abortConnection(mount.deviceNumber, this.logger);
     }
-    fs.closeSync(this.fuseFd);
-    this.fuseFd = null;
   }
 
   private onSignal(signal: NodeJS.Signals): void {
