@@ -27,6 +27,7 @@ import { NbdServer } from "../nbd/nbd-server.js";
 import { assert } from "../util/assert.js";
 import { loopDeviceUsersOver } from "../util/file-identity.js";
 import type { Logger } from "../util/logger.js";
+import type { AccessView } from "./api-types.js";
 import { BackupJobs } from "./backup-jobs.js";
 import { ControlServer } from "./control-server.js";
 import { DeviceRegistry } from "./device-registry.js";
@@ -109,63 +110,17 @@ export class Daemon {
     await mkdir(stateDir, { recursive: true, mode: 0o700 });
     await applyStateDirAccess(stateDir, socketAccess);
     const lock = await StateLock.acquire(lockFilePathIn(stateDir), logger);
-    const undo: (() => Promise<void>)[] = [() => lock.release()];
+    const undo: UndoSteps = [() => lock.release()];
     try {
-      // Take freezes the file systems on loop devices over our FUSE files; the mount comes up below.
-      let fuseMountDir: string | null = null;
-      const freezer = new LoopFreezer({
-        deviceFilePath: (deviceName) => (fuseMountDir === null ? null : join(fuseMountDir, deviceName)),
-        logger,
-      });
-      const pathPolicy = new DaemonPathPolicy({ stateDir, fuseMountDir: () => fuseMountDir });
-      const engine = new Engine({ logger, freezer, pathPolicy });
-      undo.push(() => engine.close());
-      const registry = new DeviceRegistry(deviceRegistryPathIn(stateDir), engine, logger, {
-        deviceUsers: async (name) =>
-          fuseMountDir === null ? [] : loopDeviceUsersOver(join(fuseMountDir, name)),
-      });
-      await registry.restore();
-      // A start that fails after this point gives the CBT states back, as a clean stop would.
-      undo.push(() => registry.saveCbtStates());
+      // The mount comes up below; the freezer and the path policy read its directory when they need it.
+      const fuseMount: FuseMountRef = { dir: null };
+      const { engine, registry } = await openEngine(options, fuseMount, undo);
 
-      let nbdServer: NbdServer | null = null;
-      let nbdTcp: ExportAddresses["nbdTcp"] = null;
-      const activationFd = options.nbdActivationFd ?? null;
-      const link = options.supervised;
-      if (link !== undefined) {
-        // The supervisor decided which NBD listeners exist; any connection it passes is served.
-        const server = new NbdServer(engine, { logger });
-        nbdServer = server;
-        undo.push(() => server.close());
-        link.onConnection("nbd", (socket) => server.serveSocket(socket));
-        nbdTcp = link.hello.nbdTcp;
-      } else if (options.nbdSocketPath !== null || options.nbdTcp !== null || activationFd !== null) {
-        const server = new NbdServer(engine, { logger });
-        nbdServer = server;
-        undo.push(() => server.close());
-        if (options.nbdSocketPath !== null) {
-          const socketPath = options.nbdSocketPath;
-          await removeStaleSocket(socketPath);
-          await listenRestricted(socketPath, socketAccess, () => server.listenUnix(socketPath));
-          undo.push(() => rm(socketPath, { force: true }));
-        }
-        if (options.nbdTcp !== null) {
-          nbdTcp = await listenNbdTcp(server, options.nbdTcp);
-          logger.warn({ nbdTcp: `${nbdTcp.host}:${nbdTcp.port}` }, tcpWarning ?? "NBD over TCP");
-        }
-        if (activationFd !== null) {
-          const activatedTcp = await server.listenFd(activationFd);
-          // A socket unit can name any address: the rule of --nbd-listen holds for it too.
-          const activatedWarning =
-            activatedTcp === null ? null : plaintextTcpWarning(activatedTcp, options.insecureNoTls === true);
-          if (activatedWarning !== null) logger.warn({ fd: activationFd }, activatedWarning);
-          logger.info({ fd: activationFd }, "serving NBD on the socket-activation descriptor");
-        }
-      }
+      const { nbdServer, nbdTcp } = await startNbd(engine, options, socketAccess, tcpWarning, undo);
 
       const fuseServer = await mountFuse(engine, options);
       if (fuseServer !== null) undo.push(() => fuseServer.unmount());
-      fuseMountDir = fuseServer?.mountDir ?? null;
+      fuseMount.dir = fuseServer?.mountDir ?? null;
 
       const shutdownController = new AbortController();
       const addresses: ExportAddresses = {
@@ -173,89 +128,35 @@ export class Daemon {
         nbdTcp,
         fuseMountDir: fuseServer === null ? null : fuseServer.mountDir,
       };
-      const access = {
-        socketMode: `0${socketMode(socketAccess).toString(8)}`,
-        socketGroup: socketAccess.group?.name ?? null,
-        whoCanConnect: describeAccess({
-          access: socketAccess,
-          nbdSocketPath: options.nbdSocketPath,
-          nbdActivation: activationFd !== null,
-          nbdTcp,
-        }),
-      };
+      const access = accessView(options, socketAccess, nbdTcp);
       // The context's restart hook needs the Daemon built below.
       let built: Daemon | null = null;
-      const controlOptions = {
-        socketPath: options.controlSocketPath,
-        logger,
-        access: socketAccess,
-        context: {
-          engine,
-          registry,
-          addresses,
-          shutdownSignal: shutdownController.signal,
-          backups: new BackupJobs(
-            {
-              createSnapshot: (createOptions) => engine.createSnapshot(createOptions),
-              takeSnapshot: (id) => engine.takeSnapshot(id),
-              destroySnapshot: (id) => engine.destroySnapshot(id),
-              snapshotInfo: (id) => engine.snapshotInfo(id),
-              findExport: (name) => engine.findExport(name),
-              cbtInfo: (name) => engine.cbtInfo(name),
-              cbtRead: (name) => engine.cbtRead(name),
-              deviceSizeBytes: (name) => engine.deviceInfo(name).sizeBytes,
-            },
-            logger,
-          ),
-          ...(link === undefined
-            ? {}
-            : {
-                restart: (restartOptions: { force: boolean }) => {
-                  assert(built !== null, "restart before the daemon is built");
-                  return built.requestRestart(restartOptions);
-                },
-              }),
-          identity: {
-            pid: process.pid,
-            version: options.version,
-            stateDir,
-            controlSocket: options.controlSocketPath,
-            access,
-            ...(link === undefined
-              ? {}
-              : {
-                  supervisor: {
-                    pid: link.hello.supervisorPid,
-                    engineNumber: link.hello.engineNumber,
-                    restarts: link.hello.restarts,
-                  },
-                }),
+      const controlServer = await startControlServer(options, {
+        engine,
+        registry,
+        addresses,
+        shutdownSignal: shutdownController.signal,
+        access,
+        backups: new BackupJobs(
+          {
+            createSnapshot: (createOptions) => engine.createSnapshot(createOptions),
+            takeSnapshot: (id) => engine.takeSnapshot(id),
+            destroySnapshot: (id) => engine.destroySnapshot(id),
+            snapshotInfo: (id) => engine.snapshotInfo(id),
+            findExport: (name) => engine.findExport(name),
+            cbtInfo: (name) => engine.cbtInfo(name),
+            cbtRead: (name) => engine.cbtRead(name),
+            deviceSizeBytes: (name) => engine.deviceInfo(name).sizeBytes,
           },
+          logger,
+        ),
+        restart: (restartOptions) => {
+          assert(built !== null, "restart before the daemon is built");
+          return built.requestRestart(restartOptions);
         },
-      };
-      let controlServer: ControlServer;
-      if (link === undefined) {
-        controlServer = await ControlServer.listen(controlOptions);
-      } else {
-        const attached = ControlServer.attach(controlOptions);
-        link.onConnection("control", (socket) => attached.acceptConnection(socket));
-        controlServer = attached;
-      }
-      logger.info(
-        {
-          version: options.version,
-          stateDir,
-          controlSocket: options.controlSocketPath,
-          nbdSocket: addresses.nbdSocketPath,
-          nbdTcp: nbdTcp === null ? null : `${nbdTcp.host}:${nbdTcp.port}`,
-          fuseMountDir: addresses.fuseMountDir,
-          devices: engine.listDevices().length,
-          devicesUnavailable: registry.unavailable().length,
-          whoCanConnect: access.whoCanConnect,
-        },
-        "blocksnap daemon ready",
-      );
-      link?.ready();
+      });
+      logReady(options, addresses, access, engine, registry);
+      options.supervised?.ready();
       built = new Daemon({
         options,
         lock,
@@ -383,6 +284,174 @@ export class Daemon {
     }
     logger.info("blocksnap daemon stopped");
   }
+}
+
+type UndoSteps = (() => Promise<void>)[];
+
+/** Where the FUSE mount is, once it is up (null before, or without FUSE). */
+interface FuseMountRef {
+  dir: string | null;
+}
+
+/** The engine with its freezer and path policy, and the devices of the registry attached again. */
+async function openEngine(
+  options: DaemonOptions,
+  fuseMount: FuseMountRef,
+  undo: UndoSteps,
+): Promise<{ engine: Engine; registry: DeviceRegistry }> {
+  const { logger, stateDir } = options;
+  // Take freezes the file systems on loop devices over our FUSE files.
+  const freezer = new LoopFreezer({
+    deviceFilePath: (deviceName) => (fuseMount.dir === null ? null : join(fuseMount.dir, deviceName)),
+    logger,
+  });
+  const pathPolicy = new DaemonPathPolicy({ stateDir, fuseMountDir: () => fuseMount.dir });
+  const engine = new Engine({ logger, freezer, pathPolicy });
+  undo.push(() => engine.close());
+  const registry = new DeviceRegistry(deviceRegistryPathIn(stateDir), engine, logger, {
+    deviceUsers: async (name) =>
+      fuseMount.dir === null ? [] : loopDeviceUsersOver(join(fuseMount.dir, name)),
+  });
+  await registry.restore();
+  // A start that fails after this point gives the CBT states back, as a clean stop would.
+  undo.push(() => registry.saveCbtStates());
+  return { engine, registry };
+}
+
+function logReady(
+  options: DaemonOptions,
+  addresses: ExportAddresses,
+  access: AccessView,
+  engine: Engine,
+  registry: DeviceRegistry,
+): void {
+  const { nbdTcp } = addresses;
+  options.logger.info(
+    {
+      version: options.version,
+      stateDir: options.stateDir,
+      controlSocket: options.controlSocketPath,
+      nbdSocket: addresses.nbdSocketPath,
+      nbdTcp: nbdTcp === null ? null : `${nbdTcp.host}:${nbdTcp.port}`,
+      fuseMountDir: addresses.fuseMountDir,
+      devices: engine.listDevices().length,
+      devicesUnavailable: registry.unavailable().length,
+      whoCanConnect: access.whoCanConnect,
+    },
+    "blocksnap daemon ready",
+  );
+}
+
+/** The NBD face: the supervisor's connections, or our own listeners (Unix socket, TCP, socket activation). */
+async function startNbd(
+  engine: Engine,
+  options: DaemonOptions,
+  socketAccess: SocketAccess,
+  tcpWarning: string | null,
+  undo: UndoSteps,
+): Promise<{ nbdServer: NbdServer | null; nbdTcp: ExportAddresses["nbdTcp"] }> {
+  const { logger } = options;
+  const activationFd = options.nbdActivationFd ?? null;
+  const link = options.supervised;
+  if (link !== undefined) {
+    // The supervisor decided which NBD listeners exist; any connection it passes is served.
+    const server = new NbdServer(engine, { logger });
+    undo.push(() => server.close());
+    link.onConnection("nbd", (socket) => server.serveSocket(socket));
+    return { nbdServer: server, nbdTcp: link.hello.nbdTcp };
+  }
+  if (options.nbdSocketPath === null && options.nbdTcp === null && activationFd === null) {
+    return { nbdServer: null, nbdTcp: null };
+  }
+  const server = new NbdServer(engine, { logger });
+  undo.push(() => server.close());
+  let nbdTcp: ExportAddresses["nbdTcp"] = null;
+  if (options.nbdSocketPath !== null) {
+    const socketPath = options.nbdSocketPath;
+    await removeStaleSocket(socketPath);
+    await listenRestricted(socketPath, socketAccess, () => server.listenUnix(socketPath));
+    undo.push(() => rm(socketPath, { force: true }));
+  }
+  if (options.nbdTcp !== null) {
+    nbdTcp = await listenNbdTcp(server, options.nbdTcp);
+    logger.warn({ nbdTcp: `${nbdTcp.host}:${nbdTcp.port}` }, tcpWarning ?? "NBD over TCP");
+  }
+  if (activationFd !== null) {
+    const activatedTcp = await server.listenFd(activationFd);
+    // A socket unit can name any address: the rule of --nbd-listen holds for it too.
+    const activatedWarning =
+      activatedTcp === null ? null : plaintextTcpWarning(activatedTcp, options.insecureNoTls === true);
+    if (activatedWarning !== null) logger.warn({ fd: activationFd }, activatedWarning);
+    logger.info({ fd: activationFd }, "serving NBD on the socket-activation descriptor");
+  }
+  return { nbdServer: server, nbdTcp };
+}
+
+/** Who can connect (`status`): the socket mode and group, and one line per face. */
+function accessView(
+  options: DaemonOptions,
+  socketAccess: SocketAccess,
+  nbdTcp: ExportAddresses["nbdTcp"],
+): AccessView {
+  return {
+    socketMode: `0${socketMode(socketAccess).toString(8)}`,
+    socketGroup: socketAccess.group?.name ?? null,
+    whoCanConnect: describeAccess({
+      access: socketAccess,
+      nbdSocketPath: options.nbdSocketPath,
+      nbdActivation: (options.nbdActivationFd ?? null) !== null,
+      nbdTcp,
+    }),
+  };
+}
+
+/** The control API: our own socket, or the connections the supervisor passes. */
+async function startControlServer(
+  options: DaemonOptions,
+  parts: {
+    readonly engine: Engine;
+    readonly registry: DeviceRegistry;
+    readonly addresses: ExportAddresses;
+    readonly shutdownSignal: AbortSignal;
+    readonly access: AccessView;
+    readonly backups: BackupJobs;
+    readonly restart: (restartOptions: { force: boolean }) => ReturnType<Daemon["requestRestart"]>;
+  },
+): Promise<ControlServer> {
+  const link = options.supervised;
+  const controlOptions = {
+    socketPath: options.controlSocketPath,
+    logger: options.logger,
+    access: options.socketAccess ?? { group: null },
+    context: {
+      engine: parts.engine,
+      registry: parts.registry,
+      addresses: parts.addresses,
+      shutdownSignal: parts.shutdownSignal,
+      backups: parts.backups,
+      ...(link === undefined ? {} : { restart: parts.restart }),
+      identity: {
+        pid: process.pid,
+        version: options.version,
+        stateDir: options.stateDir,
+        controlSocket: options.controlSocketPath,
+        access: parts.access,
+        ...(link === undefined
+          ? {}
+          : {
+              supervisor: {
+                pid: link.hello.supervisorPid,
+                engineNumber: link.hello.engineNumber,
+                restarts: link.hello.restarts,
+              },
+            }),
+      },
+    },
+  };
+  if (link === undefined) return ControlServer.listen(controlOptions);
+  const attached = ControlServer.attach(controlOptions);
+  link.onConnection("control", (socket) => attached.acceptConnection(socket));
+  return attached;
 }
 
 async function listenNbdTcp(
