@@ -22,15 +22,17 @@ import { dirname } from "node:path";
 import { z } from "zod";
 import { BlockError, toBlockError } from "../block/errors.js";
 import { memoryBackendPath } from "../engine/engine.js";
+import { devicesMax, pathCharsMax } from "../engine/engine-limits.js";
 import type { DeviceAddOptions, DeviceInfo } from "../engine/engine-types.js";
+import { deviceNameCharsMax } from "../engine/names.js";
 import type { Logger } from "../util/logger.js";
 import { writeFileAtomic } from "./atomic-write.js";
 import { CbtKeeper } from "./cbt-keeper.js";
 import type { ControlEngine } from "./control-engine.js";
 
 const registryEntrySchema = z.object({
-  name: z.string().min(1).max(64),
-  backendPath: z.string().min(1).max(4096),
+  name: z.string().min(1).max(deviceNameCharsMax),
+  backendPath: z.string().min(1).max(pathCharsMax),
   cbtBlockSizeBytes: z.int().positive().optional(),
   /** Only for `memory:` devices. */
   sizeBytes: z.int().positive().optional(),
@@ -38,7 +40,7 @@ const registryEntrySchema = z.object({
 
 const registryFileSchema = z.object({
   version: z.literal(1),
-  devices: z.array(registryEntrySchema).max(4096),
+  devices: z.array(registryEntrySchema).max(devicesMax),
 });
 
 export type RegistryEntry = z.infer<typeof registryEntrySchema>;
