@@ -147,6 +147,7 @@ export class DiffArea {
       } catch (error) {
         const blockError = toBlockError(error, `copy-before-write of ${this.deviceName} chunk ${chunkIndex}`);
         if (this.onCowError === "fail-origin-write") throw blockError;
+        assert(!this.chunks.has(chunkIndex), "only an absent chunk fails to be preserved");
         this.chunks.set(chunkIndex, failedCode);
         this.setCorrupted(blockError.errno);
       } finally {
@@ -165,9 +166,11 @@ export class DiffArea {
   }
 
   private setStored(chunkIndex: number, location: StorageLocation): void {
+    assert(this.locks.isLocked(chunkIndex), "a chunk changes state only under its lock");
     assert(!this.chunks.has(chunkIndex), "a chunk is stored once");
     this.chunks.set(chunkIndex, this.storage.locationCode(location));
     this.storedCount++;
+    assert(this.storedCount <= this.geometry.chunkCount, "never more stored chunks than chunks");
   }
 
   private takeBuffer(lengthBytes: number): Uint8Array {
