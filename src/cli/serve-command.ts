@@ -4,6 +4,8 @@
  * daemon user's only and there is no TCP listener unless `--nbd-listen` asks for one; `none` turns a face off. The daemon code is
  * imported only here, lazily, so the client commands never load the engine.
  */
+
+import { resolve } from "node:path";
 import type { Command } from "commander";
 import { InvalidArgumentError, Option } from "commander";
 import { pino } from "pino";
@@ -28,6 +30,12 @@ interface ServeOptions {
   readonly stopWait: number;
   readonly logLevel: string;
   readonly supervise?: boolean;
+  readonly tls?: "off" | "on" | "require";
+  readonly tlsCert?: string;
+  readonly tlsKey?: string;
+  readonly tlsCa?: string;
+  readonly tlsVerifyPeer?: boolean;
+  readonly tlsPsk?: string;
 }
 
 export const stopWaitSecondsDefault = 300;
@@ -79,6 +87,17 @@ export function addServeCommand(program: Command): void {
       "--insecure-no-tls",
       "allow NBD over TCP on a non-loopback address without TLS (anyone who reaches it can write every export)",
     )
+    .addOption(
+      new Option(
+        "--tls <mode>",
+        "NBD over TLS: off, on (if the client asks) or require (default require when credentials are given)",
+      ).choices(["off", "on", "require"]),
+    )
+    .option("--tls-cert <file>", "TLS server certificate (PEM), with --tls-key")
+    .option("--tls-key <file>", "TLS server private key (PEM)")
+    .option("--tls-ca <file>", "CA certificates (PEM) that sign client certificates")
+    .option("--tls-verify-peer", "require a client certificate signed by --tls-ca")
+    .option("--tls-psk <file>", "TLS pre-shared keys, psktool format (identity:hexkey per line)")
     .option("--fuse-mount <dir>", "FUSE mount point, or none (default: <state dir>/mnt when root)")
     .option(
       "--supervise",
@@ -132,7 +151,7 @@ export function addServeCommand(program: Command): void {
             controlSocketPath,
             nbdSocketPath,
             nbdTcp,
-            insecureNoTls: options.insecureNoTls === true,
+            insecureNoTls: options.insecureNoTls === true || tlsRequired(options),
             socketAccess: { group: socketGroup },
             nbdActivationFd: socketActivationFd(),
             fuse,
@@ -142,6 +161,14 @@ export function addServeCommand(program: Command): void {
           process.exit(exitCode);
         }
         exitCode = await serveUntilSignal({
+          tls: {
+            mode: options.tls,
+            certFile: absoluteOrUndefined(options.tlsCert),
+            keyFile: absoluteOrUndefined(options.tlsKey),
+            caFile: absoluteOrUndefined(options.tlsCa),
+            verifyPeer: options.tlsVerifyPeer === true,
+            pskFile: absoluteOrUndefined(options.tlsPsk),
+          },
           ...(link === null ? {} : { supervised: link }),
           stateDir,
           controlSocketPath,
@@ -174,4 +201,14 @@ function socketActivationFd(): number | null {
   const listenFds = Number.parseInt(process.env.LISTEN_FDS ?? "", 10);
   if (listenPid !== String(process.pid) || !(listenFds >= 1)) return null;
   return 3;
+}
+
+function absoluteOrUndefined(path: string | undefined): string | undefined {
+  return path === undefined ? undefined : resolve(path);
+}
+
+/** What loadNbdTls will decide: require explicitly, or by default when credentials are given. */
+function tlsRequired(options: ServeOptions): boolean {
+  const hasCredentials = options.tlsCert !== undefined || options.tlsPsk !== undefined;
+  return options.tls === "require" || (options.tls === undefined && hasCredentials);
 }

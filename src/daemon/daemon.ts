@@ -24,6 +24,7 @@ import { LoopFreezer } from "../freeze/loop-freezer.js";
 import { findLoopMountsUnder, type LoopMount } from "../freeze/mount-discovery.js";
 import { cleanStaleMount, FuseServer } from "../fuse/fuse-server.js";
 import { NbdServer } from "../nbd/nbd-server.js";
+import { loadNbdTls, type NbdTls, type TlsFiles } from "../nbd/tls.js";
 import { assert } from "../util/assert.js";
 import { loopDeviceUsersOver } from "../util/file-identity.js";
 import type { Logger } from "../util/logger.js";
@@ -53,8 +54,10 @@ export interface DaemonOptions {
   readonly nbdSocketPath: string | null;
   /** null (the default): no NBD over TCP. Port 0 picks a free port (tests). */
   readonly nbdTcp: { readonly host: string; readonly port: number } | null;
-  /** Plaintext TCP on a non-loopback address is refused unless this is set. */
+  /** Plaintext TCP on a non-loopback address is refused unless this is set (or TLS is required). */
   readonly insecureNoTls?: boolean;
+  /** NBD over TLS (serve --tls*); default off. */
+  readonly tls?: TlsFiles;
   /** Who may use the Unix sockets; default: the daemon's user only. */
   readonly socketAccess?: SocketAccess;
   /** A listening NBD socket inherited through systemd socket activation (fd 3), served in addition. */
@@ -105,8 +108,13 @@ export class Daemon {
     const { logger, stateDir } = options;
     const socketAccess = options.socketAccess ?? { group: null };
     // Checked before anything is started: a refused listener must not leave half a daemon behind.
+    const nbdTls = await loadNbdTls(options.tls ?? {});
+    // With TLS required no client gets past the handshake without credentials: no plaintext rule applies.
+    const insecureNoTls = options.insecureNoTls === true || nbdTls.mode === "require";
     const tcpWarning =
-      options.nbdTcp === null ? null : plaintextTcpWarning(options.nbdTcp, options.insecureNoTls === true);
+      options.nbdTcp === null || nbdTls.mode === "require"
+        ? null
+        : plaintextTcpWarning(options.nbdTcp, insecureNoTls);
     await mkdir(stateDir, { recursive: true, mode: 0o700 });
     await applyStateDirAccess(stateDir, socketAccess);
     const lock = await StateLock.acquire(lockFilePathIn(stateDir), logger);
@@ -116,7 +124,7 @@ export class Daemon {
       const fuseMount: FuseMountRef = { dir: null };
       const { engine, registry } = await openEngine(options, fuseMount, undo);
 
-      const { nbdServer, nbdTcp } = await startNbd(engine, options, socketAccess, tcpWarning, undo);
+      const { nbdServer, nbdTcp } = await startNbd(engine, options, socketAccess, tcpWarning, undo, nbdTls);
 
       const fuseServer = await mountFuse(engine, options);
       if (fuseServer !== null) undo.push(() => fuseServer.unmount());
@@ -349,13 +357,14 @@ async function startNbd(
   socketAccess: SocketAccess,
   tcpWarning: string | null,
   undo: UndoSteps,
+  nbdTls: NbdTls,
 ): Promise<{ nbdServer: NbdServer | null; nbdTcp: ExportAddresses["nbdTcp"] }> {
   const { logger } = options;
   const activationFd = options.nbdActivationFd ?? null;
   const link = options.supervised;
   if (link !== undefined) {
     // The supervisor decided which NBD listeners exist; any connection it passes is served.
-    const server = new NbdServer(engine, { logger });
+    const server = new NbdServer(engine, { logger, tls: nbdTls });
     undo.push(() => server.close());
     link.onConnection("nbd", (socket) => server.serveSocket(socket));
     return { nbdServer: server, nbdTcp: link.hello.nbdTcp };
@@ -363,7 +372,7 @@ async function startNbd(
   if (options.nbdSocketPath === null && options.nbdTcp === null && activationFd === null) {
     return { nbdServer: null, nbdTcp: null };
   }
-  const server = new NbdServer(engine, { logger });
+  const server = new NbdServer(engine, { logger, tls: nbdTls });
   undo.push(() => server.close());
   let nbdTcp: ExportAddresses["nbdTcp"] = null;
   if (options.nbdSocketPath !== null) {
@@ -374,13 +383,17 @@ async function startNbd(
   }
   if (options.nbdTcp !== null) {
     nbdTcp = await listenNbdTcp(server, options.nbdTcp);
-    logger.warn({ nbdTcp: `${nbdTcp.host}:${nbdTcp.port}` }, tcpWarning ?? "NBD over TCP");
+    const where = { nbdTcp: `${nbdTcp.host}:${nbdTcp.port}`, tls: nbdTls.mode };
+    if (tcpWarning === null) logger.info(where, "NBD over TCP, TLS required");
+    else logger.warn(where, tcpWarning);
   }
   if (activationFd !== null) {
     const activatedTcp = await server.listenFd(activationFd);
     // A socket unit can name any address: the rule of --nbd-listen holds for it too.
     const activatedWarning =
-      activatedTcp === null ? null : plaintextTcpWarning(activatedTcp, options.insecureNoTls === true);
+      activatedTcp === null || nbdTls.mode === "require"
+        ? null
+        : plaintextTcpWarning(activatedTcp, options.insecureNoTls === true);
     if (activatedWarning !== null) logger.warn({ fd: activationFd }, activatedWarning);
     logger.info({ fd: activationFd }, "serving NBD on the socket-activation descriptor");
   }

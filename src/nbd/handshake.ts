@@ -4,9 +4,15 @@
  * answers with the replies to send and the next step: keep haggling, start the transmission with a session,
  * or close. It does no I/O, so every option rule is testable without a socket.
  *
- * Options: EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT, SET_META_CONTEXT;
- * every other option (STARTTLS, EXTENDED_HEADERS, PEEK_EXPORT, unknown numbers) gets NBD_REP_ERR_UNSUP and
- * haggling continues. Exports are looked up in the ExportSource when INFO, GO or EXPORT_NAME arrives. INFO
+ * Options: EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT, SET_META_CONTEXT,
+ * STARTTLS; every other option (EXTENDED_HEADERS, PEEK_EXPORT, unknown numbers) gets NBD_REP_ERR_UNSUP and
+ * haggling continues.
+ *
+ * TLS (tls.ts): with `tlsMode` off, STARTTLS gets NBD_REP_ERR_POLICY. With require, until TLS is up every
+ * option but STARTTLS and ABORT gets NBD_REP_ERR_TLS_REQD (LIST too: no export name leaks) and
+ * EXPORT_NAME closes the connection. STARTTLS with data, or once TLS is up, gets NBD_REP_ERR_INVALID. An
+ * accepted STARTTLS is the step `starttls`; once the connection has upgraded it calls onTlsStarted(), and
+ * the haggling starts again (what was negotiated in plain text is forgotten). Exports are looked up in the ExportSource when INFO, GO or EXPORT_NAME arrives. INFO
  * and GO build their replies with the same function, so they cannot differ (the nbd-server 3.24 bug in
  * docs/design/nbd-notes.md).
  *
@@ -18,7 +24,7 @@
  * selects nothing, as the spec advises) and is valid for the export named in the last SET only; GO then
  * binds the selected contexts that the export still has.
  *
- * Not done: TLS, extended headers, a default export for the empty name (the empty name is an ordinary
+ * Not done: extended headers, a default export for the empty name (the empty name is an ordinary
  * name and must exist in the source).
  */
 import type { Export, ExportSource } from "../block/export-source.js";
@@ -59,11 +65,14 @@ import {
   NBD_OPT_LIST,
   NBD_OPT_LIST_META_CONTEXT,
   NBD_OPT_SET_META_CONTEXT,
+  NBD_OPT_STARTTLS,
   NBD_OPT_STRUCTURED_REPLY,
   NBD_OPTION_REPLY_HEADER_BYTES,
   NBD_REP_ACK,
   NBD_REP_ERR_INVALID,
+  NBD_REP_ERR_POLICY,
   NBD_REP_ERR_SHUTDOWN,
+  NBD_REP_ERR_TLS_REQD,
   NBD_REP_ERR_TOO_BIG,
   NBD_REP_ERR_UNKNOWN,
   NBD_REP_ERR_UNSUP,
@@ -77,11 +86,15 @@ import type { NbdSession, SelectedMetaContext } from "./nbd-session.js";
 export type HandshakeStep =
   | { readonly kind: "continue"; readonly replies: readonly Buffer[] }
   | { readonly kind: "transmission"; readonly replies: readonly Buffer[]; readonly session: NbdSession }
-  | { readonly kind: "close"; readonly replies: readonly Buffer[]; readonly reason: string };
+  | { readonly kind: "close"; readonly replies: readonly Buffer[]; readonly reason: string }
+  /** STARTTLS accepted: send the replies, then upgrade the socket before reading anything more. */
+  | { readonly kind: "starttls"; readonly replies: readonly Buffer[] };
 
 export interface HandshakeOptions {
   readonly source: ExportSource;
   readonly requestLengthBytesMax: number;
+  /** Default off. */
+  readonly tlsMode?: "off" | "on" | "require";
 }
 
 /** The context id of base:allocation after SET_META_CONTEXT (ids are per connection and opaque). */
@@ -91,6 +104,8 @@ const exportNameZeroPaddingBytes = 124;
 export class Handshake {
   private readonly source: ExportSource;
   private readonly requestLengthBytesMax: number;
+  private readonly tlsMode: "off" | "on" | "require";
+  private isTlsUp = false;
   private clientFlags = 0;
   private optionCount = 0;
   private structuredReplies = false;
@@ -104,6 +119,15 @@ export class Handshake {
   constructor(options: HandshakeOptions) {
     this.source = options.source;
     this.requestLengthBytesMax = options.requestLengthBytesMax;
+    this.tlsMode = options.tlsMode ?? "off";
+  }
+
+  /** The connection runs over TLS now: the option haggling starts again. */
+  onTlsStarted(): void {
+    assert(!this.isTlsUp, "TLS started twice");
+    this.isTlsUp = true;
+    this.structuredReplies = false;
+    this.metaContextSelection = undefined;
   }
 
   /** The 18-byte server greeting: NBDMAGIC, IHAVEOPT, handshake flags. */
@@ -149,6 +173,13 @@ export class Handshake {
       if (option === NBD_OPT_EXPORT_NAME) return close("server is shutting down");
       return proceed([optionReply(option, NBD_REP_ERR_SHUTDOWN, "server is shutting down")]);
     }
+    if (option === NBD_OPT_STARTTLS) return this.onStartTls(payload);
+    if (this.tlsMode === "require" && !this.isTlsUp) {
+      if (option === NBD_OPT_EXPORT_NAME) return close("EXPORT_NAME before TLS on a server that requires it");
+      return proceed([
+        optionReply(option, NBD_REP_ERR_TLS_REQD, "this server requires TLS: send NBD_OPT_STARTTLS"),
+      ]);
+    }
     switch (option) {
       case NBD_OPT_EXPORT_NAME:
         return this.onExportName(payload);
@@ -165,6 +196,16 @@ export class Handshake {
       default:
         return proceed([optionReply(option, NBD_REP_ERR_UNSUP, "option not supported")]);
     }
+  }
+
+  private onStartTls(payload: Buffer): HandshakeStep {
+    const option = NBD_OPT_STARTTLS;
+    if (this.tlsMode === "off")
+      return proceed([optionReply(option, NBD_REP_ERR_POLICY, "TLS is not configured")]);
+    if (this.isTlsUp) return proceed([optionReply(option, NBD_REP_ERR_INVALID, "TLS is already up")]);
+    if (payload.length !== 0)
+      return proceed([optionReply(option, NBD_REP_ERR_INVALID, "STARTTLS takes no data")]);
+    return { kind: "starttls", replies: [optionReply(option, NBD_REP_ACK)] };
   }
 
   private countOption(): HandshakeStep | undefined {

@@ -59,6 +59,7 @@ import {
   NBD_REQUEST_MAGIC,
 } from "./nbd-protocol.js";
 import { offsetBytesOf, validateRequest } from "./request-validation.js";
+import { type NbdTls, serverTlsSocket, tlsOff } from "./tls.js";
 import type { NbdRequest, ReplySink } from "./transmission.js";
 import { Transmission } from "./transmission.js";
 
@@ -70,6 +71,8 @@ type ConnectionState =
   | "RECV_REQUEST_HEADER"
   | "RECV_WRITE_PAYLOAD"
   | "SKIP_WRITE_PAYLOAD"
+  /** STARTTLS acknowledged; reading resumes once the TLS handshake is done. */
+  | "UPGRADING"
   | "FINISHING"
   | "DEAD";
 
@@ -79,6 +82,8 @@ export interface NbdConnectionOptions {
   readonly requestLengthBytesMax: number;
   readonly inflightRequestsMax: number;
   readonly pool: BufferPool;
+  /** TLS set-up (tls.ts); default off. */
+  readonly tls?: NbdTls;
 }
 
 /** Counters for tests and monitoring. */
@@ -104,7 +109,9 @@ interface PendingRequest extends NbdRequest {
 
 export class NbdConnection implements ReplySink {
   readonly closed: Promise<void>;
-  private readonly socket: Socket;
+  /** The plain socket, replaced by its TLS socket after STARTTLS. */
+  private socket: Socket;
+  private readonly tls: NbdTls;
   private readonly logger: Logger;
   private readonly requestLengthBytesMax: number;
   private readonly inflightRequestsMax: number;
@@ -136,13 +143,21 @@ export class NbdConnection implements ReplySink {
     this.requestLengthBytesMax = options.requestLengthBytesMax;
     this.inflightRequestsMax = options.inflightRequestsMax;
     this.pool = options.pool;
+    this.tls = options.tls ?? tlsOff;
     this.handshake = new Handshake({
       source: options.source,
       requestLengthBytesMax: options.requestLengthBytesMax,
+      tlsMode: this.tls.mode,
     });
     this.closed = new Promise((resolve) => {
       this.resolveClosed = resolve;
     });
+    this.attach(socket);
+    socket.setTimeout(handshakeTimeoutMs);
+    this.sendReply(Handshake.greeting());
+  }
+
+  private attach(socket: Socket): void {
     socket.on("data", (chunk: Buffer) => this.onData(chunk));
     socket.on("end", () => {
       this.isPeerEnded = true;
@@ -161,8 +176,44 @@ export class NbdConnection implements ReplySink {
     socket.on("timeout", () => {
       if (this.transmission === undefined) this.die("handshake timed out");
     });
-    socket.setTimeout(handshakeTimeoutMs);
-    this.sendReply(Handshake.greeting());
+  }
+
+  /**
+   * STARTTLS was accepted: nothing more may be read in plain text (a byte already here came before our
+   * ACK: a protocol violation), the ACK goes out, and then the TLS layer takes the socket over and reads
+   * the ClientHello itself. The handshake timeout keeps running through the TLS handshake.
+   */
+  private startTls(ack: readonly Buffer[]): boolean {
+    if (this.queue.lengthBytes > 0) {
+      this.die("data after NBD_OPT_STARTTLS before its reply");
+      return false;
+    }
+    const plain = this.socket;
+    plain.pause();
+    plain.removeAllListeners("data");
+    plain.removeAllListeners("end");
+    plain.removeAllListeners("drain");
+    plain.removeAllListeners("timeout");
+    plain.removeAllListeners("close");
+    // A late error on the plain socket must not be unhandled; the TLS socket reports its own.
+    plain.removeAllListeners("error");
+    plain.on("error", () => {});
+    this.state = "UPGRADING";
+    plain.write(Buffer.concat(ack), () => {
+      if (this.state !== "UPGRADING") return;
+      const secure = serverTlsSocket(plain, this.tls);
+      this.socket = secure;
+      this.attach(secure);
+      secure.setTimeout(handshakeTimeoutMs);
+      secure.once("secure", () => {
+        if (this.state !== "UPGRADING") return;
+        this.handshake.onTlsStarted();
+        this.state = "RECV_OPTION_HEADER";
+        this.logger.debug({ protocol: secure.getProtocol() }, "NBD TLS started");
+        this.pump();
+      });
+    });
+    return false;
   }
 
   get stats(): NbdConnectionStats {
@@ -268,6 +319,7 @@ export class NbdConnection implements ReplySink {
         return this.recvWritePayload();
       case "SKIP_WRITE_PAYLOAD":
         return this.skipWritePayload();
+      case "UPGRADING":
       case "FINISHING":
       case "DEAD":
         return false;
@@ -463,7 +515,7 @@ export class NbdConnection implements ReplySink {
   }
 
   private applyHandshakeStep(step: HandshakeStep): boolean {
-    for (const reply of step.replies) this.sendReply(reply);
+    if (step.kind !== "starttls") for (const reply of step.replies) this.sendReply(reply);
     switch (step.kind) {
       case "continue":
         this.state = "RECV_OPTION_HEADER";
@@ -478,6 +530,8 @@ export class NbdConnection implements ReplySink {
         this.logger.debug({ reason: step.reason }, "NBD handshake ended");
         this.finish(step.reason);
         return false;
+      case "starttls":
+        return this.startTls(step.replies);
     }
   }
 
@@ -508,7 +562,9 @@ export class NbdConnection implements ReplySink {
 
   private updateReading(): void {
     const shouldRead =
-      this.state === "FINISHING" ? this.isEnding : this.state !== "DEAD" && !this.isBlocked();
+      this.state === "FINISHING"
+        ? this.isEnding
+        : this.state !== "DEAD" && this.state !== "UPGRADING" && !this.isBlocked();
     if (shouldRead && this.isReadingPaused) {
       this.isReadingPaused = false;
       this.socket.resume();

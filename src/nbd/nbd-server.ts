@@ -29,6 +29,7 @@ import {
   replyQueueBytesMax,
   requestLengthBytesMaxDefault,
 } from "./nbd-limits.js";
+import { type NbdTls, tlsOff } from "./tls.js";
 
 export interface NbdServerOptions {
   readonly logger?: Logger; // default silentLogger
@@ -37,6 +38,8 @@ export interface NbdServerOptions {
   readonly inflightRequestsMax?: number; // per connection, default 64; beyond it the server stops reading
   /** How long close() lets in-flight requests run before destroying the sockets; default 5000. */
   readonly closeTimeoutMs?: number;
+  /** NBD_OPT_STARTTLS (tls.ts); default off. */
+  readonly tls?: NbdTls;
 }
 
 export class NbdServer {
@@ -46,6 +49,7 @@ export class NbdServer {
   private readonly requestLengthBytesMax: number;
   private readonly inflightRequestsMax: number;
   private readonly closeTimeoutMs: number;
+  private readonly tls: NbdTls;
   private readonly listeners: net.Server[] = [];
   private readonly connections = new Set<NbdConnection>();
   private readonly pool = new BufferPool({
@@ -61,6 +65,7 @@ export class NbdServer {
     this.requestLengthBytesMax = options.requestLengthBytesMax ?? requestLengthBytesMaxDefault;
     this.inflightRequestsMax = options.inflightRequestsMax ?? inflightRequestsMaxDefault;
     this.closeTimeoutMs = options.closeTimeoutMs ?? closeTimeoutMsDefault;
+    this.tls = options.tls ?? tlsOff;
     assert(Number.isSafeInteger(this.connectionsMax) && this.connectionsMax >= 1, "connectionsMax >= 1");
     assert(
       Number.isSafeInteger(this.requestLengthBytesMax) &&
@@ -179,6 +184,7 @@ export class NbdServer {
       requestLengthBytesMax: this.requestLengthBytesMax,
       inflightRequestsMax: this.inflightRequestsMax,
       pool: this.pool,
+      tls: this.tls,
     });
     this.connections.add(connection);
     this.logger.debug({ connections: this.connections.size }, "NBD client connected");
