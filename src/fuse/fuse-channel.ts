@@ -55,6 +55,7 @@ export class FuseChannel {
   private closed = false;
   private workerExited = false;
   private requestsInFlight = 0;
+  private isHandingOver = false;
 
   private constructor(fd: number, options: FuseChannelOptions) {
     assert(options.slotCount >= 1 && options.slotCount <= 4096, "slotCount");
@@ -193,6 +194,15 @@ export class FuseChannel {
     Atomics.add(this.control, readerControl.directReadPosts, 1);
   }
 
+  /**
+   * A hand-over: requests the reader still posts are left unanswered (the successor gets them again
+   * through FUSE_NOTIFY_RESEND), so nothing reaches a device after its state was handed over.
+   */
+  stopServing(): void {
+    this.isHandingOver = true;
+    this.stop();
+  }
+
   /** Asks the reader to stop before its next read; it still needs the kernel to end a read in progress. */
   stop(): void {
     Atomics.store(this.control, readerControl.stop, 1);
@@ -236,6 +246,11 @@ export class FuseChannel {
       case "request": {
         const view = this.slotViews[message.slot];
         assert(view, `reader posted slot ${message.slot}`);
+        if (this.isHandingOver) {
+          // Unanswered on purpose: the kernel resends it to the successor (FUSE_NOTIFY_RESEND).
+          Atomics.store(this.control, readerControl.firstSlot + message.slot, 0);
+          return;
+        }
         this.requestsInFlight += 1;
         handler(view, message.lengthBytes).then(
           () => this.release(message.slot),

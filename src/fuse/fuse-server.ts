@@ -166,13 +166,14 @@ export class FuseServer {
   }
 
   /**
-   * A planned hand-over to a successor: reads no new request, waits (bounded) for the ones in flight to be
-   * answered, and leaves mount and connection to the process that keeps /dev/fuse open. A request the
-   * reader takes meanwhile is served too, or — if it comes after the drain — resent to the successor.
+   * A planned hand-over to a successor: serves no new request (one the reader still takes stays unanswered
+   * and is resent to the successor), waits (bounded) for the ones in flight to be answered, and leaves
+   * mount and connection to the process that keeps /dev/fuse open. After it resolves no FUSE write reaches
+   * a device, so the CBT state saved next is exact.
    */
   async detach(): Promise<void> {
     this.unsubscribe();
-    this.channel.stop();
+    this.channel.stopServing();
     const deadline = Date.now() + drainTimeoutMs;
     let quietPolls = 0;
     while (quietPolls < 2 && Date.now() < deadline) {
