@@ -17,7 +17,7 @@ import {
   addCommonOptions,
   type CommonOptions,
   clientAction,
-  reportError,
+  localAction,
 } from "./command-context.js";
 import { sizeArgument } from "./option-parsers.js";
 import { formatTable, writeJson, writeLine } from "./output.js";
@@ -39,24 +39,6 @@ const jobPollMs = 200;
 async function openRepository(options: RepositoryOptions): Promise<Repository> {
   const key = options.key === undefined ? null : await readKeyFile(options.key);
   return await Repository.open(Repository.storeFor(options.repo), { key });
-}
-
-/** A command that works on the repository here, without the daemon. */
-function localAction<Options extends CommonOptions>(
-  body: (args: string[], options: Options) => Promise<void>,
-): (...actionArgs: unknown[]) => Promise<void> {
-  return async (...actionArgs: unknown[]) => {
-    const command = actionArgs[actionArgs.length - 1] as Command;
-    const options = command.opts<Options>();
-    const args = actionArgs
-      .slice(0, -2)
-      .flatMap((value) => (Array.isArray(value) ? value : [value])) as string[];
-    try {
-      await body(args, options);
-    } catch (error) {
-      reportError(error, options.json === true);
-    }
-  };
 }
 
 function repositoryOptions(command: Command): Command {

@@ -55,21 +55,35 @@ export function absolutePath(path: string): string {
 export function clientAction<Options extends CommonOptions>(
   body: (context: CommandContext, args: string[], options: Options) => Promise<void>,
 ): (...actionArgs: unknown[]) => Promise<void> {
+  return localAction<Options>((args, options) =>
+    body(
+      {
+        client: new ControlClient({ socketPath: resolveControlSocket(options) }),
+        json: options.json === true,
+      },
+      args,
+      options,
+    ),
+  );
+}
+
+/**
+ * Wraps a command body that needs no daemon (it works on local files) as a commander action: the
+ * positional arguments (variadic ones flattened) and the options, and any failure reported.
+ */
+export function localAction<Options extends CommonOptions>(
+  body: (args: string[], options: Options) => Promise<void>,
+): (...actionArgs: unknown[]) => Promise<void> {
   return async (...actionArgs: unknown[]) => {
     const command = actionArgs[actionArgs.length - 1] as Command;
     const options = command.opts<Options>();
     const args = actionArgs
       .slice(0, -2)
       .flatMap((value) => (Array.isArray(value) ? value : [value])) as string[];
-    const json = options.json === true;
     try {
-      await body(
-        { client: new ControlClient({ socketPath: resolveControlSocket(options) }), json },
-        args,
-        options,
-      );
+      await body(args, options);
     } catch (error) {
-      reportError(error, json);
+      reportError(error, options.json === true);
     }
   };
 }

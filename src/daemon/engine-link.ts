@@ -8,20 +8,13 @@
 import type * as net from "node:net";
 import {
   type EngineMessage,
-  type EngineRestartRecord,
   engineEnvironmentKey,
   type ListenerKind,
   type SupervisorMessage,
 } from "./supervisor-protocol.js";
 
-export interface EngineHello {
-  readonly resumeFuse: boolean;
-  readonly fuseFd: number | null;
-  readonly nbdTcp: { readonly host: string; readonly port: number } | null;
-  readonly supervisorPid: number;
-  readonly engineNumber: number;
-  readonly restarts: readonly EngineRestartRecord[];
-}
+/** What the supervisor's hello says (supervisor-protocol.ts). */
+export type EngineHello = Omit<Extract<SupervisorMessage, { kind: "hello" }>, "kind">;
 
 export class EngineLink {
   readonly hello: EngineHello;

@@ -135,7 +135,7 @@ test("fio verifies the origin while snapshots are taken and destroyed underneath
       "--iodepth=8",
       "--size=16M",
       "--verify=crc32c",
-      "--verify_backlog=128",
+      "--verify_backlog=16",
       "--verify_state_save=0",
       "--verify_fatal=1",
       "--runtime=2",
