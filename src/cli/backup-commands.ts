@@ -2,11 +2,12 @@
  * `blocksnap backup …`: backups of devices into a repository of deduplicated, compressed (and optionally
  * encrypted) chunks (docs/backup-format.md). `run` asks the daemon, which takes its own snapshot, reads the
  * image (only what CBT marks changed, for an incremental) and writes chunks and a manifest; the command
- * follows the job until it ends. `init`, `key create`, `list`, `verify` and `restore` work on the
+ * follows the job until it ends. `init`, `key create`, `list`, `verify`, `restore` and `prune` work on the
  * repository directly and need no daemon.
  */
 import type { Command } from "commander";
 import { Option } from "commander";
+import { collectGarbage, pruneBackups, pruneGraceMsDefault } from "../backup/prune.js";
 import { Repository } from "../backup/repository.js";
 import { createKeyFile, readKeyFile } from "../backup/repository-key.js";
 import { restoreToFile, verifyBackups } from "../backup/restore.js";
@@ -19,7 +20,7 @@ import {
   clientAction,
   localAction,
 } from "./command-context.js";
-import { sizeArgument } from "./option-parsers.js";
+import { countArgument, sizeArgument } from "./option-parsers.js";
 import { formatTable, writeJson, writeLine } from "./output.js";
 import { formatSize } from "./units.js";
 
@@ -237,6 +238,65 @@ export function addBackupCommands(program: Command): void {
           if (options.json) return writeJson({ backup: `${manifest.device}/${manifest.id}`, ...outcome });
           writeLine(
             `restored ${manifest.device}/${manifest.id} to ${absolutePath(options.to)}: ${formatSize(outcome.bytesWritten)}, ${outcome.chunksRead} chunk(s) read`,
+          );
+        } finally {
+          await repository.close();
+        }
+      }),
+    );
+  addCommonOptions(
+    repositoryOptions(
+      backup
+        .command("prune")
+        .description(
+          "keep the newest N backups of each device, delete the others, then delete chunks no backup names",
+        )
+        .requiredOption(
+          "--keep-last <n>",
+          "backups to keep per device (at least 1)",
+          countArgument("--keep-last", 1_000_000),
+        )
+        .option(
+          "--device <name>",
+          "prune only this device's backups (garbage collection covers the repository)",
+        )
+        .option(
+          "--grace-hours <n>",
+          `keep unreferenced chunks younger than this, a running backup's (default ${pruneGraceMsDefault / 3_600_000})`,
+          countArgument("--grace-hours", 100_000),
+        )
+        .option("--dry-run", "only say what would be deleted"),
+    ),
+  )
+    .addHelpText("after", "\nExample:\n  $ blocksnap backup prune --repo /srv/backups --keep-last 7\n")
+    .action(
+      localAction<
+        RepositoryOptions & { keepLast: number; device?: string; graceHours?: number; dryRun?: boolean }
+      >(async (_args, options) => {
+        if (options.keepLast < 1)
+          throw new CliError(
+            "--keep-last must be at least 1 (the newest backup is the next incremental's base)",
+            {
+              errno: "EINVAL",
+            },
+          );
+        const repository = await openRepository({ ...options, repo: absolutePath(options.repo) });
+        try {
+          const dryRun = options.dryRun === true;
+          const pruned = await pruneBackups(repository, {
+            keepLast: options.keepLast,
+            dryRun,
+            ...(options.device === undefined ? {} : { device: options.device }),
+          });
+          const garbage = await collectGarbage(repository, {
+            dryRun,
+            ...(options.graceHours === undefined ? {} : { graceMs: options.graceHours * 3_600_000 }),
+          });
+          if (options.json) return writeJson({ dryRun, ...pruned, ...garbage });
+          const verb = dryRun ? "would remove" : "removed";
+          for (const backupName of pruned.removed) writeLine(`${verb} ${backupName}`);
+          writeLine(
+            `${pruned.kept.length} backup(s) kept, ${pruned.removed.length} ${verb}; ${verb} ${garbage.removedChunks} chunk(s), ${formatSize(garbage.removedBytes)}; ${garbage.keptInGrace} unreferenced chunk(s) kept in the grace period`,
           );
         } finally {
           await repository.close();
