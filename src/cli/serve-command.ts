@@ -36,6 +36,7 @@ interface ServeOptions {
   readonly tlsCa?: string;
   readonly tlsVerifyPeer?: boolean;
   readonly tlsPsk?: string;
+  readonly access?: string;
 }
 
 export const stopWaitSecondsDefault = 300;
@@ -98,6 +99,10 @@ export function addServeCommand(program: Command): void {
     .option("--tls-ca <file>", "CA certificates (PEM) that sign client certificates")
     .option("--tls-verify-peer", "require a client certificate signed by --tls-ca")
     .option("--tls-psk <file>", "TLS pre-shared keys, psktool format (identity:hexkey per line)")
+    .option(
+      "--access <file>",
+      "NBD access rules, one `IDENTITY EXPORT-GLOB ro|rw|none` per line (first match decides; reread on SIGHUP)",
+    )
     .option("--fuse-mount <dir>", "FUSE mount point, or none (default: <state dir>/mnt when root)")
     .option(
       "--supervise",
@@ -169,6 +174,7 @@ export function addServeCommand(program: Command): void {
             verifyPeer: options.tlsVerifyPeer === true,
             pskFile: absoluteOrUndefined(options.tlsPsk),
           },
+          accessFile: absoluteOrUndefined(options.access) ?? null,
           ...(link === null ? {} : { supervised: link }),
           stateDir,
           controlSocketPath,

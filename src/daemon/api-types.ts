@@ -109,6 +109,23 @@ export interface AccessView {
   readonly whoCanConnect: readonly string[];
 }
 
+/** The NBD access rules (serve --access): GET /v1/access and POST /v1/access/reload. */
+export interface AccessRulesView {
+  /** null: the daemon runs without --access (every client that gets in may use every export). */
+  readonly file: string | null;
+  /** When the rules in force were read (ISO 8601); null without --access. */
+  readonly loadedAt: string | null;
+  /** In file order (the first match decides); null without --access. */
+  readonly rules:
+    | readonly {
+        readonly identity: string;
+        readonly export: string;
+        readonly grant: "none" | "ro" | "rw";
+        readonly line: number;
+      }[]
+    | null;
+}
+
 export interface SupervisorView {
   readonly pid: number;
   /** 1 for the first engine; +1 for every restart, planned or not. */

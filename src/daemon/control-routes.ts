@@ -36,6 +36,7 @@ import {
   waitEventQuerySchema,
 } from "./api-schemas.js";
 import type {
+  AccessRulesView,
   AccessView,
   CbtMapJsonView,
   DestroyedView,
@@ -82,6 +83,12 @@ export interface ControlContext {
    * Absent when the daemon runs without a supervisor.
    */
   readonly restart?: (options: { force: boolean }) => { enginePid: number };
+  /** The NBD access rules (serve --access); absent in tests that need none. */
+  readonly accessRules?: {
+    view(): AccessRulesView;
+    /** Rereads the file; a bad file throws its one-line error and the rules in force stay. */
+    reload(): Promise<AccessRulesView>;
+  };
 }
 
 export interface RouteRequest {
@@ -175,6 +182,11 @@ async function waitEventOrShutdown(
   }
 }
 
+function accessRulesOf(context: ControlContext): NonNullable<ControlContext["accessRules"]> {
+  if (context.accessRules === undefined) throw new BlockError("ENOTSUP", "this daemon has no access rules");
+  return context.accessRules;
+}
+
 export const routes: readonly Route[] = [
   route("GET", "/v1/status", (context, request) => {
     requireNoQuery(request);
@@ -189,6 +201,17 @@ export const routes: readonly Route[] = [
       snapshots: engine.listSnapshots().map((info) => snapshotView(context, info)),
     };
     return ok(status);
+  }),
+
+  route("GET", "/v1/access", (context, request) => {
+    requireNoQuery(request);
+    return ok(accessRulesOf(context).view());
+  }),
+
+  route("POST", "/v1/access/reload", async (context, request) => {
+    requireNoQuery(request);
+    parse(emptyObjectSchema, request.body ?? {}, "access reload");
+    return ok(await accessRulesOf(context).reload());
   }),
 
   route("POST", "/v1/restart", (context, request) => {

@@ -23,13 +23,16 @@ import { Engine } from "../engine/engine.js";
 import { LoopFreezer } from "../freeze/loop-freezer.js";
 import { findLoopMountsUnder, type LoopMount } from "../freeze/mount-discovery.js";
 import { cleanStaleMount, FuseServer } from "../fuse/fuse-server.js";
+import type { AccessPolicy } from "../nbd/access-rules.js";
 import { NbdServer } from "../nbd/nbd-server.js";
 import { loadNbdTls, type NbdTls, type TlsFiles } from "../nbd/tls.js";
 import { assert } from "../util/assert.js";
 import { loopDeviceUsersOver } from "../util/file-identity.js";
 import type { Logger } from "../util/logger.js";
-import type { AccessView } from "./api-types.js";
+import { AccessFile } from "./access-file.js";
+import type { AccessRulesView, AccessView } from "./api-types.js";
 import { BackupJobs } from "./backup-jobs.js";
+import type { ControlContext } from "./control-routes.js";
 import { ControlServer } from "./control-server.js";
 import { DeviceRegistry } from "./device-registry.js";
 import type { EngineLink } from "./engine-link.js";
@@ -58,6 +61,8 @@ export interface DaemonOptions {
   readonly insecureNoTls?: boolean;
   /** NBD over TLS (serve --tls*); default off. */
   readonly tls?: TlsFiles;
+  /** The NBD access rules file (serve --access); absent or null: every client may use every export. */
+  readonly accessFile?: string | null;
   /** Who may use the Unix sockets; default: the daemon's user only. */
   readonly socketAccess?: SocketAccess;
   /** A listening NBD socket inherited through systemd socket activation (fd 3), served in addition. */
@@ -80,6 +85,7 @@ export class Daemon {
   private readonly fuseServer: FuseServer | null;
   private readonly controlServer: ControlServer;
   private readonly shutdownController: AbortController;
+  private readonly accessFile: AccessFile;
   private stopping: Promise<void> | null = null;
 
   private constructor(parts: {
@@ -92,6 +98,7 @@ export class Daemon {
     controlServer: ControlServer;
     shutdownController: AbortController;
     addresses: ExportAddresses;
+    accessFile: AccessFile;
   }) {
     this.options = parts.options;
     this.lock = parts.lock;
@@ -102,6 +109,7 @@ export class Daemon {
     this.controlServer = parts.controlServer;
     this.shutdownController = parts.shutdownController;
     this.addresses = parts.addresses;
+    this.accessFile = parts.accessFile;
   }
 
   static async start(options: DaemonOptions): Promise<Daemon> {
@@ -109,6 +117,7 @@ export class Daemon {
     const socketAccess = options.socketAccess ?? { group: null };
     // Checked before anything is started: a refused listener must not leave half a daemon behind.
     const nbdTls = await loadNbdTls(options.tls ?? {});
+    const accessFile = await AccessFile.load(options.accessFile ?? null);
     // With TLS required no client gets past the handshake without credentials: no plaintext rule applies.
     const insecureNoTls = options.insecureNoTls === true || nbdTls.mode === "require";
     const tcpWarning =
@@ -124,7 +133,10 @@ export class Daemon {
       const fuseMount: FuseMountRef = { dir: null };
       const { engine, registry } = await openEngine(options, fuseMount, undo);
 
-      const { nbdServer, nbdTcp } = await startNbd(engine, options, socketAccess, tcpWarning, undo, nbdTls);
+      const { nbdServer, nbdTcp } = await startNbd(engine, options, socketAccess, tcpWarning, undo, {
+        tls: nbdTls,
+        access: accessFile,
+      });
 
       const fuseServer = await mountFuse(engine, options);
       if (fuseServer !== null) undo.push(() => fuseServer.unmount());
@@ -162,6 +174,13 @@ export class Daemon {
           assert(built !== null, "restart before the daemon is built");
           return built.requestRestart(restartOptions);
         },
+        accessRules: {
+          view: () => accessFile.view(),
+          reload: () => {
+            assert(built !== null, "reload before the daemon is built");
+            return built.reloadAccess();
+          },
+        },
       });
       logReady(options, addresses, access, engine, registry);
       options.supervised?.ready();
@@ -175,6 +194,7 @@ export class Daemon {
         controlServer,
         shutdownController,
         addresses,
+        accessFile,
       });
       return built;
     } catch (error) {
@@ -185,6 +205,34 @@ export class Daemon {
       }
       throw error;
     }
+  }
+
+  /**
+   * Reads the access file again (SIGHUP, POST /v1/access/reload). A bad file keeps the rules in force and
+   * throws its one-line error; good rules apply at once to every NBD connection (access-file.ts).
+   */
+  async reloadAccess(): Promise<AccessRulesView> {
+    const { logger } = this.options;
+    let view: AccessRulesView;
+    try {
+      view = await this.accessFile.reload();
+    } catch (error) {
+      if (this.accessFile.path !== null) {
+        logger.error({ err: (error as Error).message }, "access rules not reloaded: the rules in force stay");
+      }
+      throw error;
+    }
+    const outcome = this.nbdServer?.reviewAccess() ?? { closed: 0, readOnly: 0 };
+    logger.info(
+      {
+        file: view.file,
+        rules: view.rules?.length ?? 0,
+        connectionsClosed: outcome.closed,
+        connectionsMadeReadOnly: outcome.readOnly,
+      },
+      "access rules reloaded",
+    );
+    return view;
   }
 
   /**
@@ -357,14 +405,15 @@ async function startNbd(
   socketAccess: SocketAccess,
   tcpWarning: string | null,
   undo: UndoSteps,
-  nbdTls: NbdTls,
+  policy: { readonly tls: NbdTls; readonly access: AccessPolicy },
 ): Promise<{ nbdServer: NbdServer | null; nbdTcp: ExportAddresses["nbdTcp"] }> {
   const { logger } = options;
+  const nbdTls = policy.tls;
   const activationFd = options.nbdActivationFd ?? null;
   const link = options.supervised;
   if (link !== undefined) {
     // The supervisor decided which NBD listeners exist; any connection it passes is served.
-    const server = new NbdServer(engine, { logger, tls: nbdTls });
+    const server = new NbdServer(engine, { logger, tls: nbdTls, access: policy.access });
     undo.push(() => server.close());
     link.onConnection("nbd", (socket) => server.serveSocket(socket));
     return { nbdServer: server, nbdTcp: link.hello.nbdTcp };
@@ -372,7 +421,7 @@ async function startNbd(
   if (options.nbdSocketPath === null && options.nbdTcp === null && activationFd === null) {
     return { nbdServer: null, nbdTcp: null };
   }
-  const server = new NbdServer(engine, { logger, tls: nbdTls });
+  const server = new NbdServer(engine, { logger, tls: nbdTls, access: policy.access });
   undo.push(() => server.close());
   let nbdTcp: ExportAddresses["nbdTcp"] = null;
   if (options.nbdSocketPath !== null) {
@@ -429,6 +478,7 @@ async function startControlServer(
     readonly access: AccessView;
     readonly backups: BackupJobs;
     readonly restart: (restartOptions: { force: boolean }) => ReturnType<Daemon["requestRestart"]>;
+    readonly accessRules: ControlContext["accessRules"];
   },
 ): Promise<ControlServer> {
   const link = options.supervised;
@@ -442,6 +492,7 @@ async function startControlServer(
       addresses: parts.addresses,
       shutdownSignal: parts.shutdownSignal,
       backups: parts.backups,
+      accessRules: parts.accessRules,
       ...(link === undefined ? {} : { restart: parts.restart }),
       identity: {
         pid: process.pid,

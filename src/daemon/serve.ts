@@ -10,6 +10,11 @@
  * above `--stop-wait` so the wait ends first. A signal during the stop itself, or a stop that takes longer
  * than stopTimeoutMs, exits at once with code 1 (the lock and socket files are then stale, and the next
  * start removes them).
+ *
+ * SIGHUP rereads the access rules (serve --access; Daemon.reloadAccess()): a bad file is logged and the
+ * rules in force stay; without --access it is logged and ignored. Under --supervise the supervisor
+ * forwards its SIGHUP to the engine, which does the same. A SIGHUP before the daemon is ready is ignored
+ * (Node's default for SIGHUP would end the process).
  */
 import type { LoopMount } from "../freeze/mount-discovery.js";
 import type { Logger } from "../util/logger.js";
@@ -28,7 +33,29 @@ export interface ServeOptions extends DaemonOptions {
 export async function serveUntilSignal(options: ServeOptions): Promise<number> {
   const { logger } = options;
   const notifier = new SdNotifier(process.env, logger, options.supervised?.hello.supervisorPid);
-  const daemon = await Daemon.start(options);
+  let started: Daemon | null = null;
+  const onHangup = (): void => {
+    if (started === null) {
+      logger.warn("SIGHUP before the daemon is ready: ignored");
+      return;
+    }
+    started.reloadAccess().then(
+      () => {},
+      (error: unknown) => {
+        if ((error as { errno?: unknown }).errno === "ENOTSUP")
+          logger.info("SIGHUP: no access file to reload");
+      },
+    );
+  };
+  process.on("SIGHUP", onHangup);
+  let daemon: Daemon;
+  try {
+    daemon = await Daemon.start(options);
+  } catch (error) {
+    process.off("SIGHUP", onHangup);
+    throw error;
+  }
+  started = daemon;
   void notifier.notify({ READY: "1", STATUS: "serving" });
   const { stopWaitMs } = options;
   return await new Promise<number>((resolve) => {
@@ -59,6 +86,7 @@ export async function serveUntilSignal(options: ServeOptions): Promise<number> {
           () => {
             process.off("SIGINT", onSignal);
             process.off("SIGTERM", onSignal);
+            process.off("SIGHUP", onHangup);
             resolve(0);
           },
           () => resolve(1),

@@ -3,6 +3,7 @@ import { test } from "node:test";
 import { MemoryBackend } from "../backends/memory-backend.js";
 import { CheckedDevice } from "../block/checked-device.js";
 import { StaticExportSource } from "../block/export-source.js";
+import { parseAccessRules } from "./access-rules.js";
 import { exportMetaContexts } from "./export-meta-contexts.js";
 import { decodeString, Handshake } from "./handshake.js";
 import {
@@ -12,12 +13,15 @@ import {
   NBD_OPT_EXPORT_NAME,
   NBD_OPT_GO,
   NBD_OPT_INFO,
+  NBD_OPT_LIST,
   NBD_OPT_LIST_META_CONTEXT,
   NBD_OPT_SET_META_CONTEXT,
   NBD_OPT_STRUCTURED_REPLY,
   NBD_REP_ACK,
   NBD_REP_ERR_INVALID,
+  NBD_REP_ERR_UNKNOWN,
   NBD_REP_META_CONTEXT,
+  NBD_REP_SERVER,
 } from "./nbd-protocol.js";
 
 function handshake(readOnly = false) {
@@ -181,4 +185,39 @@ test("Handshake SET_META_CONTEXT: exact names, unique ids, bound at GO to the sa
   if (goOrigin.kind !== "transmission") return;
   assert.equal(goOrigin.session.baseAllocationContextId, 0);
   assert.deepEqual(goOrigin.session.metaContexts, [], "selected for another export: no context");
+});
+
+test("Handshake with access rules: a `none` export is answered like an unknown one, `ro` is a read-only session", () => {
+  const device = () => new CheckedDevice(new MemoryBackend(1 << 20), { readOnly: false });
+  const source = new StaticExportSource([
+    { name: "open", description: "", device: device(), readOnly: false },
+    { name: "reading", description: "", device: device(), readOnly: false },
+    { name: "hidden", description: "", device: device(), readOnly: false },
+  ]);
+  const access = parseAccessRules("alice open rw\nalice reading ro\n", "rules");
+  const machine = new Handshake({ source, requestLengthBytesMax: 32 << 20, tlsMode: "on", access });
+  assert.equal(machine.onClientFlags(3).kind, "continue");
+  const listed = (): string[] =>
+    machine
+      .onOption(NBD_OPT_LIST, Buffer.alloc(0))
+      .replies.filter((reply) => reply.readUInt32BE(12) === NBD_REP_SERVER)
+      .map((reply) => reply.subarray(24, 24 + reply.readUInt32BE(20)).toString());
+  assert.deepEqual(listed(), [], "plain text, no `-` rule: nothing listed");
+  machine.onTlsStarted("alice");
+  assert.deepEqual(listed(), ["open", "reading"]);
+  const answer = (option: number, name: string): Buffer => {
+    const payload = option === NBD_OPT_LIST_META_CONTEXT ? metaContextPayload(name, []) : goPayload(name);
+    const reply = machine.onOption(option, payload).replies[0]!;
+    const body = reply.subarray(20).toString().replaceAll(name, "NAME");
+    return Buffer.concat([reply.subarray(0, 20), Buffer.from(body)]);
+  };
+  for (const option of [NBD_OPT_INFO, NBD_OPT_LIST_META_CONTEXT]) {
+    assert.deepEqual(answer(option, "hidden"), answer(option, "absent"), `option ${option}`);
+    assert.equal(answer(option, "hidden").readUInt32BE(12), NBD_REP_ERR_UNKNOWN);
+  }
+  const readOnly = machine.onOption(NBD_OPT_GO, goPayload("reading"));
+  assert.equal(readOnly.kind, "transmission");
+  if (readOnly.kind !== "transmission") return;
+  assert.equal(readOnly.session.isReadOnly, true);
+  assert.notEqual(readOnly.session.transmissionFlags & NBD_FLAG_READ_ONLY, 0);
 });

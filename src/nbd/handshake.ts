@@ -24,11 +24,20 @@
  * selects nothing, as the spec advises) and is valid for the export named in the last SET only; GO then
  * binds the selected contexts that the export still has.
  *
+ * Access rules (access-rules.ts, serve --access): every lookup of an export by name (INFO, GO, EXPORT_NAME,
+ * LIST_META_CONTEXT, SET_META_CONTEXT) and LIST ask the AccessPolicy about the client's identity (the PSK
+ * identity or verified certificate CN given to onTlsStarted(); null in plain text). An export granted
+ * `none` is answered exactly as an export that does not exist (same reply type, same message), and LIST
+ * leaves it out, so a client cannot learn names it may not use. An `ro` grant is a read-only session
+ * (NBD_FLAG_READ_ONLY, writes EPERM). The policy is asked at each option, so a reload applies to the rest
+ * of a handshake at once.
+ *
  * Not done: extended headers, a default export for the empty name (the empty name is an ordinary
  * name and must exist in the source).
  */
 import type { Export, ExportSource } from "../block/export-source.js";
 import { assert } from "../util/assert.js";
+import { type AccessPolicy, allowAll, type Grant } from "./access-rules.js";
 import { exportMetaContexts } from "./export-meta-contexts.js";
 import {
   blockSizeMinimumBytes,
@@ -95,6 +104,8 @@ export interface HandshakeOptions {
   readonly requestLengthBytesMax: number;
   /** Default off. */
   readonly tlsMode?: "off" | "on" | "require";
+  /** Who may use which export (serve --access); default allowAll. */
+  readonly access?: AccessPolicy;
 }
 
 /** The context id of base:allocation after SET_META_CONTEXT (ids are per connection and opaque). */
@@ -105,7 +116,10 @@ export class Handshake {
   private readonly source: ExportSource;
   private readonly requestLengthBytesMax: number;
   private readonly tlsMode: "off" | "on" | "require";
+  private readonly access: AccessPolicy;
   private isTlsUp = false;
+  /** The PSK identity or verified certificate CN once TLS is up; null in plain text or without one. */
+  private identity: string | null = null;
   private clientFlags = 0;
   private optionCount = 0;
   private structuredReplies = false;
@@ -120,12 +134,22 @@ export class Handshake {
     this.source = options.source;
     this.requestLengthBytesMax = options.requestLengthBytesMax;
     this.tlsMode = options.tlsMode ?? "off";
+    this.access = options.access ?? allowAll;
   }
 
-  /** The connection runs over TLS now: the option haggling starts again. */
-  onTlsStarted(): void {
+  /** The client's identity for the access rules (null: none). */
+  get clientIdentity(): string | null {
+    return this.identity;
+  }
+
+  /**
+   * The connection runs over TLS now, authenticated as `identity` (null: no PSK identity and no verified
+   * client certificate): the option haggling starts again.
+   */
+  onTlsStarted(identity: string | null): void {
     assert(!this.isTlsUp, "TLS started twice");
     this.isTlsUp = true;
+    this.identity = identity;
     this.structuredReplies = false;
     this.metaContextSelection = undefined;
   }
@@ -219,9 +243,9 @@ export class Handshake {
   private onExportName(payload: Buffer): HandshakeStep {
     const name = decodeString(payload);
     if (name === undefined) return close("EXPORT_NAME with an invalid name");
-    const entry = this.source.findExport(name);
-    if (!entry) return close(`EXPORT_NAME of unknown export ${JSON.stringify(name)}`);
-    const session = this.sessionOf(entry);
+    const found = this.findGranted(name);
+    if (!found) return close(`EXPORT_NAME of unknown export ${JSON.stringify(name)}`);
+    const session = this.sessionOf(found.entry, found.grant);
     const noZeroes = (this.clientFlags & NBD_FLAG_C_NO_ZEROES) !== 0;
     const reply = Buffer.alloc(10 + (noZeroes ? 0 : exportNameZeroPaddingBytes));
     reply.writeBigUInt64BE(BigInt(session.sizeBytes), 0);
@@ -235,6 +259,7 @@ export class Handshake {
     }
     const replies: Buffer[] = [];
     for (const entry of this.source.listExports()) {
+      if (this.access.grantFor(this.identity, entry.name) === "none") continue;
       const name = Buffer.from(entry.name, "utf8");
       const body = Buffer.concat([u32(name.byteLength), name, truncatedUtf8(entry.description)]);
       replies.push(optionReply(NBD_OPT_LIST, NBD_REP_SERVER, body));
@@ -273,12 +298,12 @@ export class Handshake {
     for (let index = 0; index < requestCount; index += 1) {
       requests.add(payload.readUInt16BE(4 + nameBytes + 2 + 2 * index));
     }
-    const entry = this.source.findExport(name);
-    if (!entry) {
+    const found = this.findGranted(name);
+    if (!found) {
       return proceed([optionReply(option, NBD_REP_ERR_UNKNOWN, `export ${quotedName(name)} not found`)]);
     }
-    const session = this.sessionOf(entry);
-    const replies = this.infoReplies(option, entry, session, requests);
+    const session = this.sessionOf(found.entry, found.grant);
+    const replies = this.infoReplies(option, found.entry, session, requests);
     replies.push(optionReply(option, NBD_REP_ACK));
     if (option === NBD_OPT_INFO) return proceed(replies);
     return { kind: "transmission", replies, session };
@@ -318,7 +343,7 @@ export class Handshake {
     const request = parseMetaContextRequest(payload);
     if (request === undefined)
       return proceed([optionReply(option, NBD_REP_ERR_INVALID, "malformed request")]);
-    const entry = this.source.findExport(request.exportName);
+    const entry = this.findGranted(request.exportName)?.entry;
     if (!entry) {
       const message = `export ${quotedName(request.exportName)} not found`;
       return proceed([optionReply(option, NBD_REP_ERR_UNKNOWN, message)]);
@@ -347,10 +372,18 @@ export class Handshake {
     return proceed(replies);
   }
 
-  private sessionOf(entry: Export): NbdSession {
+  /** The export and this client's grant on it; undefined for an unknown export and for a `none` grant alike. */
+  private findGranted(name: string): { entry: Export; grant: Grant } | undefined {
+    const entry = this.source.findExport(name);
+    if (!entry) return undefined;
+    const grant = this.access.grantFor(this.identity, entry.name);
+    return grant === "none" ? undefined : { entry, grant };
+  }
+
+  private sessionOf(entry: Export, grant: Grant): NbdSession {
     const device = entry.device;
     const caps = device.capabilities;
-    const isReadOnly = entry.readOnly || !caps.canWrite;
+    const isReadOnly = entry.readOnly || !caps.canWrite || grant === "ro";
     let flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_CACHE;
     if (isReadOnly) flags |= NBD_FLAG_READ_ONLY;
     if (caps.canFlush) flags |= NBD_FLAG_SEND_FLUSH;

@@ -28,6 +28,11 @@
  * the replies of every request that completed in the same tick leave in one writev. A message is always
  * written whole in one write() call, so replies never interleave.
  *
+ * Access rules reloaded while a client is in transmission (reviewAccess()): a grant that became `none` ends
+ * the connection softly (in-flight requests reply first); `rw` that became `ro` answers every later
+ * WRITE, TRIM and WRITE_ZEROES with EPERM (the flags sent at GO cannot be taken back); `ro` that became
+ * `rw` takes effect at the client's next connection, since it was told the export is read-only.
+ *
  * EOF from the client behaves like NBD_CMD_DISC once everything already received has been parsed;
  * EOF inside a payload drops that request. Locking: none, one event loop.
  */
@@ -36,6 +41,7 @@ import type { Errno } from "../block/errors.js";
 import type { ExportSource } from "../block/export-source.js";
 import { assert } from "../util/assert.js";
 import type { Logger } from "../util/logger.js";
+import { type AccessPolicy, allowAll } from "./access-rules.js";
 import type { BufferPool } from "./buffer-pool.js";
 import { ByteQueue } from "./byte-queue.js";
 import type { HandshakeStep } from "./handshake.js";
@@ -52,14 +58,16 @@ import {
 import {
   NBD_CMD_DISC,
   NBD_CMD_READ,
+  NBD_CMD_TRIM,
   NBD_CMD_WRITE,
+  NBD_CMD_WRITE_ZEROES,
   NBD_IHAVEOPT,
   NBD_OPTION_HEADER_BYTES,
   NBD_REQUEST_HEADER_BYTES,
   NBD_REQUEST_MAGIC,
 } from "./nbd-protocol.js";
 import { offsetBytesOf, validateRequest } from "./request-validation.js";
-import { type NbdTls, serverTlsSocket, tlsOff } from "./tls.js";
+import { type NbdTls, peerIdentity, serverTlsSocket, tlsOff } from "./tls.js";
 import type { NbdRequest, ReplySink } from "./transmission.js";
 import { Transmission } from "./transmission.js";
 
@@ -84,6 +92,8 @@ export interface NbdConnectionOptions {
   readonly pool: BufferPool;
   /** TLS set-up (tls.ts); default off. */
   readonly tls?: NbdTls;
+  /** Who may use which export (access-rules.ts); default allowAll. */
+  readonly access?: AccessPolicy;
 }
 
 /** Counters for tests and monitoring. */
@@ -112,6 +122,9 @@ export class NbdConnection implements ReplySink {
   /** The plain socket, replaced by its TLS socket after STARTTLS. */
   private socket: Socket;
   private readonly tls: NbdTls;
+  private readonly access: AccessPolicy;
+  /** The grant went from rw to ro during the transmission (reviewAccess()): modifications get EPERM. */
+  private isWriteRevoked = false;
   private readonly logger: Logger;
   private readonly requestLengthBytesMax: number;
   private readonly inflightRequestsMax: number;
@@ -144,10 +157,12 @@ export class NbdConnection implements ReplySink {
     this.inflightRequestsMax = options.inflightRequestsMax;
     this.pool = options.pool;
     this.tls = options.tls ?? tlsOff;
+    this.access = options.access ?? allowAll;
     this.handshake = new Handshake({
       source: options.source,
       requestLengthBytesMax: options.requestLengthBytesMax,
       tlsMode: this.tls.mode,
+      access: this.access,
     });
     this.closed = new Promise((resolve) => {
       this.resolveClosed = resolve;
@@ -207,7 +222,7 @@ export class NbdConnection implements ReplySink {
       secure.setTimeout(handshakeTimeoutMs);
       secure.once("secure", () => {
         if (this.state !== "UPGRADING") return;
-        this.handshake.onTlsStarted();
+        this.handshake.onTlsStarted(peerIdentity(secure));
         this.state = "RECV_OPTION_HEADER";
         this.logger.debug({ protocol: secure.getProtocol() }, "NBD TLS started");
         this.pump();
@@ -242,6 +257,24 @@ export class NbdConnection implements ReplySink {
       return;
     }
     this.pump();
+  }
+
+  /**
+   * The access rules changed: apply them to a connection in transmission (see the notes above). Returns
+   * what happened, for the server's log. A connection still haggling needs nothing: the handshake asks
+   * the policy at every option.
+   */
+  reviewAccess(): "kept" | "read-only" | "closed" {
+    const session = this.transmission?.session;
+    if (session === undefined || this.state === "FINISHING" || this.state === "DEAD") return "kept";
+    const grant = this.access.grantFor(this.handshake.clientIdentity, session.exportName);
+    if (grant === "none") {
+      this.logger.info({ export: session.exportName }, "NBD access revoked: closing the connection");
+      this.finish("access revoked");
+      return "closed";
+    }
+    this.isWriteRevoked = grant === "ro" && !session.isReadOnly;
+    return this.isWriteRevoked ? "read-only" : "kept";
   }
 
   /** Hard disconnect, now. */
@@ -439,9 +472,10 @@ export class NbdConnection implements ReplySink {
       this.finish("client sent NBD_CMD_DISC");
       return false;
     }
-    const errno: Errno | undefined = this.isShuttingDown
+    let errno: Errno | undefined = this.isShuttingDown
       ? "ESHUTDOWN"
       : validateRequest(transmission.session, command, commandFlags, offsetHigh, offsetLow, lengthBytes);
+    if (errno === undefined && this.isWriteRevoked && isModification(command)) errno = "EPERM";
     if (command === NBD_CMD_WRITE) {
       if (errno !== undefined) {
         if (lengthBytes > writeSkipFactorMax * this.requestLengthBytesMax) {
@@ -577,6 +611,10 @@ export class NbdConnection implements ReplySink {
   private isBlocked(): boolean {
     return this.state === "RECV_REQUEST_HEADER" && !this.canStartRequest();
   }
+}
+
+function isModification(command: number): boolean {
+  return command === NBD_CMD_WRITE || command === NBD_CMD_TRIM || command === NBD_CMD_WRITE_ZEROES;
 }
 
 function uncorkTick(connection: NbdConnection): void {

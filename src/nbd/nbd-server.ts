@@ -16,6 +16,7 @@ import type { ExportSource } from "../block/export-source.js";
 import { assert } from "../util/assert.js";
 import type { Logger } from "../util/logger.js";
 import { silentLogger } from "../util/logger.js";
+import { type AccessPolicy, allowAll } from "./access-rules.js";
 import { BufferPool } from "./buffer-pool.js";
 import type { NbdConnectionStats } from "./nbd-connection.js";
 import { NbdConnection } from "./nbd-connection.js";
@@ -40,6 +41,8 @@ export interface NbdServerOptions {
   readonly closeTimeoutMs?: number;
   /** NBD_OPT_STARTTLS (tls.ts); default off. */
   readonly tls?: NbdTls;
+  /** Who may use which export (access-rules.ts); default allowAll. After a change call reviewAccess(). */
+  readonly access?: AccessPolicy;
 }
 
 export class NbdServer {
@@ -50,6 +53,7 @@ export class NbdServer {
   private readonly inflightRequestsMax: number;
   private readonly closeTimeoutMs: number;
   private readonly tls: NbdTls;
+  private readonly access: AccessPolicy;
   private readonly listeners: net.Server[] = [];
   private readonly connections = new Set<NbdConnection>();
   private readonly pool = new BufferPool({
@@ -66,6 +70,7 @@ export class NbdServer {
     this.inflightRequestsMax = options.inflightRequestsMax ?? inflightRequestsMaxDefault;
     this.closeTimeoutMs = options.closeTimeoutMs ?? closeTimeoutMsDefault;
     this.tls = options.tls ?? tlsOff;
+    this.access = options.access ?? allowAll;
     assert(Number.isSafeInteger(this.connectionsMax) && this.connectionsMax >= 1, "connectionsMax >= 1");
     assert(
       Number.isSafeInteger(this.requestLengthBytesMax) &&
@@ -118,6 +123,18 @@ export class NbdServer {
   /** Per-connection counters (in-flight requests, queued reply bytes, paused reading) for tests and status. */
   connectionStats(): NbdConnectionStats[] {
     return [...this.connections].map((connection) => connection.stats);
+  }
+
+  /** The access policy changed: connections in transmission follow it (NbdConnection.reviewAccess()). */
+  reviewAccess(): { closed: number; readOnly: number } {
+    let closed = 0;
+    let readOnly = 0;
+    for (const connection of this.connections) {
+      const outcome = connection.reviewAccess();
+      if (outcome === "closed") closed += 1;
+      if (outcome === "read-only") readOnly += 1;
+    }
+    return { closed, readOnly };
   }
 
   close(): Promise<void> {
@@ -185,6 +202,7 @@ export class NbdServer {
       inflightRequestsMax: this.inflightRequestsMax,
       pool: this.pool,
       tls: this.tls,
+      access: this.access,
     });
     this.connections.add(connection);
     this.logger.debug({ connections: this.connections.size }, "NBD client connected");

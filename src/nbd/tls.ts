@@ -8,7 +8,11 @@
  * The upgrade itself: the connection stops reading the plain socket before it acknowledges STARTTLS, so
  * the client's ClientHello is read by the TLS layer only (nbd-connection.ts).
  *
- * Not done: access rules per identity (serve --access), reloading credentials without a restart.
+ * The client's identity for the access rules (access-rules.ts): the PSK identity whose key completed the
+ * handshake, or the CN of a client certificate that --tls-verify-peer verified; null otherwise (an
+ * unverified certificate names nobody).
+ *
+ * Not done: reloading credentials without a restart.
  */
 import { readFile } from "node:fs/promises";
 import type { Socket } from "node:net";
@@ -106,17 +110,36 @@ export async function loadNbdTls(files: TlsFiles): Promise<NbdTls> {
   return { mode, context, psk, verifyPeer: files.verifyPeer === true };
 }
 
+/** The PSK identity each server socket's handshake used, recorded by its pskCallback. */
+const pskIdentities = new WeakMap<tls.TLSSocket, string>();
+
 /** Wraps an accepted plain socket after STARTTLS was acknowledged. */
 export function serverTlsSocket(socket: Socket, config: NbdTls): tls.TLSSocket {
   if (config.context === null) throw new BlockError("EINVAL", "TLS is off");
   const psk = config.psk;
-  return new tls.TLSSocket(socket, {
+  const secure: tls.TLSSocket = new tls.TLSSocket(socket, {
     isServer: true,
     secureContext: config.context,
     requestCert: config.verifyPeer,
     rejectUnauthorized: config.verifyPeer,
     ...(psk === null
       ? {}
-      : { pskCallback: (_socket: tls.TLSSocket, identity: string) => psk.get(identity) ?? null }),
+      : {
+          pskCallback: (_socket: tls.TLSSocket, identity: string) => {
+            const key = psk.get(identity) ?? null;
+            if (key !== null) pskIdentities.set(secure, identity);
+            return key;
+          },
+        }),
   });
+  return secure;
+}
+
+/** After 'secure': who the client is (see the notes above), or null. */
+export function peerIdentity(secure: tls.TLSSocket): string | null {
+  const pskIdentity = pskIdentities.get(secure);
+  if (pskIdentity !== undefined) return pskIdentity;
+  if (!secure.authorized) return null;
+  const commonName = secure.getPeerCertificate()?.subject?.CN;
+  return typeof commonName === "string" && commonName !== "" ? commonName : null;
 }
