@@ -29,6 +29,13 @@ export interface ObjectStore {
   delete(key: string): Promise<void>;
 }
 
+/** The store itself is absent (an S3 bucket that does not exist): not one missing object. */
+export class StoreMissingError extends BlockError {
+  constructor(message: string) {
+    super("ENOENT", message);
+  }
+}
+
 const keyPattern = /^[A-Za-z0-9_-][A-Za-z0-9._-]*(\/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$/;
 const keyLengthMax = 512;
 

@@ -17,8 +17,9 @@ import { BlockError } from "../block/errors.js";
 import { CodecPool, codecWorkersDefault } from "./codec-pool.js";
 import { DirectoryStore } from "./directory-store.js";
 import { type Manifest, newBackupId, parseManifest } from "./manifest.js";
-import type { ObjectStore } from "./object-store.js";
+import { type ObjectStore, StoreMissingError } from "./object-store.js";
 import type { RepositoryKey } from "./repository-key.js";
+import { openS3Store, type S3Settings } from "./s3-store.js";
 
 export const repositoryFormat = "blocksnap-backup-repository";
 export const repositoryVersion = 1;
@@ -65,10 +66,11 @@ export class Repository {
     this.codec = new CodecPool(key, objectPlainBytesMax, workers);
   }
 
-  /** A repository path or URL to its store. Only local directories for now. */
-  static storeFor(location: string): ObjectStore {
+  /** A repository location to its store: `s3://BUCKET/PREFIX` (with `s3` settings) or a local directory. */
+  static storeFor(location: string, s3: S3Settings = {}): ObjectStore {
+    if (location.startsWith("s3://")) return openS3Store(location, s3);
     if (/^[a-z][a-z0-9+.-]*:\/\//i.test(location))
-      throw new BlockError("ENOTSUP", `Repository ${location}: only local directories are supported`);
+      throw new BlockError("ENOTSUP", `Repository ${location}: a local directory or s3://BUCKET/PREFIX`);
     return new DirectoryStore(location);
   }
 
@@ -106,7 +108,7 @@ export class Repository {
     try {
       bytes = await store.get(configKey);
     } catch (error) {
-      if (error instanceof BlockError && error.errno === "ENOENT")
+      if (error instanceof BlockError && error.errno === "ENOENT" && !(error instanceof StoreMissingError))
         throw new BlockError("ENOENT", `${store.location} is not a blocksnap backup repository (no config)`);
       throw error;
     }

@@ -3,7 +3,9 @@
  * encrypted) chunks (docs/backup-format.md). `run` asks the daemon, which takes its own snapshot, reads the
  * image (only what CBT marks changed, for an incremental) and writes chunks and a manifest; the command
  * follows the job until it ends. `init`, `key create`, `list`, `verify`, `restore` and `prune` work on the
- * repository directly and need no daemon.
+ * repository directly and need no daemon. A repository is a directory or `s3://BUCKET/PREFIX` (with
+ * --s3-endpoint/--s3-region; credentials from the AWS variables or ~/.aws/credentials — for `run`, the
+ * daemon's own, which the CLI never sends).
  */
 import type { Command } from "commander";
 import { Option } from "commander";
@@ -11,6 +13,7 @@ import { collectGarbage, pruneBackups, pruneGraceMsDefault } from "../backup/pru
 import { Repository } from "../backup/repository.js";
 import { createKeyFile, readKeyFile } from "../backup/repository-key.js";
 import { restoreToFile, verifyBackups } from "../backup/restore.js";
+import { type S3Settings, s3ParallelDefault } from "../backup/s3-store.js";
 import type { BackupJobView } from "../daemon/backup-jobs.js";
 import { CliError } from "./cli-error.js";
 import {
@@ -27,6 +30,9 @@ import { formatSize } from "./units.js";
 interface RepositoryOptions extends CommonOptions {
   readonly repo: string;
   readonly key?: string;
+  readonly s3Endpoint?: string;
+  readonly s3Region?: string;
+  readonly s3Parallel?: number;
 }
 
 interface RunOptions extends RepositoryOptions {
@@ -37,15 +43,48 @@ interface RunOptions extends RepositoryOptions {
 
 const jobPollMs = 200;
 
+/** A local repository path made absolute; an s3:// location as given. */
+function repositoryLocation(repo: string): string {
+  return repo.startsWith("s3://") ? repo : absolutePath(repo);
+}
+
+function s3Settings(options: RepositoryOptions): S3Settings {
+  return {
+    ...(options.s3Endpoint === undefined ? {} : { endpoint: options.s3Endpoint }),
+    ...(options.s3Region === undefined ? {} : { region: options.s3Region }),
+    ...(options.s3Parallel === undefined ? {} : { parallel: options.s3Parallel }),
+  };
+}
+
+function storeOf(options: RepositoryOptions) {
+  return Repository.storeFor(repositoryLocation(options.repo), s3Settings(options));
+}
+
 async function openRepository(options: RepositoryOptions): Promise<Repository> {
   const key = options.key === undefined ? null : await readKeyFile(options.key);
-  return await Repository.open(Repository.storeFor(options.repo), { key });
+  return await Repository.open(storeOf(options), { key });
+}
+
+function s3Options(command: Command): Command {
+  return command
+    .option(
+      "--s3-endpoint <url>",
+      "S3 endpoint, path-style (default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or AWS for the region)",
+    )
+    .option("--s3-region <region>", "S3 region (default: AWS_REGION, AWS_DEFAULT_REGION or us-east-1)")
+    .option(
+      "--s3-parallel <n>",
+      `S3 requests in flight (default ${s3ParallelDefault})`,
+      countArgument("--s3-parallel", 1024),
+    );
 }
 
 function repositoryOptions(command: Command): Command {
-  return command
-    .requiredOption("--repo <dir>", "the backup repository (a directory)")
-    .option("--key <file>", "the repository's key file (encrypted repositories)");
+  return s3Options(
+    command
+      .requiredOption("--repo <repo>", "the backup repository: a directory or s3://BUCKET/PREFIX")
+      .option("--key <file>", "the repository's key file (encrypted repositories)"),
+  );
 }
 
 export function addBackupCommands(program: Command): void {
@@ -58,25 +97,33 @@ export function addBackupCommands(program: Command): void {
     );
 
   addCommonOptions(
-    backup
-      .command("init")
-      .description("create a backup repository in an empty or absent directory")
-      .requiredOption("--repo <dir>", "where to create it")
-      .option("--key <file>", "encrypt with this key file (make one with backup key create)")
-      .option("--chunk-size <size>", "chunk size, a power of two from 64K to 64M (default 4M)", sizeArgument),
+    s3Options(
+      backup
+        .command("init")
+        .description("create a backup repository in an empty or absent directory or S3 prefix")
+        .requiredOption("--repo <repo>", "where to create it: a directory or s3://BUCKET/PREFIX")
+        .option("--key <file>", "encrypt with this key file (make one with backup key create)")
+        .option(
+          "--chunk-size <size>",
+          "chunk size, a power of two from 64K to 64M (default 4M)",
+          sizeArgument,
+        ),
+    ),
   )
     .addHelpText("after", "\nExample:\n  $ blocksnap backup init --repo /srv/backups\n")
     .action(
       localAction<RepositoryOptions & { chunkSize?: number }>(async (_args, options) => {
         const key = options.key === undefined ? null : await readKeyFile(options.key);
-        const repository = await Repository.init(Repository.storeFor(absolutePath(options.repo)), {
+        const repository = await Repository.init(storeOf(options), {
           key,
           ...(options.chunkSize === undefined ? {} : { chunkSizeBytes: options.chunkSize }),
         });
         await repository.close();
         if (options.json)
-          return writeJson({ repository: absolutePath(options.repo), encrypted: key !== null });
-        writeLine(`repository created: ${absolutePath(options.repo)}${key === null ? "" : " (encrypted)"}`);
+          return writeJson({ repository: repositoryLocation(options.repo), encrypted: key !== null });
+        writeLine(
+          `repository created: ${repositoryLocation(options.repo)}${key === null ? "" : " (encrypted)"}`,
+        );
       }),
     );
 
@@ -123,8 +170,9 @@ export function addBackupCommands(program: Command): void {
       clientAction<RunOptions>(async ({ client, json }, [device], options) => {
         let job = await client.post<BackupJobView>("/v1/backups", {
           device,
-          repository: absolutePath(options.repo),
+          repository: repositoryLocation(options.repo),
           level: options.level,
+          ...(options.repo.startsWith("s3://") ? { s3: s3Settings(options) } : {}),
           ...(options.key === undefined ? {} : { keyFile: absolutePath(options.key) }),
           ...(options.storage === undefined ? {} : { storage: absolutePath(options.storage) }),
           ...(options.limit === undefined ? {} : { limitBytes: options.limit }),
@@ -157,7 +205,7 @@ export function addBackupCommands(program: Command): void {
     .addHelpText("after", "\nExample:\n  $ blocksnap backup list --repo /srv/backups\n")
     .action(
       localAction<RepositoryOptions & { device?: string }>(async (_args, options) => {
-        const repository = await openRepository({ ...options, repo: absolutePath(options.repo) });
+        const repository = await openRepository(options);
         try {
           const manifests = [];
           for (const ref of await repository.listManifests(options.device)) {
@@ -195,7 +243,7 @@ export function addBackupCommands(program: Command): void {
     .addHelpText("after", "\nExample:\n  $ blocksnap backup verify --repo /srv/backups\n")
     .action(
       localAction<RepositoryOptions>(async ([reference], options) => {
-        const repository = await openRepository({ ...options, repo: absolutePath(options.repo) });
+        const repository = await openRepository(options);
         try {
           const refs =
             reference === undefined
@@ -231,7 +279,7 @@ export function addBackupCommands(program: Command): void {
     )
     .action(
       localAction<RepositoryOptions & { to: string }>(async ([reference], options) => {
-        const repository = await openRepository({ ...options, repo: absolutePath(options.repo) });
+        const repository = await openRepository(options);
         try {
           const manifest = await repository.readManifest(await repository.resolve(reference!));
           const outcome = await restoreToFile(repository, manifest, absolutePath(options.to));
@@ -280,7 +328,7 @@ export function addBackupCommands(program: Command): void {
               errno: "EINVAL",
             },
           );
-        const repository = await openRepository({ ...options, repo: absolutePath(options.repo) });
+        const repository = await openRepository(options);
         try {
           const dryRun = options.dryRun === true;
           const pruned = await pruneBackups(repository, {

@@ -84,4 +84,12 @@ export const backupBodySchema = z.strictObject({
   keyFile: path.optional(),
   storage: path.optional(),
   limitBytes: z.int().positive().optional(),
+  /** For an s3:// repository; the credentials come from the daemon's own environment, never the API. */
+  s3: z
+    .strictObject({
+      endpoint: path.optional(),
+      region: z.string().min(1).max(64).optional(),
+      parallel: z.int().min(1).max(1024).optional(),
+    })
+    .optional(),
 });

@@ -9,7 +9,8 @@
  * A job's own snapshot lives in `storage` (default: an anonymous temporary file in the system's temporary
  * directory; the state directory is refused as storage by the path policy) with
  * `limitBytes` (default: a quarter of the device, at least 64 MiB); it is destroyed at the end, whatever
- * happens. Not done yet: cancelling a job, jobs that survive a daemon restart (an interrupted backup leaves
+ * happens. An s3:// repository takes its credentials from the daemon's own environment or shared
+ * credentials file (s3-credentials.ts), never from the request. Not done yet: cancelling a job, jobs that survive a daemon restart (an interrupted backup leaves
  * only unreferenced chunks; run it again).
  */
 import { randomUUID } from "node:crypto";
@@ -17,6 +18,7 @@ import { tmpdir } from "node:os";
 import { type BackupEngine, type BackupLevel, type BackupProgress, runBackup } from "../backup/backup-run.js";
 import { Repository } from "../backup/repository.js";
 import { readKeyFile } from "../backup/repository-key.js";
+import type { S3Settings } from "../backup/s3-store.js";
 import { BlockError, toBlockError } from "../block/errors.js";
 import type { Logger } from "../util/logger.js";
 
@@ -30,6 +32,8 @@ export interface BackupRequest {
   readonly keyFile?: string | undefined;
   readonly storage?: string | undefined;
   readonly limitBytes?: number | undefined;
+  /** Endpoint, region and parallelism of an s3:// repository (credentials: the daemon's environment). */
+  readonly s3?: S3Settings | undefined;
 }
 
 export interface BackupJobView {
@@ -111,7 +115,7 @@ export class BackupJobs {
     let repository: Repository | null = null;
     try {
       const key = request.keyFile === undefined ? null : await readKeyFile(request.keyFile);
-      repository = await Repository.open(Repository.storeFor(request.repository), { key });
+      repository = await Repository.open(Repository.storeFor(request.repository, request.s3 ?? {}), { key });
       const outcome = await runBackup({
         engine: this.engine,
         repository,
