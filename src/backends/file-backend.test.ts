@@ -6,6 +6,7 @@ import { join } from "node:path";
 import { after, test } from "node:test";
 import { BlockError } from "../block/errors.js";
 import { blockDeviceSizeBytes, FileBackend } from "./file-backend.js";
+import { batchBytesMax, FileSystemWriter } from "./fs-writer.js";
 
 const directory = mkdtempSync(join(tmpdir(), "blocksnap-file-backend-"));
 after(() => rmSync(directory, { recursive: true, force: true }));
@@ -75,4 +76,58 @@ test("FileBackend opens a block device exclusively, sized from sysfs", async (t)
   } finally {
     await new Promise((resolve) => execFile("losetup", ["-d", loop], resolve));
   }
+});
+
+test("FileBackend writes run on the file system's writer thread: concurrent writes, zeroes and growth in order", async () => {
+  const path = join(directory, "writer.img");
+  const backend = FileBackend.open(path, { sizeBytes: 1 << 20 });
+  const second = FileBackend.open(join(directory, "writer2.img"), { sizeBytes: 1 << 20 });
+  const writersWithBoth = FileSystemWriter.count;
+  // Many writes issued in one turn form batches; overlapping ones land in issue order.
+  const writes: Promise<void>[] = [];
+  for (let index = 0; index < 300; index++) {
+    writes.push(backend.write((index % 100) * 4096, new Uint8Array(4096).fill(index % 251)));
+    writes.push(second.write(index * 1024, new Uint8Array(1024).fill(7)));
+  }
+  await Promise.all(writes);
+  const target = new Uint8Array(4096);
+  for (const slot of [0, 42, 99]) {
+    await backend.read(slot * 4096, target);
+    assert.ok(
+      target.every((byte) => byte === (200 + slot) % 251),
+      `slot ${slot} holds the last write`,
+    );
+  }
+  await backend.writeZeroes(4096, 5 * 4096);
+  await backend.read(5 * 4096, target);
+  assert.ok(target.every((byte) => byte === 0));
+  await backend.extend(2 << 20);
+  assert.equal(statSync(path).size, 2 << 20);
+  // A write larger than one batch goes alone.
+  const large = new Uint8Array(batchBytesMax + 4096).fill(0x6d);
+  await backend.write(0, large);
+  const check = new Uint8Array(large.byteLength);
+  await backend.read(0, check);
+  assert.deepEqual(check, large);
+  // close() waits for the writes still out.
+  const pending = backend.write(8192, new Uint8Array(4096).fill(1));
+  await backend.close();
+  await pending;
+  await second.close();
+  assert.ok(writersWithBoth >= 1);
+});
+
+test("FileBackend: a failed write keeps the kernel's errno and names the file", async () => {
+  const path = join(directory, "huge-offset.img");
+  const backend = FileBackend.open(path, { sizeBytes: 8192 });
+  // Past the largest file the file system allows (ext4: 16 TiB, tmpfs/xfs: 8 EiB - the offset is not exact).
+  await assert.rejects(
+    backend.write(2 ** 53 - 8192, new Uint8Array(512)),
+    (e: unknown) =>
+      e instanceof BlockError &&
+      ["EFBIG", "EINVAL"].includes(e.errno) &&
+      e.message.includes("huge-offset.img"),
+  );
+  await backend.write(0, new Uint8Array(512).fill(1));
+  await backend.close();
 });

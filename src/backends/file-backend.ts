@@ -1,10 +1,17 @@
 /**
  * FileBackend: a regular file or a block device. Data goes through the page cache (no O_DIRECT: Node's
- * buffers are not aligned); FLUSH and FUA are fdatasync. Requests under 64 KiB use the synchronous fs
- * calls: on page-cache-hot data a synchronous pread costs a few microseconds, far less than a hop through
- * the libuv pool (measured in docs/design/nbd-notes.md); larger ones go through the pool so that their copy
- * overlaps with the event loop. The FUSE face reads /dev/fuse on its own thread, not the pool.
- * fdatasync is asynchronous because it waits for the disk.
+ * buffers are not aligned); FLUSH and FUA are fdatasync.
+ *
+ * Reads under 64 KiB use the synchronous fs calls: on page-cache-hot data a synchronous pread costs a few
+ * microseconds, far less than a hop through the libuv pool (measured in docs/design/nbd-notes.md), and a
+ * read never waits for a frozen file system. Larger reads go through the pool so that their copy overlaps
+ * with the event loop; a backend holds at most `poolSlotsPerFile` pool threads at once (a
+ * CountingSemaphore). Every write, zeroing and resize goes to the thread of the backend's file system
+ * (FileSystemWriter): a write to a file system under `fsfreeze -f` (or to a dying disk) blocks in the
+ * kernel, and on the event loop it would stall every device and the control API until thaw. fdatasync runs
+ * in the pool, one at a time per backend (on a frozen file system it finds nothing dirty to wait for).
+ * close() waits for every request still out, so none ever runs on a reused descriptor.
+ * The FUSE face reads /dev/fuse on its own thread, not the pool.
  *
  * A block device is opened exclusively (O_EXCL), like blksnap's storage and like a mounted file system
  * would be: nobody else may write around the tracker. Its size comes from the kernel
@@ -13,6 +20,8 @@
  *
  * Not done yet: trim is accepted and ignored on files (NBD makes trim a hint; Node has no fallocate to
  * punch holes), so writeZeroes writes real zeroes, and extents() is not offered (Node has no SEEK_DATA).
+ * Opening (open, stat, the first extension of a new file) is still synchronous: it happens when a device or
+ * storage is added, not on the data path.
  */
 
 import { randomUUID } from "node:crypto";
@@ -22,6 +31,8 @@ import { promisify } from "node:util";
 import type { BlockDevice, Capabilities, WriteFlags, ZeroFlags } from "../block/device.js";
 import { BlockError, toBlockError } from "../block/errors.js";
 import { assert } from "../util/assert.js";
+import { CountingSemaphore } from "../util/counting-semaphore.js";
+import { FileSystemWriter } from "./fs-writer.js";
 
 const fdatasyncAsync = promisify(fs.fdatasync);
 const readAsync = (fd: number, target: Uint8Array, offset: number, length: number, position: number) =>
@@ -30,22 +41,19 @@ const readAsync = (fd: number, target: Uint8Array, offset: number, length: numbe
       error ? reject(error) : resolve(bytesRead),
     ),
   );
-const writeAsync = (fd: number, source: Uint8Array, offset: number, length: number, position: number) =>
-  new Promise<number>((resolve, reject) =>
-    fs.write(fd, source, offset, length, position, (error, written) =>
-      error ? reject(error) : resolve(written),
-    ),
-  );
 /**
- * Large requests may go through the libuv pool, so that their copy overlaps with the event loop: sequential
+ * Large reads may go through the libuv pool, so that their copy overlaps with the event loop: sequential
  * reads at a deep queue reached qemu-nbd parity only this way. But a hop to a pool thread costs ~55 µs
- * here against ~9 µs for a synchronous 64 KiB page-cache read, so a request that is alone (queue depth 1,
- * a copy-before-write under a chunk lock) stays synchronous. "Not alone" means: another large request is
+ * here against ~9 µs for a synchronous 64 KiB page-cache read, so a read that is alone (queue depth 1,
+ * a copy-before-write under a chunk lock) stays synchronous. "Not alone" means: another large read is
  * in the pool, or one already ran in this turn of the event loop (a burst parsed from one socket read).
  */
 export const asyncIoBytesMin = 64 * 1024;
 const closeAsync = promisify(fs.close);
-const zeroBufferBytes = 1024 * 1024;
+/** Zeroing goes to the writer thread in slices of this size. */
+const zeroSliceBytes = 16 * 1024 * 1024;
+/** Pool threads one file's large reads may hold at once (the libuv pool has 4). */
+export const poolSlotsPerFile = 2;
 const sectorSizeBytes = 512;
 /** Linux O_TMPFILE (__O_TMPFILE | O_DIRECTORY); Node does not export it. */
 const O_TMPFILE = 0o20000000 | 0o200000;
@@ -65,14 +73,20 @@ export class FileBackend implements BlockDevice {
   readonly capabilities: Capabilities;
   private fd: number;
   private closed = false;
-  /** Large requests now in the libuv pool, and large ones run synchronously in this event-loop turn. */
+  /** Large reads now in the libuv pool, and large ones run synchronously in this event-loop turn. */
   private poolInflight = 0;
   private largeInThisTurn = 0;
-  private static zeroes: Uint8Array | undefined;
+  private readonly poolSlots = new CountingSemaphore(poolSlotsPerFile);
+  private readonly flushSlot = new CountingSemaphore(1);
+  private readonly writer: FileSystemWriter;
+  /** Writes and extensions sent to the writer and not answered yet (close waits for them). */
+  private writesOut = 0;
+  private writesIdle: Array<() => void> = [];
 
   private constructor(path: string, fd: number, kind: FileKind, sizeBytes: number, readOnly: boolean) {
     this.path = path;
     this.fd = fd;
+    this.writer = FileSystemWriter.acquire(fileSystemKey(fd));
     this.kind = kind;
     this.sizeBytes = sizeBytes;
     this.capabilities = {
@@ -170,13 +184,16 @@ export class FileBackend implements BlockDevice {
     }
     this.checkOpen();
     let doneBytes: number;
+    this.poolInflight++;
     try {
-      this.poolInflight++;
-      doneBytes = await readAsync(this.fd, target, 0, target.byteLength, offsetBytes).finally(() => {
-        this.poolInflight--;
+      doneBytes = await this.poolSlots.run(() => {
+        this.checkOpen();
+        return readAsync(this.fd, target, 0, target.byteLength, offsetBytes);
       });
     } catch (error) {
       throw toBlockError(error, `read ${this.path} at ${offsetBytes}`);
+    } finally {
+      this.poolInflight--;
     }
     // A short read (end of file) is rare: finish it on the synchronous path, which also zero-fills.
     if (doneBytes < target.byteLength) this.readSync(offsetBytes + doneBytes, target.subarray(doneBytes));
@@ -205,50 +222,42 @@ export class FileBackend implements BlockDevice {
   }
 
   async write(offsetBytes: number, source: Uint8Array, flags?: WriteFlags): Promise<void> {
-    let doneBytes = 0;
-    if (this.goesToPool(source.byteLength)) {
-      this.checkOpen();
-      try {
-        this.poolInflight++;
-        doneBytes = await writeAsync(this.fd, source, 0, source.byteLength, offsetBytes).finally(() => {
-          this.poolInflight--;
-        });
-      } catch (error) {
-        throw toBlockError(error, `write ${this.path} at ${offsetBytes}`);
-      }
-    }
-    if (doneBytes < source.byteLength) this.writeSync(offsetBytes + doneBytes, source.subarray(doneBytes));
+    this.checkOpen();
+    await this.toWriter(
+      this.writer.write(this.fd, offsetBytes, source),
+      `write ${this.path} at ${offsetBytes}`,
+    );
     if (flags?.fua) await this.flush();
   }
 
-  writeSync(offsetBytes: number, source: Uint8Array): void {
-    this.checkOpen();
-    let doneBytes = 0;
+  /** Counts a request sent to the writer until it is answered, and names the file in its error. */
+  private async toWriter(request: Promise<void>, what: string): Promise<void> {
+    this.writesOut++;
     try {
-      while (doneBytes < source.byteLength) {
-        const n = fs.writeSync(
-          this.fd,
-          source,
-          doneBytes,
-          source.byteLength - doneBytes,
-          offsetBytes + doneBytes,
-        );
-        assert(n > 0, "writeSync wrote nothing");
-        doneBytes += n;
-      }
+      await request;
     } catch (error) {
-      throw toBlockError(error, `write ${this.path} at ${offsetBytes}`);
+      throw toBlockError(error, what);
+    } finally {
+      this.writesOut--;
+      if (this.writesOut === 0) {
+        const waiters = this.writesIdle;
+        this.writesIdle = [];
+        for (const wake of waiters) wake();
+      }
     }
   }
 
   async writeZeroes(offsetBytes: number, lengthBytes: number, flags?: ZeroFlags): Promise<void> {
     if (flags?.fastZero) throw new BlockError("ENOTSUP", "fast zero is not supported by file backends");
-    FileBackend.zeroes ??= new Uint8Array(zeroBufferBytes);
-    const zeroes = FileBackend.zeroes;
     let doneBytes = 0;
     while (doneBytes < lengthBytes) {
-      const stepBytes = Math.min(zeroBufferBytes, lengthBytes - doneBytes);
-      this.writeSync(offsetBytes + doneBytes, zeroes.subarray(0, stepBytes));
+      // Slices, so that other writes to the same file system run between them.
+      const stepBytes = Math.min(zeroSliceBytes, lengthBytes - doneBytes);
+      this.checkOpen();
+      await this.toWriter(
+        this.writer.writeZeroes(this.fd, offsetBytes + doneBytes, stepBytes),
+        `write zeroes to ${this.path} at ${offsetBytes + doneBytes}`,
+      );
       doneBytes += stepBytes;
     }
     if (flags?.fua) await this.flush();
@@ -262,14 +271,24 @@ export class FileBackend implements BlockDevice {
   async flush(): Promise<void> {
     this.checkOpen();
     try {
-      await fdatasyncAsync(this.fd);
+      await this.flushSlot.run(() => {
+        this.checkOpen();
+        return fdatasyncAsync(this.fd);
+      });
     } catch (error) {
       throw toBlockError(error, `flush ${this.path}`);
     }
   }
 
-  /** Extends a regular file (growth of a difference storage); a no-op for block devices. */
-  truncateSync(sizeBytes: number): void {
+  /** Extends a regular file (growth of a difference storage, in the pool like a write). */
+  async extend(sizeBytes: number): Promise<void> {
+    this.checkOpen();
+    assert(this.kind === "file", "only regular files can be resized");
+    await this.toWriter(this.writer.extend(this.fd, sizeBytes), `extend ${this.path} to ${sizeBytes}`);
+  }
+
+  /** Extends a regular file synchronously: only while a new storage is opened, never on the data path. */
+  extendWhileOpening(sizeBytes: number): void {
     this.checkOpen();
     assert(this.kind === "file", "only regular files can be resized");
     try {
@@ -282,6 +301,11 @@ export class FileBackend implements BlockDevice {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    // Requests still out use the descriptor: close it only when they are done.
+    await this.poolSlots.idle();
+    await this.flushSlot.idle();
+    if (this.writesOut > 0) await new Promise<void>((resolve) => this.writesIdle.push(resolve));
+    this.writer.release();
     const fd = this.fd;
     this.fd = -1;
     await closeAsync(fd);
@@ -305,6 +329,12 @@ export class FileBackend implements BlockDevice {
   private checkOpen(): void {
     if (this.closed) throw new BlockError("EIO", `${this.path} is closed`);
   }
+}
+
+/** Which FileSystemWriter serves a descriptor: its file system, or the block device itself. */
+function fileSystemKey(fd: number): string {
+  const stat = fs.fstatSync(fd);
+  return stat.isBlockDevice() ? `block:${stat.rdev}` : `fs:${stat.dev}`;
 }
 
 function openOrThrow(path: string, flags: number): number {

@@ -55,7 +55,7 @@ test("FaultDevice fails the chosen operation in the chosen range, after skipCoun
   assert.equal(device.directReadFd(), null);
 });
 
-test("FaultDevice: torn writes leave a prefix, writeSync is faulted too, flush and EIO on reads", async () => {
+test("FaultDevice: torn writes leave a prefix, the second write fails too, flush and EIO on reads", async () => {
   const inner = new MemoryBackend(64 * KiB);
   const device = new FaultDevice(inner, {
     rules: [
@@ -68,8 +68,8 @@ test("FaultDevice: torn writes leave a prefix, writeSync is faulted too, flush a
   await inner.read(0, check);
   assert.equal(check[2 * KiB - 1], 3);
   assert.equal(check[2 * KiB], 0);
-  assert.throws(() => device.writeSync(8 * KiB, new Uint8Array(KiB).fill(4)), isErrno("EIO"));
-  device.writeSync(8 * KiB, new Uint8Array(KiB).fill(4));
+  await assert.rejects(device.write(8 * KiB, new Uint8Array(KiB).fill(4)), isErrno("EIO"));
+  await device.write(8 * KiB, new Uint8Array(KiB).fill(4));
   await assert.rejects(device.read(0, check), isErrno("EIO"));
   await assert.rejects(device.flush(), isErrno("EIO"));
   device.enabled = false;

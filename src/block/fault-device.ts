@@ -7,7 +7,7 @@
  * be torn: part of the data reaches the device before the error (what a crash mid-write leaves).
  *
  * Faults are injected before the inner call (torn writes excepted), so a failed request changed nothing
- * below. `writeSync` (the difference storage's path) is faulted like `write` when the inner device has it.
+ * below.
  * Reads never come back short: the BlockDevice contract has no short reads (a device fills the buffer or
  * fails). directReadFd is hidden so that no face reads around the faults. No locks; state is the counters.
  */
@@ -21,7 +21,7 @@ export interface FaultRule {
   readonly operations: readonly FaultOperation[];
   /** The error of a fired call; without one a fired call is only delayed. */
   readonly errno?: Errno;
-  /** A fired call first waits this long (asynchronous operations only; writeSync is never delayed). */
+  /** A fired call first waits this long. */
   readonly delayMs?: number;
   /** Chance that a matching call fails, 0..1; default 1. */
   readonly probability?: number;
@@ -46,11 +46,6 @@ interface RuleState {
   readonly rule: FaultRule;
   matched: number;
   fired: number;
-}
-
-/** What a synchronous-write device offers (FileBackend, MemoryBackend). */
-interface SyncWritable {
-  writeSync(offsetBytes: number, source: Uint8Array): void;
 }
 
 export class FaultDevice extends PassThroughDevice {
@@ -98,20 +93,6 @@ export class FaultDevice extends PassThroughDevice {
       throw faultError(fired, "write", offsetBytes);
     }
     return this.inner.write(offsetBytes, source, flags);
-  }
-
-  /** The difference storage's synchronous write; only for inner devices that have one. */
-  writeSync(offsetBytes: number, source: Uint8Array): void {
-    const inner = this.inner as BlockDevice & Partial<SyncWritable>;
-    if (!inner.writeSync)
-      throw new BlockError("ENOTSUP", "the device under this fault stage has no writeSync");
-    const fired = this.fire("write", offsetBytes, source.byteLength);
-    if (fired?.errno !== undefined) {
-      const tornBytes = tornLength(fired, source.byteLength);
-      if (tornBytes > 0) inner.writeSync(offsetBytes, source.subarray(0, tornBytes));
-      throw faultError(fired, "write", offsetBytes);
-    }
-    inner.writeSync(offsetBytes, source);
   }
 
   override async writeZeroes(offsetBytes: number, lengthBytes: number, flags?: ZeroFlags): Promise<void> {

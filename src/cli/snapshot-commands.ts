@@ -84,6 +84,8 @@ export function formatEvent(event: SnapshotEventView): string {
       return `${time}  no_space   requested=${event.requestedBytes} (${formatSize(event.requestedBytes)})`;
     case "low_space":
       return `${time}  low_space  free=${event.freeBytes} (${formatSize(event.freeBytes)})`;
+    case "io_error":
+      return `${time}  io_error   errno=${event.errno} ${event.message}`;
   }
 }
 

@@ -141,9 +141,7 @@ export class DiffArea {
       const buffer = this.takeBuffer(this.geometry.chunkLengthBytes(chunkIndex));
       try {
         await this.origin.read(startBytes, buffer);
-        const location = this.storage.allocate(buffer.byteLength);
-        await this.storage.write(location, 0, buffer);
-        this.setStored(chunkIndex, location);
+        this.setStored(chunkIndex, await this.storeNew(buffer));
       } catch (error) {
         const blockError = toBlockError(error, `copy-before-write of ${this.deviceName} chunk ${chunkIndex}`);
         if (this.onCowError === "fail-origin-write") throw blockError;
@@ -156,6 +154,18 @@ export class DiffArea {
     } finally {
       release();
     }
+  }
+
+  /** Stores a whole chunk in a new region; a region whose write failed goes back to the storage. */
+  private async storeNew(chunkData: Uint8Array): Promise<StorageLocation> {
+    const location = await this.storage.allocate(chunkData.byteLength);
+    try {
+      await this.storage.write(location, 0, chunkData);
+    } catch (error) {
+      this.storage.release(location, chunkData.byteLength);
+      throw error;
+    }
+    return location;
   }
 
   private entry(chunkIndex: number): ChunkEntry | undefined {
@@ -303,18 +313,14 @@ export class DiffArea {
       }
       const chunkLengthBytes = this.geometry.chunkLengthBytes(chunkIndex);
       if (source.byteLength === chunkLengthBytes) {
-        const location = this.storage.allocate(chunkLengthBytes);
-        await this.storage.write(location, 0, source);
-        this.setStored(chunkIndex, location);
+        this.setStored(chunkIndex, await this.storeNew(source));
         return;
       }
       const chunkData = this.takeBuffer(chunkLengthBytes);
       try {
         await this.origin.read(this.geometry.chunkStartBytes(chunkIndex), chunkData);
         chunkData.set(source, inChunkBytes);
-        const location = this.storage.allocate(chunkLengthBytes);
-        await this.storage.write(location, 0, chunkData);
-        this.setStored(chunkIndex, location);
+        this.setStored(chunkIndex, await this.storeNew(chunkData));
       } finally {
         this.giveBuffer(chunkData);
       }

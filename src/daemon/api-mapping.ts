@@ -153,5 +153,7 @@ export function snapshotEventView(event: SnapshotEvent): SnapshotEventView {
       return { type: event.type, timeMs: event.timeMs, requestedBytes: event.requestedBytes };
     case "low_space":
       return { type: event.type, timeMs: event.timeMs, freeBytes: event.freeBytes };
+    case "io_error":
+      return { type: event.type, timeMs: event.timeMs, errno: event.errno, message: event.message };
   }
 }

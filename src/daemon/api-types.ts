@@ -100,7 +100,8 @@ export interface SnapshotView {
 export type SnapshotEventView =
   | { readonly type: "corrupted"; readonly timeMs: number; readonly device: string; readonly errno: string }
   | { readonly type: "no_space"; readonly timeMs: number; readonly requestedBytes: number }
-  | { readonly type: "low_space"; readonly timeMs: number; readonly freeBytes: number };
+  | { readonly type: "low_space"; readonly timeMs: number; readonly freeBytes: number }
+  | { readonly type: "io_error"; readonly timeMs: number; readonly errno: string; readonly message: string };
 
 /** Who can connect to the daemon (`status`): the socket mode and group, and one line per face. */
 export interface AccessView {

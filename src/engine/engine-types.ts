@@ -100,7 +100,9 @@ export interface AppendStorageOptions {
 export type SnapshotEvent =
   | { readonly type: "corrupted"; readonly timeMs: number; readonly device: string; readonly errno: Errno }
   | { readonly type: "no_space"; readonly timeMs: number; readonly requestedBytes: number }
-  | { readonly type: "low_space"; readonly timeMs: number; readonly freeBytes: number };
+  | { readonly type: "low_space"; readonly timeMs: number; readonly freeBytes: number }
+  /** A write or growth of the difference storage failed with this errno (once per errno until a write succeeds). */
+  | { readonly type: "io_error"; readonly timeMs: number; readonly errno: Errno; readonly message: string };
 
 export interface SnapshotDeviceInfo {
   readonly name: string;

@@ -6,6 +6,7 @@ import { join } from "node:path";
 import { after, test } from "node:test";
 import { promisify } from "node:util";
 import { BlockError, type Errno } from "../block/errors.js";
+import { FaultDevice } from "../block/fault-device.js";
 import { DiffStorage, type StorageEvent, type StorageLocation } from "./diff-storage.js";
 import {
   memoryStoragePath,
@@ -48,11 +49,11 @@ function recordingStorage(
 }
 
 /** Allocates chunks until ENOSPC; returns the locations. Bounded by `maxChunks`. */
-function fill(storage: DiffStorage, maxChunks: number): StorageLocation[] {
+async function fill(storage: DiffStorage, maxChunks: number): Promise<StorageLocation[]> {
   const locations: StorageLocation[] = [];
   for (let i = 0; i < maxChunks; i++) {
     try {
-      locations.push(storage.allocate(chunkBytes));
+      locations.push(await storage.allocate(chunkBytes));
     } catch (error) {
       assert.ok(error instanceof BlockError && error.errno === "ENOSPC", String(error));
       return locations;
@@ -65,13 +66,13 @@ function pattern(lengthBytes: number, seed: number): Uint8Array {
   return new Uint8Array(lengthBytes).map((_, i) => (i * 7 + seed * 13 + 1) & 0xff);
 }
 
-test("memory storage grows in portions, one low_space per crossing, one no_space at the limit", () => {
+test("memory storage grows in portions, one low_space per crossing, one no_space at the limit", async () => {
   const limitBytes = 4 * MiB;
   const { storage, events } = recordingStorage(memoryStoragePath, limitBytes);
   // Created with its first portion.
   assert.equal(storage.capacityBytes, portionBytes);
   assert.equal(storage.info().kind, "memory");
-  const locations = fill(storage, 1000);
+  const locations = await fill(storage, 1000);
   // Memory has no reserved head: 4 MiB hold exactly 64 chunks of 64 KiB.
   assert.equal(locations.length, limitBytes / chunkBytes);
   assert.equal(storage.capacityBytes, limitBytes);
@@ -86,13 +87,13 @@ test("memory storage grows in portions, one low_space per crossing, one no_space
   assert.ok(noSpace[0]!.requestedBytes > storage.capacityBytes, JSON.stringify(noSpace[0]));
   // Further attempts fail with ENOSPC and emit nothing new.
   const eventCount = events.length;
-  assert.throws(() => storage.allocate(chunkBytes), isErrno("ENOSPC"));
-  assert.throws(() => storage.allocate(4096), isErrno("ENOSPC"));
+  await assert.rejects(storage.allocate(chunkBytes), isErrno("ENOSPC"));
+  await assert.rejects(storage.allocate(4096), isErrno("ENOSPC"));
   assert.equal(events.length, eventCount);
   assert.equal(storage.capacityBytes, limitBytes);
 });
 
-test("growth happens only when free space drops below half a portion, and is capped at the limit", () => {
+test("growth happens only when free space drops below half a portion, and is capped at the limit", async () => {
   const limitBytes = 2 * MiB + 512 * KiB;
   const { storage, events } = recordingStorage(memoryStoragePath, limitBytes);
   const seenCapacities = new Set<number>([storage.capacityBytes]);
@@ -101,7 +102,7 @@ test("growth happens only when free space drops below half a portion, and is cap
     const freeBefore = storage.freeBytes;
     let location: StorageLocation;
     try {
-      location = storage.allocate(chunkBytes);
+      location = await storage.allocate(chunkBytes);
     } catch (error) {
       assert.ok(isErrno("ENOSPC")(error));
       break;
@@ -120,21 +121,21 @@ test("growth happens only when free space drops below half a portion, and is cap
   assert.equal(events.filter((event) => event.type === "no_space").length, 1);
 });
 
-test("a large allocation grows the storage at once if the limit allows", () => {
+test("a large allocation grows the storage at once if the limit allows", async () => {
   const { storage, events } = recordingStorage(memoryStoragePath, 16 * MiB);
-  const location = storage.allocate(3 * MiB);
+  const location = await storage.allocate(3 * MiB);
   assert.equal(location.offsetBytes, 0);
   assert.ok(storage.capacityBytes >= 3 * MiB && storage.capacityBytes <= 16 * MiB);
   assert.equal(events.filter((event) => event.type === "no_space").length, 0);
-  assert.throws(() => storage.allocate(20 * MiB), isErrno("ENOSPC"));
+  await assert.rejects(storage.allocate(20 * MiB), isErrno("ENOSPC"));
   assert.equal(events.filter((event) => event.type === "no_space").length, 1);
   const noSpace = events.find((event) => event.type === "no_space");
   assert.ok(noSpace && noSpace.type === "no_space" && noSpace.requestedBytes > storage.capacityBytes);
 });
 
-test("appending a memory area makes allocation work again and re-arms the events", () => {
+test("appending a memory area makes allocation work again and re-arms the events", async () => {
   const { storage, events } = recordingStorage(memoryStoragePath, 2 * MiB);
-  const firstLocations = fill(storage, 1000);
+  const firstLocations = await fill(storage, 1000);
   assert.equal(firstLocations.length, 32);
   assert.deepEqual(
     events.map((event) => event.type),
@@ -145,7 +146,7 @@ test("appending a memory area makes allocation work again and re-arms the events
   assert.equal(area.growable, false);
   assert.equal(storage.capacityBytes, 4 * MiB);
   assert.deepEqual(storage.paths, [memoryStoragePath, memoryStoragePath]);
-  const more = fill(storage, 1000);
+  const more = await fill(storage, 1000);
   assert.equal(more.length, 32);
   for (const location of more) assert.equal(location.area, area);
   // One new crossing, and the first area cannot grow: low_space then no_space again.
@@ -157,21 +158,21 @@ test("appending a memory area makes allocation work again and re-arms the events
 
 test("appending a file (created at the given size) makes allocation work again", async () => {
   const { storage, events } = recordingStorage(memoryStoragePath, MiB);
-  assert.equal(fill(storage, 1000).length, 16);
+  assert.equal((await fill(storage, 1000)).length, 16);
   assert.equal(events.filter((event) => event.type === "no_space").length, 1);
   const path = join(directory, "appended.diff");
   const area = storage.append(path, 2 * MiB);
   assert.equal(area.kind, "file");
   assert.equal(statSync(path).size, 2 * MiB);
   assert.deepEqual(storage.realPaths, [path]);
-  const location = storage.allocate(chunkBytes);
+  const location = await storage.allocate(chunkBytes);
   assert.equal(location.area, area);
   assert.equal(location.offsetBytes, firstRegionBytes);
   await storage.write(location, 0, pattern(chunkBytes, 4));
   const back = new Uint8Array(chunkBytes);
   await storage.read(location, 0, back);
   assert.deepEqual(back, pattern(chunkBytes, 4));
-  const rest = fill(storage, 1000);
+  const rest = await fill(storage, 1000);
   assert.equal(rest.length, Math.floor((2 * MiB - firstRegionBytes) / chunkBytes) - 1);
   // The exhausted file re-armed the events: a second no_space.
   assert.equal(events.filter((event) => event.type === "no_space").length, 2);
@@ -195,7 +196,7 @@ test("an absent file is created and grown in portions; an existing one is used a
   const { storage, events } = recordingStorage(absentPath, 3 * MiB);
   assert.equal(storage.info().kind, "file");
   assert.equal(statSync(absentPath).size, portionBytes);
-  const locations = fill(storage, 1000);
+  const locations = await fill(storage, 1000);
   // The reserved head costs one chunk's worth of alignment: 3 MiB - 4 KiB holds 47 chunks of 64 KiB.
   assert.equal(locations[0]!.offsetBytes, firstRegionBytes);
   assert.equal(locations.length, Math.floor((3 * MiB - firstRegionBytes) / chunkBytes));
@@ -209,7 +210,7 @@ test("an absent file is created and grown in portions; an existing one is used a
   // Larger than half a portion: used as it is.
   assert.equal(existing.storage.capacityBytes, 2 * MiB);
   assert.equal(statSync(existingPath).size, 2 * MiB);
-  assert.equal(existing.storage.allocate(chunkBytes).offsetBytes, firstRegionBytes);
+  assert.equal((await existing.storage.allocate(chunkBytes)).offsetBytes, firstRegionBytes);
   assert.deepEqual(existing.storage.realPaths, [existingPath]);
   await existing.storage.close();
 });
@@ -222,11 +223,11 @@ test("data round-trips through locations in memory, file and temp-file areas", a
   storage.append(join(directory, "roundtrip-file.diff"), 2 * MiB);
   storage.append(storageDirectory, 2 * MiB);
   assert.equal(storage.info().kind, "mixed");
-  const first = storage.allocate(MiB / 4);
+  const first = await storage.allocate(MiB / 4);
   const written: Array<[StorageLocation, Uint8Array]> = [[first, pattern(MiB / 4, 1)]];
   // Enough regions to spill from the growing memory area into the appended file and temp file.
   for (let i = 0; i < 12; i++) {
-    written.push([storage.allocate(MiB / 2), pattern(MiB / 2, 20 + i)]);
+    written.push([await storage.allocate(MiB / 2), pattern(MiB / 2, 20 + i)]);
   }
   for (const [location, data] of written) await storage.write(location, 0, data);
   // A write inside a region at an offset.
@@ -255,7 +256,7 @@ test("a directory storage leaves no directory entry and grows its temp file", as
   mkdirSync(storageDirectory);
   const { storage, events } = recordingStorage(storageDirectory, 2 * MiB);
   assert.equal(storage.info().kind, "directory");
-  const locations = fill(storage, 1000);
+  const locations = await fill(storage, 1000);
   assert.equal(locations.length, Math.floor((2 * MiB - firstRegionBytes) / chunkBytes));
   assert.equal(storage.capacityBytes, 2 * MiB);
   assert.equal(events.filter((event) => event.type === "no_space").length, 1);
@@ -267,10 +268,10 @@ test("a directory storage leaves no directory entry and grows its temp file", as
 
 test("a closed storage fails every operation with EIO", async () => {
   const { storage } = recordingStorage(memoryStoragePath, 4 * MiB);
-  const location = storage.allocate(chunkBytes);
+  const location = await storage.allocate(chunkBytes);
   await storage.close();
   await storage.close();
-  assert.throws(() => storage.allocate(chunkBytes), isErrno("EIO"));
+  await assert.rejects(storage.allocate(chunkBytes), isErrno("EIO"));
   await assert.rejects(storage.read(location, 0, new Uint8Array(1)), isErrno("EIO"));
   await assert.rejects(storage.write(location, 0, new Uint8Array(1)), isErrno("EIO"));
   await assert.rejects(storage.flush(), isErrno("EIO"));
@@ -297,13 +298,13 @@ test("a block device is used whole and never grows", async (t) => {
   const { storage, events } = recordingStorage(loopDevice, 64 * MiB);
   assert.equal(storage.info().kind, "block-device");
   assert.equal(storage.capacityBytes, deviceSizeBytes);
-  const locations = fill(storage, 1000);
+  const locations = await fill(storage, 1000);
   assert.equal(locations[0]!.offsetBytes, firstRegionBytes);
   assert.equal(locations.length, Math.floor((deviceSizeBytes - firstRegionBytes) / chunkBytes));
   assert.equal(storage.capacityBytes, deviceSizeBytes);
   assert.equal(events.filter((event) => event.type === "low_space").length, 1);
   assert.equal(events.filter((event) => event.type === "no_space").length, 1);
-  assert.throws(() => storage.allocate(chunkBytes), isErrno("ENOSPC"));
+  await assert.rejects(storage.allocate(chunkBytes), isErrno("ENOSPC"));
   for (const [index, location] of locations.entries()) {
     await storage.write(location, 0, pattern(chunkBytes, index));
   }
@@ -322,4 +323,33 @@ test("a block device is used whole and never grows", async (t) => {
     new Uint8Array(backing.subarray(lastOffset, lastOffset + chunkBytes)),
     pattern(chunkBytes, lastIndex),
   );
+});
+
+test("a region whose write failed is released and reused; io_error reports the errno once until a write succeeds", async () => {
+  const events: StorageEvent[] = [];
+  const storage = new DiffStorage({
+    path: "memory:",
+    limitBytes: 64 * MiB,
+    growthPortionBytes: 16 * MiB,
+    onEvent: (event) => events.push(event),
+    areaStage: (device) =>
+      new FaultDevice(device, { rules: [{ operations: ["write"], errno: "ENOSPC", count: 3 }] }),
+  });
+  const usedBefore = storage.usedBytes;
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const location = await storage.allocate(chunkBytes);
+    await assert.rejects(storage.write(location, 0, pattern(chunkBytes, attempt)), isErrno("ENOSPC"));
+    storage.release(location, chunkBytes);
+    assert.equal(storage.usedBytes, usedBefore, "a released region is not counted as used");
+  }
+  const ioErrors = events.filter((event) => event.type === "io_error");
+  assert.equal(ioErrors.length, 1, "one io_error per errno");
+  assert.equal(ioErrors[0]?.type === "io_error" && ioErrors[0].errno, "ENOSPC");
+  const location = await storage.allocate(chunkBytes);
+  assert.equal(storage.usedBytes, usedBefore + chunkBytes);
+  await storage.write(location, 0, pattern(chunkBytes, 9));
+  const check = new Uint8Array(chunkBytes);
+  await storage.read(location, 0, check);
+  assert.deepEqual(check, pattern(chunkBytes, 9));
+  await storage.close();
 });

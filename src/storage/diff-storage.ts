@@ -13,12 +13,21 @@
  * does not fit anywhere throws ENOSPC; the caller decides whether that corrupts the snapshot or fails the
  * origin write.
  *
- * Growth is a synchronous ftruncate (cheap) done inside the allocation, so no allocation ever races a
- * grow. Not done yet: space is not reserved with fallocate (Node has none), so a full host file system
- * surfaces as an EIO/ENOSPC write error later, which corrupts the snapshot like any storage error.
+ * No storage I/O runs on the event loop (a storage on a frozen or dying file system must stall only the
+ * snapshot that uses it): writes, flushes and growth go through the file backend's bounded pool slots.
+ * Growth is an ftruncate in the pool; one growth runs at a time (`growing`), new space is handed out only
+ * after the file was extended, and an allocation that needs the growth waits for it. The low-space
+ * growth starts in the background, so the allocation that crosses the threshold does not wait for it.
+ *
+ * Failed writes: a region whose first write failed is given back (`release`) and reused by the next
+ * allocation of the same length, so failed copies do not leak space; the real errno of a failed write or
+ * growth is reported once per errno (an `io_error` event) until a write succeeds again.
+ *
+ * Not done yet: space is not reserved with fallocate (Node has none), so a full host file system
+ * surfaces as an ENOSPC write error later, which corrupts the snapshot like any storage error.
  */
 import { FileBackend } from "../backends/file-backend.js";
-import { BlockError } from "../block/errors.js";
+import { BlockError, type Errno, toBlockError } from "../block/errors.js";
 import { assert } from "../util/assert.js";
 import { regionAlignmentFor, StorageArea, type StorageDevice } from "./storage-area.js";
 
@@ -27,9 +36,13 @@ export const growthPortionBytesDefault = 64 * 1024 * 1024;
 export const areasMax = 255;
 const areaOffsetBytesLimit = 2 ** 45;
 
+/** Regions given back by failed writes kept for reuse; beyond this they stay lost (and counted). */
+const releasedRegionsMax = 1024;
+
 export type StorageEvent =
   | { readonly type: "low_space"; readonly freeBytes: number }
-  | { readonly type: "no_space"; readonly requestedBytes: number };
+  | { readonly type: "no_space"; readonly requestedBytes: number }
+  | { readonly type: "io_error"; readonly errno: Errno; readonly message: string };
 
 export interface StorageLocation {
   readonly area: StorageArea;
@@ -62,6 +75,14 @@ export class DiffStorage {
   private lowSpaceSignalled = false;
   private noSpaceSignalled = false;
   private closed = false;
+  /** The growth in progress, if any (one at a time). */
+  private growing: Promise<void> | null = null;
+  /** Regions released after a failed write, by length, for reuse. */
+  private readonly released = new Map<number, StorageLocation[]>();
+  private releasedCount = 0;
+  private releasedBytes = 0;
+  /** Errnos already reported by an io_error event since the last successful write. */
+  private readonly reportedErrnos = new Set<Errno>();
 
   constructor(options: DiffStorageOptions) {
     assert(
@@ -79,8 +100,10 @@ export class DiffStorage {
       clampToEncodable(area);
       this.areas.push(area);
       // blksnap sizes a small storage at create: grow it to the first portion right away.
-      if (area.growable && area.capacityBytes <= this.growthPortionBytes / 2)
-        this.growBy(area, this.growthPortionBytes);
+      if (area.growable && area.capacityBytes <= this.growthPortionBytes / 2) {
+        const newCapacityBytes = this.grownCapacity(area, this.growthPortionBytes);
+        if (newCapacityBytes > area.capacityBytes) area.growWhileOpening(newCapacityBytes);
+      }
     } catch (error) {
       // The constructor fails, so nobody will close() this storage: release what it opened here.
       void area.close();
@@ -110,11 +133,15 @@ export class DiffStorage {
   }
 
   get usedBytes(): number {
-    return this.areas.reduce((sum, area) => sum + Math.min(area.filledBytes, area.capacityBytes), 0);
+    const filledBytes = this.areas.reduce(
+      (sum, area) => sum + Math.min(area.filledBytes, area.capacityBytes),
+      0,
+    );
+    return filledBytes - this.releasedBytes;
   }
 
   get freeBytes(): number {
-    return this.areas.reduce((sum, area) => sum + area.freeBytes, 0);
+    return this.areas.reduce((sum, area) => sum + area.freeBytes, 0) + this.releasedBytes;
   }
 
   info(): StorageInfo {
@@ -159,18 +186,23 @@ export class DiffStorage {
     );
   }
 
-  /** Reserves a region; throws ENOSPC when neither free space nor growth can hold it. */
-  allocate(lengthBytes: number): StorageLocation {
+  /**
+   * Reserves a region; throws ENOSPC when neither free space nor growth can hold it. Waits for a growth
+   * when the region fits only after it.
+   */
+  async allocate(lengthBytes: number): Promise<StorageLocation> {
     assert(Number.isSafeInteger(lengthBytes) && lengthBytes > 0);
-    if (this.closed) throw new BlockError("EIO", "difference storage is closed");
+    this.checkOpen();
     let location = this.tryAllocate(lengthBytes);
-    if (!location) {
+    while (!location) {
       const first = this.areas[0];
       assert(first);
-      if (first.growable && this.capacityBytes < this.limitBytes) {
-        this.growBy(first, Math.max(this.growthPortionBytes, lengthBytes + 2 * 4096));
-        location = this.tryAllocate(lengthBytes);
-      }
+      if (!first.growable || this.capacityBytes >= this.limitBytes) break;
+      const capacityBefore = this.capacityBytes;
+      await this.grow(first, Math.max(this.growthPortionBytes, lengthBytes + 2 * 4096));
+      this.checkOpen();
+      location = this.tryAllocate(lengthBytes);
+      if (!location && this.capacityBytes === capacityBefore && this.growing === null) break;
     }
     if (!location) {
       this.signalNoSpace(lengthBytes);
@@ -183,19 +215,41 @@ export class DiffStorage {
     return location;
   }
 
+  /**
+   * Gives back a region from allocate() whose data never became valid (its write failed): the next
+   * allocation of the same length reuses it.
+   */
+  release(location: StorageLocation, lengthBytes: number): void {
+    if (this.closed || this.releasedCount >= releasedRegionsMax) return;
+    let regions = this.released.get(lengthBytes);
+    if (!regions) {
+      regions = [];
+      this.released.set(lengthBytes, regions);
+    }
+    regions.push(location);
+    this.releasedCount++;
+    this.releasedBytes += lengthBytes;
+  }
+
   async read(location: StorageLocation, offsetInRegionBytes: number, target: Uint8Array): Promise<void> {
     if (this.closed) throw new BlockError("EIO", "difference storage is closed");
     await location.area.io.read(location.offsetBytes + offsetInRegionBytes, target);
   }
 
   /**
-   * Storage writes are synchronous: they sit on the copy-before-write path of an origin write that waits
-   * for them under a chunk lock, where a hop through the libuv pool cost a quarter of the IOPS of 4 KiB
-   * first-touch writes (measured with 64 KiB and 256 KiB chunks).
+   * Storage writes go through the pool (see the design notes): a hop costs more than the synchronous
+   * write it replaced on page-cache-hot storage, but a frozen storage no longer stalls the daemon.
    */
   async write(location: StorageLocation, offsetInRegionBytes: number, source: Uint8Array): Promise<void> {
-    if (this.closed) throw new BlockError("EIO", "difference storage is closed");
-    location.area.io.writeSync(location.offsetBytes + offsetInRegionBytes, source);
+    this.checkOpen();
+    try {
+      await location.area.io.write(location.offsetBytes + offsetInRegionBytes, source);
+    } catch (error) {
+      const blockError = toBlockError(error, `write to the difference storage ${location.area.path}`);
+      this.reportIoError(blockError);
+      throw blockError;
+    }
+    if (this.reportedErrnos.size > 0) this.reportedErrnos.clear();
   }
 
   async flush(): Promise<void> {
@@ -244,7 +298,23 @@ export class DiffStorage {
     await Promise.all(this.areas.map((area) => area.close()));
   }
 
+  private checkOpen(): void {
+    if (this.closed) throw new BlockError("EIO", "difference storage is closed");
+  }
+
+  private reportIoError(error: BlockError): void {
+    if (this.reportedErrnos.has(error.errno)) return;
+    this.reportedErrnos.add(error.errno);
+    this.onEvent({ type: "io_error", errno: error.errno, message: error.message });
+  }
+
   private tryAllocate(lengthBytes: number): StorageLocation | undefined {
+    const reused = this.released.get(lengthBytes)?.pop();
+    if (reused) {
+      this.releasedCount--;
+      this.releasedBytes -= lengthBytes;
+      return reused;
+    }
     for (const area of this.areas) {
       const offsetBytes = area.tryAllocate(lengthBytes);
       if (offsetBytes !== undefined) return { area, offsetBytes };
@@ -264,8 +334,12 @@ export class DiffStorage {
     const first = this.areas[0];
     assert(first);
     if (first.growable && this.capacityBytes < this.limitBytes) {
-      this.growBy(first, this.growthPortionBytes);
-      if (this.freeBytes >= threshold) this.lowSpaceSignalled = false;
+      // In the background: errors are reported by grow(), and an allocation that needs it waits for it.
+      void this.grow(first, this.growthPortionBytes)
+        .then(() => {
+          if (this.freeBytes >= threshold) this.lowSpaceSignalled = false;
+        })
+        .catch(() => {});
     } else {
       this.signalNoSpace(this.growthPortionBytes);
     }
@@ -277,12 +351,36 @@ export class DiffStorage {
     this.onEvent({ type: "no_space", requestedBytes: this.capacityBytes + wantedBytes });
   }
 
-  private growBy(area: StorageArea, wantedBytes: number): void {
+  /** Capacity of `area` after growing by up to `wantedBytes` within the limit and the location encoding. */
+  private grownCapacity(area: StorageArea, wantedBytes: number): number {
     const roomBytes = this.limitBytes - this.capacityBytes;
-    if (roomBytes <= 0) return;
+    if (roomBytes <= 0) return area.capacityBytes;
     const stepBytes = Math.min(wantedBytes, roomBytes);
-    const newCapacityBytes = Math.min(area.capacityBytes + stepBytes, areaOffsetBytesLimit);
-    if (newCapacityBytes > area.capacityBytes) area.grow(newCapacityBytes);
+    return Math.min(area.capacityBytes + stepBytes, areaOffsetBytesLimit);
+  }
+
+  /**
+   * Grows `area` by up to `wantedBytes`, or waits for the growth already running (the caller checks
+   * again whether its region fits). A failed growth is reported with its errno and thrown.
+   */
+  private async grow(area: StorageArea, wantedBytes: number): Promise<void> {
+    if (this.growing) {
+      await this.growing;
+      return;
+    }
+    const newCapacityBytes = this.grownCapacity(area, wantedBytes);
+    if (newCapacityBytes <= area.capacityBytes) return;
+    const growing = area.grow(newCapacityBytes).catch((error: unknown) => {
+      const blockError = toBlockError(error, `growth of the difference storage ${area.path}`);
+      this.reportIoError(blockError);
+      throw blockError;
+    });
+    this.growing = growing;
+    try {
+      await growing;
+    } finally {
+      this.growing = null;
+    }
   }
 }
 

@@ -87,7 +87,7 @@ test("an absent file is created (empty, or at the given size) and grows on deman
   assert.equal(statSync(emptyPath).size, 0);
   assert.equal(empty.capacityBytes, 0);
   assert.equal(empty.tryAllocate(1), undefined);
-  empty.grow(MiB);
+  await empty.grow(MiB);
   assert.equal(statSync(emptyPath).size, MiB);
   assert.equal(empty.capacityBytes, MiB);
   assert.equal(empty.tryAllocate(1), reservedHeadBytes);
@@ -97,15 +97,15 @@ test("an absent file is created (empty, or at the given size) and grows on deman
   const sized = StorageArea.open(sizedPath, { sizeBytes: 2 * MiB, growable: false });
   assert.equal(statSync(sizedPath).size, 2 * MiB);
   assert.equal(sized.capacityBytes, 2 * MiB);
-  assert.throws(() => sized.grow(3 * MiB), AssertionError);
+  await assert.rejects(sized.grow(3 * MiB), AssertionError);
   await sized.close();
 });
 
 test("growth must add capacity", async () => {
   const area = StorageArea.open(memoryStoragePath, { sizeBytes: MiB, growable: true });
-  assert.throws(() => area.grow(MiB), AssertionError);
-  assert.throws(() => area.grow(KiB), AssertionError);
-  area.grow(2 * MiB);
+  await assert.rejects(area.grow(MiB), AssertionError);
+  await assert.rejects(area.grow(KiB), AssertionError);
+  await area.grow(2 * MiB);
   assert.equal(area.capacityBytes, 2 * MiB);
   await area.close();
 });
@@ -136,7 +136,7 @@ test("a directory gets an anonymous temp file: no entry appears, its space goes 
   const offsetBytes = area.tryAllocate(MiB / 2);
   assert.equal(offsetBytes, MiB / 2, "a region starts on a boundary of its own size");
   await area.device.write(offsetBytes, new Uint8Array(MiB / 2).fill(7));
-  area.grow(4 * MiB);
+  await area.grow(4 * MiB);
   const back = new Uint8Array(MiB / 2);
   await area.device.read(offsetBytes, back);
   assert.ok(back.every((byte) => byte === 7));

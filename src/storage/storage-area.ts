@@ -17,13 +17,8 @@ import { assert } from "../util/assert.js";
 
 export type StorageAreaKind = "file" | "directory" | "block-device" | "memory";
 
-/**
- * What chunk I/O needs of an area's device: a BlockDevice plus a synchronous write, because storage writes
- * sit on the copy-before-write path of an origin write (see DiffStorage.write).
- */
-export interface StorageDevice extends BlockDevice {
-  writeSync(offsetBytes: number, source: Uint8Array): void;
-}
+/** What chunk I/O needs of an area's device: a BlockDevice (asynchronous, never on the event loop). */
+export type StorageDevice = BlockDevice;
 
 export const memoryStoragePath = "memory:";
 /** Regions start on 4 KiB boundaries so that storage I/O stays page aligned. */
@@ -144,11 +139,22 @@ export class StorageArea {
     return offsetBytes;
   }
 
-  /** Raises the capacity of a growable area (extends the file; RAM pages come on first write). */
-  grow(newCapacityBytes: number): void {
+  /**
+   * Raises the capacity of a growable area (extends the file in the pool; RAM pages come on first write).
+   * The new space is handed out only once the file has been extended.
+   */
+  async grow(newCapacityBytes: number): Promise<void> {
     assert(this.growable, "only growable areas grow");
     assert(newCapacityBytes > this.capacityBytes, "growth must add capacity");
-    if (this.device instanceof FileBackend) this.device.truncateSync(newCapacityBytes);
+    if (this.device instanceof FileBackend) await this.device.extend(newCapacityBytes);
+    this.capacityBytes = Math.max(this.capacityBytes, newCapacityBytes);
+  }
+
+  /** Growth while the storage is being opened (synchronous, like the open itself). */
+  growWhileOpening(newCapacityBytes: number): void {
+    assert(this.growable, "only growable areas grow");
+    assert(newCapacityBytes > this.capacityBytes, "growth must add capacity");
+    if (this.device instanceof FileBackend) this.device.extendWhileOpening(newCapacityBytes);
     this.capacityBytes = newCapacityBytes;
   }
 
