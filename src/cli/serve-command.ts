@@ -37,6 +37,8 @@ interface ServeOptions {
   readonly tlsVerifyPeer?: boolean;
   readonly tlsPsk?: string;
   readonly access?: string;
+  readonly maxConnections?: number;
+  readonly maxConnectionsPerClient?: number;
 }
 
 export const stopWaitSecondsDefault = 300;
@@ -63,6 +65,19 @@ export function parseListenAddress(text: string): { host: string; port: number }
     );
   }
   return { host: match[1] ?? match[2] ?? "", port };
+}
+
+const connectionsLimitMax = 65_536;
+
+/** A count limit for a serve flag: a whole number from 1 to connectionsLimitMax. */
+export function parseConnectionLimit(text: string): number {
+  const value = Number(text);
+  if (!/^\d{1,6}$/.test(text) || value < 1 || value > connectionsLimitMax) {
+    throw new InvalidArgumentError(
+      `expected a whole number from 1 to ${connectionsLimitMax}, got ${JSON.stringify(text)}`,
+    );
+  }
+  return value;
 }
 
 export function addServeCommand(program: Command): void {
@@ -102,6 +117,16 @@ export function addServeCommand(program: Command): void {
     .option(
       "--access <file>",
       "NBD access rules, one `IDENTITY EXPORT-GLOB ro|rw|none` per line (first match decides; reread on SIGHUP)",
+    )
+    .option(
+      "--max-connections <n>",
+      "NBD connections in all; more are closed at accept (default: 256)",
+      parseConnectionLimit,
+    )
+    .option(
+      "--max-connections-per-client <n>",
+      "NBD connections of one client: a uid on the Unix socket, an IP address on TCP (default: 64)",
+      parseConnectionLimit,
     )
     .option("--fuse-mount <dir>", "FUSE mount point, or none (default: <state dir>/mnt when root)")
     .option(
@@ -184,6 +209,12 @@ export function addServeCommand(program: Command): void {
           socketAccess: { group: socketGroup },
           nbdActivationFd: socketActivationFd(),
           fuse,
+          nbdLimits: {
+            ...(options.maxConnections === undefined ? {} : { connectionsMax: options.maxConnections }),
+            ...(options.maxConnectionsPerClient === undefined
+              ? {}
+              : { connectionsPerClientMax: options.maxConnectionsPerClient }),
+          },
           stopWaitMs: options.stopWait * 1000,
           version: packageVersion(),
           logger,

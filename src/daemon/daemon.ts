@@ -24,7 +24,7 @@ import { LoopFreezer } from "../freeze/loop-freezer.js";
 import { findLoopMountsUnder, type LoopMount } from "../freeze/mount-discovery.js";
 import { cleanStaleMount, FuseServer } from "../fuse/fuse-server.js";
 import type { AccessPolicy } from "../nbd/access-rules.js";
-import { NbdServer } from "../nbd/nbd-server.js";
+import { NbdServer, type NbdServerOptions } from "../nbd/nbd-server.js";
 import { loadNbdTls, type NbdTls, type TlsFiles } from "../nbd/tls.js";
 import { assert } from "../util/assert.js";
 import { loopDeviceUsersOver } from "../util/file-identity.js";
@@ -73,7 +73,11 @@ export interface DaemonOptions {
   readonly logger: Logger;
   /** Set when this process is an engine under `serve --supervise`. */
   readonly supervised?: EngineLink;
+  /** Bounds of the NBD face (serve --max-connections…); defaults in src/nbd/nbd-limits.ts. */
+  readonly nbdLimits?: NbdLimitOptions;
 }
+
+export type NbdLimitOptions = Pick<NbdServerOptions, "connectionsMax" | "connectionsPerClientMax">;
 
 export class Daemon {
   readonly addresses: ExportAddresses;
@@ -413,7 +417,7 @@ async function startNbd(
   const link = options.supervised;
   if (link !== undefined) {
     // The supervisor decided which NBD listeners exist; any connection it passes is served.
-    const server = new NbdServer(engine, { logger, tls: nbdTls, access: policy.access });
+    const server = new NbdServer(engine, { ...options.nbdLimits, logger, tls: nbdTls, access: policy.access });
     undo.push(() => server.close());
     link.onConnection("nbd", (socket) => server.serveSocket(socket));
     return { nbdServer: server, nbdTcp: link.hello.nbdTcp };
@@ -421,7 +425,7 @@ async function startNbd(
   if (options.nbdSocketPath === null && options.nbdTcp === null && activationFd === null) {
     return { nbdServer: null, nbdTcp: null };
   }
-  const server = new NbdServer(engine, { logger, tls: nbdTls, access: policy.access });
+  const server = new NbdServer(engine, { ...options.nbdLimits, logger, tls: nbdTls, access: policy.access });
   undo.push(() => server.close());
   let nbdTcp: ExportAddresses["nbdTcp"] = null;
   if (options.nbdSocketPath !== null) {

@@ -28,7 +28,9 @@ export const inflightBytesMax = 64 * 1024 * 1024;
 export const replyQueueBytesMax = 1024 * 1024;
 /** Parsing resumes when a completed write leaves fewer queued reply bytes than this. */
 export const replyQueueBytesLow = replyQueueBytesMax / 2;
+/** Connections in all, and per client (a uid on Unix sockets, an address on TCP): one client gets a quarter. */
 export const connectionsMaxDefault = 256;
+export const connectionsPerClientMaxDefault = 64;
 /** Options per handshake, as nbdkit's MAX_NR_OPTIONS; then the connection is dropped. */
 export const optionsPerHandshakeMax = 32;
 /** Option payloads we read into memory; larger ones are skipped and answered NBD_REP_ERR_TOO_BIG. */

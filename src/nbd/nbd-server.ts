@@ -4,8 +4,11 @@
  * up by name at NBD_OPT_GO / NBD_OPT_INFO / NBD_OPT_EXPORT_NAME time. Each client is an NbdConnection;
  * the server only accepts, counts and shuts down.
  *
- * Bounds: connectionsMax clients (more are closed at accept, with a log line); per connection the limits
- * of nbd-limits.ts. Shutdown: close() stops accepting, lets in-flight requests finish (answering requests
+ * Bounds: connectionsMax clients in all, and connectionsPerClientMax per client, so that one client cannot
+ * take every slot (more are closed at accept, with a log line). A client is a uid on Unix sockets (the
+ * peer's SO_PEERCRED, read by peer-credentials.ts before the greeting is sent; while it is read the socket
+ * counts against the global limit) and an IP address on TCP. A Unix peer whose uid cannot be read is
+ * under the global limit only. Per connection the limits of nbd-limits.ts. Shutdown: close() stops accepting, lets in-flight requests finish (answering requests
  * that arrive meanwhile with ESHUTDOWN), ends every socket, and destroys what is left after closeTimeoutMs.
  *
  * Not done: TLS, extended headers, exit-with-parent (the daemon watches its parent).
@@ -24,17 +27,21 @@ import {
   blockSizePreferredBytes,
   closeTimeoutMsDefault,
   connectionsMaxDefault,
+  connectionsPerClientMaxDefault,
   inflightRequestsMaxDefault,
   replyBufferPoolBytesMax,
   replyBufferPooledBytesMin,
   replyQueueBytesMax,
   requestLengthBytesMaxDefault,
 } from "./nbd-limits.js";
+import { PeerUids } from "./peer-credentials.js";
 import { type NbdTls, tlsOff } from "./tls.js";
 
 export interface NbdServerOptions {
   readonly logger?: Logger; // default silentLogger
   readonly connectionsMax?: number; // default 256 (more are closed at accept, with a log line)
+  /** Connections of one uid (Unix socket) or one address (TCP); default 64. */
+  readonly connectionsPerClientMax?: number;
   readonly requestLengthBytesMax?: number; // default 32 MiB (advertised as max block size)
   readonly inflightRequestsMax?: number; // per connection, default 64; beyond it the server stops reading
   /** How long close() lets in-flight requests run before destroying the sockets; default 5000. */
@@ -49,6 +56,13 @@ export class NbdServer {
   private readonly source: ExportSource;
   private readonly logger: Logger;
   private readonly connectionsMax: number;
+  private readonly connectionsPerClientMax: number;
+  /** Open connections per client key (see clientKeyOf). */
+  private readonly clientConnections = new Map<string, number>();
+  /** Accepted sockets whose peer uid is being read; they count against connectionsMax. */
+  private identifyingCount = 0;
+  private readonly peerUids: PeerUids;
+  private refusalLoggedAtMs = 0;
   private readonly requestLengthBytesMax: number;
   private readonly inflightRequestsMax: number;
   private readonly closeTimeoutMs: number;
@@ -66,12 +80,24 @@ export class NbdServer {
     this.source = source;
     this.logger = options.logger ?? silentLogger;
     this.connectionsMax = options.connectionsMax ?? connectionsMaxDefault;
+    this.connectionsPerClientMax = options.connectionsPerClientMax ?? connectionsPerClientMaxDefault;
+    this.peerUids = new PeerUids({
+      onHelperFailure: (message) =>
+        this.logger.warn(
+          { reason: message },
+          "cannot read the uid of an NBD client on the Unix socket: only the global connection limit applies to it",
+        ),
+    });
     this.requestLengthBytesMax = options.requestLengthBytesMax ?? requestLengthBytesMaxDefault;
     this.inflightRequestsMax = options.inflightRequestsMax ?? inflightRequestsMaxDefault;
     this.closeTimeoutMs = options.closeTimeoutMs ?? closeTimeoutMsDefault;
     this.tls = options.tls ?? tlsOff;
     this.access = options.access ?? allowAll;
     assert(Number.isSafeInteger(this.connectionsMax) && this.connectionsMax >= 1, "connectionsMax >= 1");
+    assert(
+      Number.isSafeInteger(this.connectionsPerClientMax) && this.connectionsPerClientMax >= 1,
+      "connectionsPerClientMax >= 1",
+    );
     assert(
       Number.isSafeInteger(this.requestLengthBytesMax) &&
         this.requestLengthBytesMax >= blockSizePreferredBytes &&
@@ -113,7 +139,6 @@ export class NbdServer {
   serveSocket(socket: net.Socket): void {
     socket.setNoDelay(true);
     this.accept(socket);
-    socket.resume();
   }
 
   get connectionCount(): number {
@@ -187,14 +212,43 @@ export class NbdServer {
       socket.destroy();
       return;
     }
-    if (this.connections.size >= this.connectionsMax) {
-      this.logger.warn(
-        { connectionsMax: this.connectionsMax },
-        "NBD connection refused: too many connections",
-      );
-      socket.destroy();
+    if (this.connections.size + this.identifyingCount >= this.connectionsMax) {
+      this.refuse(socket, { connectionsMax: this.connectionsMax }, "too many connections");
       return;
     }
+    if (socket.remoteAddress !== undefined) {
+      this.admit(socket, `address ${unmappedAddress(socket.remoteAddress)}`);
+      return;
+    }
+    // A Unix socket: nothing is read or sent until we know who is at the other end.
+    socket.pause();
+    socket.on("error", ignoreError);
+    this.identifyingCount += 1;
+    void this.peerUids.uidOf(socket).then((uid) => {
+      this.identifyingCount -= 1;
+      socket.off("error", ignoreError);
+      if (this.closing || socket.destroyed) {
+        socket.destroy();
+        return;
+      }
+      this.admit(socket, uid === undefined ? undefined : `uid ${uid}`);
+    });
+  }
+
+  /** Counts the socket against its client's limit and serves it; `clientKey` undefined: global only. */
+  private admit(socket: net.Socket, clientKey: string | undefined): void {
+    const clientCount = clientKey === undefined ? 0 : (this.clientConnections.get(clientKey) ?? 0);
+    if (clientKey !== undefined && clientCount >= this.connectionsPerClientMax) {
+      this.refuse(
+        socket,
+        { client: clientKey, connectionsPerClientMax: this.connectionsPerClientMax },
+        "too many connections from this client",
+      );
+      return;
+    }
+    if (clientKey !== undefined) this.clientConnections.set(clientKey, clientCount + 1);
+    // Paused while its uid was read, or by the supervisor; nothing is emitted before the handlers attach.
+    socket.resume();
     const connection = new NbdConnection(socket, {
       source: this.source,
       logger: this.logger,
@@ -205,12 +259,35 @@ export class NbdServer {
       access: this.access,
     });
     this.connections.add(connection);
-    this.logger.debug({ connections: this.connections.size }, "NBD client connected");
+    this.logger.debug({ connections: this.connections.size, client: clientKey }, "NBD client connected");
     connection.closed.then(() => {
       this.connections.delete(connection);
+      if (clientKey !== undefined) {
+        const left = (this.clientConnections.get(clientKey) ?? 1) - 1;
+        if (left > 0) this.clientConnections.set(clientKey, left);
+        else this.clientConnections.delete(clientKey);
+      }
       this.logger.debug({ connections: this.connections.size }, "NBD client disconnected");
     });
   }
+
+  /** Closes a socket over a limit. A client that keeps trying costs one log line per second at most. */
+  private refuse(socket: net.Socket, fields: Record<string, unknown>, reason: string): void {
+    socket.destroy();
+    const nowMs = Date.now();
+    if (nowMs - this.refusalLoggedAtMs < refusalLogIntervalMs) return;
+    this.refusalLoggedAtMs = nowMs;
+    this.logger.warn(fields, `NBD connection refused: ${reason}`);
+  }
+}
+
+const refusalLogIntervalMs = 1_000;
+
+function ignoreError(): void {}
+
+/** "::ffff:127.0.0.1" and "127.0.0.1" are one client. */
+function unmappedAddress(address: string): string {
+  return address.startsWith("::ffff:") && address.includes(".") ? address.slice(7) : address;
 }
 
 function removeStaleSocket(path: string): void {
