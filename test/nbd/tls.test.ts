@@ -191,7 +191,15 @@ void test("STARTTLS rules and hostile handshakes: TLS_REQD, close on EXPORT_NAME
   const reason = missing();
   if (reason) return t.skip(reason);
   const keys = await pskFile("probe.psk", "alice");
-  const daemon = await start("probes", ["--tls", "require", "--tls-psk", keys]);
+  // 100 half-open connections from one uid: above the default per-client share (64), so it is raised here.
+  const daemon = await start("probes", [
+    "--tls",
+    "require",
+    "--tls-psk",
+    keys,
+    "--max-connections-per-client",
+    "256",
+  ]);
   const socket = daemon.nbdSocket;
 
   const client = await afterFlags(socket);
