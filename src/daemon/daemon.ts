@@ -417,7 +417,12 @@ async function startNbd(
   const link = options.supervised;
   if (link !== undefined) {
     // The supervisor decided which NBD listeners exist; any connection it passes is served.
-    const server = new NbdServer(engine, { ...options.nbdLimits, logger, tls: nbdTls, access: policy.access });
+    const server = new NbdServer(engine, {
+      ...options.nbdLimits,
+      logger,
+      tls: nbdTls,
+      access: policy.access,
+    });
     undo.push(() => server.close());
     link.onConnection("nbd", (socket) => server.serveSocket(socket));
     return { nbdServer: server, nbdTcp: link.hello.nbdTcp };
