@@ -10,7 +10,8 @@
  *
  * Crash safety: chunks are put (atomically, durably) before the manifest, which is written last; a kill at
  * any point leaves only chunks no manifest names. Reused chunk ids are checked to still exist just before
- * the manifest is written (GC may have removed a chunk that no manifest named any more).
+ * the manifest is written (GC may have removed a chunk that no manifest named any more); on a remote store
+ * the chunk index answers, rebuilt first if GC ran meanwhile, and covers every chunk named.
  */
 
 import type { BlockDevice } from "../block/device.js";
@@ -132,7 +133,8 @@ export async function runBackup(params: BackupParams): Promise<BackupOutcome> {
     await forEachBounded(toRead, params.inFlightMax ?? inFlightDefault, backupOne);
 
     params.onProgress?.({ phase: "manifest", totalBytes, doneBytes, newBytesStored });
-    if (plan.base !== null) await checkReusedChunksExist(repository, chunks, new Set(toRead));
+    if (await repository.revalidateChunkIndex()) await checkIndexedChunksExist(repository, chunks);
+    else if (plan.base !== null) await checkReusedChunksExist(repository, chunks, new Set(toRead));
     const zeroIds = new Map<number, string>();
     for (const length of new Set([repository.chunkSizeBytes, chunkLengthAt(geometry, chunkCount - 1)]))
       zeroIds.set(length, await repository.codec.zeroId(length));
@@ -259,6 +261,20 @@ async function checkReusedChunksExist(
         `Chunk ${id} of the previous backup is gone (removed by GC?): run a full backup`,
       );
   });
+}
+
+/** With a chunk index (remote stores), every chunk named, found or reused, is checked in memory. */
+async function checkIndexedChunksExist(
+  repository: Repository,
+  chunks: readonly (string | null)[],
+): Promise<void> {
+  for (const id of new Set(chunks)) {
+    if (id !== null && !(await repository.hasChunk(id)))
+      throw new BlockError(
+        "EIO",
+        `Chunk ${id} was removed by garbage collection during this backup: run the backup again`,
+      );
+  }
 }
 
 /** Runs `work` over `items` with at most `limit` at a time; the first failure stops new starts and is thrown. */

@@ -17,6 +17,11 @@ export interface ObjectInfo {
 export interface ObjectStore {
   /** A description for messages (the directory path, the s3:// URL). */
   readonly location: string;
+  /**
+   * Set by remote stores (S3): identifies the repository (endpoint, bucket, prefix) for a local index of
+   * its chunks (chunk-index.ts), so existence checks cost no request. Absent for a local directory.
+   */
+  readonly cacheIdentity?: string;
   /** Stores `data` under `key` atomically and durably; replaces an existing object. */
   put(key: string, data: Uint8Array): Promise<void>;
   /** The whole object; ENOENT when absent. */

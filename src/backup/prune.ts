@@ -8,6 +8,8 @@
  * period. A backup writes its chunks before its manifest, so its fresh chunks look unreferenced until it
  * ends; the grace period (default 1 day, like PBS's) keeps them. Any manifest that cannot be read stops the
  * collection before anything is deleted: an unreadable manifest may reference any chunk.
+ * Before its first deletion GC rewrites the repository's gc-marker, so the chunk indexes of remote
+ * repositories (chunk-index.ts) on every host rebuild before they are trusted again.
  * Not done yet: a backup running during the collection that deduplicates against an old chunk only a
  * pruned backup named (it sees the chunk and does not rewrite it) can lose that chunk; run prune when no
  * backup of the repository runs. No lock file between hosts.
@@ -83,7 +85,10 @@ export async function collectGarbage(
       keptInGrace += 1;
       continue;
     }
-    if (options.dryRun !== true) await repository.deleteChunk(chunk.id);
+    if (options.dryRun !== true) {
+      if (removedChunks === 0) await repository.markGarbageCollection();
+      await repository.deleteChunk(chunk.id);
+    }
     removedChunks += 1;
     removedBytes += chunk.sizeBytes;
   }

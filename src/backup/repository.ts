@@ -14,6 +14,7 @@
  */
 import { randomBytes } from "node:crypto";
 import { BlockError } from "../block/errors.js";
+import { ChunkIndex } from "./chunk-index.js";
 import { CodecPool, codecWorkersDefault } from "./codec-pool.js";
 import { DirectoryStore } from "./directory-store.js";
 import { type Manifest, newBackupId, parseManifest } from "./manifest.js";
@@ -29,6 +30,8 @@ export const chunkSizeBytesMax = 64 << 20;
 /** Bound on a decoded object: the largest chunk, or a manifest of a very large device. */
 const objectPlainBytesMax = 512 << 20;
 const configKey = "config";
+/** Rewritten by garbage collection before it deletes chunks (chunk-index.ts). */
+const garbageMarkerKey = "gc-marker";
 
 export interface RepositoryConfig {
   readonly format: typeof repositoryFormat;
@@ -48,22 +51,37 @@ export interface ManifestRef {
 export interface RepositoryOpenOptions {
   readonly key?: RepositoryKey | null;
   readonly codecWorkers?: number;
+  /** Where a remote store's chunk index lives (default: chunkIndexDirectory()). */
+  readonly chunkIndexDirectory?: string;
 }
 
 export class Repository {
   readonly store: ObjectStore;
   readonly config: RepositoryConfig;
   readonly codec: CodecPool;
+  /** Remote stores only: the local index of stored chunks (chunk-index.ts). */
+  readonly chunkIndex: ChunkIndex | null;
 
   private constructor(
     store: ObjectStore,
     config: RepositoryConfig,
     key: RepositoryKey | null,
-    workers: number,
+    options: RepositoryOpenOptions,
   ) {
     this.store = store;
     this.config = config;
-    this.codec = new CodecPool(key, objectPlainBytesMax, workers);
+    this.codec = new CodecPool(key, objectPlainBytesMax, options.codecWorkers ?? codecWorkersDefault);
+    this.chunkIndex =
+      store.cacheIdentity === undefined
+        ? null
+        : new ChunkIndex(
+            store.cacheIdentity,
+            {
+              readMarker: () => this.readGarbageMarker(),
+              listChunkIds: () => this.listChunkIds(),
+            },
+            options.chunkIndexDirectory === undefined ? {} : { directory: options.chunkIndexDirectory },
+          );
   }
 
   /** A repository location to its store: `s3://BUCKET/PREFIX` (with `s3` settings) or a local directory. */
@@ -100,7 +118,7 @@ export class Repository {
       createdAt: new Date().toISOString(),
     };
     await store.put(configKey, Buffer.from(`${JSON.stringify(config, null, 2)}\n`));
-    return new Repository(store, config, key, options.codecWorkers ?? codecWorkersDefault);
+    return new Repository(store, config, key, options);
   }
 
   static async open(store: ObjectStore, options: RepositoryOpenOptions = {}): Promise<Repository> {
@@ -125,12 +143,7 @@ export class Repository {
     } else if (key !== null) {
       throw new BlockError("EINVAL", `Repository ${store.location} is not encrypted; it takes no --key`);
     }
-    return new Repository(
-      store,
-      config,
-      config.encryption === null ? null : key,
-      options.codecWorkers ?? codecWorkersDefault,
-    );
+    return new Repository(store, config, config.encryption === null ? null : key, options);
   }
 
   async close(): Promise<void> {
@@ -147,12 +160,46 @@ export class Repository {
     return `chunks/${id.slice(0, 2)}/${id}`;
   }
 
+  /** From the chunk index of a remote store (no request), else a HEAD of the object. */
   async hasChunk(id: string): Promise<boolean> {
+    if (this.chunkIndex !== null) return await this.chunkIndex.has(id);
     return (await this.store.head(Repository.chunkKey(id))) !== null;
   }
 
   async putChunk(id: string, stored: Uint8Array): Promise<void> {
     await this.store.put(Repository.chunkKey(id), stored);
+    await this.chunkIndex?.add(id);
+  }
+
+  /**
+   * Before a manifest is written: true when a chunk index answers hasChunk, after rebuilding it if garbage
+   * collection ran meanwhile (so the caller checks every chunk the manifest names, at no request cost);
+   * false for a local store (hasChunk asks the store).
+   */
+  async revalidateChunkIndex(): Promise<boolean> {
+    if (this.chunkIndex === null) return false;
+    await this.chunkIndex.revalidate();
+    return true;
+  }
+
+  /** Called by GC before it deletes a chunk: other hosts' chunk indexes see the change and rebuild. */
+  async markGarbageCollection(): Promise<void> {
+    const marker = { at: new Date().toISOString(), nonce: randomBytes(8).toString("hex") };
+    await this.store.put(garbageMarkerKey, Buffer.from(`${JSON.stringify(marker)}\n`));
+  }
+
+  private async readGarbageMarker(): Promise<string> {
+    try {
+      return Buffer.from(await this.store.get(garbageMarkerKey)).toString("utf8");
+    } catch (error) {
+      if (error instanceof BlockError && error.errno === "ENOENT" && !(error instanceof StoreMissingError))
+        return "";
+      throw error;
+    }
+  }
+
+  private async *listChunkIds(): AsyncIterable<string> {
+    for await (const chunk of this.listChunks()) yield chunk.id;
   }
 
   /** The plain bytes of a chunk, checked against its id (a wrong byte anywhere is EIO naming the chunk). */
@@ -162,8 +209,11 @@ export class Repository {
     try {
       stored = await this.store.get(key);
     } catch (error) {
-      if (error instanceof BlockError && error.errno === "ENOENT")
+      if (error instanceof BlockError && error.errno === "ENOENT") {
+        // The index believed it stored (deleted by hand?): the next repository opened rebuilds it.
+        await this.chunkIndex?.invalidate();
         throw new BlockError("EIO", `Chunk ${id} is missing from the repository`);
+      }
       throw error;
     }
     return await this.codec.decode(stored, `chunk ${id}`, id);

@@ -52,6 +52,8 @@ export interface S3StoreOptions extends S3Location {
 
 export interface S3Stats {
   requests: number;
+  /** Requests by kind: PUT, GET, HEAD, LIST, DELETE. */
+  readonly byKind: Record<string, number>;
   retries: number;
   bytesSent: number;
   bytesReceived: number;
@@ -137,7 +139,7 @@ export class S3Store implements ObjectStore {
   readonly prefix: string;
   readonly endpoint: string;
   readonly region: string;
-  readonly stats: S3Stats = { requests: 0, retries: 0, bytesSent: 0, bytesReceived: 0 };
+  readonly stats: S3Stats = { requests: 0, byKind: {}, retries: 0, bytesSent: 0, bytesReceived: 0 };
 
   private readonly slots: Slots;
   private readonly attempts: number;
@@ -166,7 +168,7 @@ export class S3Store implements ObjectStore {
   }
 
   /** Identifies the repository for local caches: endpoint, bucket and prefix. */
-  get identity(): string {
+  get cacheIdentity(): string {
     return `${this.endpoint}/${this.bucket}/${this.prefix}`;
   }
 
@@ -296,6 +298,8 @@ export class S3Store implements ObjectStore {
       await this.slots.acquire();
       try {
         this.stats.requests += 1;
+        const kind = options.query?.["list-type"] === undefined ? method : "LIST";
+        this.stats.byKind[kind] = (this.stats.byKind[kind] ?? 0) + 1;
         const headers = signRequest({
           method,
           url,

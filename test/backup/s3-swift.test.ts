@@ -9,15 +9,19 @@
  * as another user it skips with the reason.
  */
 import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
 import { copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, type TestContext, test } from "node:test";
+import { collectGarbage } from "../../src/backup/prune.js";
+import { Repository } from "../../src/backup/repository.js";
 import { S3Store } from "../../src/backup/s3-store.js";
 import type { DeviceView } from "../../src/daemon/api-types.js";
 import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
 import { cleanEnvironment, DaemonProcess, runCli } from "../cli/cli-harness.js";
 import { isRoot, missingTools, run, runOk, which } from "../helpers/commands.js";
+import { S3FaultProxy } from "./s3-fault-proxy.js";
 import { SwiftServer, swiftSkipReason } from "./swift-server.js";
 
 const MiB = 1024 * 1024;
@@ -333,4 +337,164 @@ void test("wrong credentials and a missing bucket are one clear line each", asyn
   const badName = await runCli(["backup", "list", "--repo", "s3://A_B/x"], { env: goodEnv });
   assert.notEqual(badName.code, 0);
   assert.match(badName.stderr, /Invalid S3 bucket name/);
+});
+
+void test("the chunk index: existence checks cost no request; rebuilt after GC, after a missing chunk, when absent", async (t) => {
+  const server = requireSwift(t);
+  if (server === null) return;
+  const indexDirectory = join(directory, "index-cache");
+  const store = adminStore("index/");
+  const repository = await Repository.init(store, { chunkIndexDirectory: indexDirectory, codecWorkers: 1 });
+  const ids: string[] = [];
+  try {
+    for (let index = 0; index < 12; index++) {
+      const { id, stored } = await repository.codec.encode(randomBytes(64 << 10));
+      assert.ok(stored !== null);
+      assert.equal(await repository.hasChunk(id), false);
+      await repository.putChunk(id, stored);
+      ids.push(id);
+    }
+    const headsBefore = store.stats.byKind.HEAD ?? 0;
+    for (const id of ids) assert.equal(await repository.hasChunk(id), true);
+    assert.equal(store.stats.byKind.HEAD ?? 0, headsBefore, "no HEAD per chunk");
+    assert.equal(repository.chunkIndex?.stats?.reason, "no local index yet");
+  } finally {
+    await repository.close();
+  }
+
+  const openAgain = async () => {
+    const fresh = adminStore("index/");
+    const reopened = await Repository.open(fresh, { chunkIndexDirectory: indexDirectory, codecWorkers: 1 });
+    await reopened.hasChunk(ids[0] ?? "");
+    return { reopened, fresh };
+  };
+  let { reopened, fresh } = await openAgain();
+  assert.equal(reopened.chunkIndex?.stats?.source, "file");
+  assert.equal(reopened.chunkIndex?.stats?.ids, ids.length);
+  assert.equal(fresh.stats.byKind.LIST ?? 0, 0, "a fresh index is trusted without a listing");
+  // GC (no manifest names these chunks, no grace): the marker changes and the next open rebuilds.
+  const garbage = await collectGarbage(reopened, { graceMs: 0, nowMs: Date.now() + 5_000 });
+  assert.equal(garbage.removedChunks, ids.length);
+  await reopened.close();
+  ({ reopened, fresh } = await openAgain());
+  assert.equal(reopened.chunkIndex?.stats?.source, "rebuilt");
+  assert.match(reopened.chunkIndex?.stats?.reason ?? "", /garbage collection ran/);
+  assert.equal(await reopened.hasChunk(ids[0] ?? ""), false);
+  // A chunk deleted by hand: the read that finds it missing drops the index; the next open rebuilds.
+  const { id, stored } = await reopened.codec.encode(randomBytes(64 << 10));
+  assert.ok(stored !== null);
+  await reopened.putChunk(id, stored);
+  await fresh.delete(Repository.chunkKey(id));
+  await assert.rejects(reopened.readChunk(id), /missing/);
+  await reopened.close();
+  ({ reopened } = await openAgain());
+  assert.equal(reopened.chunkIndex?.stats?.reason, "no local index yet");
+  assert.equal(await reopened.hasChunk(id), false);
+  await reopened.close();
+});
+
+/** A device whose backend holds `data` before the daemon serves it (full backups only read it). */
+async function deviceWith(host: Host, name: string, data: Buffer): Promise<string> {
+  const backend = join(directory, `${name}.img`);
+  await writeFile(backend, data);
+  await host.cliOk(["device", "add", name, "--backend", backend]);
+  return backend;
+}
+
+void test("throttling (503 SlowDown) and connection resets from a proxy: the backup and restore retry through", async (t) => {
+  const server = requireSwift(t);
+  if (server === null) return;
+  const proxy = await S3FaultProxy.start(server.endpoint);
+  cleanups.push(() => proxy.stop());
+  proxy.plan = {
+    slowDown: (number) => number % 3 === 0,
+    reset: (number) => number % 7 === 0 && number % 3 !== 0,
+  };
+  const host = await startHost("throttled", { fuse: false });
+  const backend = await deviceWith(host, "t0", randomBytes(4 * MiB));
+  const repo = ["--repo", `s3://${bucket}/throttled`, "--s3-endpoint", proxy.endpoint];
+  await host.cliOk(["backup", "init", ...repo, "--chunk-size", "256K"]);
+  const done = await host.cliJson<BackupJobView>(["backup", "run", "t0", ...repo]);
+  assert.equal(done.state, "done", JSON.stringify(done.error));
+  const restored = join(directory, "t0-restored.img");
+  await host.cliOk(["backup", "restore", "t0/latest", ...repo, "--to", restored]);
+  await sameBytes(restored, backend);
+  const verified = await host.cli(["backup", "verify", ...repo]);
+  assert.equal(verified.code, 0, verified.stdout + verified.stderr);
+  t.diagnostic(`proxy: ${JSON.stringify(proxy.counts)}`);
+  assert.ok(proxy.counts.slowDowns > 5 && proxy.counts.resets > 2, JSON.stringify(proxy.counts));
+});
+
+void test("Swift restarted in the middle of a backup: the job finishes by retrying, or fails cleanly and the next run completes", async (t) => {
+  const server = requireSwift(t);
+  if (server === null) return;
+  const proxy = await S3FaultProxy.start(server.endpoint);
+  cleanups.push(() => proxy.stop());
+  let restart: Promise<void> | null = null;
+  proxy.onChunkPut = {
+    afterChunkPuts: 8,
+    action: () => {
+      restart = server.restart();
+    },
+  };
+  const host = await startHost("restarted", { fuse: false });
+  const backend = await deviceWith(host, "r0", randomBytes(8 * MiB));
+  const repo = ["--repo", `s3://${bucket}/restarted`, "--s3-endpoint", proxy.endpoint];
+  await host.cliOk(["backup", "init", ...repo, "--chunk-size", "256K"]);
+  const first = await host.cli(["backup", "run", "r0", ...repo, "--json"]);
+  assert.ok(restart !== null, "Swift was restarted during the backup");
+  await restart;
+  t.diagnostic(`first run exit ${first.code}; proxy ${JSON.stringify(proxy.counts)}`);
+  if (first.code !== 0) {
+    assert.match(first.stderr, /S3 /, "a failure names S3");
+    assert.equal(first.stderr.trim().split("\n").length, 1, first.stderr);
+    const verified = await host.cli(["backup", "verify", ...repo]);
+    assert.equal(verified.code, 0, verified.stdout + verified.stderr);
+    const second = await host.cliJson<BackupJobView>(["backup", "run", "r0", ...repo]);
+    assert.equal(second.state, "done");
+  }
+  assert.ok(proxy.counts.upstreamFailures > 0, "requests met the stopped Swift");
+  const restored = join(directory, "r0-restored.img");
+  await host.cliOk(["backup", "restore", "r0/latest", ...repo, "--to", restored]);
+  await sameBytes(restored, backend);
+});
+
+void test("two hosts (two daemons) back up into one shared repository at once, prune runs beside them, each restores the other's", async (t) => {
+  const server = requireSwift(t);
+  if (server === null) return;
+  const shared = randomBytes(4 * MiB);
+  const hostA = await startHost("fleet-a", { fuse: false });
+  const hostB = await startHost("fleet-b", { fuse: false });
+  const backendA = await deviceWith(hostA, "a-d0", Buffer.concat([randomBytes(4 * MiB), shared]));
+  const backendB = await deviceWith(hostB, "b-d0", Buffer.concat([shared, randomBytes(4 * MiB)]));
+  const repo = s3Args(server, "fleet");
+  await hostA.cliOk(["backup", "init", ...repo, "--chunk-size", "256K"]);
+  const earlier = await hostA.cliJson<BackupJobView>(["backup", "run", "a-d0", ...repo]);
+  assert.equal(earlier.state, "done");
+  const second = await hostA.cliJson<BackupJobView>(["backup", "run", "a-d0", ...repo]);
+  assert.equal(second.state, "done");
+
+  const [runA, runB, prune] = await Promise.all([
+    hostA.cliJson<BackupJobView>(["backup", "run", "a-d0", ...repo]),
+    hostB.cliJson<BackupJobView>(["backup", "run", "b-d0", ...repo]),
+    hostB.cliJson<{ removed: string[] }>(["backup", "prune", ...repo, "--keep-last", "1"]),
+  ]);
+  assert.equal(runA.state, "done");
+  assert.equal(runB.state, "done");
+  // Prune kept the newest backup of a-d0 it saw (the second, or the one running beside it) and removed the
+  // first; the running backups' chunks are young, inside the grace period, so GC left them alone.
+  assert.ok(prune.removed.includes(`a-d0/${earlier.backupId}`), JSON.stringify(prune.removed));
+
+  const aOnB = join(directory, "a-on-b.img");
+  const bOnA = join(directory, "b-on-a.img");
+  await Promise.all([
+    hostB.cliOk(["backup", "restore", "a-d0/latest", ...repo, "--to", aOnB]),
+    hostA.cliOk(["backup", "restore", "b-d0/latest", ...repo, "--to", bOnA]),
+  ]);
+  await sameBytes(aOnB, backendA);
+  await sameBytes(bOnA, backendB);
+  const verified = await hostB.cli(["backup", "verify", ...repo]);
+  assert.equal(verified.code, 0, verified.stdout + verified.stderr);
+  // 16 unique chunks per host and 16 shared ones (256 KiB each), each stored once.
+  assert.equal((await chunkKeys(adminStore("fleet/"))).length, 48);
 });
