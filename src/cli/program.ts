@@ -4,6 +4,7 @@
  * size or range) print `blocksnap: <message>` and exit 2; `--help` exits 0.
  */
 import { Command, CommanderError } from "commander";
+import { addAccessCommands } from "./access-commands.js";
 import { addBackupCommands } from "./backup-commands.js";
 import { addCbtCommands } from "./cbt-commands.js";
 import { exitCodeUsage } from "./cli-error.js";
@@ -35,6 +36,7 @@ export function buildProgram(): Command {
   addCbtCommands(program);
   addSnapshotCommands(program);
   addBackupCommands(program);
+  addAccessCommands(program);
   addInstallUnitsCommand(program);
   addManCommand(program);
   addCompletionCommands(program);

@@ -10,6 +10,7 @@ import { packageVersion } from "./version.js";
 
 export function statusLines(status: StatusView): string[] {
   const tcp = status.nbd.tcp;
+  const scheme = status.nbd.tls?.mode === "require" ? "nbds" : "nbd";
   const supervisor = status.supervisor;
   const lines = formatFields([
     ["daemon", `pid ${status.pid}, version ${status.version}`],
@@ -29,14 +30,16 @@ export function statusLines(status: StatusView): string[] {
     ["control", status.controlSocket],
     [
       "nbd unix",
-      status.nbd.socketPath === null ? "off" : `nbd+unix:///<export>?socket=${status.nbd.socketPath}`,
+      status.nbd.socketPath === null ? "off" : `${scheme}+unix:///<export>?socket=${status.nbd.socketPath}`,
     ],
     [
       "nbd tcp",
       tcp === null
         ? "off"
-        : `nbd://${tcp.host.includes(":") ? `[${tcp.host}]` : tcp.host}:${tcp.port}/<export>`,
+        : `${scheme}://${tcp.host.includes(":") ? `[${tcp.host}]` : tcp.host}:${tcp.port}/<export>`,
     ],
+    ["nbd tls", tlsLine(status)],
+    ["access rules", accessRulesLine(status)],
     ["fuse", status.fuse.mountDir ?? "off"],
   ]);
   lines.push("", "who can connect:");
@@ -51,6 +54,20 @@ export function statusLines(status: StatusView): string[] {
   lines.push("", "snapshots:");
   lines.push(...snapshotTable(status.snapshots).map((line) => `  ${line}`));
   return lines;
+}
+
+function tlsLine(status: StatusView): string {
+  const tls = status.nbd.tls;
+  if (tls === undefined || tls.mode === "off") return "off";
+  const kinds = tls.credentials.map((kind) => (kind === "x509" ? "X.509" : "PSK")).join(" + ");
+  const how = tls.mode === "require" ? "required" : "offered, plain text allowed";
+  return `${how} on every NBD listener (${kinds}${tls.verifyPeer ? ", client certificates verified" : ""})`;
+}
+
+function accessRulesLine(status: StatusView): string {
+  const rules = status.accessRules;
+  if (rules == null) return "none (every client that gets in may use every export)";
+  return `${rules.rules} rule(s) from ${rules.file}, loaded ${rules.loadedAt}`;
 }
 
 export function addStatusCommands(program: Command): void {

@@ -127,6 +127,15 @@ export interface AccessRulesView {
     | null;
 }
 
+/** NBD over TLS (serve --tls*), the same on every NBD listener (Unix socket, TCP, socket activation). */
+export interface TlsView {
+  /** off: STARTTLS refused; on: TLS when the client asks; require: nothing but STARTTLS before TLS. */
+  readonly mode: "off" | "on" | "require";
+  readonly credentials: readonly ("x509" | "psk")[];
+  /** X.509 client certificates are required and verified against --tls-ca. */
+  readonly verifyPeer: boolean;
+}
+
 export interface SupervisorView {
   readonly pid: number;
   /** 1 for the first engine; +1 for every restart, planned or not. */
@@ -146,7 +155,10 @@ export interface StatusView {
   readonly nbd: {
     readonly socketPath: string | null;
     readonly tcp: { readonly host: string; readonly port: number } | null;
+    readonly tls: TlsView;
   };
+  /** The access rules in force (serve --access): file and rule count; null without --access. */
+  readonly accessRules: { readonly file: string; readonly rules: number; readonly loadedAt: string } | null;
   readonly fuse: { readonly mountDir: string | null };
   readonly devices: readonly DeviceView[];
   readonly devicesUnavailable: readonly UnavailableDeviceView[];

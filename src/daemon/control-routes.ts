@@ -48,6 +48,7 @@ import type {
   SnapshotView,
   StatusView,
   StorageView,
+  TlsView,
   UnavailableDeviceView,
 } from "./api-types.js";
 import type { BackupJobs } from "./backup-jobs.js";
@@ -74,6 +75,8 @@ export interface ControlContext {
   readonly registry: Pick<DeviceRegistry, "add" | "remove" | "unavailable" | "cbtRecoveries">;
   readonly identity: DaemonIdentity;
   readonly addresses: ExportAddresses;
+  /** NBD over TLS on every NBD listener; absent: off. */
+  readonly nbdTls?: TlsView;
   /** Aborted when the daemon begins to shut down: long polls end with ESHUTDOWN. */
   readonly shutdownSignal: AbortSignal;
   /** Backup jobs (absent in tests that need none). */
@@ -187,13 +190,24 @@ function accessRulesOf(context: ControlContext): NonNullable<ControlContext["acc
   return context.accessRules;
 }
 
+function accessRulesSummary(context: ControlContext): StatusView["accessRules"] {
+  const view = context.accessRules?.view();
+  if (view?.file == null || view.rules === null || view.loadedAt === null) return null;
+  return { file: view.file, rules: view.rules.length, loadedAt: view.loadedAt };
+}
+
 export const routes: readonly Route[] = [
   route("GET", "/v1/status", (context, request) => {
     requireNoQuery(request);
     const { engine, identity, addresses } = context;
     const status: StatusView = {
       ...identity,
-      nbd: { socketPath: addresses.nbdSocketPath, tcp: addresses.nbdTcp },
+      nbd: {
+        socketPath: addresses.nbdSocketPath,
+        tcp: addresses.nbdTcp,
+        tls: context.nbdTls ?? { mode: "off", credentials: [], verifyPeer: false },
+      },
+      accessRules: accessRulesSummary(context),
       fuse: { mountDir: addresses.fuseMountDir },
       devices: listDeviceViews(context),
       devicesUnavailable: unavailableDeviceViews(context),

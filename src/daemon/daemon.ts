@@ -30,7 +30,7 @@ import { assert } from "../util/assert.js";
 import { loopDeviceUsersOver } from "../util/file-identity.js";
 import type { Logger } from "../util/logger.js";
 import { AccessFile } from "./access-file.js";
-import type { AccessRulesView, AccessView } from "./api-types.js";
+import type { AccessRulesView, AccessView, TlsView } from "./api-types.js";
 import { BackupJobs } from "./backup-jobs.js";
 import type { ControlContext } from "./control-routes.js";
 import { ControlServer } from "./control-server.js";
@@ -151,8 +151,10 @@ export class Daemon {
         nbdSocketPath: options.nbdSocketPath,
         nbdTcp,
         fuseMountDir: fuseServer === null ? null : fuseServer.mountDir,
+        nbdTlsRequired: nbdTls.mode === "require",
       };
-      const access = accessView(options, socketAccess, nbdTcp);
+      const tlsView = nbdTlsView(nbdTls);
+      const access = accessView(options, socketAccess, nbdTcp, tlsView, accessFile);
       // The context's restart hook needs the Daemon built below.
       let built: Daemon | null = null;
       const controlServer = await startControlServer(options, {
@@ -178,6 +180,7 @@ export class Daemon {
           assert(built !== null, "restart before the daemon is built");
           return built.requestRestart(restartOptions);
         },
+        nbdTls: tlsView,
         accessRules: {
           view: () => accessFile.view(),
           reload: () => {
@@ -463,6 +466,8 @@ function accessView(
   options: DaemonOptions,
   socketAccess: SocketAccess,
   nbdTcp: ExportAddresses["nbdTcp"],
+  tls: TlsView,
+  accessFile: AccessFile,
 ): AccessView {
   return {
     socketMode: `0${socketMode(socketAccess).toString(8)}`,
@@ -472,7 +477,20 @@ function accessView(
       nbdSocketPath: options.nbdSocketPath,
       nbdActivation: (options.nbdActivationFd ?? null) !== null,
       nbdTcp,
+      tls,
+      accessFile: accessFile.path,
     }),
+  };
+}
+
+function nbdTlsView(nbdTls: NbdTls): TlsView {
+  return {
+    mode: nbdTls.mode,
+    credentials: [
+      ...(nbdTls.x509 ? (["x509"] as const) : []),
+      ...(nbdTls.psk !== null ? (["psk"] as const) : []),
+    ],
+    verifyPeer: nbdTls.verifyPeer,
   };
 }
 
@@ -488,6 +506,7 @@ async function startControlServer(
     readonly backups: BackupJobs;
     readonly restart: (restartOptions: { force: boolean }) => ReturnType<Daemon["requestRestart"]>;
     readonly accessRules: ControlContext["accessRules"];
+    readonly nbdTls: TlsView;
   },
 ): Promise<ControlServer> {
   const link = options.supervised;
@@ -502,6 +521,7 @@ async function startControlServer(
       shutdownSignal: parts.shutdownSignal,
       backups: parts.backups,
       accessRules: parts.accessRules,
+      nbdTls: parts.nbdTls,
       ...(link === undefined ? {} : { restart: parts.restart }),
       identity: {
         pid: process.pid,

@@ -31,3 +31,13 @@ void test("nbdUrisFor() and fusePathFor() leave out faces that are off", () => {
   assert.equal(fusePathFor("disk0", off), null);
   assert.equal(fusePathFor(`disk0@${id}`, { ...off, fuseMountDir: "/m" }), `/m/disk0@${id}`);
 });
+
+void test("with TLS required the NBD URIs are nbds ones", () => {
+  const uris = nbdUrisFor("disk0@s1", {
+    nbdSocketPath: "/run/nbd.sock",
+    nbdTcp: { host: "::1", port: 10809 },
+    fuseMountDir: null,
+    nbdTlsRequired: true,
+  });
+  assert.deepEqual(uris, ["nbds+unix:///disk0@s1?socket=/run/nbd.sock", "nbds://[::1]:10809/disk0@s1"]);
+});

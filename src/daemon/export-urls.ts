@@ -13,18 +13,21 @@ export interface ExportAddresses {
   readonly nbdTcp: { readonly host: string; readonly port: number } | null;
   /** The FUSE mount directory, or null when FUSE is off. */
   readonly fuseMountDir: string | null;
+  /** serve --tls require: the URIs are `nbds` ones (the client adds its credentials, e.g. tls-psk-file=). */
+  readonly nbdTlsRequired?: boolean;
 }
 
 export function nbdUrisFor(exportName: string, addresses: ExportAddresses): string[] {
   const uris: string[] = [];
   const path = escapeUriPart(exportName);
+  const scheme = addresses.nbdTlsRequired === true ? "nbds" : "nbd";
   if (addresses.nbdSocketPath !== null) {
-    uris.push(`nbd+unix:///${path}?socket=${escapeUriPart(addresses.nbdSocketPath)}`);
+    uris.push(`${scheme}+unix:///${path}?socket=${escapeUriPart(addresses.nbdSocketPath)}`);
   }
   if (addresses.nbdTcp !== null) {
     const { host, port } = addresses.nbdTcp;
     const authority = host.includes(":") ? `[${host}]` : host;
-    uris.push(`nbd://${authority}:${port}/${path}`);
+    uris.push(`${scheme}://${authority}:${port}/${path}`);
   }
   return uris;
 }

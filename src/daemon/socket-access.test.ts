@@ -48,10 +48,22 @@ void test("status lines say who can connect to each face", () => {
     nbdActivation: false,
     nbdTcp: { host: "127.0.0.1", port: 10809 },
   });
-  assert.equal(lines.length, 3);
+  assert.equal(lines.length, 4);
   assert.match(lines[0] ?? "", /^control socket: user \S+ and group backup \(mode 0660\)$/);
   assert.match(lines[1] ?? "", /^nbd unix socket: .*group backup/);
   assert.equal(lines[2], "nbd tcp: every local user, no TLS");
+  assert.equal(lines[3], "nbd exports: every export, read-write, to every client that gets in");
+  const secured = describeAccess({
+    access: { group: null },
+    nbdSocketPath: "/s/nbd.sock",
+    nbdActivation: false,
+    nbdTcp: { host: "192.0.2.1", port: 10809 },
+    tls: { mode: "require", credentials: ["x509", "psk"] },
+    accessFile: "/etc/blocksnap/access.conf",
+  });
+  assert.match(secured[1] ?? "", /^nbd unix socket: .*, TLS required \(X\.509 or PSK\)$/);
+  assert.equal(secured[2], "nbd tcp: every host that can reach it, TLS required (X.509 or PSK)");
+  assert.equal(secured[3], "nbd exports: as the access rules in /etc/blocksnap/access.conf grant");
   const closed = describeAccess({
     access: { group: null },
     nbdSocketPath: null,

@@ -113,26 +113,49 @@ export function plaintextTcpWarning(
   return `NBD on ${where} without TLS (--insecure-no-tls): every host that can reach it can read and write every export`;
 }
 
-/** The lines `status` shows under "access": who can connect, face by face. */
+/**
+ * The lines `status` shows under "who can connect", face by face: who reaches each socket, what TLS asks
+ * of NBD clients there (the same on every NBD listener), and which exports they may then use.
+ */
 export function describeAccess(options: {
   readonly access: SocketAccess;
   readonly nbdSocketPath: string | null;
   readonly nbdActivation: boolean;
   readonly nbdTcp: { readonly host: string; readonly port: number } | null;
+  /** NBD over TLS; absent: off. */
+  readonly tls?: { readonly mode: "off" | "on" | "require"; readonly credentials: readonly string[] };
+  /** The access file (serve --access); absent or null: every export to every client that gets in. */
+  readonly accessFile?: string | null;
 }): string[] {
   const user = currentUserName();
   const who =
     options.access.group === null
       ? `user ${user} only (mode 0600)`
       : `user ${user} and group ${options.access.group.name} (mode 0660)`;
+  const tls = options.tls ?? { mode: "off", credentials: [] };
+  const credentials = tls.credentials.map((kind) => (kind === "x509" ? "X.509" : "PSK")).join(" or ");
+  const tlsNote =
+    tls.mode === "require"
+      ? `, TLS required (${credentials})`
+      : tls.mode === "on"
+        ? `, TLS offered (${credentials}), plain text allowed`
+        : "";
   const lines = [`control socket: ${who}`];
-  if (options.nbdSocketPath !== null) lines.push(`nbd unix socket: ${who}`);
-  if (options.nbdActivation) lines.push("nbd activation socket: as its systemd .socket unit sets it");
+  if (options.nbdSocketPath !== null) lines.push(`nbd unix socket: ${who}${tlsNote}`);
+  if (options.nbdActivation) {
+    lines.push(`nbd activation socket: as its systemd .socket unit sets it${tlsNote}`);
+  }
   if (options.nbdTcp !== null) {
+    const reach = isLoopbackHost(options.nbdTcp.host) ? "every local user" : "every host that can reach it";
+    lines.push(`nbd tcp: ${reach}${tls.mode === "off" ? ", no TLS" : tlsNote}`);
+  }
+  const hasNbd = options.nbdSocketPath !== null || options.nbdActivation || options.nbdTcp !== null;
+  if (hasNbd) {
+    const accessFile = options.accessFile ?? null;
     lines.push(
-      isLoopbackHost(options.nbdTcp.host)
-        ? "nbd tcp: every local user, no TLS"
-        : "nbd tcp: every host that can reach it, no TLS",
+      accessFile === null
+        ? "nbd exports: every export, read-write, to every client that gets in"
+        : `nbd exports: as the access rules in ${accessFile} grant`,
     );
   }
   return lines;

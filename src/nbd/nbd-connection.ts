@@ -67,7 +67,7 @@ import {
   NBD_REQUEST_MAGIC,
 } from "./nbd-protocol.js";
 import { offsetBytesOf, validateRequest } from "./request-validation.js";
-import { type NbdTls, peerIdentity, serverTlsSocket, tlsOff } from "./tls.js";
+import { type NbdTls, peerIdentity, serverTlsSocket, tlsOff, untrustedPeer } from "./tls.js";
 import type { NbdRequest, ReplySink } from "./transmission.js";
 import { Transmission } from "./transmission.js";
 
@@ -222,7 +222,12 @@ export class NbdConnection implements ReplySink {
       secure.setTimeout(handshakeTimeoutMs);
       secure.once("secure", () => {
         if (this.state !== "UPGRADING") return;
-        this.handshake.onTlsStarted(peerIdentity(secure));
+        const identity = peerIdentity(secure, this.tls);
+        if (identity === untrustedPeer) {
+          this.die("client certificate not signed by the --tls-ca authority");
+          return;
+        }
+        this.handshake.onTlsStarted(identity);
         this.state = "RECV_OPTION_HEADER";
         this.logger.debug({ protocol: secure.getProtocol() }, "NBD TLS started");
         this.pump();

@@ -26,6 +26,8 @@ export interface NbdTls {
   /** null with mode off. */
   readonly context: tls.SecureContext | null;
   readonly psk: ReadonlyMap<string, Buffer> | null;
+  /** A server certificate was given (X.509 credentials). */
+  readonly x509: boolean;
   readonly verifyPeer: boolean;
 }
 
@@ -38,7 +40,7 @@ export interface TlsFiles {
   readonly pskFile?: string | undefined;
 }
 
-export const tlsOff: NbdTls = { mode: "off", context: null, psk: null, verifyPeer: false };
+export const tlsOff: NbdTls = { mode: "off", context: null, psk: null, x509: false, verifyPeer: false };
 
 /** PSK ciphers for TLS 1.2 (what Node offers PSK with) plus the usual certificate ones. */
 const pskCiphers = "PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305:PSK";
@@ -107,8 +109,11 @@ export async function loadNbdTls(files: TlsFiles): Promise<NbdTls> {
   } catch (error) {
     throw new BlockError("EINVAL", `TLS credentials: ${(error as Error).message}`, { cause: error });
   }
-  return { mode, context, psk, verifyPeer: files.verifyPeer === true };
+  return { mode, context, psk, x509: hasCert, verifyPeer: files.verifyPeer === true };
 }
+
+/** peerIdentity()'s answer for a client certificate that did not verify (no PSK identity can equal it). */
+export const untrustedPeer: unique symbol = Symbol("untrusted peer");
 
 /** The PSK identity each server socket's handshake used, recorded by its pskCallback. */
 const pskIdentities = new WeakMap<tls.TLSSocket, string>();
@@ -135,11 +140,32 @@ export function serverTlsSocket(socket: Socket, config: NbdTls): tls.TLSSocket {
   return secure;
 }
 
-/** After 'secure': who the client is (see the notes above), or null. */
-export function peerIdentity(secure: tls.TLSSocket): string | null {
+/**
+ * After 'secure': who the client is (see the notes above), null for nobody, or `untrusted` when
+ * --tls-verify-peer is on and the client's certificate does not verify against --tls-ca (the connection
+ * must then end: untrustedPeer). A client that used a PSK key is authenticated by it and needs no certificate.
+ */
+export function peerIdentity(secure: tls.TLSSocket, config: NbdTls): string | null | typeof untrustedPeer {
   const pskIdentity = pskIdentities.get(secure);
   if (pskIdentity !== undefined) return pskIdentity;
-  if (!secure.authorized) return null;
+  if (!config.verifyPeer) return null;
+  if (!isPeerCertificateVerified(secure)) return untrustedPeer;
   const commonName = secure.getPeerCertificate()?.subject?.CN;
   return typeof commonName === "string" && commonName !== "" ? commonName : null;
+}
+
+/**
+ * Node checks a client certificate's chain (and sets `authorized`) only on sockets a tls.Server made; it
+ * asks OpenSSL for the verification result and only refuses once the handshake is done. Our TLSSocket is
+ * made by hand over an accepted socket after STARTTLS, so no such check runs and `authorized` stays
+ * false: without this function, a certificate from any CA would be accepted. We ask OpenSSL the same
+ * question Node does, through the same handle, and fail closed if that handle ever changes shape.
+ */
+function isPeerCertificateVerified(secure: tls.TLSSocket): boolean {
+  const handle = (secure as unknown as { _handle?: { verifyError?: () => Error | null | undefined } })
+    ._handle;
+  if (typeof handle?.verifyError !== "function") return false;
+  const certificate = secure.getPeerCertificate();
+  const hasCertificate = certificate !== null && Object.keys(certificate).length > 0;
+  return hasCertificate && (handle.verifyError() ?? null) === null;
 }

@@ -6,10 +6,12 @@
  * does not exist; plain-text clients follow the `-` rules. A bad access file stops serve with one line.
  */
 import assert from "node:assert/strict";
+import { type ChildProcess, spawn } from "node:child_process";
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
+import type { StatusView } from "../../src/daemon/api-types.js";
 import { DaemonProcess, runCli } from "../cli/cli-harness.js";
 import { type CommandResult, run, runOk, which } from "../helpers/commands.js";
 
@@ -44,7 +46,6 @@ function nbdsh(uri: string, script: string): Promise<CommandResult> {
  * so the requests reach the server; prints the server's answer for each.
  */
 const tryModifications = `
-import errno
 h.set_strict_mode(0)
 h.set_uri_allow_local_file(True)
 h.connect_uri(URI)
@@ -55,8 +56,95 @@ for name, call in [("write", lambda: h.pwrite(b"X" * 4096, 0)), ("trim", lambda:
         call()
         print(name, "ok")
     except nbd.Error as error:
-        print(name, errno.errorcode.get(error.errno, error.errno))
+        print(name, error.errno or "failed")
 `;
+
+/**
+ * One libnbd connection held open in nbdsh and driven line by line (`read`, `write`): each command prints
+ * `<command> ok` or `<command> <errno>`, so a test can act on the server between two requests.
+ */
+class NbdshSession {
+  private readonly child: ChildProcess;
+  private output = "";
+  private readonly waiters = new Set<() => void>();
+
+  private constructor(uri: string) {
+    const script = `URI = ${JSON.stringify(uri)}
+import sys
+h.set_strict_mode(0)
+h.set_uri_allow_local_file(True)
+h.connect_uri(URI)
+print("ready", "ro" if h.is_read_only() else "rw", flush=True)
+for line in sys.stdin:
+    command = line.strip()
+    try:
+        if command == "read":
+            h.pread(4096, 0)
+        elif command == "write":
+            h.pwrite(b"Y" * 4096, 0)
+        print(command, "ok", flush=True)
+    except nbd.Error as error:
+        print(command, error.errno or "failed", flush=True)
+`;
+    this.child = spawn("nbdsh", ["-c", script], { env: nbdshEnvironment, stdio: ["pipe", "pipe", "pipe"] });
+    const collect = (text: string): void => {
+      this.output += text;
+      for (const waiter of this.waiters) waiter();
+    };
+    this.child.stdout?.setEncoding("utf8").on("data", collect);
+    this.child.stderr?.setEncoding("utf8").on("data", collect);
+    this.child.once("exit", () => collect(""));
+  }
+
+  static async open(uri: string): Promise<{ session: NbdshSession; mode: string }> {
+    const session = new NbdshSession(uri);
+    const line = await session.nextLine();
+    const mode = /^ready (ro|rw)$/.exec(line)?.[1];
+    assert.ok(mode !== undefined, `nbdsh did not connect: ${line}${session.output}`);
+    return { session, mode };
+  }
+
+  /** Sends a command and returns the answer (`ok` or an errno name). */
+  async command(command: "read" | "write"): Promise<string> {
+    this.child.stdin?.write(`${command}\n`);
+    const line = await this.nextLine();
+    const match = new RegExp(`^${command} (\\S+)$`).exec(line);
+    assert.ok(match !== null, `unexpected nbdsh output: ${line}`);
+    return match[1]!;
+  }
+
+  close(): void {
+    this.child.stdin?.end();
+    this.child.kill("SIGKILL");
+  }
+
+  private consumed = 0;
+
+  /** The next complete output line; fails after a bounded wait or when nbdsh exits first. */
+  private nextLine(): Promise<string> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => finish(new Error(`nbdsh answered nothing: ${this.output}`)), 60_000);
+      const finish = (error: Error | null, line?: string): void => {
+        clearTimeout(timer);
+        this.waiters.delete(check);
+        if (error) reject(error);
+        else resolve(line!);
+      };
+      const check = (): void => {
+        const end = this.output.indexOf("\n", this.consumed);
+        if (end >= 0) {
+          const line = this.output.slice(this.consumed, end);
+          this.consumed = end + 1;
+          finish(null, line);
+        } else if (this.child.exitCode !== null || this.child.signalCode !== null) {
+          finish(new Error(`nbdsh exited: ${this.output}`));
+        }
+      };
+      this.waiters.add(check);
+      check();
+    });
+  }
+}
 
 async function pskKeys(identities: readonly string[]): Promise<string> {
   const path = join(directory, "keys.psk");
@@ -194,4 +282,117 @@ void test("serve --access with a bad rules file exits non-zero with one line nam
   ]);
   assert.notEqual(missingFile.code, 0);
   assert.match(missingFile.stderr, /cannot read the access file/);
+});
+
+/** Polls GET /v1/access (through the CLI) until `done` holds; bounded. */
+async function waitForRules(
+  daemon: DaemonProcess,
+  done: (view: {
+    loadedAt: string | null;
+    rules: { identity: string; export: string; grant: string }[] | null;
+  }) => boolean,
+): Promise<void> {
+  for (let attempt = 0; attempt < 200; attempt++) {
+    const view = await daemon.cliJson<Parameters<typeof done>[0]>(["access", "show"]);
+    if (done(view)) return;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  assert.fail("the access rules did not change");
+}
+
+void test("reload on SIGHUP and through the API: grants change, granted connections stay up, a bad file changes nothing", async (t) => {
+  const reason = missing();
+  if (reason) return t.skip(reason);
+  const keys = await pskKeys(["alice", "backup"]);
+  const rules = join(directory, "reload.conf");
+  await writeFile(rules, "alice * rw\nbackup m0 rw\nbackup m1 ro\n");
+  const daemon = await start("reload", ["--tls-psk", keys, "--access", rules]);
+  for (const name of ["m0", "m1"]) {
+    await daemon.cliOk(["device", "add", name, "--backend", "memory:", "--size", String(4 * MiB)]);
+  }
+  const uri = (identity: string, exportName: string) =>
+    `nbds+unix://${identity}@/${exportName}?socket=${daemon.nbdSocket}&tls-psk-file=${keys}`;
+  const sessions: NbdshSession[] = [];
+  t.after(() => {
+    for (const session of sessions) session.close();
+  });
+  const open = async (identity: string, exportName: string, mode: "ro" | "rw") => {
+    const opened = await NbdshSession.open(uri(identity, exportName));
+    sessions.push(opened.session);
+    assert.equal(opened.mode, mode, `${identity} on ${exportName}`);
+    return opened.session;
+  };
+  const alice = await open("alice", "m0", "rw");
+  const backupWriter = await open("backup", "m0", "rw");
+  const backupReader = await open("backup", "m1", "ro");
+  assert.equal(await backupWriter.command("write"), "ok");
+  assert.equal(await backupReader.command("read"), "ok");
+  const shown = await daemon.cliJson<{ loadedAt: string }>(["access", "show"]);
+
+  // SIGHUP: backup loses m1 and keeps m0 read-only.
+  await writeFile(rules, "alice * rw\nbackup m0 ro\n");
+  daemon.child.kill("SIGHUP");
+  await waitForRules(daemon, (view) => view.loadedAt !== shown.loadedAt);
+  assert.equal(await alice.command("write"), "ok", "a connection that stays allowed stays up");
+  assert.equal(await backupWriter.command("read"), "ok", "rw → ro: the connection stays and reads");
+  assert.equal(await backupWriter.command("write"), "EPERM", "rw → ro: later writes get EPERM");
+  assert.notEqual(await backupReader.command("read"), "ok", "a removed grant closes the connection");
+  const listed = await runOk("nbdinfo", ["--list", uri("backup", "")]);
+  assert.deepEqual(exportNames(listed), ["m0"]);
+
+  // A bad file through the API: one-line error, the rules in force stay, nothing is dropped.
+  await writeFile(rules, "alice * rw\nbackup m1\n");
+  const refused = await daemon.cli(["access", "reload"]);
+  assert.notEqual(refused.code, 0);
+  assert.match(refused.stderr, /reload\.conf:2: expected IDENTITY EXPORT-GLOB/);
+  const kept = await daemon.cliJson<{ rules: { identity: string; export: string; grant: string }[] }>([
+    "access",
+    "show",
+  ]);
+  assert.deepEqual(
+    kept.rules.map(({ identity, export: glob, grant }) => `${identity} ${glob} ${grant}`),
+    ["alice * rw", "backup m0 ro"],
+  );
+  assert.equal(await alice.command("read"), "ok");
+
+  // A good file through the API: backup gets m1 back, for new connections.
+  await writeFile(rules, "alice * rw\nbackup m* ro\n");
+  const reloaded = await daemon.cliJson<{ rules: unknown[] }>(["access", "reload"]);
+  assert.equal(reloaded.rules.length, 2);
+  const again = await open("backup", "m1", "ro");
+  assert.equal(await again.command("read"), "ok");
+  assert.equal(await alice.command("write"), "ok", "alice's connection survived every reload");
+  assert.equal(daemon.child.exitCode, null, "the daemon is still running");
+});
+
+void test("under --supervise, SIGHUP to the supervisor reloads the engine's rules; status shows TLS and the rules", async (t) => {
+  const reason = missing();
+  if (reason) return t.skip(reason);
+  const keys = await pskKeys(["alice", "backup"]);
+  const rules = join(directory, "supervised.conf");
+  await writeFile(rules, "alice * rw\n");
+  const daemon = await start("supervised", ["--supervise", "--tls-psk", keys, "--access", rules]);
+  await daemon.cliOk(["device", "add", "m0", "--backend", "memory:", "--size", String(4 * MiB)]);
+  const status = await daemon.cliJson<StatusView>(["status"]);
+  assert.deepEqual(status.nbd.tls, { mode: "require", credentials: ["psk"], verifyPeer: false });
+  assert.equal(status.accessRules?.file, rules);
+  assert.equal(status.accessRules?.rules, 1);
+  assert.ok(
+    status.access.whoCanConnect.some((line) => /^nbd unix socket: .*TLS required \(PSK\)$/.test(line)),
+  );
+  assert.ok(status.access.whoCanConnect.includes(`nbd exports: as the access rules in ${rules} grant`));
+  const text = await daemon.cliOk(["status"]);
+  assert.match(text, /nbd tls:\s+required on every NBD listener \(PSK\)/);
+  assert.match(text, new RegExp(`access rules:\\s+1 rule\\(s\\) from ${rules}`));
+  const uri = `nbds+unix://backup@/?socket=${daemon.nbdSocket}&tls-psk-file=${keys}`;
+  assert.deepEqual(exportNames(await runOk("nbdinfo", ["--list", uri])), []);
+
+  await writeFile(rules, "alice * rw\nbackup m0 ro\n");
+  daemon.child.kill("SIGHUP");
+  await waitForRules(daemon, (view) => view.rules?.length === 2);
+  assert.deepEqual(exportNames(await runOk("nbdinfo", ["--list", uri])), ["m0"]);
+  const after = await daemon.cliJson<StatusView>(["status"]);
+  assert.equal(after.pid, status.pid, "the engine reloaded in place: no restart");
+  assert.equal(after.accessRules?.rules, 2);
+  assert.equal(daemon.child.exitCode, null, "the supervisor is still running");
 });

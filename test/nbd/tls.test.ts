@@ -7,10 +7,13 @@
  * after STARTTLS, end those connections and nothing else.
  */
 import assert from "node:assert/strict";
+import { once } from "node:events";
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import * as net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
+import * as tls from "node:tls";
 import { DaemonProcess, runCli } from "../cli/cli-harness.js";
 import { run, runOk, which } from "../helpers/commands.js";
 import { NBD_OPT, RawNbdClient } from "./raw-nbd-client.js";
@@ -59,10 +62,17 @@ async function afterFlags(socketPath: string): Promise<RawNbdClient> {
   return client;
 }
 
-async function certificates(): Promise<{ serverDir: string; clientDir: string; caOnlyDir: string }> {
+async function certificates(): Promise<{
+  serverDir: string;
+  clientDir: string;
+  caOnlyDir: string;
+  rogueDir: string;
+}> {
   const base = join(directory, "x509");
   const clientDir = join(base, "client");
   const caOnlyDir = join(base, "ca-only");
+  const rogueDir = join(base, "rogue");
+  await mkdir(rogueDir, { recursive: true });
   await mkdir(clientDir, { recursive: true });
   await mkdir(caOnlyDir, { recursive: true });
   const template = async (name: string, lines: string[]) => {
@@ -75,26 +85,30 @@ async function certificates(): Promise<{ serverDir: string; clientDir: string; c
     await writeFile(path, await runOk("certtool", ["--generate-privkey"]));
     return path;
   };
-  const caKey = await key("ca");
-  const caCert = join(base, "ca-cert.pem");
-  await runOk("certtool", [
-    "--generate-self-signed",
-    "--load-privkey",
-    caKey,
-    "--template",
-    await template("ca", ["cn = blocksnap test CA", "ca", "cert_signing_key", "expiration_days = 2"]),
-    "--outfile",
-    caCert,
-  ]);
-  const signed = async (name: string, lines: string[]) => {
+  const authority = async (name: string) => {
+    const privateKey = await key(name);
+    const cert = join(base, `${name}-cert.pem`);
+    await runOk("certtool", [
+      "--generate-self-signed",
+      "--load-privkey",
+      privateKey,
+      "--template",
+      await template(name, [`cn = blocksnap ${name}`, "ca", "cert_signing_key", "expiration_days = 2"]),
+      "--outfile",
+      cert,
+    ]);
+    return { privateKey, cert };
+  };
+  const { privateKey: caKey, cert: caCert } = await authority("ca");
+  const signed = async (name: string, lines: string[], issuer = { privateKey: caKey, cert: caCert }) => {
     const privateKey = await key(name);
     const cert = join(base, `${name}-cert.pem`);
     await runOk("certtool", [
       "--generate-certificate",
       "--load-ca-certificate",
-      caCert,
+      issuer.cert,
       "--load-ca-privkey",
-      caKey,
+      issuer.privateKey,
       "--load-privkey",
       privateKey,
       "--template",
@@ -120,10 +134,20 @@ async function certificates(): Promise<{ serverDir: string; clientDir: string; c
     "signing_key",
     "expiration_days = 2",
   ]);
-  for (const dir of [clientDir, caOnlyDir]) await writeFile(join(dir, "ca-cert.pem"), await readFile(caCert));
+  // Same CN, signed by a CA the server does not trust: must be refused, not taken for `backup`.
+  const rogue = await signed(
+    "rogue-client",
+    ["cn = backup", "tls_www_client", "encryption_key", "signing_key", "expiration_days = 2"],
+    await authority("rogue-ca"),
+  );
+  for (const dir of [clientDir, caOnlyDir, rogueDir]) {
+    await writeFile(join(dir, "ca-cert.pem"), await readFile(caCert));
+  }
   await writeFile(join(clientDir, "client-cert.pem"), await readFile(client.cert));
   await writeFile(join(clientDir, "client-key.pem"), await readFile(client.privateKey));
-  return { serverDir: base, clientDir, caOnlyDir };
+  await writeFile(join(rogueDir, "client-cert.pem"), await readFile(rogue.cert));
+  await writeFile(join(rogueDir, "client-key.pem"), await readFile(rogue.privateKey));
+  return { serverDir: base, clientDir, caOnlyDir, rogueDir };
 }
 
 void test("PSK on the Unix socket: libnbd reads and writes over TLS; a wrong key and plain text are refused", async (t) => {
@@ -164,11 +188,15 @@ void test("PSK on the Unix socket: libnbd reads and writes over TLS; a wrong key
   }
 });
 
-void test("X.509 on TCP with verify-peer: a client certificate signed by the CA is required", async (t) => {
+void test("X.509 on TCP with verify-peer: a client certificate signed by the CA is required; its CN is the identity of the access rules", async (t) => {
   const reason = missing();
   if (reason) return t.skip(reason);
-  const { serverDir, clientDir, caOnlyDir } = await certificates();
+  const { serverDir, clientDir, caOnlyDir, rogueDir } = await certificates();
+  const rules = join(directory, "x509-access.conf");
+  await writeFile(rules, "backup m0 ro\n");
   const daemon = await start("x509", [
+    "--access",
+    rules,
     "--nbd-listen",
     "127.0.0.1:0",
     "--tls-cert",
@@ -183,8 +211,25 @@ void test("X.509 on TCP with verify-peer: a client certificate signed by the CA 
   const port = status.nbd.tcp.port;
   const ok = await runOk("nbdinfo", [`nbds://localhost:${port}/m0?tls-certificates=${clientDir}`]);
   assert.match(ok, /with TLS/);
+  assert.match(ok, /is_read_only: true/, "the certificate's CN `backup` has an ro grant");
+  await daemon.cliOk(["device", "add", "m1", "--backend", "memory:", "--size", String(MiB)]);
+  const listed = await runOk("nbdinfo", [
+    "--list",
+    `nbds://localhost:${port}/?tls-certificates=${clientDir}`,
+  ]);
+  assert.match(listed, /export="m0"/);
+  assert.doesNotMatch(listed, /m1/, "no rule for m1: not listed");
   const noClientCert = await run("nbdinfo", [`nbds://localhost:${port}/m0?tls-certificates=${caOnlyDir}`]);
   assert.notEqual(noClientCert.code, 0, "no client certificate: refused");
+  const untrusted = await run("nbdinfo", [`nbds://localhost:${port}/m0?tls-certificates=${rogueDir}`]);
+  assert.notEqual(untrusted.code, 0, "a client certificate from another CA: refused");
+  assert.doesNotMatch(untrusted.stdout, /export-size/);
+  // gnutls does not even send a certificate the server's CA list does not name; Node's client does. The
+  // server must refuse it after the handshake (Node only checks this on sockets a tls.Server made).
+  const trusted = await listOverNodeTls(daemon.nbdSocket, clientDir);
+  assert.deepEqual(trusted, ["m0"], "Node's client with the good certificate lists what `backup` may use");
+  const rogue = await listOverNodeTls(daemon.nbdSocket, rogueDir);
+  assert.equal(rogue, "closed", "a certificate from another CA, sent anyway: the connection is closed");
 });
 
 void test("STARTTLS rules and hostile handshakes: TLS_REQD, close on EXPORT_NAME, garbage ClientHello, half-open floods", async (t) => {
@@ -268,6 +313,76 @@ void test("serve: --tls require without credentials, or a bad PSK file, is a one
   assert.equal(bad.code, 1);
   assert.match(bad.stderr, /psktool format/);
 });
+
+/**
+ * STARTTLS by hand, then Node's TLS client with the certificate in `dir`, then NBD_OPT_LIST inside TLS:
+ * the export names, or `closed` when the server ends the connection instead of answering.
+ */
+async function listOverNodeTls(socketPath: string, dir: string): Promise<string[] | "closed"> {
+  const plain = net.connect(socketPath);
+  await once(plain, "connect");
+  let received = Buffer.alloc(0);
+  const waitFor = (bytes: number) =>
+    new Promise<void>((resolve, reject) => {
+      const check = () => {
+        if (received.byteLength < bytes) return;
+        plain.off("data", onData);
+        plain.off("close", onClose);
+        resolve();
+      };
+      const onData = (chunk: Buffer) => {
+        received = Buffer.concat([received, chunk]);
+        check();
+      };
+      const onClose = () => reject(new Error("closed during the plain-text handshake"));
+      plain.on("data", onData);
+      plain.on("close", onClose);
+      check();
+    });
+  await waitFor(18);
+  const flags = Buffer.alloc(4);
+  flags.writeUInt32BE(3, 0);
+  plain.write(Buffer.concat([flags, optionBytes(NBD_OPT.STARTTLS)]));
+  await waitFor(18 + 20);
+  assert.equal(received.readUInt32BE(18 + 12), NBD_REP_ACK, "STARTTLS acknowledged");
+  plain.pause();
+  const secure = tls.connect({
+    socket: plain,
+    cert: await readFile(join(dir, "client-cert.pem")),
+    key: await readFile(join(dir, "client-key.pem")),
+    rejectUnauthorized: false,
+  });
+  secure.on("error", () => {});
+  let answer = Buffer.alloc(0);
+  const result = new Promise<string[] | "closed">((resolve) => {
+    secure.on("data", (chunk: Buffer) => {
+      answer = Buffer.concat([answer, chunk]);
+      const names: string[] = [];
+      for (let at = 0; at + 20 <= answer.byteLength; ) {
+        const type = answer.readUInt32BE(at + 12);
+        const length = answer.readUInt32BE(at + 16);
+        if (at + 20 + length > answer.byteLength) return;
+        if (type === 2)
+          names.push(answer.subarray(at + 24, at + 24 + answer.readUInt32BE(at + 20)).toString());
+        if (type === NBD_REP_ACK) resolve(names);
+        at += 20 + length;
+      }
+    });
+    secure.once("close", () => resolve("closed"));
+  });
+  secure.once("secureConnect", () => secure.write(optionBytes(NBD_OPT.LIST)));
+  const outcome = await result;
+  secure.destroy();
+  return outcome;
+}
+
+function optionBytes(option: number, payload: Buffer = Buffer.alloc(0)): Buffer {
+  const header = Buffer.alloc(16);
+  header.writeBigUInt64BE(0x49484156454f5054n, 0);
+  header.writeUInt32BE(option, 8);
+  header.writeUInt32BE(payload.byteLength, 12);
+  return Buffer.concat([header, payload]);
+}
 
 function exportRequest(name: string): Buffer {
   const nameBytes = Buffer.from(name);
