@@ -24,6 +24,11 @@ const pathOptions = new Set([
   "--state-dir",
   "--dir",
   "--install",
+  "--access",
+  "--tls-cert",
+  "--tls-key",
+  "--tls-ca",
+  "--tls-psk",
 ]);
 
 export interface NameLookup {

@@ -146,7 +146,7 @@ export function addServeCommand(program: Command): void {
     )
     .addHelpText(
       "after",
-      "\nExamples:\n  $ blocksnap serve\n  $ blocksnap serve --socket-group backup --nbd-listen 127.0.0.1:10809\n  $ blocksnap serve --state-dir /tmp/bs --nbd-socket none --fuse-mount none\n",
+      "\nExamples:\n  $ blocksnap serve\n  $ blocksnap serve --tls-psk /etc/blocksnap/keys.psk --access /etc/blocksnap/access.conf --nbd-listen 0.0.0.0:10809\n  $ blocksnap serve --socket-group backup --nbd-listen 127.0.0.1:10809\n  $ blocksnap serve --state-dir /tmp/bs --nbd-socket none --fuse-mount none\n",
     )
     .action(async (options: ServeOptions) => {
       const stateDir = resolveStateDir(options.stateDir, currentStateDirEnvironment());

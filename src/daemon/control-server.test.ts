@@ -226,7 +226,12 @@ void test("GET /v1/status reports identity and addresses", async () => {
   const status = reply.json();
   assert.equal(status.pid, process.pid);
   assert.equal(status.version, "9.9.9");
-  assert.deepEqual(status.nbd, { socketPath: "/s/nbd.sock", tcp: { host: "127.0.0.1", port: 10809 } });
+  assert.deepEqual(status.nbd, {
+    socketPath: "/s/nbd.sock",
+    tcp: { host: "127.0.0.1", port: 10809 },
+    tls: { mode: "off", credentials: [], verifyPeer: false },
+  });
+  assert.equal(status.accessRules, null, "no access rules in this context");
   assert.deepEqual(status.fuse, { mountDir: "/m" });
 });
 

@@ -176,6 +176,12 @@ export class NbdConnection implements ReplySink {
     socket.on("data", (chunk: Buffer) => this.onData(chunk));
     socket.on("end", () => {
       this.isPeerEnded = true;
+      // A client gone in the middle of the TLS handshake has nothing left to say: do not wait for the timeout.
+      if (this.state === "UPGRADING") {
+        this.logger.debug("NBD client closed during the TLS handshake");
+        this.destroy();
+        return;
+      }
       this.pump();
     });
     socket.on("drain", () => this.pump());

@@ -24,9 +24,9 @@
  * ours. A planned restart (the engine's POST /v1/restart) ends with the engine's "handed-over" message
  * (and its SIGKILL of itself) and is followed by a new engine at once, without counting as a death.
  *
- * Signals: SIGTERM/SIGINT/SIGHUP go to the engine, whose stop does what a plain `serve` does (waits for
+ * Signals: SIGTERM/SIGINT go to the engine, whose stop does what a plain `serve` does (waits for
  * mounted file systems, unmounts FUSE); the supervisor then removes its sockets and exits with the engine's
- * code. If the supervisor itself is killed, the engine sees its IPC channel close and stops as at SIGTERM.
+ * code. SIGHUP goes to the engine alone, which rereads its access rules (src/daemon/serve.ts) and serves on. If the supervisor itself is killed, the engine sees its IPC channel close and stops as at SIGTERM.
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import * as fs from "node:fs";
