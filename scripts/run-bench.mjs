@@ -11,6 +11,7 @@ const suites = {
   fuse: "dist/bench/fuse/fuse-bench.js",
   supervisor: "dist/bench/supervisor/restart-pause.js",
   journal: "dist/bench/durable/journal-cost.js",
+  "snapshot-restore": "dist/bench/durable/snapshot-restore.js",
 };
 const wanted = process.argv.slice(2);
 for (const name of wanted) {

@@ -62,6 +62,8 @@ export interface FileBackendOptions {
   /** Create the file if absent and extend it to this size (regular files only). */
   readonly sizeBytes?: number;
   readonly readOnly?: boolean;
+  /** Create the file, failing with EEXIST when it exists (a difference storage's named file). */
+  readonly createNew?: boolean;
 }
 
 export type FileKind = "file" | "block-device";
@@ -129,7 +131,9 @@ export class FileBackend implements BlockDevice {
         `Cannot open backend ${JSON.stringify(path)}: not a regular file or block device`,
       );
     }
-    const flags = readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR | fs.constants.O_CREAT;
+    const flags = readOnly
+      ? fs.constants.O_RDONLY
+      : fs.constants.O_RDWR | fs.constants.O_CREAT | (options.createNew ? fs.constants.O_EXCL : 0);
     const fd = openOrThrow(path, flags);
     try {
       let sizeBytes = fs.fstatSync(fd).size;

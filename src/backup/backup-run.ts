@@ -28,6 +28,7 @@ export interface BackupEngine {
     storage: string;
     limitBytes: number;
     devices: string[];
+    transient: boolean;
   }): Promise<{ id: string }>;
   takeSnapshot(id: string): Promise<unknown>;
   destroySnapshot(id: string): Promise<void>;
@@ -81,6 +82,8 @@ export async function runBackup(params: BackupParams): Promise<BackupOutcome> {
         storage: params.storage,
         limitBytes: params.storageLimitBytes,
         devices: [device],
+        // A backup's own snapshot dies with the job: a restart must not keep the device busy with it.
+        transient: true,
       });
       ownSnapshot = created.id;
       snapshotId = created.id;

@@ -51,6 +51,16 @@ export function statusLines(status: StatusView): string[] {
     lines.push("", "CBT at start:");
     lines.push(...recoveries.map(([name, outcome]) => `  ${name}: ${outcome}`));
   }
+  const snapshotRecoveries = status.snapshotRecoveries ?? [];
+  if (snapshotRecoveries.length > 0) {
+    lines.push("", "snapshots at start:");
+    lines.push(
+      ...snapshotRecoveries.map(
+        (recovery) =>
+          `  ${recovery.id}: ${recovery.outcome} (${recovery.reason}), ${recovery.chunks} chunk(s)`,
+      ),
+    );
+  }
   lines.push("", "snapshots:");
   lines.push(...snapshotTable(status.snapshots).map((line) => `  ${line}`));
   return lines;

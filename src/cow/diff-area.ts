@@ -51,6 +51,12 @@ export interface DiffAreaOptions {
   readonly storage: DiffStorage;
   readonly onCowError: OnCowError;
   readonly onCorrupted: (errno: Errno) => void;
+  /**
+   * Records a stored chunk durably enough to survive the process (the snapshot keeper's chunk log): called
+   * after the chunk's data is written and before the origin write it protects goes on. A failure counts as
+   * a failed copy.
+   */
+  readonly onStored?: (chunkIndex: number, locationCode: number) => Promise<void>;
 }
 
 export class DiffArea {
@@ -60,6 +66,7 @@ export class DiffArea {
   private readonly storage: DiffStorage;
   private readonly onCowError: OnCowError;
   private readonly onCorrupted: (errno: Errno) => void;
+  private readonly onStored: ((chunkIndex: number, locationCode: number) => Promise<void>) | undefined;
   /** Touched chunks only: one location code each (~37-53 B with the Map's own cost), decoded on use. */
   private readonly chunks = new Map<number, number>();
   private readonly locks = new KeyedMutex();
@@ -79,6 +86,7 @@ export class DiffArea {
     this.storage = options.storage;
     this.onCowError = options.onCowError;
     this.onCorrupted = options.onCorrupted;
+    this.onStored = options.onStored;
     assert(options.sizeBytes <= options.origin.sizeBytes, "an image cannot be larger than its origin");
   }
 
@@ -141,7 +149,7 @@ export class DiffArea {
       const buffer = this.takeBuffer(this.geometry.chunkLengthBytes(chunkIndex));
       try {
         await this.origin.read(startBytes, buffer);
-        this.setStored(chunkIndex, await this.storeNew(buffer));
+        this.setStored(chunkIndex, await this.storeNew(chunkIndex, buffer));
       } catch (error) {
         const blockError = toBlockError(error, `copy-before-write of ${this.deviceName} chunk ${chunkIndex}`);
         if (this.onCowError === "fail-origin-write") throw blockError;
@@ -156,11 +164,15 @@ export class DiffArea {
     }
   }
 
-  /** Stores a whole chunk in a new region; a region whose write failed goes back to the storage. */
-  private async storeNew(chunkData: Uint8Array): Promise<StorageLocation> {
+  /**
+   * Stores a whole chunk in a new region and records it (onStored); a region whose write or record failed
+   * goes back to the storage.
+   */
+  private async storeNew(chunkIndex: number, chunkData: Uint8Array): Promise<StorageLocation> {
     const location = await this.storage.allocate(chunkData.byteLength);
     try {
       await this.storage.write(location, 0, chunkData);
+      await this.onStored?.(chunkIndex, this.storage.locationCode(location));
     } catch (error) {
       this.storage.release(location, chunkData.byteLength);
       throw error;
@@ -313,14 +325,14 @@ export class DiffArea {
       }
       const chunkLengthBytes = this.geometry.chunkLengthBytes(chunkIndex);
       if (source.byteLength === chunkLengthBytes) {
-        this.setStored(chunkIndex, await this.storeNew(source));
+        this.setStored(chunkIndex, await this.storeNew(chunkIndex, source));
         return;
       }
       const chunkData = this.takeBuffer(chunkLengthBytes);
       try {
         await this.origin.read(this.geometry.chunkStartBytes(chunkIndex), chunkData);
         chunkData.set(source, inChunkBytes);
-        this.setStored(chunkIndex, await this.storeNew(chunkData));
+        this.setStored(chunkIndex, await this.storeNew(chunkIndex, chunkData));
       } finally {
         this.giveBuffer(chunkData);
       }
@@ -341,6 +353,28 @@ export class DiffArea {
     if (this.corruptedErrno !== null) return;
     this.corruptedErrno = errno;
     this.onCorrupted(errno);
+  }
+
+  /**
+   * Recovery (a snapshot kept across a restart): the chunks its chunk log recorded, before any request.
+   * A chunk recorded twice keeps its first location (the second record cannot exist: a chunk is stored
+   * once); a location outside the storage is refused (the log belongs to another storage).
+   */
+  restoreStored(entries: Iterable<readonly [chunkIndex: number, locationCode: number]>): void {
+    assert(this.inflightCount === 0 && this.storedCount === 0, "restore only into a new diff area");
+    for (const [chunkIndex, locationCode] of entries) {
+      if (!Number.isSafeInteger(chunkIndex) || chunkIndex < 0 || chunkIndex >= this.geometry.chunkCount)
+        throw new BlockError("EINVAL", `chunk ${chunkIndex} of ${this.deviceName} is outside the device`);
+      if (this.chunks.has(chunkIndex)) continue;
+      this.storage.checkRecordedLocation(locationCode, this.geometry.chunkLengthBytes(chunkIndex));
+      this.chunks.set(chunkIndex, locationCode);
+      this.storedCount++;
+    }
+  }
+
+  /** Recovery: the area was corrupted before the restart (its event was already delivered then). */
+  restoreCorrupted(errno: Errno): void {
+    this.corruptedErrno ??= errno;
   }
 
   /** Every image request fails with EIO from now on; origin writes stop preserving chunks. */

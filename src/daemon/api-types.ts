@@ -168,7 +168,16 @@ export interface StatusView {
    * `untrusted: <why>` (a new generation).
    */
   readonly cbtRecoveries: Readonly<Record<string, string>>;
+  /** Per snapshot kept across the last start: restored, corrupted (a host crash) or lost, and why. */
+  readonly snapshotRecoveries: readonly SnapshotRecoveryView[];
   readonly snapshots: readonly SnapshotView[];
+}
+
+export interface SnapshotRecoveryView {
+  readonly id: string;
+  readonly outcome: "restored" | "corrupted" | "lost";
+  readonly reason: string;
+  readonly chunks: number;
 }
 
 export interface DeviceListView {

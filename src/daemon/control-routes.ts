@@ -45,6 +45,7 @@ import type {
   EventView,
   RemovedView,
   SnapshotListView,
+  SnapshotRecoveryView,
   SnapshotView,
   StatusView,
   StorageView,
@@ -73,6 +74,8 @@ export interface DaemonIdentity {
 export interface ControlContext {
   readonly engine: ControlEngine;
   readonly registry: Pick<DeviceRegistry, "add" | "remove" | "unavailable" | "cbtRecoveries">;
+  /** What became of each kept snapshot at start (absent in tests that keep none). */
+  readonly snapshotRecoveries?: () => readonly SnapshotRecoveryView[];
   readonly identity: DaemonIdentity;
   readonly addresses: ExportAddresses;
   /** NBD over TLS on every NBD listener; absent: off. */
@@ -212,6 +215,7 @@ export const routes: readonly Route[] = [
       devices: listDeviceViews(context),
       devicesUnavailable: unavailableDeviceViews(context),
       cbtRecoveries: context.registry.cbtRecoveries(),
+      snapshotRecoveries: [...(context.snapshotRecoveries?.() ?? [])],
       snapshots: engine.listSnapshots().map((info) => snapshotView(context, info)),
     };
     return ok(status);

@@ -4,8 +4,9 @@
  * registry (devices re-attached), NBD, FUSE, control socket last (a client that can connect finds every
  * face ready). Stop order is the reverse: control socket (long polls end with ESHUTDOWN, in-flight
  * requests finish), NBD, FUSE (the faces stop before the engine they read from), the CBT states saved
- * (cbt-keeper.ts: exact maps, journals marked clean), engine.close() (destroys
- * snapshots, flushes and closes backends), socket files, lock.
+ * (cbt-keeper.ts: exact maps, journals marked clean), engine.close() (closes snapshots, keeping them:
+ * storage flushed, chunk logs sealed, snapshot-keeper.ts; flushes and closes backends), socket files, lock.
+ * Start restores the kept snapshots right after the devices, before any face serves.
  *
  * Supervised (`supervised`: an EngineLink, src/supervisor/): the supervisor owns the listeners and the
  * /dev/fuse descriptor. Nothing listens here: the accepted sockets it passes go to the faces; FUSE is
@@ -29,8 +30,9 @@ import { loadNbdTls, type NbdTls, type TlsFiles } from "../nbd/tls.js";
 import { assert } from "../util/assert.js";
 import { loopDeviceUsersOver } from "../util/file-identity.js";
 import type { Logger } from "../util/logger.js";
+
 import { AccessFile } from "./access-file.js";
-import type { AccessRulesView, AccessView, TlsView } from "./api-types.js";
+import type { AccessRulesView, AccessView, SnapshotRecoveryView, TlsView } from "./api-types.js";
 import { BackupJobs } from "./backup-jobs.js";
 import type { ControlContext } from "./control-routes.js";
 import { ControlServer } from "./control-server.js";
@@ -39,6 +41,7 @@ import type { EngineLink } from "./engine-link.js";
 import type { ExportAddresses } from "./export-urls.js";
 import { DaemonPathPolicy } from "./path-policy.js";
 import { deviceRegistryPathIn, fuseSessionStatePathIn, lockFilePathIn } from "./paths.js";
+import { SnapshotKeeper } from "./snapshot-keeper.js";
 import {
   applyStateDirAccess,
   describeAccess,
@@ -135,7 +138,7 @@ export class Daemon {
     try {
       // The mount comes up below; the freezer and the path policy read its directory when they need it.
       const fuseMount: FuseMountRef = { dir: null };
-      const { engine, registry } = await openEngine(options, fuseMount, undo);
+      const { engine, registry, snapshotKeeper } = await openEngine(options, fuseMount, undo);
 
       const { nbdServer, nbdTcp } = await startNbd(engine, options, socketAccess, tcpWarning, undo, {
         tls: nbdTls,
@@ -160,6 +163,7 @@ export class Daemon {
       const controlServer = await startControlServer(options, {
         engine,
         registry,
+        snapshotRecoveries: () => snapshotKeeper.recoveries,
         addresses,
         shutdownSignal: shutdownController.signal,
         access,
@@ -251,16 +255,17 @@ export class Daemon {
   }
 
   /**
-   * Begins a planned restart (supervised engines): refused while snapshots exist unless forced (they do
-   * not survive an engine yet); the hand-over starts once the supervisor has loaded the successor.
+   * Begins a planned restart (supervised engines): refused while a snapshot on memory: storage exists
+   * unless forced (only those are lost; the others are kept by the snapshot keeper); the hand-over starts
+   * once the supervisor has loaded the successor.
    */
   requestRestart(options: { force: boolean }): { enginePid: number } {
     if (this.stopping !== null) throw new BlockError("ESHUTDOWN", "the daemon is already stopping");
-    const snapshots = this.engine.listSnapshots().length;
-    if (snapshots > 0 && !options.force) {
+    const inMemory = this.engine.listSnapshots().filter((info) => info.storage.kind === "memory").length;
+    if (inMemory > 0 && !options.force) {
       throw new BlockError(
         "EBUSY",
-        `${snapshots} snapshot(s) would be destroyed by a restart (snapshots do not survive the engine yet): destroy them first, or restart with --force`,
+        `${inMemory} snapshot(s) on memory: storage would be lost by a restart (snapshots on files, directories and block devices are kept): destroy them first, or restart with --force`,
       );
     }
     const link = this.options.supervised;
@@ -361,7 +366,7 @@ async function openEngine(
   options: DaemonOptions,
   fuseMount: FuseMountRef,
   undo: UndoSteps,
-): Promise<{ engine: Engine; registry: DeviceRegistry }> {
+): Promise<{ engine: Engine; registry: DeviceRegistry; snapshotKeeper: SnapshotKeeper }> {
   const { logger, stateDir } = options;
   // Take freezes the file systems on loop devices over our FUSE files.
   const freezer = new LoopFreezer({
@@ -369,7 +374,8 @@ async function openEngine(
     logger,
   });
   const pathPolicy = new DaemonPathPolicy({ stateDir, fuseMountDir: () => fuseMount.dir });
-  const engine = new Engine({ logger, freezer, pathPolicy });
+  const snapshotKeeper = new SnapshotKeeper(stateDir, logger);
+  const engine = new Engine({ logger, freezer, pathPolicy, persistence: snapshotKeeper });
   undo.push(() => engine.close());
   const registry = new DeviceRegistry(deviceRegistryPathIn(stateDir), engine, logger, {
     deviceUsers: async (name) =>
@@ -378,7 +384,9 @@ async function openEngine(
   await registry.restore();
   // A start that fails after this point gives the CBT states back, as a clean stop would.
   undo.push(() => registry.saveCbtStates());
-  return { engine, registry };
+  // Snapshots after their devices, before any face serves: no write reaches a member before its snapshot.
+  await snapshotKeeper.restoreAll(engine);
+  return { engine, registry, snapshotKeeper };
 }
 
 function logReady(
@@ -500,6 +508,7 @@ async function startControlServer(
   parts: {
     readonly engine: Engine;
     readonly registry: DeviceRegistry;
+    readonly snapshotRecoveries: () => readonly SnapshotRecoveryView[];
     readonly addresses: ExportAddresses;
     readonly shutdownSignal: AbortSignal;
     readonly access: AccessView;
@@ -517,6 +526,7 @@ async function startControlServer(
     context: {
       engine: parts.engine,
       registry: parts.registry,
+      snapshotRecoveries: parts.snapshotRecoveries,
       addresses: parts.addresses,
       shutdownSignal: parts.shutdownSignal,
       backups: parts.backups,

@@ -8,6 +8,7 @@ import type { WriteIntent } from "../block/write-intent.js";
 import type { CbtInfo, CbtState } from "../cbt/cbt-map.js";
 import type { OnCowError } from "../cow/diff-area.js";
 import type { StorageInfo } from "../storage/diff-storage.js";
+import type { StorageAreaRecord } from "../storage/storage-area.js";
 
 export type SnapshotState = "created" | "taken" | "corrupted" | "destroyed";
 
@@ -55,6 +56,11 @@ export interface SnapshotCreateOptions {
   readonly preTakeCommand?: string;
   /** Shell command run after they are thawed, also when the take failed. */
   readonly postTakeCommand?: string;
+  /**
+   * Not kept across a restart of the daemon (a backup job's own snapshot): no records, a directory gets
+   * an anonymous temporary file, and a stop destroys it. Default false.
+   */
+  readonly transient?: boolean;
 }
 
 export interface TakeOptions {
@@ -128,4 +134,53 @@ export interface SnapshotInfo {
   readonly onCowError: OnCowError;
   readonly storage: StorageInfo;
   readonly devices: readonly SnapshotDeviceInfo[];
+}
+
+/**
+ * What the daemon keeps of a snapshot to bring it back after a restart (the snapshot keeper writes it at
+ * create, append-storage, take and corruption). Plain data; the chunk map is kept apart, a record per
+ * stored chunk (SnapshotPersistence.chunkStored).
+ */
+export interface SnapshotRecord {
+  readonly id: string;
+  readonly createdAtMs: number;
+  readonly chunkSizeBytes: number;
+  readonly onCowError: OnCowError;
+  readonly limitBytes: number;
+  readonly growthPortionBytes: number;
+  readonly preTakeCommand: string | null;
+  readonly postTakeCommand: string | null;
+  readonly storageAreas: readonly StorageAreaRecord[];
+  /** Members in member order (chunk records name a member by its place here), with their sizes. */
+  readonly members: ReadonlyArray<{ readonly name: string; readonly sizeBytes: number }>;
+  readonly takenAtMs: number | null;
+  readonly takeStallMs: number | null;
+  /** Per member, in member order: the errno it was corrupted with, or null. */
+  readonly corrupted: ReadonlyArray<Errno | null>;
+}
+
+/** The engine's seam to the snapshot keeper (src/daemon/snapshot-keeper.ts). */
+export interface SnapshotPersistence {
+  /** The record changed; resolves once it is written. */
+  save(record: SnapshotRecord): Promise<void>;
+  /** A chunk was stored; resolves once its record is written (before the origin write goes on). */
+  chunkStored(
+    snapshotId: string,
+    memberIndex: number,
+    chunkIndex: number,
+    locationCode: number,
+  ): Promise<void>;
+  /** The snapshot was destroyed: its records go. */
+  forget(snapshotId: string): Promise<void>;
+  /** The engine closed the snapshot and flushed its storage (a stop that keeps it). */
+  closed(snapshotId: string): Promise<void>;
+}
+
+/** What restoreSnapshot needs besides the record: the chunk map read back from the chunk records. */
+export interface SnapshotRestore {
+  readonly record: SnapshotRecord;
+  /** Per member, in member order: chunk index and location code of every stored chunk. */
+  readonly chunks: ReadonlyArray<ReadonlyArray<readonly [number, number]>>;
+  /** Set when the records cannot be trusted (a host crash before they were durable): restored corrupted. */
+  readonly untrustedReason: string | null;
 }

@@ -30,7 +30,7 @@ import type { CbtInfo } from "../cbt/cbt-map.js";
 import { CbtMap, type CbtState } from "../cbt/cbt-map.js";
 import { Tracker } from "../cow/tracker.js";
 import type { StorageInfo } from "../storage/diff-storage.js";
-import { DiffStorage } from "../storage/diff-storage.js";
+import { DiffStorage, decodeLocationCode } from "../storage/diff-storage.js";
 import { memoryStoragePath, type StorageArea, type StorageDevice } from "../storage/storage-area.js";
 import { assert } from "../util/assert.js";
 import { type Logger, silentLogger } from "../util/logger.js";
@@ -44,6 +44,9 @@ import type {
   SnapshotCreateOptions,
   SnapshotEvent,
   SnapshotInfo,
+  SnapshotPersistence,
+  SnapshotRecord,
+  SnapshotRestore,
   TakeOptions,
 } from "./engine-types.js";
 import {
@@ -67,6 +70,11 @@ export interface EngineOptions {
   readonly pathPolicy?: PathPolicy;
   /** A stage in front of every difference storage's chunk I/O (fault injection in tests); none by default. */
   readonly storageStage?: (device: StorageDevice) => StorageDevice;
+  /**
+   * Keeps snapshots across restarts (the daemon's snapshot keeper). Without it (library use) snapshots
+   * live as long as the engine, a directory storage is an anonymous temporary file, and close() destroys.
+   */
+  readonly persistence?: SnapshotPersistence;
 }
 
 /** DeviceAddOptions plus, for library users, a ready BlockDevice instead of a path. */
@@ -89,6 +97,7 @@ export class Engine implements ExportSource {
   private readonly logger: Logger;
   private readonly freezer: Freezer | null;
   private readonly storageStage: EngineOptions["storageStage"];
+  private readonly persistence: SnapshotPersistence | null;
   private readonly devices = new Map<string, DeviceEntry>();
   private readonly snapshots = new Map<string, Snapshot>();
   private readonly imageExports = new Map<string, Export>();
@@ -108,6 +117,7 @@ export class Engine implements ExportSource {
   constructor(options: EngineOptions = {}) {
     this.logger = options.logger ?? silentLogger;
     this.freezer = options.freezer ?? null;
+    this.persistence = options.persistence ?? null;
     this.storageStage = options.storageStage;
     this.claims = new BackendClaims(options.pathPolicy ?? null);
   }
@@ -281,6 +291,12 @@ export class Engine implements ExportSource {
     const admission = await this.admitStorage(options.storage);
 
     const id = randomUUID();
+    const kept = this.persistence !== null && options.transient !== true;
+    if (options.storage === memoryStoragePath && kept)
+      this.logger.warn(
+        { snapshot: id },
+        "a snapshot on memory: storage does not survive a restart of the daemon",
+      );
     let snapshot: Snapshot | undefined;
     const storage = new DiffStorage({
       path: options.storage,
@@ -288,6 +304,7 @@ export class Engine implements ExportSource {
       growthPortionBytes,
       onEvent: (event) => snapshot?.pushEvent({ ...event, timeMs: Date.now() }),
       areaStage: this.storageStage,
+      ...(kept ? this.storageFileNaming(id) : {}),
     });
     const claimOwner = {};
     let members: DeviceEntry[];
@@ -314,14 +331,141 @@ export class Engine implements ExportSource {
       onCowError,
       preTakeCommand: options.preTakeCommand,
       postTakeCommand: options.postTakeCommand,
+      kept,
+      ...(kept ? this.persistenceHooks(id) : {}),
     });
     for (const member of members) {
       snapshot.addMember(member.tracker);
       member.snapshotId = id;
     }
     this.snapshots.set(id, snapshot);
+    try {
+      if (kept) await this.persistence?.save(snapshotRecord(snapshot));
+    } catch (error) {
+      await this.destroySnapshot(id).catch(() => {});
+      throw toBlockError(error, `Cannot record snapshot ${id}`);
+    }
     this.logger.info({ snapshot: id, devices: deviceNames, storage: options.storage }, "snapshot created");
     return snapshot.info();
+  }
+
+  /**
+   * Brings back a snapshot kept by the snapshot keeper (daemon start, after the devices): its storage
+   * opened again, its members (which must exist, be free and have kept their size), and for a taken one
+   * the chunk map from its records and the images under their old names. Untrusted records (a host crash
+   * before they were durable) give a corrupted snapshot: never an image with wrong bytes.
+   */
+  async restoreSnapshot(restore: SnapshotRestore): Promise<SnapshotInfo> {
+    this.checkOpen();
+    const { record } = restore;
+    if (this.snapshots.has(record.id)) throw new BlockError("EEXIST", `Snapshot ${record.id} already exists`);
+    if (record.members.length !== restore.chunks.length || record.members.length !== record.corrupted.length)
+      throw new BlockError("EINVAL", `The records of snapshot ${record.id} do not agree on its members`);
+    const members = record.members.map(({ name, sizeBytes }) => {
+      const entry = this.device(name);
+      this.checkFree(entry);
+      if (entry.tracker.sizeBytes !== sizeBytes)
+        throw new BlockError("EINVAL", `Device ${name} changed size since snapshot ${record.id} was taken`);
+      return entry;
+    });
+    const filledBytes = record.storageAreas.map(() => 0);
+    for (const [memberIndex, entries] of restore.chunks.entries()) {
+      const sizeBytes = record.members[memberIndex]?.sizeBytes ?? 0;
+      for (const [chunkIndex, code] of entries) {
+        const { areaIndex, offsetBytes } = decodeLocationCode(code);
+        const lengthBytes = Math.min(record.chunkSizeBytes, sizeBytes - chunkIndex * record.chunkSizeBytes);
+        if (areaIndex >= filledBytes.length || lengthBytes <= 0)
+          throw new BlockError("EINVAL", `A chunk record of snapshot ${record.id} is outside its storage`);
+        filledBytes[areaIndex] = Math.max(filledBytes[areaIndex] ?? 0, offsetBytes + lengthBytes);
+      }
+    }
+    let snapshot: Snapshot | undefined;
+    const storage = DiffStorage.reopen(
+      {
+        limitBytes: record.limitBytes,
+        growthPortionBytes: record.growthPortionBytes,
+        onEvent: (event) => snapshot?.pushEvent({ ...event, timeMs: Date.now() }),
+        areaStage: this.storageStage,
+        ...this.storageFileNaming(record.id),
+      },
+      record.storageAreas.map((area, index) => ({ record: area, filledBytes: filledBytes[index] ?? 0 })),
+    );
+    const claimOwner = {};
+    try {
+      for (const [index, area] of record.storageAreas.entries()) {
+        const admission = await this.admitStorage(area.path);
+        const fd = storage.fileDescriptors[index];
+        if (admission !== null && fd !== undefined)
+          await this.claims.confirm(
+            admission,
+            fd,
+            claimOwner,
+            `the difference storage of snapshot ${record.id}`,
+          );
+      }
+      for (const entry of members) this.checkFree(entry);
+    } catch (error) {
+      this.claims.release(claimOwner);
+      await storage.close();
+      throw error;
+    }
+    this.snapshotClaims.set(record.id, claimOwner);
+    snapshot = new Snapshot({
+      id: record.id,
+      storage,
+      chunkSizeBytes: record.chunkSizeBytes,
+      onCowError: record.onCowError,
+      preTakeCommand: record.preTakeCommand ?? undefined,
+      postTakeCommand: record.postTakeCommand ?? undefined,
+      createdAtMs: record.createdAtMs,
+      kept: true,
+      ...this.persistenceHooks(record.id),
+    });
+    for (const entry of members) {
+      snapshot.addMember(entry.tracker);
+      entry.snapshotId = record.id;
+    }
+    this.snapshots.set(record.id, snapshot);
+    if (record.takenAtMs !== null) {
+      await snapshot.restoreTaken({
+        takenAtMs: record.takenAtMs,
+        takeStallMs: record.takeStallMs,
+        chunks: restore.chunks,
+        corrupted: record.corrupted.map(
+          (errno) => errno ?? (restore.untrustedReason === null ? null : "EIO"),
+        ),
+      });
+      this.publishImages(snapshot);
+      if (restore.untrustedReason !== null) await this.persistence?.save(snapshotRecord(snapshot));
+    }
+    this.logger.info({ snapshot: record.id, state: snapshot.state }, "snapshot restored");
+    this.notify();
+    return snapshot.info();
+  }
+
+  /** Named storage files in directories, for snapshots that are kept across restarts. */
+  private storageFileNaming(id: string): { areaFileName?: (areaIndex: number) => string } {
+    if (!this.persistence) return {};
+    return { areaFileName: (areaIndex) => `blocksnap-${id}-${areaIndex}.diff` };
+  }
+
+  private persistenceHooks(id: string): {
+    onStored?: SnapshotOptionsHooks["onStored"];
+    onCorrupted?: () => void;
+  } {
+    const persistence = this.persistence;
+    if (!persistence) return {};
+    return {
+      onStored: (memberIndex, chunkIndex, locationCode) =>
+        persistence.chunkStored(id, memberIndex, chunkIndex, locationCode),
+      onCorrupted: () => {
+        const snapshot = this.snapshots.get(id);
+        if (!snapshot) return;
+        persistence.save(snapshotRecord(snapshot)).catch((error: unknown) => {
+          this.logger.error({ snapshot: id, err: error }, "cannot record the corruption of a snapshot");
+        });
+      },
+    };
   }
 
   addDeviceToSnapshot(id: string, deviceName: string): void {
@@ -364,6 +508,7 @@ export class Engine implements ExportSource {
       await area.close();
       throw error;
     }
+    if (snapshot.kept) await this.persistence?.save(snapshotRecord(snapshot));
     return snapshot.storage.info();
   }
 
@@ -373,6 +518,18 @@ export class Engine implements ExportSource {
     await snapshot.take({ freezer: options.noFreeze ? null : this.freezer, freezeTimeoutMs });
     // A destroy may have been queued behind this take: publish no image of a snapshot that is gone.
     if (this.snapshots.get(id) !== snapshot) throw new BlockError("ESRCH", `Snapshot ${id} was destroyed`);
+    this.publishImages(snapshot);
+    // The reply says "taken" only once the record says so (a crash before keeps it as created).
+    if (snapshot.kept) await this.persistence?.save(snapshotRecord(snapshot));
+    const info = snapshot.info();
+    this.logger.info({ snapshot: id, takeStallMs: info.takeStallMs }, "snapshot taken");
+    this.notify();
+    return info;
+  }
+
+  /** Publishes the image exports of a taken snapshot under `<device>@<id>`. */
+  private publishImages(snapshot: Snapshot): void {
+    const id = snapshot.id;
     for (const name of snapshot.memberNames) {
       const member = snapshot.member(name);
       if (!member?.image) continue;
@@ -383,20 +540,20 @@ export class Engine implements ExportSource {
         generationId: changedBlocks.generationId,
         changesNumber: changedBlocks.changesNumber,
       });
+      // A snapshot kept across a restart whose device's CBT had to start a new generation (a host crash,
+      // a backend changed meanwhile) has no take in it: its image offers no changed-blocks context.
+      const sinceTake = changedBlocks.changesNumber >= 1;
       this.imageExports.set(exportName, {
         name: exportName,
-        description:
-          `snapshot image of ${name}, snapshot ${id}, ` +
-          `CBT generation ${changedBlocks.generationId} take ${changedBlocks.changesNumber}`,
+        description: sinceTake
+          ? `snapshot image of ${name}, snapshot ${id}, ` +
+            `CBT generation ${changedBlocks.generationId} take ${changedBlocks.changesNumber}`
+          : `snapshot image of ${name}, snapshot ${id} (its CBT generation was not kept)`,
         device: new CheckedDevice(member.image),
         readOnly: false,
-        changedBlocks,
+        ...(sinceTake ? { changedBlocks } : {}),
       });
     }
-    const info = snapshot.info();
-    this.logger.info({ snapshot: id, takeStallMs: info.takeStallMs }, "snapshot taken");
-    this.notify();
-    return info;
   }
 
   snapshotInfo(id: string): SnapshotInfo {
@@ -429,6 +586,7 @@ export class Engine implements ExportSource {
         if (entry?.snapshotId === id) entry.snapshotId = null;
       }
     }
+    if (snapshot.kept) await this.persistence?.forget(id);
     this.logger.info({ snapshot: id }, "snapshot destroyed");
   }
 
@@ -461,7 +619,10 @@ export class Engine implements ExportSource {
   async close(options: { readonly flush?: boolean } = {}): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    for (const id of [...this.snapshots.keys()]) await this.destroySnapshot(id);
+    for (const [id, snapshot] of [...this.snapshots.entries()]) {
+      if (snapshot.kept) await this.closeSnapshot(id);
+      else await this.destroySnapshot(id);
+    }
     for (const entry of [...this.devices.values()]) {
       this.devices.delete(entry.name);
       try {
@@ -473,6 +634,27 @@ export class Engine implements ExportSource {
       this.claims.release(entry.claimOwner);
     }
     this.notify();
+  }
+
+  /** A stop that keeps the snapshot: detached, storage flushed and closed, files kept, the keeper told. */
+  private async closeSnapshot(id: string): Promise<void> {
+    const snapshot = this.snapshot(id);
+    this.snapshots.delete(id);
+    for (const name of snapshot.memberNames) this.imageExports.delete(imageExportName(name, id));
+    try {
+      await snapshot.close();
+      await this.persistence?.closed(id);
+    } catch (error) {
+      this.logger.error({ snapshot: id, err: error }, "closing a kept snapshot failed");
+    } finally {
+      const claimOwner = this.snapshotClaims.get(id);
+      if (claimOwner !== undefined) this.claims.release(claimOwner);
+      this.snapshotClaims.delete(id);
+      for (const name of snapshot.memberNames) {
+        const entry = this.devices.get(name);
+        if (entry?.snapshotId === id) entry.snapshotId = null;
+      }
+    }
   }
 
   // ---- helpers ----
@@ -582,5 +764,27 @@ function imageChangedBlocks(
       }
       return cbt.changedRunsSince(sinceChangesNumber, offsetBytes, lengthBytes);
     },
+  };
+}
+
+type SnapshotOptionsHooks = Required<Pick<ConstructorParameters<typeof Snapshot>[0], "onStored">>;
+
+/** The record the snapshot keeper writes for `snapshot` now. */
+function snapshotRecord(snapshot: Snapshot): SnapshotRecord {
+  const info = snapshot.info();
+  return {
+    id: snapshot.id,
+    createdAtMs: snapshot.createdAtMs,
+    chunkSizeBytes: snapshot.chunkSizeBytes,
+    onCowError: snapshot.onCowError,
+    limitBytes: snapshot.storage.limitBytes,
+    growthPortionBytes: snapshot.storage.growthPortionBytes,
+    preTakeCommand: snapshot.preTakeCommand,
+    postTakeCommand: snapshot.postTakeCommand,
+    storageAreas: snapshot.storage.areaRecords,
+    members: info.devices.map((device) => ({ name: device.name, sizeBytes: device.sizeBytes })),
+    takenAtMs: info.takenAtMs,
+    takeStallMs: info.takeStallMs,
+    corrupted: info.devices.map((device) => device.error),
   };
 }

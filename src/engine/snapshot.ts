@@ -11,7 +11,11 @@
  *
  * Destroy: images fail with EIO at once; trackers are held, detached and released (so no origin write
  * uses the diff area afterwards); requests inside the diff areas are awaited (bounded) before the storage
- * is closed. Members are then free to join another snapshot.
+ * is closed and its named files removed. Members are then free to join another snapshot. Close (a daemon
+ * stop that keeps the snapshot) does the same but flushes the storage and keeps its files.
+ *
+ * Kept across restarts (the daemon's snapshot keeper): `onStored` records every stored chunk before the
+ * origin write it protects goes on, and restoreTaken() rebuilds a taken snapshot from its records.
  */
 
 import { performance } from "node:perf_hooks";
@@ -42,6 +46,24 @@ export interface SnapshotOptions {
   readonly onCowError: OnCowError;
   readonly preTakeCommand?: string | undefined;
   readonly postTakeCommand?: string | undefined;
+  /** Whether the snapshot keeper keeps it across restarts (default false). */
+  readonly kept?: boolean;
+  /** Creation time of a snapshot restored after a restart (default: now). */
+  readonly createdAtMs?: number;
+  /** Records a stored chunk (member's place in the snapshot, chunk, location code); see DiffArea.onStored. */
+  readonly onStored?: (memberIndex: number, chunkIndex: number, locationCode: number) => Promise<void>;
+  /** A member's diff area became corrupted (after its event was queued). */
+  readonly onCorrupted?: () => void;
+}
+
+/** A taken snapshot's state from its records (restoreTaken). */
+export interface RestoredTake {
+  readonly takenAtMs: number;
+  readonly takeStallMs: number | null;
+  /** Per member, in member order: the chunks recorded (chunk index, location code). */
+  readonly chunks: ReadonlyArray<ReadonlyArray<readonly [number, number]>>;
+  /** Per member, in member order: the errno it was corrupted with, or null. */
+  readonly corrupted: ReadonlyArray<Errno | null>;
 }
 
 export interface TakeWith {
@@ -55,7 +77,7 @@ export class Snapshot {
   readonly events = new EventQueue();
   readonly chunkSizeBytes: number;
   readonly onCowError: OnCowError;
-  readonly createdAtMs = Date.now();
+  readonly createdAtMs: number;
   private readonly members = new Map<string, SnapshotMember>();
   private phase: "created" | "taking" | "taken" | "destroyed" = "created";
   private takenAtMs: number | null = null;
@@ -64,9 +86,16 @@ export class Snapshot {
   private takeReport: TakeReport | null = null;
   readonly preTakeCommand: string | null;
   readonly postTakeCommand: string | null;
+  private readonly onStored: SnapshotOptions["onStored"];
+  readonly kept: boolean;
+  private readonly onCorruptedHook: (() => void) | undefined;
 
   constructor(options: SnapshotOptions) {
     this.id = options.id;
+    this.createdAtMs = options.createdAtMs ?? Date.now();
+    this.kept = options.kept ?? false;
+    this.onStored = options.onStored;
+    this.onCorruptedHook = options.onCorrupted;
     this.storage = options.storage;
     this.chunkSizeBytes = options.chunkSizeBytes;
     this.onCowError = options.onCowError;
@@ -159,17 +188,8 @@ export class Snapshot {
     }
     this.phase = "taking";
     const members = [...this.members.values()];
-    for (const member of members) {
-      member.diffArea = new DiffArea({
-        deviceName: member.tracker.name,
-        origin: member.tracker.backend,
-        sizeBytes: member.tracker.sizeBytes,
-        chunkSizeBytes: this.chunkSizeBytes,
-        storage: this.storage,
-        onCowError: this.onCowError,
-        onCorrupted: (errno) => this.pushCorrupted(member.tracker.name, errno),
-      });
-    }
+    for (const [memberIndex, member] of members.entries())
+      member.diffArea = this.newDiffArea(member, memberIndex);
     const startMs = performance.now();
     await Promise.all(members.map((member) => member.tracker.hold()));
     for (const member of members) {
@@ -209,7 +229,70 @@ export class Snapshot {
     this.phase = "taken";
   }
 
-  private async destroyNow(): Promise<void> {
+  private newDiffArea(member: SnapshotMember, memberIndex: number): DiffArea {
+    const onStored = this.onStored;
+    return new DiffArea({
+      deviceName: member.tracker.name,
+      origin: member.tracker.backend,
+      sizeBytes: member.tracker.sizeBytes,
+      chunkSizeBytes: this.chunkSizeBytes,
+      storage: this.storage,
+      onCowError: this.onCowError,
+      onCorrupted: (errno) => this.pushCorrupted(member.tracker.name, errno),
+      ...(onStored
+        ? {
+            onStored: (chunkIndex: number, locationCode: number) =>
+              onStored(memberIndex, chunkIndex, locationCode),
+          }
+        : {}),
+    });
+  }
+
+  /**
+   * A taken snapshot restored after a restart: the members' diff areas rebuilt from their records and
+   * attached (under the write gate), the images made. The CBT numbers of the take are the devices' own,
+   * restored by the CBT keeper. No event is queued again for a member that was already corrupted.
+   */
+  async restoreTaken(restored: RestoredTake): Promise<void> {
+    assert(this.phase === "created", "restore into a new snapshot");
+    const members = [...this.members.values()];
+    assert(restored.chunks.length === members.length && restored.corrupted.length === members.length);
+    for (const [memberIndex, member] of members.entries()) {
+      const diffArea = this.newDiffArea(member, memberIndex);
+      diffArea.restoreStored(restored.chunks[memberIndex] ?? []);
+      const errno = restored.corrupted[memberIndex];
+      if (errno) diffArea.restoreCorrupted(errno);
+      member.diffArea = diffArea;
+    }
+    this.phase = "taking";
+    await Promise.all(members.map((member) => member.tracker.hold()));
+    for (const member of members) {
+      assert(member.diffArea);
+      member.tracker.setDiffArea(member.diffArea);
+    }
+    for (const member of members) member.tracker.release();
+    for (const member of members) {
+      assert(member.diffArea);
+      member.image = new SnapshotImage(member.diffArea, member.tracker.cbt);
+    }
+    this.takenAtMs = restored.takenAtMs;
+    this.takeStallMs = restored.takeStallMs;
+    this.phase = "taken";
+  }
+
+  /**
+   * Ends this snapshot's life in this process but keeps it (a daemon stop): like destroy, but the storage
+   * is flushed and its files stay for the next start.
+   */
+  close(): Promise<void> {
+    return this.exclusive(() => this.endNow({ keepFiles: true }));
+  }
+
+  private destroyNow(): Promise<void> {
+    return this.endNow({ keepFiles: false });
+  }
+
+  private async endNow(options: { readonly keepFiles: boolean }): Promise<void> {
     if (this.phase === "destroyed") return;
     const wasAttached = this.phase === "taken" || this.phase === "taking";
     this.phase = "destroyed";
@@ -224,7 +307,8 @@ export class Snapshot {
     }
     await Promise.all(members.map((member) => member.diffArea?.waitIdle(destroyDrainTimeoutMs)));
     this.events.close();
-    await this.storage.close();
+    if (options.keepFiles) await this.storage.flush().catch(() => {});
+    await this.storage.close({ removeFiles: !options.keepFiles });
   }
 
   info(): SnapshotInfo {
@@ -254,5 +338,6 @@ export class Snapshot {
 
   private pushCorrupted(device: string, errno: Errno): void {
     this.events.push({ type: "corrupted", timeMs: Date.now(), device, errno });
+    this.onCorruptedHook?.();
   }
 }

@@ -77,6 +77,20 @@ function decodeSlot(bytes: Uint8Array): { header: JournalHeader; sequence: numbe
   return { header, sequence: sequence ?? 0 };
 }
 
+/** The highest sequence among the intact header slots of `bytes` (0 when there is none). */
+function highestSequenceIn(bytes: Uint8Array): number {
+  let highest = 0;
+  for (const index of [0, 1]) {
+    try {
+      const slot = decodeSlot(bytes.subarray(index * slotBytes, (index + 1) * slotBytes));
+      if (slot) highest = Math.max(highest, slot.sequence);
+    } catch {
+      // A damaged slot holds no sequence to go on from.
+    }
+  }
+  return highest;
+}
+
 /** The journal a file holds, or an EINVAL BlockError saying why it cannot be used. */
 export function decodeJournal(bytes: Uint8Array): LoadedJournal {
   const slots = [0, 1]
@@ -152,13 +166,10 @@ export class RegionJournal implements WriteIntent {
       previous !== null && previous.dirty.length === regionCount
         ? previous.dirty
         : new Uint8Array(regionCount);
-    const journal = new RegionJournal(
-      file,
-      { ...header, clean: false },
-      previous?.sequence ?? 0,
-      dirty,
-      onBroken,
-    );
+    // A new journal over an old file goes on above the old headers' sequence: otherwise the old slot (a
+    // clean stop's, say) would stay the newest, and recovery after a crash would believe it.
+    const startSequence = previous?.sequence ?? highestSequenceIn(await file.readAll());
+    const journal = new RegionJournal(file, { ...header, clean: false }, startSequence, dirty, onBroken);
     await file.write(bitmapAt, dirty);
     await journal.writeHeader();
     return journal;

@@ -29,7 +29,12 @@
 import { FileBackend } from "../backends/file-backend.js";
 import { BlockError, type Errno, toBlockError } from "../block/errors.js";
 import { assert } from "../util/assert.js";
-import { regionAlignmentFor, StorageArea, type StorageDevice } from "./storage-area.js";
+import {
+  regionAlignmentFor,
+  StorageArea,
+  type StorageAreaRecord,
+  type StorageDevice,
+} from "./storage-area.js";
 
 export const growthPortionBytesDefault = 64 * 1024 * 1024;
 /** Bounds of the location encoding (locationCode): areas per storage and bytes per area. */
@@ -56,6 +61,17 @@ export interface DiffStorageOptions {
   readonly onEvent?: (event: StorageEvent) => void;
   /** A stage put in front of every area's chunk I/O, appended areas too (fault injection in tests). */
   readonly areaStage?: (device: StorageDevice) => StorageDevice;
+  /**
+   * Names the file made in a directory for area number `areaIndex` (a snapshot that must survive a restart);
+   * without it a directory gets an anonymous temporary file that vanishes with the process.
+   */
+  readonly areaFileName?: (areaIndex: number) => string;
+}
+
+/** An area to open again after a restart, with the end of the last region recorded in it. */
+export interface ReopenedArea {
+  readonly record: StorageAreaRecord;
+  readonly filledBytes: number;
 }
 
 export interface StorageInfo {
@@ -72,6 +88,7 @@ export class DiffStorage {
   private readonly areas: StorageArea[] = [];
   private readonly onEvent: (event: StorageEvent) => void;
   private readonly areaStage: ((device: StorageDevice) => StorageDevice) | undefined;
+  private readonly areaFileName: ((areaIndex: number) => string) | undefined;
   private lowSpaceSignalled = false;
   private noSpaceSignalled = false;
   private closed = false;
@@ -84,7 +101,7 @@ export class DiffStorage {
   /** Errnos already reported by an io_error event since the last successful write. */
   private readonly reportedErrnos = new Set<Errno>();
 
-  constructor(options: DiffStorageOptions) {
+  constructor(options: DiffStorageOptions, reopened?: readonly ReopenedArea[]) {
     assert(
       Number.isSafeInteger(options.limitBytes) && options.limitBytes > 0,
       "limit must be validated by caller",
@@ -94,7 +111,15 @@ export class DiffStorage {
     assert(this.growthPortionBytes > 0);
     this.onEvent = options.onEvent ?? (() => {});
     this.areaStage = options.areaStage;
-    const area = StorageArea.open(options.path, { growable: true });
+    this.areaFileName = options.areaFileName;
+    if (reopened) {
+      this.reopenAreas(reopened);
+      return;
+    }
+    const area = StorageArea.open(options.path, {
+      growable: true,
+      ...(this.areaFileName ? { fileName: this.areaFileName(0) } : {}),
+    });
     if (this.areaStage) area.interpose(this.areaStage);
     try {
       clampToEncodable(area);
@@ -109,6 +134,50 @@ export class DiffStorage {
       void area.close();
       throw error;
     }
+  }
+
+  /**
+   * A storage opened again after a restart, from its areas' records (the first is the growable one).
+   * Whatever fails closes what was opened.
+   */
+  static reopen(options: Omit<DiffStorageOptions, "path">, areas: readonly ReopenedArea[]): DiffStorage {
+    const first = areas[0];
+    if (!first) throw new BlockError("EINVAL", "a difference storage has at least one area");
+    return new DiffStorage({ ...options, path: first.record.path }, areas);
+  }
+
+  private reopenAreas(reopened: readonly ReopenedArea[]): void {
+    try {
+      for (const [index, entry] of reopened.entries()) {
+        const area = StorageArea.reopen(entry.record, {
+          growable: index === 0,
+          filledBytes: entry.filledBytes,
+        });
+        this.areas.push(area);
+        if (this.areaStage) area.interpose(this.areaStage);
+        clampToEncodable(area);
+      }
+    } catch (error) {
+      for (const area of this.areas) void area.close();
+      throw error;
+    }
+  }
+
+  /** What a snapshot record keeps of the areas, in order. */
+  get areaRecords(): StorageAreaRecord[] {
+    return this.areas.map((area) => area.record);
+  }
+
+  /**
+   * Checks a location code read from a record: a known area, an offset past the reserved head, and the
+   * region within the area. EINVAL otherwise (never an assertion: records come from disk).
+   */
+  checkRecordedLocation(code: number, lengthBytes: number): void {
+    const areaIndex = Math.floor(code / areaOffsetBytesLimit);
+    const area = Number.isSafeInteger(code) && code >= 0 ? this.areas[areaIndex] : undefined;
+    const offsetBytes = code - areaIndex * areaOffsetBytesLimit;
+    if (!area || offsetBytes + lengthBytes > area.capacityBytes)
+      throw new BlockError("EINVAL", `recorded location ${code} is outside the difference storage`);
   }
 
   get paths(): string[] {
@@ -268,7 +337,11 @@ export class DiffStorage {
   openArea(path: string, sizeBytes?: number): StorageArea {
     if (this.closed) throw new BlockError("EIO", "difference storage is closed");
     if (this.areas.length >= areasMax) throw new BlockError("ENOSPC", `At most ${areasMax} storage areas`);
-    const area = StorageArea.open(path, { sizeBytes: sizeBytes ?? this.growthPortionBytes, growable: false });
+    const area = StorageArea.open(path, {
+      sizeBytes: sizeBytes ?? this.growthPortionBytes,
+      growable: false,
+      ...(this.areaFileName ? { fileName: this.areaFileName(this.areas.length) } : {}),
+    });
     clampToEncodable(area);
     if (area.capacityBytes <= area.filledBytes) {
       void area.close();
@@ -292,10 +365,12 @@ export class DiffStorage {
     }
   }
 
-  async close(): Promise<void> {
+  /** Closes every area; `removeFiles` also removes the named files made in directories (destroy). */
+  async close(options: { readonly removeFiles?: boolean } = {}): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     await Promise.all(this.areas.map((area) => area.close()));
+    if (options.removeFiles) for (const area of this.areas) area.removeOwnFile();
   }
 
   private checkOpen(): void {
@@ -382,6 +457,12 @@ export class DiffStorage {
       this.growing = null;
     }
   }
+}
+
+/** The area and offset a location code names (no check: see checkRecordedLocation). */
+export function decodeLocationCode(code: number): { areaIndex: number; offsetBytes: number } {
+  const areaIndex = Math.floor(code / areaOffsetBytesLimit);
+  return { areaIndex, offsetBytes: code - areaIndex * areaOffsetBytesLimit };
 }
 
 /** Uses at most the first 32 TiB of an area, the most a location code can address. */

@@ -8,7 +8,8 @@
  * of it with interpose() (a fault stage in tests), so storage errors can be injected like backend errors.
  * Growth, close and the descriptor stay with the opened `device` itself.
  */
-import { realpathSync, statSync } from "node:fs";
+import { realpathSync, statSync, unlinkSync } from "node:fs";
+import { join } from "node:path";
 import { FileBackend } from "../backends/file-backend.js";
 import { MemoryBackend } from "../backends/memory-backend.js";
 import type { BlockDevice } from "../block/device.js";
@@ -21,6 +22,13 @@ export type StorageAreaKind = "file" | "directory" | "block-device" | "memory";
 export type StorageDevice = BlockDevice;
 
 export const memoryStoragePath = "memory:";
+
+/** What a snapshot record keeps of one area of its storage. */
+export interface StorageAreaRecord {
+  readonly kind: StorageAreaKind;
+  readonly path: string;
+  readonly filePath: string | null;
+}
 /** Regions start on 4 KiB boundaries so that storage I/O stays page aligned. */
 export const regionAlignmentBytes = 4096;
 export const regionAlignmentBytesMax = 1024 * 1024;
@@ -35,6 +43,11 @@ export class StorageArea {
   readonly path: string;
   /** Canonical path of the file or device (to refuse storage on a member device); null for RAM. */
   readonly realPath: string | null;
+  /**
+   * The file or device that holds the data, to open it again after a restart: the path of a file or
+   * block device, the named file made in a directory; null for RAM and anonymous temporary files.
+   */
+  readonly filePath: string | null;
   readonly growable: boolean;
   readonly device: FileBackend | MemoryBackend;
   /** Where chunk reads and writes go: `device`, or a stage in front of it (interpose). */
@@ -46,6 +59,7 @@ export class StorageArea {
     kind: StorageAreaKind;
     path: string;
     realPath: string | null;
+    filePath: string | null;
     growable: boolean;
     device: FileBackend | MemoryBackend;
     capacityBytes: number;
@@ -53,6 +67,7 @@ export class StorageArea {
     this.kind = options.kind;
     this.path = options.path;
     this.realPath = options.realPath;
+    this.filePath = options.filePath;
     this.growable = options.growable;
     this.device = options.device;
     this.io = options.device;
@@ -62,15 +77,20 @@ export class StorageArea {
 
   /**
    * Opens `path` as storage. `sizeBytes` creates or extends a regular file, sizes a temp file or a memory
-   * area; a block device is always used whole.
+   * area; a block device is always used whole. In a directory, `fileName` makes a named file there (it
+   * survives a restart and is removed at destroy), otherwise an anonymous temporary file.
    */
-  static open(path: string, options: { sizeBytes?: number; growable: boolean }): StorageArea {
+  static open(
+    path: string,
+    options: { sizeBytes?: number; growable: boolean; fileName?: string },
+  ): StorageArea {
     if (path === memoryStoragePath) {
       const device = new MemoryBackend(memoryAreaSizeBytesMax);
       return new StorageArea({
         kind: "memory",
         path,
         realPath: null,
+        filePath: null,
         growable: options.growable,
         device,
         capacityBytes: options.sizeBytes ?? 0,
@@ -83,11 +103,16 @@ export class StorageArea {
       if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw new BlockError("EINVAL", String(error));
     }
     if (stat?.isDirectory()) {
-      const device = FileBackend.openAnonymous(path, options.sizeBytes ?? 0);
+      const filePath = options.fileName === undefined ? null : join(path, options.fileName);
+      const device =
+        filePath === null
+          ? FileBackend.openAnonymous(path, options.sizeBytes ?? 0)
+          : FileBackend.open(filePath, { sizeBytes: options.sizeBytes ?? 0, createNew: true });
       return new StorageArea({
         kind: "directory",
         path,
         realPath: realpathSync(path),
+        filePath,
         growable: options.growable,
         device,
         capacityBytes: options.sizeBytes ?? 0,
@@ -110,10 +135,65 @@ export class StorageArea {
       kind: isBlockDevice ? "block-device" : "file",
       path,
       realPath: realpathSync(path),
+      filePath: path,
       growable: options.growable && !isBlockDevice,
       device,
       capacityBytes,
     });
+  }
+
+  /**
+   * Opens an area again after a restart, at the size its file has now, with `filledBytes` in use (the end of
+   * the last region its snapshot recorded).
+   */
+  static reopen(record: StorageAreaRecord, options: { growable: boolean; filledBytes: number }): StorageArea {
+    if (record.kind === "memory" || record.filePath === null)
+      throw new BlockError(
+        "ENOENT",
+        `The storage ${JSON.stringify(record.path)} kept no data across the restart`,
+      );
+    const device = FileBackend.open(record.filePath);
+    const isBlockDevice = device.kind === "block-device";
+    if (isBlockDevice !== (record.kind === "block-device")) {
+      void device.close();
+      throw new BlockError(
+        "EINVAL",
+        `The storage ${JSON.stringify(record.filePath)} is no longer a ${record.kind}`,
+      );
+    }
+    const area = new StorageArea({
+      kind: record.kind,
+      path: record.path,
+      realPath: realpathSync(record.filePath),
+      filePath: record.filePath,
+      growable: options.growable && !isBlockDevice,
+      device,
+      capacityBytes: device.sizeBytes,
+    });
+    if (options.filledBytes > area.capacityBytes) {
+      void device.close();
+      throw new BlockError(
+        "EINVAL",
+        `The storage ${JSON.stringify(record.filePath)} is shorter (${area.capacityBytes} bytes) than its recorded chunks (${options.filledBytes})`,
+      );
+    }
+    area.filledBytes = Math.max(area.filledBytes, options.filledBytes);
+    return area;
+  }
+
+  /** What a snapshot record keeps of this area to open it again. */
+  get record(): StorageAreaRecord {
+    return { kind: this.kind, path: this.path, filePath: this.filePath };
+  }
+
+  /** Removes the named file this area made in a directory (destroy); other kinds keep their file. */
+  removeOwnFile(): void {
+    if (this.kind !== "directory" || this.filePath === null) return;
+    try {
+      unlinkSync(this.filePath);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;
+    }
   }
 
   /** Puts a stage in front of the area's chunk I/O (it wraps whatever is there now). */

@@ -33,7 +33,7 @@ const allowedImports: Readonly<Record<string, readonly string[]>> = {
   freeze: ["block", "engine", "util"],
   nbd: ["block", "util"],
   fuse: ["block", "util"],
-  persist: ["block", "cbt", "util"],
+  persist: ["backends", "block", "cbt", "util"],
   backup: ["block", "cbt", "util"],
   daemon: [
     "backends",

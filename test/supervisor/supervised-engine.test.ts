@@ -200,7 +200,7 @@ void test("blocksnap restart 5 times under fio: no failed request, the CBT gener
   await assert.rejects(readFile(join(daemon.stateDir, "blocksnap.sock")), /ENOENT/);
 });
 
-void test("restart is refused without a supervisor, and while snapshots exist unless --force", async (t) => {
+void test("restart is refused without a supervisor, and while a memory: snapshot exists unless --force; other snapshots are kept", async (t) => {
   if (skipIfUnable(t)) return;
   const plain = await DaemonProcess.start(join(directory, "plain"));
   daemons.push(plain);
@@ -227,6 +227,37 @@ void test("restart is refused without a supervisor, and while snapshots exist un
   const forced = await daemon.cliJson<{ pid: number }>(["restart", "--force"]);
   assert.notEqual(forced.pid, 0);
   assert.equal((await daemon.cliJson<StatusView>(["status"])).snapshots.length, 0);
+
+  // A snapshot on a directory storage is kept: the restart is not refused and the snapshot comes back.
+  await daemon.cliOk([
+    "device",
+    "add",
+    "f0",
+    "--backend",
+    join(directory, "busy-f0.img"),
+    "--size",
+    `${4 * MiB}`,
+  ]);
+  const kept = (
+    await daemon.cliOk([
+      "snapshot",
+      "create",
+      "--device",
+      "f0",
+      "--storage",
+      directory,
+      "--limit",
+      `${4 * MiB}`,
+    ])
+  ).trim();
+  await daemon.cliOk(["snapshot", "take", kept, "--no-freeze"]);
+  await daemon.cliJson<{ pid: number }>(["restart"]);
+  const after = await daemon.cliJson<StatusView>(["status"]);
+  assert.deepEqual(
+    after.snapshots.map((snapshot) => [snapshot.id, snapshot.state]),
+    [[kept, "taken"]],
+  );
+  await daemon.cliOk(["snapshot", "destroy", kept]);
   await daemon.stop();
 });
 
