@@ -219,6 +219,25 @@ void test("X.509 on TCP with verify-peer: a client certificate signed by the CA 
   ]);
   assert.match(listed, /export="m0"/);
   assert.doesNotMatch(listed, /m1/, "no rule for m1: not listed");
+  if (which("qemu-img")) {
+    const qemu = (exportName: string) =>
+      run("qemu-img", [
+        "info",
+        "--object",
+        `tls-creds-x509,id=tls0,endpoint=client,dir=${clientDir}`,
+        "--image-opts",
+        `driver=nbd,host=localhost,port=${port},export=${exportName},tls-creds=tls0`,
+      ]);
+    const granted = await qemu("m0");
+    assert.equal(granted.code, 0, granted.stderr);
+    assert.match(granted.stdout, /virtual size: 8 MiB/);
+    const hidden = await qemu("m1");
+    const absent = await qemu("nosuch");
+    assert.notEqual(hidden.code, 0);
+    assert.equal(hidden.stderr.replaceAll("m1", "NAME"), absent.stderr.replaceAll("nosuch", "NAME"));
+  } else {
+    t.diagnostic("qemu-img absent: its X.509 check skipped");
+  }
   const noClientCert = await run("nbdinfo", [`nbds://localhost:${port}/m0?tls-certificates=${caOnlyDir}`]);
   assert.notEqual(noClientCert.code, 0, "no client certificate: refused");
   const untrusted = await run("nbdinfo", [`nbds://localhost:${port}/m0?tls-certificates=${rogueDir}`]);
