@@ -12,6 +12,7 @@ const suites = {
   supervisor: "dist/bench/supervisor/restart-pause.js",
   journal: "dist/bench/durable/journal-cost.js",
   "snapshot-restore": "dist/bench/durable/snapshot-restore.js",
+  s3: "dist/bench/backup/s3-bench.js",
 };
 const wanted = process.argv.slice(2);
 for (const name of wanted) {

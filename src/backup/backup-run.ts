@@ -133,7 +133,8 @@ export async function runBackup(params: BackupParams): Promise<BackupOutcome> {
       doneBytes += lengthBytes;
       report();
     };
-    await forEachBounded(toRead, params.inFlightMax ?? inFlightDefault, backupOne);
+    const inFlight = params.inFlightMax ?? Math.max(inFlightDefault, repository.store.inFlightHint ?? 0);
+    await forEachBounded(toRead, inFlight, backupOne);
 
     params.onProgress?.({ phase: "manifest", totalBytes, doneBytes, newBytesStored });
     if (await repository.revalidateChunkIndex()) await checkIndexedChunksExist(repository, chunks);

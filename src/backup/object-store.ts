@@ -22,6 +22,8 @@ export interface ObjectStore {
    * its chunks (chunk-index.ts), so existence checks cost no request. Absent for a local directory.
    */
   readonly cacheIdentity?: string;
+  /** How many requests a caller should keep in flight to keep a remote store busy (absent: local). */
+  readonly inFlightHint?: number;
   /** Stores `data` under `key` atomically and durably; replaces an existing object. */
   put(key: string, data: Uint8Array): Promise<void>;
   /** The whole object; ENOENT when absent. */

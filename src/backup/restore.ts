@@ -13,6 +13,11 @@ import type { Repository } from "./repository.js";
 
 const chunksInFlight = 4;
 
+/** A remote store wants more requests in flight than a local disk (its hint, e.g. --s3-parallel). */
+function inFlightOf(repository: Repository): number {
+  return Math.max(chunksInFlight, repository.store.inFlightHint ?? 0);
+}
+
 export interface RestoreOutcome {
   readonly bytesWritten: number;
   readonly chunksRead: number;
@@ -42,7 +47,7 @@ export async function restoreToFile(
     let bytesWritten = 0;
     let chunksRead = 0;
     const indexes = manifest.chunks.map((_id, index) => index);
-    await forEachBounded(indexes, chunksInFlight, async (index) => {
+    await forEachBounded(indexes, inFlightOf(repository), async (index) => {
       const id = manifest.chunks[index] ?? null;
       const lengthBytes = chunkLengthAt(manifest, index);
       const offsetBytes = index * manifest.chunkSizeBytes;
@@ -89,7 +94,7 @@ export async function verifyBackups(
   for (const manifest of manifests) {
     const name = `${manifest.device}/${manifest.id}`;
     const ids = [...new Set(manifest.chunks.filter((id): id is string => id !== null))];
-    await forEachBounded(ids, chunksInFlight, async (id) => {
+    await forEachBounded(ids, inFlightOf(repository), async (id) => {
       if (checked.has(id)) return;
       try {
         await repository.readChunk(id);

@@ -4,8 +4,8 @@
  * Node's built-in fetch: no SDK, no runtime dependency.
  *
  * Requests: PUT is a single request (chunks are at most 64 MiB, manifests a few MiB, far below S3's 5 GiB
- * single-PUT limit; no multipart upload), with Content-MD5 and a signed SHA-256 of the payload, so the
- * server rejects a body damaged in flight. GET checks the body against the ETag (the MD5 of a single-PUT
+ * single-PUT limit; no multipart upload), with a signed SHA-256 of the payload (x-amz-content-sha256),
+ * which the server checks, so it rejects a body damaged in flight. GET checks the body against the ETag (the MD5 of a single-PUT
  * object) before returning it; the repository then checks every chunk against its content id. HEAD,
  * ListObjectsV2 (paginated), DELETE (absent is fine).
  *
@@ -139,6 +139,7 @@ export class S3Store implements ObjectStore {
   readonly prefix: string;
   readonly endpoint: string;
   readonly region: string;
+  readonly inFlightHint: number;
   readonly stats: S3Stats = { requests: 0, byKind: {}, retries: 0, bytesSent: 0, bytesReceived: 0 };
 
   private readonly slots: Slots;
@@ -161,6 +162,7 @@ export class S3Store implements ObjectStore {
     this.region = options.region;
     this.location = formatS3Location(options);
     this.slots = new Slots(parallel);
+    this.inFlightHint = parallel;
     this.attempts = attempts;
     this.attemptTimeoutMs = options.attemptTimeoutMs ?? attemptTimeoutMsDefault;
     this.backoffBaseMs = options.backoffBaseMs ?? backoffBaseMs;
@@ -175,10 +177,9 @@ export class S3Store implements ObjectStore {
   async put(key: string, data: Uint8Array): Promise<void> {
     checkObjectKey(key);
     const body = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-    const headers = {
-      "content-md5": createHash("md5").update(body).digest("base64"),
-      "content-type": "application/octet-stream",
-    };
+    // The signed SHA-256 of the body is the integrity check (S3 and Swift's s3api verify it); a
+    // Content-MD5 as well would cost a second hash of every chunk on the event loop.
+    const headers = { "content-type": "application/octet-stream" };
     const payloadSha256 = createHash("sha256").update(body).digest("hex");
     const answer = await this.send("PUT", this.objectPath(key), { headers, body, payloadSha256 });
     if (answer.status !== 200) throw this.failure("PUT", key, answer);
