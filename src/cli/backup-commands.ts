@@ -15,6 +15,7 @@ import { createKeyFile, readKeyFile } from "../backup/repository-key.js";
 import { restoreToFile, verifyBackups } from "../backup/restore.js";
 import { type S3Settings, s3ParallelDefault } from "../backup/s3-store.js";
 import type { BackupJobView } from "../daemon/backup-jobs.js";
+import { addBackupMountCommand, type MountOptions } from "./backup-mount-command.js";
 import { CliError } from "./cli-error.js";
 import {
   absolutePath,
@@ -292,6 +293,11 @@ export function addBackupCommands(program: Command): void {
         }
       }),
     );
+  addBackupMountCommand<RepositoryOptions & MountOptions>(
+    backup,
+    (command) => addCommonOptions(repositoryOptions(command)),
+    openRepository,
+  );
   addCommonOptions(
     repositoryOptions(
       backup
