@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { DirectoryStore } from "./directory-store.js";
 import { imageDigestOf, type Manifest } from "./manifest.js";
-import { collectGarbage, pruneBackups } from "./prune.js";
+import { collectGarbage, keptIds, pruneBackups } from "./prune.js";
 import { Repository } from "./repository.js";
 
 let directory = "";
@@ -97,4 +97,38 @@ void test("prune keeps the newest N per device; GC removes only unreferenced chu
   } finally {
     await repository.close();
   }
+});
+
+test("keep-daily and keep-weekly keep the newest backup of each recent day and ISO week (UTC)", () => {
+  // Oldest first, as listManifests gives them.
+  const ids = [
+    "no-time-in-this-id",
+    "20261116T230000Z-a1", // Mon, week 47
+    "20261122T100000Z-a2", // Sun, week 47 (newest of week 47)
+    "20261123T010000Z-a3", // Mon, week 48
+    "20261201T080000Z-a4", // Tue, week 49
+    "20261201T200000Z-a5", // Tue, week 49 (newest of its day)
+    "20261203T090000Z-a6", // Thu
+    "20261204T030000Z-a7", // Fri (newest)
+  ];
+  const refs = ids.map((id) => ({ id }));
+  const sorted = (kept: Set<string>) => [...kept].sort();
+  assert.deepEqual(sorted(keptIds(refs, { keepLast: 1 })), ["20261204T030000Z-a7", "no-time-in-this-id"]);
+  assert.deepEqual(sorted(keptIds(refs, { keepLast: 1, keepDaily: 3 })), [
+    "20261201T200000Z-a5",
+    "20261203T090000Z-a6",
+    "20261204T030000Z-a7",
+    "no-time-in-this-id",
+  ]);
+  assert.deepEqual(sorted(keptIds(refs, { keepLast: 1, keepWeekly: 2 })), [
+    "20261123T010000Z-a3",
+    "20261204T030000Z-a7",
+    "no-time-in-this-id",
+  ]);
+  assert.deepEqual(sorted(keptIds(refs, { keepLast: 1, keepWeekly: 4 })), [
+    "20261122T100000Z-a2",
+    "20261123T010000Z-a3",
+    "20261204T030000Z-a7",
+    "no-time-in-this-id",
+  ]);
 });

@@ -1,9 +1,11 @@
 /**
  * Prune and garbage collection of a repository (issue 13 item 4, docs/backup-format.md "Prune").
  *
- * prune: per device, keep the newest `keepLast` backups and delete the other manifests. Backup ids sort by
- * time, so "newest" is the end of listManifests. The newest backup of a device is always kept (keepLast ≥ 1),
- * so the next incremental still finds its base.
+ * prune: per device, keep the newest `keepLast` backups, the newest backup of each of the last `keepDaily`
+ * days that have backups and of each of the last `keepWeekly` ISO weeks that have backups (restic's rules;
+ * days and weeks in UTC, read from the backup id's time), and delete the other manifests. Backup ids sort by
+ * time, so "newest" is the end of listManifests. The newest backup of a device is always kept, so the next
+ * incremental still finds its base; a backup whose id carries no time is never deleted.
  * collectGarbage: delete every chunk that no remaining manifest names and that is older than the grace
  * period. A backup writes its chunks before its manifest, so its fresh chunks look unreferenced until it
  * ends; the grace period (default 1 day, like PBS's) keeps them. Any manifest that cannot be read stops the
@@ -20,7 +22,12 @@ import type { ManifestRef, Repository } from "./repository.js";
 export const pruneGraceMsDefault = 24 * 60 * 60 * 1000;
 
 export interface PruneOptions {
+  /** Newest backups kept per device (at least 1: the newest is always kept anyway). */
   readonly keepLast: number;
+  /** The newest backup of each of the last N days that have backups. */
+  readonly keepDaily?: number;
+  /** The newest backup of each of the last N ISO weeks that have backups. */
+  readonly keepWeekly?: number;
   readonly device?: string;
   readonly dryRun?: boolean;
 }
@@ -41,14 +48,61 @@ export async function pruneBackups(repository: Repository, options: PruneOptions
   const kept: string[] = [];
   const removed: string[] = [];
   for (const refs of byDevice.values()) {
-    const cut = Math.max(0, refs.length - options.keepLast);
-    for (const ref of refs.slice(0, cut)) {
+    const keep = keptIds(refs, options);
+    for (const ref of refs) {
+      if (keep.has(ref.id)) {
+        kept.push(`${ref.device}/${ref.id}`);
+        continue;
+      }
       if (options.dryRun !== true) await repository.deleteManifest(ref);
       removed.push(`${ref.device}/${ref.id}`);
     }
-    for (const ref of refs.slice(cut)) kept.push(`${ref.device}/${ref.id}`);
   }
   return { kept, removed };
+}
+
+/** The ids of one device's backups (oldest first) that the policy keeps. */
+export function keptIds(
+  refs: readonly Pick<ManifestRef, "id">[],
+  policy: Pick<PruneOptions, "keepLast" | "keepDaily" | "keepWeekly">,
+): Set<string> {
+  const newestFirst = [...refs].reverse();
+  const keep = new Set<string>(newestFirst.slice(0, Math.max(1, policy.keepLast)).map((ref) => ref.id));
+  const keepOnePer = (count: number | undefined, period: (time: Date) => string) => {
+    if (count === undefined || count <= 0) return;
+    const periods = new Set<string>();
+    for (const ref of newestFirst) {
+      const time = backupTime(ref.id);
+      if (time === null) continue;
+      const key = period(time);
+      if (periods.has(key)) continue;
+      if (periods.size >= count) break;
+      periods.add(key);
+      keep.add(ref.id);
+    }
+  };
+  keepOnePer(policy.keepDaily, (time) => time.toISOString().slice(0, 10));
+  keepOnePer(policy.keepWeekly, isoWeek);
+  for (const ref of refs) if (backupTime(ref.id) === null) keep.add(ref.id);
+  return keep;
+}
+
+/** The time in a backup id (`YYYYMMDDTHHMMSSZ-…`, UTC), or null when it carries none. */
+function backupTime(id: string): Date | null {
+  const match = /^(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})Z/.exec(id);
+  if (!match) return null;
+  const [, year, month, day, hour, minute, second] = match.map(Number);
+  const time = new Date(Date.UTC(year!, month! - 1, day!, hour!, minute!, second!));
+  return Number.isNaN(time.getTime()) ? null : time;
+}
+
+/** ISO 8601 week of a UTC time, as `YYYY-Www` (weeks start on Monday; week 1 holds the first Thursday). */
+function isoWeek(time: Date): string {
+  const thursday = new Date(Date.UTC(time.getUTCFullYear(), time.getUTCMonth(), time.getUTCDate()));
+  thursday.setUTCDate(thursday.getUTCDate() + 3 - ((thursday.getUTCDay() + 6) % 7));
+  const yearStart = Date.UTC(thursday.getUTCFullYear(), 0, 1);
+  const week = Math.floor((thursday.getTime() - yearStart) / 86_400_000 / 7) + 1;
+  return `${thursday.getUTCFullYear()}-W${String(week).padStart(2, "0")}`;
 }
 
 export interface GarbageOptions {

@@ -303,12 +303,22 @@ export function addBackupCommands(program: Command): void {
       backup
         .command("prune")
         .description(
-          "keep the newest N backups of each device, delete the others, then delete chunks no backup names",
+          "keep the newest backups of each device (last N, one a day, one a week), delete the others, then delete chunks no backup names",
         )
-        .requiredOption(
+        .option(
           "--keep-last <n>",
-          "backups to keep per device (at least 1)",
+          "newest backups to keep per device (default 1: the newest is always kept)",
           countArgument("--keep-last", 1_000_000),
+        )
+        .option(
+          "--keep-daily <n>",
+          "also keep the newest backup of each of the last N days that have backups (UTC)",
+          countArgument("--keep-daily", 100_000),
+        )
+        .option(
+          "--keep-weekly <n>",
+          "also keep the newest backup of each of the last N ISO weeks that have backups",
+          countArgument("--keep-weekly", 100_000),
         )
         .option(
           "--device <name>",
@@ -322,12 +332,30 @@ export function addBackupCommands(program: Command): void {
         .option("--dry-run", "only say what would be deleted"),
     ),
   )
-    .addHelpText("after", "\nExample:\n  $ blocksnap backup prune --repo /srv/backups --keep-last 7\n")
+    .addHelpText(
+      "after",
+      "\nExamples:\n  $ blocksnap backup prune --repo /srv/backups --keep-last 7\n  $ blocksnap backup prune --repo /srv/backups --keep-daily 7 --keep-weekly 8\n",
+    )
     .action(
       localAction<
-        RepositoryOptions & { keepLast: number; device?: string; graceHours?: number; dryRun?: boolean }
+        RepositoryOptions & {
+          keepLast?: number;
+          keepDaily?: number;
+          keepWeekly?: number;
+          device?: string;
+          graceHours?: number;
+          dryRun?: boolean;
+        }
       >(async (_args, options) => {
-        if (options.keepLast < 1)
+        if (
+          options.keepLast === undefined &&
+          options.keepDaily === undefined &&
+          options.keepWeekly === undefined
+        )
+          throw new CliError("say what to keep: --keep-last, --keep-daily and/or --keep-weekly", {
+            errno: "EINVAL",
+          });
+        if (options.keepLast !== undefined && options.keepLast < 1)
           throw new CliError(
             "--keep-last must be at least 1 (the newest backup is the next incremental's base)",
             {
@@ -338,7 +366,9 @@ export function addBackupCommands(program: Command): void {
         try {
           const dryRun = options.dryRun === true;
           const pruned = await pruneBackups(repository, {
-            keepLast: options.keepLast,
+            keepLast: options.keepLast ?? 1,
+            ...(options.keepDaily === undefined ? {} : { keepDaily: options.keepDaily }),
+            ...(options.keepWeekly === undefined ? {} : { keepWeekly: options.keepWeekly }),
             dryRun,
             ...(options.device === undefined ? {} : { device: options.device }),
           });
