@@ -8,6 +8,7 @@ import { DirectoryStore } from "./directory-store.js";
 import { imageDigestOf, type Manifest } from "./manifest.js";
 import { collectGarbage, keptIds, pruneBackups } from "./prune.js";
 import { Repository } from "./repository.js";
+import { verifyBackups } from "./restore.js";
 
 let directory = "";
 before(async () => {
@@ -131,4 +132,32 @@ test("keep-daily and keep-weekly keep the newest backup of each recent day and I
     "20261204T030000Z-a7",
     "no-time-in-this-id",
   ]);
+});
+
+void test("verify --fast finds a deleted chunk without downloading; only the full verify finds a damaged one", async () => {
+  const repository = await Repository.init(new DirectoryStore(join(directory, "repo-verify")), {
+    chunkSizeBytes,
+  });
+  try {
+    const kept = await storeChunk(repository);
+    const deleted = await storeChunk(repository);
+    const damaged = await storeChunk(repository);
+    await writeBackup(repository, "disk0", [kept, deleted, damaged]);
+    const manifests = [];
+    for (const ref of await repository.listManifests()) manifests.push(await repository.readManifest(ref));
+    assert.deepEqual(await verifyBackups(repository, manifests, { fast: true }), []);
+    await repository.deleteChunk(deleted);
+    const stored = await repository.store.get(Repository.chunkKey(damaged));
+    stored[stored.length - 1] = (stored[stored.length - 1] ?? 0) ^ 0xff;
+    await repository.store.put(Repository.chunkKey(damaged), stored);
+    const fast = await verifyBackups(repository, manifests, { fast: true });
+    assert.deepEqual(
+      fast.map((problem) => problem.problem),
+      [`chunk ${deleted} is missing`],
+    );
+    const full = await verifyBackups(repository, manifests);
+    assert.equal(full.length, 2, JSON.stringify(full));
+  } finally {
+    await repository.close();
+  }
 });

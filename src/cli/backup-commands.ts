@@ -238,12 +238,16 @@ export function addBackupCommands(program: Command): void {
       backup
         .command("verify")
         .description("read and check every chunk of one backup (DEVICE/ID, an id, DEVICE/latest) or of all")
-        .argument("[backup]", "which backup (default: all)"),
+        .argument("[backup]", "which backup (default: all)")
+        .option(
+          "--fast",
+          "only check that every chunk is present (no download: finds deleted chunks, not damaged ones)",
+        ),
     ),
   )
     .addHelpText("after", "\nExample:\n  $ blocksnap backup verify --repo /srv/backups\n")
     .action(
-      localAction<RepositoryOptions>(async ([reference], options) => {
+      localAction<RepositoryOptions & { fast?: boolean }>(async ([reference], options) => {
         const repository = await openRepository(options);
         try {
           const refs =
@@ -252,7 +256,7 @@ export function addBackupCommands(program: Command): void {
               : [await repository.resolve(reference)];
           const manifests = [];
           for (const ref of refs) manifests.push(await repository.readManifest(ref));
-          const problems = await verifyBackups(repository, manifests);
+          const problems = await verifyBackups(repository, manifests, { fast: options.fast === true });
           if (options.json) writeJson({ backups: manifests.length, problems });
           else {
             for (const problem of problems) writeLine(`${problem.backup}: ${problem.problem}`);
