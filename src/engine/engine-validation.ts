@@ -65,6 +65,15 @@ export function checkSnapshotCreateOptions(options: SnapshotCreateOptions): Snap
       `Invalid storage limit ${options.limitBytes}: must be a positive number of bytes`,
     );
   }
+  // A take needs room for one chunk of each member; a smaller limit could only fail later (at take, ENOSPC).
+  const deviceNames = options.devices ?? [];
+  const limitBytesMin = chunkSizeBytes * Math.max(1, deviceNames.length);
+  if (options.limitBytes < limitBytesMin) {
+    throw new BlockError(
+      "EINVAL",
+      `Invalid storage limit ${options.limitBytes}: below one ${chunkSizeBytes}-byte chunk per device (at least ${limitBytesMin} bytes)`,
+    );
+  }
   const growthPortionBytes = options.growthPortionBytes ?? growthPortionBytesDefault;
   if (!Number.isSafeInteger(growthPortionBytes) || growthPortionBytes < chunkSizeBytes) {
     throw new BlockError(
@@ -90,7 +99,6 @@ export function checkSnapshotCreateOptions(options: SnapshotCreateOptions): Snap
       );
     }
   }
-  const deviceNames = options.devices ?? [];
   if (new Set(deviceNames).size !== deviceNames.length) {
     throw new BlockError("EINVAL", "A device is listed twice");
   }

@@ -116,6 +116,7 @@ void test("refused operations exit 1 with the errno, in text and in --json, and 
     [["snapshot", "take", "CREATED"], "ENODEV"],
     [["snapshot", "create", "--storage", "memory:", "--limit", "1M", "--device", "nope"], "ENOENT"],
     [["snapshot", "create", "--storage", "memory:", "--limit", "1M", "--chunk-size", "3K"], "EINVAL"],
+    [["snapshot", "create", "--storage", "memory:", "--limit", "2", "--device", "free"], "EINVAL"],
   ];
   const before = await state();
   await inBatches(cases, async ([template, errno]) => {
@@ -135,6 +136,14 @@ void test("refused operations exit 1 with the errno, in text and in --json, and 
   assert.deepEqual(await state(), before);
   const created = await daemon.cliJson<SnapshotView>(["snapshot", "info", createdId]);
   assert.equal(created.state, "created");
+});
+
+void test("a storage limit below one chunk is refused at create, in one line naming both numbers", async () => {
+  const result = await daemon.cli(["snapshot", "create", "--storage", "memory:", "--limit", "2"]);
+  assert.equal(result.code, 1, result.stderr);
+  const lines = result.stderr.trim().split("\n");
+  assert.equal(lines.length, 1, result.stderr);
+  assert.match(lines[0] ?? "", /^blocksnap: .*\b2\b.*\b262144\b.* \(EINVAL\)$/);
 });
 
 void test("an unreachable daemon: exit 1 and a hint to run blocksnap serve", async () => {
