@@ -118,7 +118,8 @@ export async function runBackup(params: BackupParams): Promise<BackupOutcome> {
       const lengthBytes = chunkLengthAt(geometry, chunkIndex);
       const plain = new Uint8Array(lengthBytes);
       await image.read(chunkIndex * repository.chunkSizeBytes, plain);
-      const { id, stored } = await repository.codec.encode(plain);
+      // The chunk's bytes are not needed after encoding: they move to the worker rather than copied.
+      const { id, stored } = await repository.codec.encode(plain, { handOver: true });
       if (stored === null) {
         chunks[chunkIndex] = null;
       } else {

@@ -40,14 +40,30 @@ export class CodecPool {
     this.slots = Array.from({ length: workerCount }, () => ({ worker: null, pending: new Map() }));
   }
 
-  /** Hashes, compresses and encrypts; `stored` is null for an all-zero chunk (stored as nothing). */
-  async encode(plain: Uint8Array): Promise<{ id: string; stored: Uint8Array | null }> {
-    const response = await this.call({ op: "encode", plain });
+  /**
+   * Hashes, compresses and encrypts; `stored` is null for an all-zero chunk (stored as nothing).
+   * `handOver`: the caller gives `plain` away — its memory moves to the worker instead of being copied, and
+   * `plain` is empty afterwards (only when it owns its whole ArrayBuffer; else it is copied as usual).
+   */
+  async encode(
+    plain: Uint8Array,
+    options: { handOver?: boolean } = {},
+  ): Promise<{ id: string; stored: Uint8Array | null }> {
+    const response = await this.call({ op: "encode", plain }, options.handOver ? wholeBuffer(plain) : []);
     return { id: response.id ?? "", stored: response.stored ?? null };
   }
 
-  async decode(stored: Uint8Array, name: string, expectedId: string | null): Promise<Uint8Array> {
-    const response = await this.call({ op: "decode", stored, name, expectedId });
+  /** `handOver` as for encode: `stored` moves to the worker when the caller needs it no more. */
+  async decode(
+    stored: Uint8Array,
+    name: string,
+    expectedId: string | null,
+    options: { handOver?: boolean } = {},
+  ): Promise<Uint8Array> {
+    const response = await this.call(
+      { op: "decode", stored, name, expectedId },
+      options.handOver ? wholeBuffer(stored) : [],
+    );
     return response.plain ?? new Uint8Array(0);
   }
 
@@ -59,7 +75,7 @@ export class CodecPool {
     return (await this.call({ op: "zeroId", lengthBytes })).id ?? "";
   }
 
-  private call(body: RequestBody): Promise<CodecResponse & { ok: true }> {
+  private call(body: RequestBody, transfer: ArrayBuffer[] = []): Promise<CodecResponse & { ok: true }> {
     if (this.closed) return Promise.reject(new BlockError("ESHUTDOWN", "Codec pool is closed"));
     this.seq += 1;
     const seq = this.seq;
@@ -70,7 +86,7 @@ export class CodecPool {
       // Referenced only while it has work, so an idle pool never keeps the process alive.
       if (slot.pending.size === 0) worker.ref();
       slot.pending.set(seq, { resolve, reject });
-      worker.postMessage({ ...body, seq } as CodecRequest);
+      worker.postMessage({ ...body, seq } as CodecRequest, transfer);
     });
   }
 
@@ -108,4 +124,12 @@ export class CodecPool {
       }),
     );
   }
+}
+
+/** The buffer's ArrayBuffer when the view covers all of it (a pooled Buffer's is shared: never moved). */
+function wholeBuffer(view: Uint8Array): ArrayBuffer[] {
+  const backing = view.buffer;
+  return backing instanceof ArrayBuffer && view.byteOffset === 0 && view.byteLength === backing.byteLength
+    ? [backing]
+    : [];
 }

@@ -26,8 +26,11 @@ export interface ObjectStore {
   readonly inFlightHint?: number;
   /** Stores `data` under `key` atomically and durably; replaces an existing object. */
   put(key: string, data: Uint8Array): Promise<void>;
-  /** The whole object; ENOENT when absent. */
-  get(key: string): Promise<Uint8Array>;
+  /**
+   * The whole object; ENOENT when absent. `contentChecked`: the caller verifies the content itself (a
+   * content-named chunk), so a store may skip its own transfer checksum.
+   */
+  get(key: string, options?: { readonly contentChecked?: boolean }): Promise<Uint8Array>;
   /** Size and time of the object, or null when absent. */
   head(key: string): Promise<ObjectInfo | null>;
   /** Every object whose key starts with `prefix`, in no particular order. */

@@ -5,8 +5,10 @@
  *
  * Requests: PUT is a single request (chunks are at most 64 MiB, manifests a few MiB, far below S3's 5 GiB
  * single-PUT limit; no multipart upload), with a signed SHA-256 of the payload (x-amz-content-sha256),
- * which the server checks, so it rejects a body damaged in flight. GET checks the body against the ETag (the MD5 of a single-PUT
- * object) before returning it; the repository then checks every chunk against its content id. HEAD,
+ * which the server checks, so it rejects a body damaged in flight. GET checks the body against the ETag
+ * (the MD5 of a single-PUT object) before returning it, except when the caller checks the content itself
+ * (chunks: the repository checks each against its content id, in a worker, so the MD5 would be a second
+ * hash of every chunk on the event loop). HEAD,
  * ListObjectsV2 (paginated), DELETE (absent is fine).
  *
  * Made for a network: at most `parallel` requests in flight per store (a FIFO semaphore; waiting callers
@@ -185,11 +187,13 @@ export class S3Store implements ObjectStore {
     if (answer.status !== 200) throw this.failure("PUT", key, answer);
   }
 
-  async get(key: string): Promise<Uint8Array> {
+  async get(key: string, options: { readonly contentChecked?: boolean } = {}): Promise<Uint8Array> {
     checkObjectKey(key);
-    const answer = await this.send("GET", this.objectPath(key), {
-      check: (response) => checkEtag(response, `${this.location}${key}`),
-    });
+    const answer = await this.send(
+      "GET",
+      this.objectPath(key),
+      options.contentChecked ? {} : { check: (response) => checkEtag(response, `${this.location}${key}`) },
+    );
     if (answer.status === 200) return answer.body;
     if (answer.status === 404 && parseErrorBody(answer.body)?.code !== "NoSuchBucket")
       throw new BlockError("ENOENT", `Object ${key} not found in ${this.location}`);
