@@ -17,6 +17,7 @@ import {
   resolveStateDir,
 } from "../daemon/paths.js";
 import { reportError } from "./command-context.js";
+import { parseSize } from "./units.js";
 import { packageVersion } from "./version.js";
 
 interface ServeOptions {
@@ -39,6 +40,7 @@ interface ServeOptions {
   readonly access?: string;
   readonly maxConnections?: number;
   readonly maxConnectionsPerClient?: number;
+  readonly maxInflightMemory?: number;
 }
 
 export const stopWaitSecondsDefault = 300;
@@ -78,6 +80,23 @@ export function parseConnectionLimit(text: string): number {
     );
   }
   return value;
+}
+
+const inflightMemoryBytesMin = 64 * 1024 * 1024;
+const inflightMemoryBytesMax = 64 * 1024 * 1024 * 1024;
+
+/** `--max-inflight-memory SIZE`: at least 64M (a client's half must hold one 32 MiB request). */
+export function parseInflightMemory(text: string): number {
+  let bytes: number;
+  try {
+    bytes = parseSize(text);
+  } catch (error) {
+    throw new InvalidArgumentError((error as Error).message);
+  }
+  if (bytes < inflightMemoryBytesMin || bytes > inflightMemoryBytesMax) {
+    throw new InvalidArgumentError(`expected a size from 64M to 64G, got ${JSON.stringify(text)}`);
+  }
+  return bytes;
 }
 
 export function addServeCommand(program: Command): void {
@@ -127,6 +146,11 @@ export function addServeCommand(program: Command): void {
       "--max-connections-per-client <n>",
       "NBD connections of one client: a uid on the Unix socket, an IP address on TCP (default: 64)",
       parseConnectionLimit,
+    )
+    .option(
+      "--max-inflight-memory <size>",
+      "READ/WRITE data the NBD face holds at once, over all clients, a client at most half (default: 256M)",
+      parseInflightMemory,
     )
     .option("--fuse-mount <dir>", "FUSE mount point, or none (default: <state dir>/mnt when root)")
     .option(
@@ -214,6 +238,9 @@ export function addServeCommand(program: Command): void {
             ...(options.maxConnectionsPerClient === undefined
               ? {}
               : { connectionsPerClientMax: options.maxConnectionsPerClient }),
+            ...(options.maxInflightMemory === undefined
+              ? {}
+              : { inflightBudgetBytes: options.maxInflightMemory }),
           },
           stopWaitMs: options.stopWait * 1000,
           version: packageVersion(),

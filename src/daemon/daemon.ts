@@ -80,7 +80,10 @@ export interface DaemonOptions {
   readonly nbdLimits?: NbdLimitOptions;
 }
 
-export type NbdLimitOptions = Pick<NbdServerOptions, "connectionsMax" | "connectionsPerClientMax">;
+export type NbdLimitOptions = Pick<
+  NbdServerOptions,
+  "connectionsMax" | "connectionsPerClientMax" | "inflightBudgetBytes"
+>;
 
 export class Daemon {
   readonly addresses: ExportAddresses;

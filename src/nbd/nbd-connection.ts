@@ -24,6 +24,12 @@
  * thousands of requests before the tick ends. So a client that never reads its replies costs a bounded
  * amount of memory. Payload bytes of a request already started are always read.
  *
+ * Memory budget: before a READ or WRITE is taken off the wire, its data bytes are asked of the server's
+ * InflightBudget (inflight-budget.ts) under this connection's client key. While they are not granted the
+ * request header stays unparsed and the socket is paused, exactly as above; the grant resumes parsing.
+ * A WRITE holds its bytes until the device settled it, a READ until the socket wrote its reply (a client
+ * that does not read its replies keeps holding them: they are in our memory).
+ *
  * Replies are batched: the first reply in a tick corks the socket and a process.nextTick() uncorks it, so
  * the replies of every request that completed in the same tick leave in one writev. A message is always
  * written whole in one write() call, so replies never interleave.
@@ -46,6 +52,7 @@ import type { BufferPool } from "./buffer-pool.js";
 import { ByteQueue } from "./byte-queue.js";
 import type { HandshakeStep } from "./handshake.js";
 import { Handshake } from "./handshake.js";
+import type { BudgetTicket, InflightBudget } from "./inflight-budget.js";
 import {
   handshakeTimeoutMs,
   inflightBytesMax,
@@ -90,6 +97,10 @@ export interface NbdConnectionOptions {
   readonly requestLengthBytesMax: number;
   readonly inflightRequestsMax: number;
   readonly pool: BufferPool;
+  /** The server's budget of in-flight READ/WRITE bytes, shared by every connection. */
+  readonly budget: InflightBudget;
+  /** Who this connection belongs to, for the budget's per-client share (nbd-server.ts). */
+  readonly clientKey: string;
   /** TLS set-up (tls.ts); default off. */
   readonly tls?: NbdTls;
   /** Who may use which export (access-rules.ts); default allowAll. */
@@ -109,12 +120,17 @@ export interface NbdConnectionStats {
   readonly unparsedBytes: number;
   readonly isReadingPaused: boolean;
   readonly isWaitingForDrain: boolean;
+  /** The next request waits for the server's in-flight memory budget. */
+  readonly isWaitingForBudget: boolean;
 }
 
 interface PendingRequest extends NbdRequest {
   payload: Buffer | undefined;
   /** The payload came from the BufferPool and goes back once the request settled. */
   isPayloadPooled: boolean;
+  /** Bytes of the server's budget this request holds, and what still holds them (execution, reply). */
+  budgetBytes: number;
+  budgetHolds: number;
 }
 
 export class NbdConnection implements ReplySink {
@@ -129,6 +145,10 @@ export class NbdConnection implements ReplySink {
   private readonly requestLengthBytesMax: number;
   private readonly inflightRequestsMax: number;
   private readonly pool: BufferPool;
+  private readonly budget: InflightBudget;
+  private readonly clientKey: string;
+  /** Budget asked for the request whose header is next in the queue. */
+  private budgetTicket: BudgetTicket | undefined;
   private readonly queue = new ByteQueue();
   private readonly handshake: Handshake;
   private transmission: Transmission | undefined;
@@ -156,6 +176,8 @@ export class NbdConnection implements ReplySink {
     this.requestLengthBytesMax = options.requestLengthBytesMax;
     this.inflightRequestsMax = options.inflightRequestsMax;
     this.pool = options.pool;
+    this.budget = options.budget;
+    this.clientKey = options.clientKey;
     this.tls = options.tls ?? tlsOff;
     this.access = options.access ?? allowAll;
     this.handshake = new Handshake({
@@ -192,6 +214,7 @@ export class NbdConnection implements ReplySink {
     socket.on("close", () => {
       this.state = "DEAD";
       this.queue.clear();
+      this.dropBudgetTicket();
       this.resolveClosed();
     });
     socket.on("timeout", () => {
@@ -253,6 +276,7 @@ export class NbdConnection implements ReplySink {
       unparsedBytes: this.queue.lengthBytes,
       isReadingPaused: this.isReadingPaused,
       isWaitingForDrain: this.socket.writableLength >= replyQueueBytesMax,
+      isWaitingForBudget: this.budgetTicket !== undefined && !this.budgetTicket.isGranted,
     };
   }
 
@@ -292,6 +316,7 @@ export class NbdConnection implements ReplySink {
   destroy(): void {
     this.state = "DEAD";
     this.queue.clear();
+    this.dropBudgetTicket();
     this.socket.destroy();
   }
 
@@ -421,7 +446,43 @@ export class NbdConnection implements ReplySink {
     }
     if (!this.canStartRequest()) return false;
     if (!this.hasBytes(NBD_REQUEST_HEADER_BYTES)) return false;
+    if (!this.hasBudgetForNextRequest()) return false;
     return this.parseRequestHeader();
+  }
+
+  /**
+   * Asks the server's budget for the data bytes of the request whose header is next (a READ or WRITE that
+   * will hold a buffer); true once they are granted. Not granted: the header stays unparsed, the socket is
+   * paused (isBlocked), and the grant pumps again.
+   */
+  private hasBudgetForNextRequest(): boolean {
+    if (this.budgetTicket !== undefined) return this.budgetTicket.isGranted;
+    const header = this.queue.peek(NBD_REQUEST_HEADER_BYTES);
+    const at = this.queue.peekOffsetBytes;
+    if (header.readUInt32BE(at) !== NBD_REQUEST_MAGIC) return true;
+    const command = header.readUInt16BE(at + 6);
+    const lengthBytes = header.readUInt32BE(at + 24);
+    const holdsBuffer =
+      (command === NBD_CMD_READ || command === NBD_CMD_WRITE) &&
+      lengthBytes > 0 &&
+      lengthBytes <= this.requestLengthBytesMax &&
+      !this.isShuttingDown;
+    if (!holdsBuffer) return true;
+    const ticket = this.budget.request(this.clientKey, lengthBytes, () => this.pump());
+    this.budgetTicket = ticket;
+    return ticket.isGranted;
+  }
+
+  /** A ticket not handed to a request (connection gone, or the request needs no buffer after all). */
+  private dropBudgetTicket(): void {
+    if (this.budgetTicket !== undefined) {
+      this.budget.cancel(this.budgetTicket);
+      this.budgetTicket = undefined;
+    }
+    // A WRITE whose payload was still arriving is never dispatched now.
+    const write = this.pendingWrite;
+    this.pendingWrite = undefined;
+    if (write !== undefined && write.budgetHolds > 0) this.releaseBudgetHold(write);
   }
 
   private recvWritePayload(): boolean {
@@ -475,7 +536,21 @@ export class NbdConnection implements ReplySink {
       lengthBytes,
       payload: undefined,
       isPayloadPooled: false,
+      budgetBytes: 0,
+      budgetHolds: 0,
+      onReplyBuffer: (isTaken) => this.onReplyBuffer(request, isTaken),
     };
+    const ticket = this.budgetTicket;
+    this.budgetTicket = undefined;
+    if (ticket !== undefined) {
+      assert(
+        ticket.isGranted && ticket.lengthBytes === lengthBytes,
+        "the budget was granted for this header",
+      );
+      request.budgetBytes = lengthBytes;
+      // Held until the request is dispatched; any other way out releases it below.
+      request.budgetHolds = 1;
+    }
     this.queue.skip(NBD_REQUEST_HEADER_BYTES);
     this.requestsReceived += 1;
     const transmission = this.transmission!;
@@ -487,6 +562,7 @@ export class NbdConnection implements ReplySink {
       ? "ESHUTDOWN"
       : validateRequest(transmission.session, command, commandFlags, offsetHigh, offsetLow, lengthBytes);
     if (errno === undefined && this.isWriteRevoked && isModification(command)) errno = "EPERM";
+    if (errno !== undefined) this.releaseBudgetHold(request);
     if (command === NBD_CMD_WRITE) {
       if (errno !== undefined) {
         if (lengthBytes > writeSkipFactorMax * this.requestLengthBytesMax) {
@@ -521,6 +597,7 @@ export class NbdConnection implements ReplySink {
   }
 
   private dispatch(request: PendingRequest, bufferBytes: number): void {
+    // The hold taken with the header becomes the execution's hold, released in onRequestDone.
     this.inflightRequests += 1;
     this.inflightBytes += bufferBytes;
     this.transmission!.execute(request).then(() => this.onRequestDone(request, bufferBytes));
@@ -528,6 +605,7 @@ export class NbdConnection implements ReplySink {
 
   private onRequestDone(request: PendingRequest, bufferBytes: number): void {
     if (request.isPayloadPooled) this.pool.release(request.payload!);
+    this.releaseBudgetHold(request);
     this.inflightRequests -= 1;
     this.inflightBytes -= bufferBytes;
     assert(this.inflightRequests >= 0 && this.inflightBytes >= 0, "in-flight accounting went negative");
@@ -536,6 +614,20 @@ export class NbdConnection implements ReplySink {
       return;
     }
     this.pump();
+  }
+
+  /** A READ's reply buffer holds the request's budget until the socket is done with it. */
+  private onReplyBuffer(request: PendingRequest, isTaken: boolean): void {
+    if (request.budgetBytes === 0) return;
+    if (isTaken) request.budgetHolds += 1;
+    else this.releaseBudgetHold(request);
+  }
+
+  private releaseBudgetHold(request: PendingRequest): void {
+    if (request.budgetBytes === 0) return;
+    assert(request.budgetHolds > 0, "a budget hold is released once");
+    request.budgetHolds -= 1;
+    if (request.budgetHolds === 0) this.budget.release(this.clientKey, request.budgetBytes);
   }
 
   private canStartRequest(): boolean {
@@ -586,7 +678,7 @@ export class NbdConnection implements ReplySink {
     this.logger.debug({ reason }, "NBD connection finishing");
     this.state = "FINISHING";
     this.queue.clear();
-    this.pendingWrite = undefined;
+    this.dropBudgetTicket();
     this.endIfIdle();
     this.updateReading();
   }
@@ -620,7 +712,8 @@ export class NbdConnection implements ReplySink {
   }
 
   private isBlocked(): boolean {
-    return this.state === "RECV_REQUEST_HEADER" && !this.canStartRequest();
+    if (this.state !== "RECV_REQUEST_HEADER") return false;
+    return !this.canStartRequest() || (this.budgetTicket !== undefined && !this.budgetTicket.isGranted);
   }
 }
 

@@ -21,6 +21,13 @@ export const inflightRequestsMaxDefault = 64;
  */
 export const inflightBytesMax = 64 * 1024 * 1024;
 /**
+ * READ and WRITE data bytes in flight across all connections of a server (inflight-budget.ts): past it a
+ * connection waits (stops reading its socket) instead of allocating. One client (a uid or an address) may
+ * hold at most half of it, so one client cannot take the whole budget.
+ */
+export const inflightBudgetBytesDefault = 256 * 1024 * 1024;
+export const inflightBudgetClientShare = 0.5;
+/**
  * Reply bytes queued in a socket beyond which write() returns false and the connection parses no new
  * request until 'drain' (the sockets' writable high-water mark). Large enough to batch a tick of small
  * replies into one writev, small enough that a client that does not read costs little.
@@ -48,6 +55,13 @@ export const closeTimeoutMsDefault = 5_000;
 /** Recycled READ reply buffers kept by one server (buffer-pool.ts), and the smallest size worth it. */
 export const replyBufferPoolBytesMax = 64 * 1024 * 1024;
 export const replyBufferPooledBytesMin = 4096;
+/**
+ * TRIM and WRITE_ZEROES longer than this run as slices of this size with a yield to the event loop in
+ * between (transmission.ts), so one 4 GiB zeroing cannot hold the daemon for seconds. Small because the
+ * slowest path is slow: under a snapshot with a memory storage a slice is copied before it is zeroed, at
+ * about 100 MB/s here, so 16 MiB holds the event loop ~0.15 s; 256 slices of a 4 GiB request cost nothing.
+ */
+export const zeroSliceBytes = 16 * 1024 * 1024;
 /** Zero extents shorter than this are sent as data in structured reads (not worth a chunk). */
 export const holeChunkBytesMin = 4096;
 /** Advertised block sizes: minimum 1 (byte-granular) and preferred 4 KiB. */
@@ -56,6 +70,10 @@ export const blockSizePreferredBytes = 4096;
 
 assert(requestLengthBytesMaxDefault >= 1024 * 1024, "the spec wants a maximum payload of at least 1 MiB");
 assert(inflightBytesMax >= requestLengthBytesMaxDefault, "one request of the maximum size must fit");
+assert(
+  inflightBudgetBytesDefault * inflightBudgetClientShare >= requestLengthBytesMaxDefault,
+  "one request of the maximum size must fit a client's share of the budget",
+);
 assert(optionPayloadBytesMax >= 4 + stringBytesMax + 2, "an INFO/GO with a maximal name must fit");
 assert(optionPayloadSkipBytesMax >= optionPayloadBytesMax);
 assert(extentsPerReplyMax <= 2 ** 20, "the spec caps one status chunk at 2^20 extents");

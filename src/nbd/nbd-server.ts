@@ -8,7 +8,8 @@
  * take every slot (more are closed at accept, with a log line). A client is a uid on Unix sockets (the
  * peer's SO_PEERCRED, read by peer-credentials.ts before the greeting is sent; while it is read the socket
  * counts against the global limit) and an IP address on TCP. A Unix peer whose uid cannot be read is
- * under the global limit only. Per connection the limits of nbd-limits.ts. Shutdown: close() stops accepting, lets in-flight requests finish (answering requests
+ * under the global limit only. Per connection the limits of nbd-limits.ts. READ and WRITE data in memory is
+ * bounded across all connections by one InflightBudget (inflight-budget.ts), half of it per client. Shutdown: close() stops accepting, lets in-flight requests finish (answering requests
  * that arrive meanwhile with ESHUTDOWN), ends every socket, and destroys what is left after closeTimeoutMs.
  *
  * Not done: TLS, extended headers, exit-with-parent (the daemon watches its parent).
@@ -21,6 +22,7 @@ import type { Logger } from "../util/logger.js";
 import { silentLogger } from "../util/logger.js";
 import { type AccessPolicy, allowAll } from "./access-rules.js";
 import { BufferPool } from "./buffer-pool.js";
+import { InflightBudget } from "./inflight-budget.js";
 import type { NbdConnectionStats } from "./nbd-connection.js";
 import { NbdConnection } from "./nbd-connection.js";
 import {
@@ -28,6 +30,8 @@ import {
   closeTimeoutMsDefault,
   connectionsMaxDefault,
   connectionsPerClientMaxDefault,
+  inflightBudgetBytesDefault,
+  inflightBudgetClientShare,
   inflightRequestsMaxDefault,
   replyBufferPoolBytesMax,
   replyBufferPooledBytesMin,
@@ -42,6 +46,11 @@ export interface NbdServerOptions {
   readonly connectionsMax?: number; // default 256 (more are closed at accept, with a log line)
   /** Connections of one uid (Unix socket) or one address (TCP); default 64. */
   readonly connectionsPerClientMax?: number;
+  /**
+   * READ/WRITE data bytes in flight across all connections (a client may hold half); default 256 MiB. At
+   * least twice requestLengthBytesMax, so that every request fits a client's half.
+   */
+  readonly inflightBudgetBytes?: number;
   readonly requestLengthBytesMax?: number; // default 32 MiB (advertised as max block size)
   readonly inflightRequestsMax?: number; // per connection, default 64; beyond it the server stops reading
   /** How long close() lets in-flight requests run before destroying the sockets; default 5000. */
@@ -62,6 +71,7 @@ export class NbdServer {
   /** Accepted sockets whose peer uid is being read; they count against connectionsMax. */
   private identifyingCount = 0;
   private readonly peerUids: PeerUids;
+  private readonly budget: InflightBudget;
   private refusalLoggedAtMs = 0;
   private readonly requestLengthBytesMax: number;
   private readonly inflightRequestsMax: number;
@@ -93,6 +103,16 @@ export class NbdServer {
     this.closeTimeoutMs = options.closeTimeoutMs ?? closeTimeoutMsDefault;
     this.tls = options.tls ?? tlsOff;
     this.access = options.access ?? allowAll;
+    const budgetBytes = options.inflightBudgetBytes ?? inflightBudgetBytesDefault;
+    assert(
+      Number.isSafeInteger(budgetBytes) &&
+        Math.floor(budgetBytes * inflightBudgetClientShare) >= this.requestLengthBytesMax,
+      "inflightBudgetBytes must give a client room for one request of the maximum size",
+    );
+    this.budget = new InflightBudget({
+      bytesMax: budgetBytes,
+      clientBytesMax: Math.floor(budgetBytes * inflightBudgetClientShare),
+    });
     assert(Number.isSafeInteger(this.connectionsMax) && this.connectionsMax >= 1, "connectionsMax >= 1");
     assert(
       Number.isSafeInteger(this.connectionsPerClientMax) && this.connectionsPerClientMax >= 1,
@@ -143,6 +163,15 @@ export class NbdServer {
 
   get connectionCount(): number {
     return this.connections.size;
+  }
+
+  /** Bytes of the in-flight budget held now, and connections waiting for it. */
+  get budgetStats(): { readonly inUseBytes: number; readonly waiting: number; readonly bytesMax: number } {
+    return {
+      inUseBytes: this.budget.inUseBytes,
+      waiting: this.budget.waiterCount,
+      bytesMax: this.budget.bytesMax,
+    };
   }
 
   /** Per-connection counters (in-flight requests, queued reply bytes, paused reading) for tests and status. */
@@ -255,6 +284,9 @@ export class NbdServer {
       requestLengthBytesMax: this.requestLengthBytesMax,
       inflightRequestsMax: this.inflightRequestsMax,
       pool: this.pool,
+      budget: this.budget,
+      // Unix clients whose uid could not be read share one budget share.
+      clientKey: clientKey ?? "uid unknown",
       tls: this.tls,
       access: this.access,
     });

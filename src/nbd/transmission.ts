@@ -19,6 +19,8 @@
  * below) is answered EIO and then ends the daemon (util/broken-invariant.ts); anything else thrown below is
  * a bug that we log and answer EIO, and the connection stays up. execute() never rejects.
  *
+ * TRIM and WRITE_ZEROES run in slices that yield to the event loop (inSlices).
+ *
  * Not done: CACHE is a validated no-op (a prefetch hint that promises nothing); no NBD_REPLY_TYPE_ERROR_OFFSET.
  */
 
@@ -30,7 +32,7 @@ import { crashOnBrokenInvariant } from "../util/broken-invariant.js";
 import type { Logger } from "../util/logger.js";
 import type { BufferPool } from "./buffer-pool.js";
 import { errnoOfThrown, nbdErrorOfErrno } from "./errno-map.js";
-import { extentsPerReplyMax, holeChunkBytesMin } from "./nbd-limits.js";
+import { extentsPerReplyMax, holeChunkBytesMin, zeroSliceBytes } from "./nbd-limits.js";
 import {
   NBD_CMD_BLOCK_STATUS,
   NBD_CMD_CACHE,
@@ -76,6 +78,11 @@ export interface NbdRequest {
   readonly lengthBytes: number;
   /** WRITE payload. */
   readonly payload: Buffer | undefined;
+  /**
+   * READ: told when the reply buffer is taken from the pool (true) and when the socket no longer needs it
+   * (false), so the connection can hold the request's memory budget until then.
+   */
+  readonly onReplyBuffer?: (isTaken: boolean) => void;
 }
 
 const offsetDataHeaderBytes = NBD_STRUCTURED_REPLY_HEADER_BYTES + 8;
@@ -116,20 +123,20 @@ export class Transmission {
         case NBD_CMD_FLUSH:
           await this.session.device.flush();
           break;
-        case NBD_CMD_TRIM:
-          await this.session.device.trim(
-            request.offsetBytes,
-            request.lengthBytes,
-            (request.commandFlags & NBD_CMD_FLAG_FUA) !== 0 ? fuaWriteFlags : undefined,
+        case NBD_CMD_TRIM: {
+          const flags = (request.commandFlags & NBD_CMD_FLAG_FUA) !== 0 ? fuaWriteFlags : undefined;
+          await inSlices(request, (offsetBytes, lengthBytes) =>
+            this.session.device.trim(offsetBytes, lengthBytes, flags),
           );
           break;
-        case NBD_CMD_WRITE_ZEROES:
-          await this.session.device.writeZeroes(
-            request.offsetBytes,
-            request.lengthBytes,
-            zeroFlagsOf(request),
+        }
+        case NBD_CMD_WRITE_ZEROES: {
+          const flags = zeroFlagsOf(request);
+          await inSlices(request, (offsetBytes, lengthBytes) =>
+            this.session.device.writeZeroes(offsetBytes, lengthBytes, flags),
           );
           break;
+        }
         case NBD_CMD_BLOCK_STATUS:
           await this.blockStatus(request);
           return;
@@ -193,9 +200,9 @@ export class Transmission {
     const device = this.session.device;
     const { offsetBytes, lengthBytes } = request;
     if (!this.session.structuredReplies) {
-      const reply = await this.readInto(NBD_SIMPLE_REPLY_HEADER_BYTES, offsetBytes, lengthBytes);
+      const reply = await this.readInto(request, NBD_SIMPLE_REPLY_HEADER_BYTES);
       writeSimpleHeader(reply, request, 0);
-      this.sink.sendReply(reply, () => this.pool.release(reply));
+      this.sink.sendReply(reply, () => this.releaseReply(request, reply));
       return;
     }
     const mayHaveHoles =
@@ -208,7 +215,7 @@ export class Transmission {
       this.sendHoleChunk(request, offsetBytes, lengthBytes, NBD_REPLY_FLAG_DONE);
       return;
     }
-    const reply = await this.readInto(offsetDataHeaderBytes, offsetBytes, lengthBytes);
+    const reply = await this.readInto(request, offsetDataHeaderBytes);
     if (extents?.some((extent) => extent.isZero && extent.lengthBytes >= holeChunkBytesMin)) {
       this.sendReadWithHoles(request, reply, extents);
       return;
@@ -222,19 +229,25 @@ export class Transmission {
       8 + lengthBytes,
     );
     writeU64(reply, NBD_STRUCTURED_REPLY_HEADER_BYTES, offsetBytes);
-    this.sink.sendReply(reply, () => this.pool.release(reply));
+    this.sink.sendReply(reply, () => this.releaseReply(request, reply));
   }
 
-  /** A pooled buffer of header room + data, the data read from the device. */
-  private async readInto(headerBytes: number, offsetBytes: number, lengthBytes: number): Promise<Buffer> {
-    const reply = this.pool.acquire(headerBytes + lengthBytes);
+  /** A pooled buffer of header room + the request's data, read from the device. */
+  private async readInto(request: NbdRequest, headerBytes: number): Promise<Buffer> {
+    const reply = this.pool.acquire(headerBytes + request.lengthBytes);
+    request.onReplyBuffer?.(true);
     try {
-      await this.session.device.read(offsetBytes, reply.subarray(headerBytes));
+      await this.session.device.read(request.offsetBytes, reply.subarray(headerBytes));
     } catch (error) {
-      this.pool.release(reply);
+      this.releaseReply(request, reply);
       throw error;
     }
     return reply;
+  }
+
+  private releaseReply(request: NbdRequest, reply: Buffer): void {
+    this.pool.release(reply);
+    request.onReplyBuffer?.(false);
   }
 
   /**
@@ -269,7 +282,7 @@ export class Transmission {
       assert(runs[index]![0] === runs[index - 1]![1], "the read's chunks are contiguous");
     }
     // The data chunks are views of `reply`: it goes back to the pool once the last message was written.
-    const release = () => this.pool.release(reply);
+    const release = () => this.releaseReply(request, reply);
     for (let index = 0; index < runs.length; index += 1) {
       const [startBytes, endBytes, isHole] = runs[index]!;
       const isLast = index === runs.length - 1;
@@ -385,6 +398,28 @@ function descriptorsOf(
   assert(coveredBytes <= requestLengthBytes, "a status reply never covers more than the request");
   assert(!isReqOne || descriptors.length <= 2, "REQ_ONE answers one extent");
   return descriptors;
+}
+
+/**
+ * Runs a TRIM or WRITE_ZEROES as consecutive calls of at most zeroSliceBytes, yielding to the event loop
+ * between them (setImmediate: after pending I/O callbacks), so that a 4 GiB zeroing lets other clients'
+ * requests, the control API and FUSE run in between instead of holding the loop for seconds. Done here,
+ * once, above every device stack (backends, trackers, snapshot images): each slice is an ordinary request
+ * to them. A failed slice fails the request; earlier slices stay done, as NBD allows for a failed write.
+ */
+async function inSlices(
+  request: NbdRequest,
+  run: (offsetBytes: number, lengthBytes: number) => Promise<void>,
+): Promise<void> {
+  const { offsetBytes, lengthBytes } = request;
+  if (lengthBytes <= zeroSliceBytes) {
+    await run(offsetBytes, lengthBytes);
+    return;
+  }
+  for (let doneBytes = 0; doneBytes < lengthBytes; doneBytes += zeroSliceBytes) {
+    if (doneBytes > 0) await new Promise<void>((resolve) => setImmediate(resolve));
+    await run(offsetBytes + doneBytes, Math.min(zeroSliceBytes, lengthBytes - doneBytes));
+  }
 }
 
 function zeroFlagsOf(request: NbdRequest): ZeroFlags | undefined {
