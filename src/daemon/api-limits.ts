@@ -20,10 +20,20 @@ export const apiCommandCharsMax = takeHookCommandCharsMax;
 export const freezeTimeoutMsMax = engineFreezeTimeoutMsMax;
 /** The longest wait-event long poll: one hour (the engine allows a day; a request should not). */
 export const waitEventTimeoutMsMax = 3_600_000;
-/** Ranges in one mark-dirty request. */
-export const markDirtyRangesMax = 65_536;
+/** Largest request body (413 EFBIG beyond). */
+export const apiRequestBodyBytesMax = 1024 * 1024;
+/**
+ * Ranges in one mark-dirty request: as many as fit the body limit when every number has its 16 digits
+ * (the longest compact range, below, is 65 characters; 16 000 of them are 1 040 000 bytes).
+ */
+export const markDirtyRangesMax = 16_000;
+const markDirtyRangeJsonCharsMax = '{"offsetBytes":9007199254740991,"lengthBytes":9007199254740991},'.length;
 /** Devices named in one snapshot create. */
 export const snapshotDevicesMax = 256;
 
+assert(
+  markDirtyRangesMax * markDirtyRangeJsonCharsMax + '{"ranges":[]}'.length <= apiRequestBodyBytesMax,
+  "a mark-dirty body of markDirtyRangesMax ranges must fit the body limit",
+);
 assert(waitEventTimeoutMsMax <= waitTimeoutMsMax, "a wait the engine would refuse");
 assert(freezeTimeoutMsMax <= engineFreezeTimeoutMsMax && apiCommandCharsMax <= takeHookCommandCharsMax);

@@ -38,6 +38,7 @@ import {
 import type {
   AccessRulesView,
   AccessView,
+  CbtInfoView,
   CbtMapJsonView,
   DestroyedView,
   DeviceListView,
@@ -106,7 +107,21 @@ export interface RouteRequest {
 
 export type RouteResult =
   | { readonly status: number; readonly json: unknown }
-  | { readonly status: number; readonly binary: Uint8Array };
+  | { readonly status: number; readonly binary: Uint8Array }
+  | { readonly status: number; readonly streamed: StreamedBody };
+
+/**
+ * A large answer sent piece by piece (control-server.ts waits for 'drain' between pieces), so that it is
+ * never built whole in memory: the pieces are made as they are sent.
+ */
+export interface StreamedBody {
+  readonly contentType: string;
+  readonly lengthBytes: number;
+  readonly pieces: Iterable<Uint8Array | string>;
+}
+
+/** Bytes of the map per base64 piece of a streamed CBT map (a multiple of 3: no padding inside). */
+const mapBase64PieceBytes = 3 * 64 * 1024;
 
 type Handler = (context: ControlContext, request: RouteRequest) => Promise<RouteResult> | RouteResult;
 
@@ -302,8 +317,7 @@ export const routes: readonly Route[] = [
     const info = context.engine.cbtInfo(name);
     const map = context.engine.cbtRead(name);
     if (format !== "base64") return { status: 200, binary: map };
-    const view: CbtMapJsonView = { ...cbtInfoView(info), mapBase64: Buffer.from(map).toString("base64") };
-    return ok(view);
+    return { status: 200, streamed: cbtMapJsonBody(cbtInfoView(info), map) };
   }),
 
   route("POST", "/v1/devices/:name/cbt/mark-dirty", async (context, request) => {
@@ -425,4 +439,32 @@ function matchSegments(
 function backupJobs(context: ControlContext): BackupJobs {
   if (context.backups === undefined) throw new BlockError("ENOTSUP", "this daemon runs no backups");
   return context.backups;
+}
+
+/**
+ * The `format=base64` answer, `{...info, "mapBase64": "…"}`, streamed: the map (one copy, taken in the same
+ * tick as the info) is encoded a piece at a time as the socket takes it, never as one string. JSON.stringify
+ * of an object with a string value ends in `"}`, so the prefix and suffix split around the value.
+ */
+function cbtMapJsonBody(info: CbtInfoView, map: Uint8Array): StreamedBody {
+  const placeholder = "\u0000";
+  const template = JSON.stringify({ ...info, mapBase64: placeholder } satisfies CbtMapJsonView);
+  const at = template.lastIndexOf(JSON.stringify(placeholder));
+  assert(at > 0 && template.endsWith(`${JSON.stringify(placeholder)}}`), "the map is the last member");
+  const prefix = `${template.slice(0, at)}"`;
+  const suffix = '"}\n';
+  const mapBuffer = Buffer.from(map.buffer, map.byteOffset, map.byteLength);
+  function* pieces(): Iterable<string> {
+    yield prefix;
+    for (let offset = 0; offset < mapBuffer.byteLength; offset += mapBase64PieceBytes) {
+      yield mapBuffer.subarray(offset, offset + mapBase64PieceBytes).toString("base64");
+    }
+    yield suffix;
+  }
+  return {
+    contentType: "application/json",
+    lengthBytes:
+      Buffer.byteLength(prefix) + 4 * Math.ceil(mapBuffer.byteLength / 3) + Buffer.byteLength(suffix),
+    pieces: pieces(),
+  };
 }

@@ -20,13 +20,14 @@ import type { Socket } from "node:net";
 import { BlockError, toBlockError } from "../block/errors.js";
 import { crashOnBrokenInvariant, isBrokenInvariant } from "../util/broken-invariant.js";
 import type { Logger } from "../util/logger.js";
+import { apiRequestBodyBytesMax } from "./api-limits.js";
 import type { ApiErrorBody } from "./api-types.js";
-import { type ControlContext, matchRoute, type RouteResult } from "./control-routes.js";
+import { type ControlContext, matchRoute, type RouteResult, type StreamedBody } from "./control-routes.js";
 import { httpStatusForErrno } from "./http-status.js";
 import { listenRestricted, type SocketAccess } from "./socket-access.js";
 import { removeStaleSocket } from "./stale-socket.js";
 
-export const requestBodyBytesMax = 1024 * 1024;
+export const requestBodyBytesMax = apiRequestBodyBytesMax;
 export const requestsInFlightMax = 64;
 export const controlConnectionsMax = 256;
 export const headersTimeoutMs = 10_000;
@@ -201,6 +202,10 @@ export class ControlServer {
       const query: Record<string, string> = {};
       for (const [key, value] of url.searchParams) query[key] = value;
       const result = await match.route.handler(this.context, { params: match.params, query, body });
+      if ("streamed" in result) {
+        await this.sendStreamed(response, result.status, result.streamed);
+        return;
+      }
       sendResult(response, result);
     } catch (error) {
       try {
@@ -211,6 +216,31 @@ export class ControlServer {
         response.destroy();
       }
     }
+  }
+
+  /**
+   * Writes a streamed answer piece by piece, waiting for 'drain' whenever the socket's buffer is full, so a
+   * slow reader holds one piece of it, not the whole answer. A client that goes away ends the loop.
+   */
+  private async sendStreamed(response: ServerResponse, status: number, body: StreamedBody): Promise<void> {
+    response.writeHead(status, { "Content-Type": body.contentType, "Content-Length": body.lengthBytes });
+    for (const piece of body.pieces) {
+      if (response.destroyed) return;
+      if (response.write(piece)) continue;
+      const drained = await new Promise<boolean>((resolve) => {
+        const onDrain = () => settle(true);
+        const onClose = () => settle(false);
+        const settle = (isDrained: boolean) => {
+          response.off("drain", onDrain);
+          response.off("close", onClose);
+          resolve(isDrained);
+        };
+        response.on("drain", onDrain);
+        response.on("close", onClose);
+      });
+      if (!drained) return;
+    }
+    response.end();
   }
 
   private sendError(request: IncomingMessage, response: ServerResponse, error: unknown): void {
@@ -271,7 +301,10 @@ function errorBody(errno: string, message: string): ApiErrorBody {
   return { error: { errno, message } };
 }
 
-function sendResult(response: ServerResponse, result: RouteResult): void {
+function sendResult(
+  response: ServerResponse,
+  result: Exclude<RouteResult, { streamed: StreamedBody }>,
+): void {
   if ("binary" in result) {
     response.writeHead(result.status, {
       "Content-Type": "application/octet-stream",

@@ -32,6 +32,8 @@ export function httpStatusForErrno(errno: string): number {
       return 504;
     case "ENOSPC":
     case "EDQUOT":
+    // A memory: device larger than the host's RAM allows.
+    case "ENOMEM":
       return 507;
     default:
       return 500;

@@ -9,6 +9,14 @@ import { assert } from "../util/assert.js";
 
 /** Devices one engine serves (each costs a CBT map and an export). */
 export const devicesMax = 4096;
+/**
+ * `memory:` devices together may be at most this share of the host's RAM (os.totalmem()), counted by their
+ * sizes, not by what they hold yet: a RAM disk fills as it is written, and one that cannot fit would end
+ * in the OOM killer. Half leaves room for the daemon, its snapshots' storages and everything else.
+ */
+export const memoryDevicesRamShare = 0.5;
+/** cbtMarkDirty marks at most this many CBT blocks between two yields to the event loop. */
+export const markDirtyBlocksPerSlice = 1 << 20;
 /** Snapshots alive at once. */
 export const snapshotsMax = 1024;
 /** A backend or storage path: Linux's PATH_MAX. */

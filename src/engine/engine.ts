@@ -20,6 +20,7 @@
  */
 
 import { randomUUID } from "node:crypto";
+import { totalmem } from "node:os";
 import { FileBackend } from "../backends/file-backend.js";
 import { MemoryBackend } from "../backends/memory-backend.js";
 import { CheckedDevice } from "../block/checked-device.js";
@@ -35,7 +36,7 @@ import { memoryStoragePath, type StorageArea, type StorageDevice } from "../stor
 import { assert } from "../util/assert.js";
 import { type Logger, silentLogger } from "../util/logger.js";
 import { type Admission, BackendClaims, type PathPolicy } from "./backend-claims.js";
-import { devicesMax, snapshotsMax } from "./engine-limits.js";
+import { devicesMax, markDirtyBlocksPerSlice, memoryDevicesRamShare, snapshotsMax } from "./engine-limits.js";
 import type {
   AppendStorageOptions,
   ByteRange,
@@ -260,15 +261,45 @@ export class Engine implements ExportSource {
     return this.device(name).tracker.cbt.readMapCopy();
   }
 
-  /** Resolves once the marks are durable too (the device's write intent, when it has one). */
+  /**
+   * Resolves once the marks are durable too (the device's write intent, when it has one). The ranges are
+   * sorted and merged first, so overlapping or repeated ranges cost nothing extra: the work is proportional
+   * to the blocks touched (at most the map), not to ranges × their lengths. It is done in slices of
+   * markDirtyBlocksPerSlice blocks with a yield to the event loop between them, so a mark of a whole large
+   * device does not hold the daemon. A block is marked once the call returns; a take in between puts the
+   * blocks marked after it into the next epoch, where they still show as changed.
+   */
   async cbtMarkDirty(name: string, ranges: readonly ByteRange[]): Promise<void> {
     const entry = this.device(name);
     for (const range of ranges) checkRange(range, entry.tracker.sizeBytes);
     const intents: Promise<void>[] = [];
-    for (const range of ranges) {
-      entry.tracker.cbt.setBoth(range.offsetBytes, range.lengthBytes);
-      const intent = entry.tracker.writeIntent?.beforeWrite(range.offsetBytes, range.lengthBytes) ?? null;
-      if (intent !== null) intents.push(intent);
+    let blocksSinceYield = 0;
+    for (const range of mergedRanges(ranges)) {
+      let offsetBytes = range.offsetBytes;
+      const endBytes = range.offsetBytes + range.lengthBytes;
+      while (offsetBytes < endBytes) {
+        if (blocksSinceYield >= markDirtyBlocksPerSlice) {
+          await new Promise<void>((resolve) => setImmediate(resolve));
+          blocksSinceYield = 0;
+          if (this.devices.get(name) !== entry) {
+            throw new BlockError("ENOENT", `Device ${name} was removed while its ranges were marked dirty`);
+          }
+        }
+        const cbt = entry.tracker.cbt;
+        // The device may have shrunk at a take meanwhile: blocks past its end no longer exist.
+        const sliceEndBytes = Math.min(
+          endBytes,
+          entry.tracker.sizeBytes,
+          (Math.floor(offsetBytes / cbt.blockSizeBytes) + markDirtyBlocksPerSlice) * cbt.blockSizeBytes,
+        );
+        if (sliceEndBytes <= offsetBytes) break;
+        cbt.setBoth(offsetBytes, sliceEndBytes - offsetBytes);
+        const intent =
+          entry.tracker.writeIntent?.beforeWrite(offsetBytes, sliceEndBytes - offsetBytes) ?? null;
+        if (intent !== null) intents.push(intent);
+        blocksSinceYield += Math.ceil((sliceEndBytes - offsetBytes) / cbt.blockSizeBytes);
+        offsetBytes = sliceEndBytes;
+      }
     }
     await Promise.all(intents);
   }
@@ -665,9 +696,25 @@ export class Engine implements ExportSource {
   ): BlockDevice & { close?(): Promise<void> } {
     if (backendPath === memoryBackendPath) {
       if (sizeBytes === undefined) throw new BlockError("EINVAL", "A memory: device needs a size");
+      this.checkMemoryDeviceFits(sizeBytes);
       return new MemoryBackend(sizeBytes);
     }
     return FileBackend.open(backendPath, sizeBytes === undefined ? {} : { sizeBytes });
+  }
+
+  /** ENOMEM when the `memory:` devices with this one would exceed their share of the host's RAM. */
+  private checkMemoryDeviceFits(sizeBytes: number): void {
+    const ramBytes = totalmem();
+    const allowedBytes = Math.floor(ramBytes * memoryDevicesRamShare);
+    let takenBytes = 0;
+    for (const entry of this.devices.values()) {
+      if (entry.backendPath === memoryBackendPath) takenBytes += entry.backend.sizeBytes;
+    }
+    if (takenBytes + sizeBytes <= allowedBytes) return;
+    throw new BlockError(
+      "ENOMEM",
+      `A memory: device of ${sizeBytes} bytes does not fit: memory: devices may take at most half of this host's RAM (${allowedBytes} of ${ramBytes} bytes), and ${takenBytes} are taken by other memory: devices`,
+    );
   }
 
   private device(name: string): DeviceEntry {
@@ -787,4 +834,20 @@ function snapshotRecord(snapshot: Snapshot): SnapshotRecord {
     takeStallMs: info.takeStallMs,
     corrupted: info.devices.map((device) => device.error),
   };
+}
+
+/** The ranges sorted by offset, overlapping and adjacent ones merged into one. */
+function mergedRanges(ranges: readonly ByteRange[]): ByteRange[] {
+  const sorted = [...ranges].sort((left, right) => left.offsetBytes - right.offsetBytes);
+  const merged: Array<{ offsetBytes: number; lengthBytes: number }> = [];
+  for (const range of sorted) {
+    const last = merged[merged.length - 1];
+    if (last !== undefined && range.offsetBytes <= last.offsetBytes + last.lengthBytes) {
+      const endBytes = Math.max(last.offsetBytes + last.lengthBytes, range.offsetBytes + range.lengthBytes);
+      last.lengthBytes = endBytes - last.offsetBytes;
+    } else {
+      merged.push({ offsetBytes: range.offsetBytes, lengthBytes: range.lengthBytes });
+    }
+  }
+  return merged;
 }
