@@ -4,6 +4,7 @@
  * can judge (a name already taken, a chunk size that is not a power of two) is left to the engine.
  */
 import { z } from "zod";
+import { deviceSizeBytesMin } from "../engine/engine-limits.js";
 import { deviceNameProblem } from "../engine/names.js";
 import {
   apiCommandCharsMax,
@@ -26,7 +27,9 @@ const path = z.string().min(1).max(apiPathCharsMax);
 export const deviceAddBodySchema = z.strictObject({
   name: deviceName,
   backendPath: path,
-  sizeBytes: sizeBytes.positive().optional(),
+  sizeBytes: sizeBytes
+    .min(deviceSizeBytesMin, { error: `size must be at least ${deviceSizeBytesMin} bytes` })
+    .optional(),
   cbtBlockSizeBytes: sizeBytes.positive().optional(),
 });
 

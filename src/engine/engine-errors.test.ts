@@ -97,8 +97,20 @@ test("a device name that exists is refused with EEXIST", async () => {
   await refused("EEXIST", () => engine.addDevice({ name: "disk0", backendPath: "memory:", sizeBytes: MiB }));
 });
 
-test("device sizes that are not a positive integer are refused with EINVAL and create no file", async () => {
-  for (const sizeBytes of [0, -1, -MiB, 1.5, MiB + 0.5, Number.NaN, Number.POSITIVE_INFINITY, 2 ** 60]) {
+test("device sizes below 4 KiB or not an integer are refused with EINVAL and create no file", async () => {
+  for (const sizeBytes of [
+    0,
+    1,
+    1000,
+    4095,
+    -1,
+    -MiB,
+    1.5,
+    MiB + 0.5,
+    Number.NaN,
+    Number.POSITIVE_INFINITY,
+    2 ** 60,
+  ]) {
     await refused(
       "EINVAL",
       () => engine.addDevice({ name: "new", backendPath: "memory:", sizeBytes }),

@@ -19,6 +19,8 @@ export const memoryDevicesRamShare = 0.5;
 export const markDirtyBlocksPerSlice = 1 << 20;
 /** Snapshots alive at once. */
 export const snapshotsMax = 1024;
+/** The smallest device a `sizeBytes` may ask for: one page, the smallest block a file system uses. */
+export const deviceSizeBytesMin = 4096;
 /** A backend or storage path: Linux's PATH_MAX. */
 export const pathCharsMax = 4096;
 /** A pre-take or post-take hook command (run with `sh -c`). */

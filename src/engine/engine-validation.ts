@@ -15,6 +15,7 @@ import {
 import type { OnCowError } from "../cow/diff-area.js";
 import { growthPortionBytesDefault } from "../storage/diff-storage.js";
 import {
+  deviceSizeBytesMin,
   freezeTimeoutMsDefault,
   freezeTimeoutMsMax,
   takeHookCommandCharsMax,
@@ -25,11 +26,11 @@ import type { ByteRange, DeviceAddOptions, SnapshotCreateOptions, TakeOptions } 
 export function checkDeviceAddOptions(options: DeviceAddOptions): void {
   if (
     options.sizeBytes !== undefined &&
-    (!Number.isSafeInteger(options.sizeBytes) || options.sizeBytes <= 0)
+    (!Number.isSafeInteger(options.sizeBytes) || options.sizeBytes < deviceSizeBytesMin)
   ) {
     throw new BlockError(
       "EINVAL",
-      `Invalid device size ${options.sizeBytes}: must be a positive number of bytes`,
+      `Invalid device size ${options.sizeBytes}: must be at least ${deviceSizeBytesMin} bytes`,
     );
   }
   if (options.cbtBlockSizeBytes !== undefined && !isValidCbtBlockSize(options.cbtBlockSizeBytes)) {

@@ -101,6 +101,8 @@ void test("refused operations exit 1 with the errno, in text and in --json, and 
     [["cbt", "mark-dirty", "d1", "--range", "1M:4K"], "EINVAL"],
     [["device", "add", "d0", "--backend", "memory:", "--size", "1M"], "EEXIST"],
     [["device", "add", "bad/name", "--backend", "memory:", "--size", "1M"], "EINVAL"],
+    [["device", "add", "tiny", "--backend", "memory:", "--size", "1000"], "EINVAL"],
+    [["device", "add", "empty", "--backend", "memory:", "--size", "0"], "EINVAL"],
     [["device", "add", "nofile", "--backend", join(directory, "absent.img")], "ENOENT"],
     [["device", "remove", "nope"], "ENOENT"],
     [["device", "remove", "d0"], "EBUSY"],
@@ -144,6 +146,14 @@ void test("a storage limit below one chunk is refused at create, in one line nam
   const lines = result.stderr.trim().split("\n");
   assert.equal(lines.length, 1, result.stderr);
   assert.match(lines[0] ?? "", /^blocksnap: .*\b2\b.*\b262144\b.* \(EINVAL\)$/);
+});
+
+void test("a device size below 4 KiB is refused with a readable message", async () => {
+  for (const size of ["0", "1000", "4095"]) {
+    const result = await daemon.cli(["device", "add", "tiny", "--backend", "memory:", "--size", size]);
+    assert.equal(result.code, 1, result.stderr);
+    assert.match(result.stderr, /^blocksnap: .*size must be at least 4096 bytes \(EINVAL\)$/m, result.stderr);
+  }
 });
 
 void test("an unreachable daemon: exit 1 and a hint to run blocksnap serve", async () => {
