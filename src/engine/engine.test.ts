@@ -66,6 +66,9 @@ test("Engine: take freezes before holding writes and thaws after releasing them"
   const info = await engine.takeSnapshot(id);
   assert.deepEqual(calls, ["freeze held=false devices=disk0", "thaw held=false attached=true error=null"]);
   assert.deepEqual(info.takeReport, { frozen: [], preTake: null, postTake: null });
+  // The stall in whole microseconds, not the timer's long float.
+  assert.ok(info.takeStallMs !== null && info.takeStallMs >= 0);
+  assert.equal(info.takeStallMs, Math.round(info.takeStallMs * 1000) / 1000, `${info.takeStallMs}`);
   // The write done during the freeze is part of the image.
   const image = new Uint8Array(4096);
   await engine.findExport(`disk0@${id}`)!.device.read(0, image);

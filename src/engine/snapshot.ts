@@ -207,7 +207,7 @@ export class Snapshot {
       member.tracker.setDiffArea(member.diffArea);
     }
     for (const member of members) member.tracker.release();
-    this.takeStallMs = performance.now() - startMs;
+    this.takeStallMs = roundToMicrosecondMs(performance.now() - startMs);
     this.takenAtMs = Date.now();
     // The new numbers durable before the take is reported: a backup tool must never hold a changes
     // number that a crash could take back (region-journal.ts).
@@ -276,7 +276,7 @@ export class Snapshot {
       member.image = new SnapshotImage(member.diffArea, member.tracker.cbt);
     }
     this.takenAtMs = restored.takenAtMs;
-    this.takeStallMs = restored.takeStallMs;
+    this.takeStallMs = restored.takeStallMs === null ? null : roundToMicrosecondMs(restored.takeStallMs);
     this.phase = "taken";
   }
 
@@ -340,4 +340,9 @@ export class Snapshot {
     this.events.push({ type: "corrupted", timeMs: Date.now(), device, errno });
     this.onCorruptedHook?.();
   }
+}
+
+/** A duration in ms to whole microseconds: the timer's noise below that is not worth a long float. */
+function roundToMicrosecondMs(durationMs: number): number {
+  return Math.round(durationMs * 1000) / 1000;
 }

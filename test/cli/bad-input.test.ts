@@ -138,6 +138,9 @@ void test("refused operations exit 1 with the errno, in text and in --json, and 
   assert.deepEqual(await state(), before);
   const created = await daemon.cliJson<SnapshotView>(["snapshot", "info", createdId]);
   assert.equal(created.state, "created");
+  // The API gives the take's stall in whole microseconds (three decimals of ms at most).
+  const taken = await daemon.cliJson<SnapshotView>(["snapshot", "info", takenId]);
+  assert.match(String(taken.takeStallMs), /^\d+(\.\d{1,3})?$/);
 });
 
 void test("a storage limit below one chunk is refused at create, in one line naming both numbers", async () => {
