@@ -9,6 +9,7 @@
  * as another user it skips with the reason.
  */
 import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -19,7 +20,7 @@ import { Repository } from "../../src/backup/repository.js";
 import { S3Store } from "../../src/backup/s3-store.js";
 import type { DeviceView } from "../../src/daemon/api-types.js";
 import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
-import { cleanEnvironment, DaemonProcess, runCli } from "../cli/cli-harness.js";
+import { cleanEnvironment, cliPath, DaemonProcess, runCli } from "../cli/cli-harness.js";
 import { isRoot, missingTools, run, runOk, which } from "../helpers/commands.js";
 import { S3FaultProxy } from "./s3-fault-proxy.js";
 import { SwiftServer, swiftSkipReason } from "./swift-server.js";
@@ -236,6 +237,36 @@ void test("full and incremental backups of a device to Swift restore byte for by
   const restoredFull = join(directory, "a0-full.img");
   await host.cliOk(["backup", "restore", `d0/${full.backupId}`, ...repo, "--to", restoredFull]);
   await sameBytes(restoredFull, afterFull);
+
+  // Instant restore from S3: `backup mount` serves the full backup over NBD; nbdcopy reads it as it was.
+  if (which("nbdcopy")) {
+    const socket = join(directory, "a0-mount.sock");
+    const mount = spawn(
+      process.execPath,
+      [cliPath, "backup", "mount", `d0/${full.backupId}`, ...repo, "--nbd-socket", socket],
+      { env: host.env, stdio: ["ignore", "pipe", "pipe"] },
+    );
+    let mountOutput = "";
+    mount.stdout.setEncoding("utf8").on("data", (text: string) => {
+      mountOutput += text;
+    });
+    mount.stderr.setEncoding("utf8").on("data", (text: string) => {
+      mountOutput += text;
+    });
+    const mountExited = new Promise<number | null>((resolve) => mount.once("exit", (code) => resolve(code)));
+    try {
+      for (let attempt = 0; attempt < 600 && !mountOutput.includes("serving"); attempt++) {
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+      assert.match(mountOutput, /serving d0\//);
+      const mountedCopy = join(directory, "a0-mounted.img");
+      await runOk("nbdcopy", [`nbd+unix:///d0?socket=${socket}`, mountedCopy]);
+      await sameBytes(mountedCopy, afterFull);
+    } finally {
+      mount.kill("SIGTERM");
+    }
+    assert.equal(await mountExited, 0, mountOutput);
+  }
   await device.check(restoredFull, 1);
 
   const listed = await host.cliJson<{ backups: { id: string; level: string }[] }>([
