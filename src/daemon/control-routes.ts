@@ -160,6 +160,31 @@ function param(request: RouteRequest, name: string): string {
   return value;
 }
 
+/** Shortest prefix of a snapshot id accepted in its place (like docker's and git's short ids). */
+export const snapshotIdPrefixCharsMin = 4;
+/** Candidates named in an ambiguous-prefix error. */
+const ambiguousCandidatesShown = 8;
+
+/**
+ * The `:id` of a snapshot route: a full id, or a unique prefix of one of at least
+ * snapshotIdPrefixCharsMin characters. An ambiguous prefix is EINVAL naming the candidates; an unknown id
+ * or prefix is passed on as given, so the engine answers ESRCH.
+ */
+function snapshotId(context: ControlContext, request: RouteRequest): string {
+  const given = param(request, "id");
+  if (given.length < snapshotIdPrefixCharsMin) return given;
+  const ids = context.engine.listSnapshots().map((info) => info.id);
+  if (ids.includes(given)) return given;
+  const matches = ids.filter((id) => id.startsWith(given));
+  if (matches.length === 1) return matches[0] as string;
+  if (matches.length > 1) {
+    const shown = matches.slice(0, ambiguousCandidatesShown).join(", ");
+    const more = matches.length > ambiguousCandidatesShown ? `, … (${matches.length} in all)` : "";
+    throw new BlockError("EINVAL", `Snapshot id prefix ${given} is ambiguous: ${shown}${more}`);
+  }
+  return given;
+}
+
 function reach(context: ControlContext, exportName: string): ExportReach {
   return {
     nbdUris: nbdUrisFor(exportName, context.addresses),
@@ -345,12 +370,12 @@ export const routes: readonly Route[] = [
 
   route("GET", "/v1/snapshots/:id", (context, request) => {
     requireNoQuery(request);
-    return ok(snapshotView(context, context.engine.snapshotInfo(param(request, "id"))));
+    return ok(snapshotView(context, context.engine.snapshotInfo(snapshotId(context, request))));
   }),
 
   route("DELETE", "/v1/snapshots/:id", async (context, request) => {
     requireNoQuery(request);
-    const id = param(request, "id");
+    const id = snapshotId(context, request);
     await context.engine.destroySnapshot(id);
     const view: DestroyedView = { destroyed: id };
     return ok(view);
@@ -358,7 +383,7 @@ export const routes: readonly Route[] = [
 
   route("POST", "/v1/snapshots/:id/devices", (context, request) => {
     requireNoQuery(request);
-    const id = param(request, "id");
+    const id = snapshotId(context, request);
     const body = parse(snapshotAddDeviceBodySchema, request.body, "device");
     context.engine.addDeviceToSnapshot(id, body.device);
     return ok(snapshotView(context, context.engine.snapshotInfo(id)));
@@ -367,7 +392,7 @@ export const routes: readonly Route[] = [
   route("POST", "/v1/snapshots/:id/storage", async (context, request) => {
     requireNoQuery(request);
     const body = parse(appendStorageBodySchema, request.body, "storage");
-    const storage = await context.engine.appendStorage(param(request, "id"), body);
+    const storage = await context.engine.appendStorage(snapshotId(context, request), body);
     const view: StorageView = { storage: storageInfoView(storage) };
     return ok(view);
   }),
@@ -375,13 +400,13 @@ export const routes: readonly Route[] = [
   route("POST", "/v1/snapshots/:id/take", async (context, request) => {
     requireNoQuery(request);
     const body = parse(takeBodySchema, request.body, "take options");
-    const info = await context.engine.takeSnapshot(param(request, "id"), body);
+    const info = await context.engine.takeSnapshot(snapshotId(context, request), body);
     return ok(snapshotView(context, info));
   }),
 
   route("GET", "/v1/snapshots/:id/event", async (context, request) => {
     const { timeoutMs } = parse(waitEventQuerySchema, request.query, "query");
-    const event = await waitEventOrShutdown(context, param(request, "id"), timeoutMs);
+    const event = await waitEventOrShutdown(context, snapshotId(context, request), timeoutMs);
     const view: EventView = { event: event === null ? null : snapshotEventView(event) };
     return ok(view);
   }),

@@ -333,6 +333,20 @@ void test("POST mark-dirty passes the ranges to the engine; an empty or negative
   assert.equal(engine.markedRanges.length, 1);
 });
 
+void test("snapshot routes take a unique id prefix; an ambiguous one is 400 EINVAL naming the candidates", async () => {
+  const create = () =>
+    send(socketPath, "POST", "/v1/snapshots", JSON.stringify({ storage: "memory:", limitBytes: 1 }));
+  const ids = [String((await create()).json().id), String((await create()).json().id)];
+  const ambiguous = await send(socketPath, "GET", "/v1/snapshots/snap");
+  assert.equal(ambiguous.status, 400);
+  assert.equal(ambiguous.json().error?.errno, "EINVAL");
+  for (const id of ids) assert.match(String(ambiguous.json().error?.message), new RegExp(`\\b${id}\\b`));
+  const exact = await send(socketPath, "GET", `/v1/snapshots/${ids[0]}`);
+  assert.equal(exact.status, 200);
+  assert.equal(exact.json().id, ids[0]);
+  assert.equal((await send(socketPath, "GET", "/v1/snapshots/snax")).status, 404);
+});
+
 void test("a body over the limit is 413 EFBIG", async () => {
   const huge = Buffer.alloc(requestBodyBytesMax + 1, 0x20);
   const reply = await send(socketPath, "POST", "/v1/devices", huge);

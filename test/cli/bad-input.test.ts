@@ -159,6 +159,18 @@ void test("a device size below 4 KiB is refused with a readable message", async 
   }
 });
 
+void test("a snapshot id may be shortened to a unique prefix of at least 4 characters", async () => {
+  const prefix = takenId.slice(0, 8);
+  const info = await daemon.cliJson<SnapshotView>(["snapshot", "info", prefix]);
+  assert.equal(info.id, takenId);
+  const event = await daemon.cli(["snapshot", "wait-event", prefix, "--timeout", "0", "--json"]);
+  assert.equal(event.code, 0, event.stderr);
+  const take = await daemon.cli(["snapshot", "take", prefix]);
+  assert.match(take.stderr, /\(EALREADY\)$/m, "the prefix reached the taken snapshot");
+  const short = await daemon.cli(["snapshot", "info", takenId.slice(0, 3)]);
+  assert.match(short.stderr, /\(ESRCH\)$/m, "3 characters are not a prefix");
+});
+
 void test("an unreachable daemon: exit 1 and a hint to run blocksnap serve", async () => {
   const result = await runCli(["status", "--socket", join(directory, "nobody.sock")]);
   assert.equal(result.code, 1);
