@@ -1,7 +1,8 @@
 /**
  * The `blocksnap` command line (commander 14): the program, its groups and commands, and the mapping of
  * commander's own failures to exit codes. Usage errors (unknown command or option, missing argument, bad
- * size or range) print `blocksnap: <message>` and exit 2; `--help` exits 0.
+ * size or range) print `blocksnap: <message>` and exit 2 (with `--json`, also `{"error": {"errno": "EINVAL",
+ * …}}` on stdout); `--help` exits 0.
  */
 import { Command, CommanderError } from "commander";
 import { addAccessCommands } from "./access-commands.js";
@@ -12,6 +13,7 @@ import { addCompletionCommands, answerCompletion } from "./completion-command.js
 import { addDeviceCommands } from "./device-commands.js";
 import { addInstallUnitsCommand } from "./install-units-command.js";
 import { addManCommand } from "./man-command.js";
+import { writeJson } from "./output.js";
 import { addServeCommand } from "./serve-command.js";
 import { addSnapshotCommands } from "./snapshot-commands.js";
 import { addStatusCommands } from "./status-commands.js";
@@ -49,6 +51,12 @@ export function exitCodeForCommanderError(error: CommanderError): number {
   return error.exitCode === 0 ? 0 : exitCodeUsage;
 }
 
+/** `--json` among the arguments, before a `--` that ends the options. */
+function asksForJson(args: readonly string[]): boolean {
+  const end = args.indexOf("--");
+  return (end === -1 ? args : args.slice(0, end)).includes("--json");
+}
+
 export async function runCli(argv: readonly string[]): Promise<void> {
   // `blocksnap status | head`: a reader that goes away is not an error worth a stack trace.
   process.stdout.on("error", (error: NodeJS.ErrnoException) => {
@@ -62,6 +70,10 @@ export async function runCli(argv: readonly string[]): Promise<void> {
   } catch (error) {
     if (error instanceof CommanderError) {
       process.exitCode = exitCodeForCommanderError(error);
+      // Under --json a usage error is an error object on stdout too, as the daemon's refusals are.
+      if (process.exitCode === exitCodeUsage && asksForJson(argv.slice(2))) {
+        writeJson({ error: { errno: "EINVAL", message: error.message.replace(/^error: /, "") } });
+      }
       return;
     }
     throw error;

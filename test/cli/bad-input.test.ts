@@ -94,6 +94,25 @@ void test("usage errors exit 2 with a blocksnap: message and reach no daemon", a
   assert.deepEqual(await state(), before);
 });
 
+void test("usage errors with --json also print an EINVAL error object on stdout", async () => {
+  const env = cleanEnvironment({ BLOCKSNAP_SOCKET: daemon.controlSocket });
+  const cases: string[][] = [
+    ["device", "list", "--frob", "--json"],
+    ["device", "add", "x", "--backend", "/x", "--size", "12Q", "--json"],
+    ["snapshot", "wait-event", "x", "--json"],
+  ];
+  await inBatches(cases, async (args) => {
+    const result = await runCli(args, { env });
+    assert.equal(result.code, 2, `blocksnap ${args.join(" ")}: exit ${result.code}\n${result.stderr}`);
+    const body = JSON.parse(result.stdout) as { error: { errno: string; message: string } };
+    assert.equal(body.error.errno, "EINVAL", `blocksnap ${args.join(" ")}`);
+    assert.ok(body.error.message.length > 0 && !body.error.message.includes("\n"), body.error.message);
+    assert.match(result.stderr, /^blocksnap: /m);
+  });
+  const text = await runCli(["device", "list", "--frob"], { env });
+  assert.equal(text.stdout, "", "no JSON without --json");
+});
+
 void test("refused operations exit 1 with the errno, in text and in --json, and change nothing", async () => {
   const cases: [string[], string][] = [
     [["cbt", "info", "nope"], "ENOENT"],
