@@ -609,13 +609,7 @@ export class Engine implements ExportSource {
     try {
       await snapshot.destroy();
     } finally {
-      const claimOwner = this.snapshotClaims.get(id);
-      if (claimOwner !== undefined) this.claims.release(claimOwner);
-      this.snapshotClaims.delete(id);
-      for (const name of snapshot.memberNames) {
-        const entry = this.devices.get(name);
-        if (entry?.snapshotId === id) entry.snapshotId = null;
-      }
+      this.releaseSnapshot(snapshot);
     }
     if (snapshot.kept) await this.persistence?.forget(id);
     this.logger.info({ snapshot: id }, "snapshot destroyed");
@@ -678,13 +672,19 @@ export class Engine implements ExportSource {
     } catch (error) {
       this.logger.error({ snapshot: id, err: error }, "closing a kept snapshot failed");
     } finally {
-      const claimOwner = this.snapshotClaims.get(id);
-      if (claimOwner !== undefined) this.claims.release(claimOwner);
-      this.snapshotClaims.delete(id);
-      for (const name of snapshot.memberNames) {
-        const entry = this.devices.get(name);
-        if (entry?.snapshotId === id) entry.snapshotId = null;
-      }
+      this.releaseSnapshot(snapshot);
+    }
+  }
+
+  /** What a snapshot held in the engine once it ends here: its storage claims and its members. */
+  private releaseSnapshot(snapshot: Snapshot): void {
+    const id = snapshot.id;
+    const claimOwner = this.snapshotClaims.get(id);
+    if (claimOwner !== undefined) this.claims.release(claimOwner);
+    this.snapshotClaims.delete(id);
+    for (const name of snapshot.memberNames) {
+      const entry = this.devices.get(name);
+      if (entry?.snapshotId === id) entry.snapshotId = null;
     }
   }
 
