@@ -195,7 +195,13 @@ export class SnapshotKeeper implements SnapshotPersistence {
   private async openLog(id: string, endBytes: number): Promise<void> {
     const opening = ChunkLogWriter.open(BackendPersistFile.open(this.logPath(id)), endBytes, this.bootId);
     this.logs.set(id, opening);
-    await opening;
+    try {
+      await opening;
+    } catch (error) {
+      // Not kept: a later save() opens the log again instead of every record failing on this attempt.
+      if (this.logs.get(id) === opening) this.logs.delete(id);
+      throw error;
+    }
   }
 
   private async closeLog(id: string): Promise<void> {

@@ -10,11 +10,12 @@
  * thawed in a `finally`, then unmounted and its loop device detached in `after`.
  */
 import assert from "node:assert/strict";
-import { mkdir, mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
 import { isRoot, missingTools, run, runOk } from "../helpers/commands.js";
+import { mountScratchExt4 } from "../helpers/scratch-ext4.js";
 import { cliPath, DaemonProcess, runCli, runCommand } from "./cli-harness.js";
 
 const deviceSizeBytes = 16 << 20;
@@ -44,15 +45,7 @@ void test("a frozen difference storage stalls only its snapshot: other devices a
   const directory = await mkdtemp(join(tmpdir(), "blocksnap-frozen-"));
   cleanups.push(() => rm(directory, { recursive: true, force: true }));
 
-  const fsImage = join(directory, "fs.img");
-  await runOk("truncate", ["-s", "64M", fsImage]);
-  await runOk("mkfs.ext4", ["-q", "-F", fsImage]);
-  const loop = (await runOk("losetup", ["-f", "--show", fsImage])).trim();
-  cleanups.push(() => run("losetup", ["-d", loop]));
-  const mountPoint = join(directory, "frozen");
-  await mkdir(mountPoint);
-  await runOk("mount", [loop, mountPoint]);
-  cleanups.push(() => run("umount", [mountPoint]));
+  const { mountPoint } = await mountScratchExt4(directory, "frozen", { size: "64M" }, cleanups);
 
   const daemon = await DaemonProcess.start(join(directory, "state"));
   cleanups.push(() => daemon.stop());

@@ -9,12 +9,13 @@
  * Root only (losetup, mkfs, mount); skipped with the reason otherwise.
  */
 import assert from "node:assert/strict";
-import { mkdir, mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
 import type { EventView, SnapshotView } from "../../src/daemon/api-types.js";
-import { isRoot, missingTools, run, runOk } from "../helpers/commands.js";
+import { isRoot, missingTools, run } from "../helpers/commands.js";
+import { mountScratchExt4 } from "../helpers/scratch-ext4.js";
 import { DaemonProcess } from "./cli-harness.js";
 
 const chunkBytes = 64 * 1024;
@@ -34,15 +35,12 @@ void test("a full host file system: failed copies release their space, io_error 
   if (missing) return t.skip(missing);
   const directory = await mkdtemp(join(tmpdir(), "blocksnap-fullhost-"));
   cleanups.push(() => rm(directory, { recursive: true, force: true }));
-  const fsImage = join(directory, "fs.img");
-  await runOk("truncate", ["-s", "32M", fsImage]);
-  await runOk("mkfs.ext4", ["-q", "-F", "-m", "0", fsImage]);
-  const loop = (await runOk("losetup", ["-f", "--show", fsImage])).trim();
-  cleanups.push(() => run("losetup", ["-d", loop]));
-  const mountPoint = join(directory, "small");
-  await mkdir(mountPoint);
-  await runOk("mount", [loop, mountPoint]);
-  cleanups.push(() => run("umount", [mountPoint]));
+  const { mountPoint } = await mountScratchExt4(
+    directory,
+    "small",
+    { size: "32M", mkfsArgs: ["-m", "0"] },
+    cleanups,
+  );
 
   const daemon = await DaemonProcess.start(join(directory, "state"));
   cleanups.push(() => daemon.stop());
