@@ -4,7 +4,8 @@
  * seeded random offsets on both origins while the daemon is stopped:
  *   - SIGTERM (clean stop): the snapshot comes back with the same id and state, the image reads back
  *     byte-identical to the copy made before take (nbdcopy + cmp, and qemu-img compare);
- *   - SIGKILL at a random moment, six rounds: the same, every round, and the CBT generation is unchanged;
+ *   - SIGKILL at a random moment, six rounds: the same, every round, the CBT generation is unchanged and a
+ *     second take (of d1) works;
  *   - a simulated host crash (another boot id, the documented BLOCKSNAP_TEST_BOOT_ID_PATH hook) after
  *     unsealed records: the snapshot comes back corrupted (its image fails with EIO), never with wrong bytes;
  *   - destroy removes the named storage files; a memory: snapshot is reported lost after a restart.
@@ -164,6 +165,13 @@ void test("a taken snapshot survives SIGTERM, six kill -9 rounds under writes, a
       `round ${round}`,
     );
     await imageEquals(daemon, id, reference, `kill -9 round ${round}`);
+    // A second take works after the restart (on d1, since d0 belongs to the kept snapshot).
+    const second = (
+      await daemon.cliOk(["snapshot", "create", "--storage", "memory:", "--limit", "8M", "--device", "d1"])
+    ).trim();
+    await daemon.cliOk(["snapshot", "take", second, "--no-freeze"]);
+    assert.equal((await daemon.cliJson<SnapshotView>(["snapshot", "info", second])).state, "taken");
+    await daemon.cliOk(["snapshot", "destroy", second]);
   }
 
   // A host crash after unsealed records: corrupted, never wrong bytes.
