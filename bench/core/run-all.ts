@@ -21,6 +21,7 @@ const benchmarks = [
   { file: "take-stall.js", nodeFlags: [] },
   { file: "memory-cost.js", nodeFlags: ["--expose-gc"] },
   { file: "image-read.js", nodeFlags: [] },
+  { file: "file-write.js", nodeFlags: [] },
 ] as const;
 
 /** Each benchmark takes well under a minute here; this only stops a hung one. */

@@ -1,7 +1,13 @@
 /**
- * Messages between a FileSystemWriter (fs-writer.ts) and its thread (fs-writer-worker.ts). A batch is
- * a flat table of operations (opFields numbers each, transferred) and a shared staging buffer with the
- * payloads of its writes (the writer reuses it once the reply came). The reply names only the operations that failed.
+ * The shared memory between a FileSystemWriter (fs-writer.ts) and its thread (fs-writer-worker.ts). No
+ * message is posted per batch: the writer fills a slot (an operation table and a staging buffer with the
+ * payloads), bumps SUBMITTED and wakes the thread with Atomics.notify; the thread runs the slot's
+ * operations in order, stores each one's outcome (0 or a negative errno) in the slot's result table,
+ * bumps COMPLETED and notifies; the event loop learns of it through Atomics.waitAsync. Batch n always
+ * uses slot n % slotCount, and at most slotCount batches are out, so a slot is never reused while the
+ * thread reads it. A staging buffer that must grow (a write larger than batchBytesMax) is replaced by
+ * posting the new one on the slot's port before the batch is submitted; the thread takes such messages
+ * with receiveMessageOnPort before it runs a batch, so it always sees the buffer the batch was staged in.
  */
 
 export const opFields = 5;
@@ -10,20 +16,30 @@ export const OP_EXTEND = 1;
 /** Writes zeroes from the thread's own buffer: length in the length field, no payload. */
 export const OP_ZERO = 2;
 
-export interface WriteBatch {
-  readonly batchId: number;
-  /** Per operation: kind, fd, position in the file, offset of its payload in `data`, length. */
-  readonly ops: Float64Array;
-  readonly data: SharedArrayBuffer;
+/** Batches out at once, and the slots they occupy. */
+export const slotCount = 2;
+/** Operations per batch at most (the table of a slot is sized for it). */
+export const opsPerBatchMax = 1024;
+
+/** Indexes into the doorbell (an Int32Array over a SharedArrayBuffer). */
+export const DOORBELL_SUBMITTED = 0;
+export const DOORBELL_COMPLETED = 1;
+/** Per slot: the operation count of the batch in it. */
+export const doorbellSlotBase = 2;
+export const doorbellInts = doorbellSlotBase + slotCount;
+
+/** What the thread gets at start (workerData). */
+export interface WriterShared {
+  readonly doorbell: SharedArrayBuffer;
+  /** Per slot: opsPerBatchMax × opFields numbers (kind, fd, position, payload offset, length). */
+  readonly opTables: readonly SharedArrayBuffer[];
+  /** Per slot: opsPerBatchMax outcomes, 0 or a negative errno (Node's `error.errno`). */
+  readonly resultTables: readonly SharedArrayBuffer[];
+  readonly stagingBuffers: readonly SharedArrayBuffer[];
 }
 
-export interface BatchFailure {
-  readonly index: number;
-  readonly code: string;
-  readonly message: string;
-}
-
-export interface BatchReply {
-  readonly batchId: number;
-  readonly failures: readonly BatchFailure[];
+/** Posted (on the thread's port) when a slot's staging buffer is replaced. */
+export interface StagingReplaced {
+  readonly slot: number;
+  readonly staging: SharedArrayBuffer;
 }

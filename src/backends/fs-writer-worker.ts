@@ -1,26 +1,37 @@
 /**
- * The thread of one FileSystemWriter: runs each batch's writes and extensions in order with the
- * synchronous fs calls (a blocked call here, on a frozen or dying file system, blocks only this thread),
- * then answers with the failures. Errors never end the thread.
+ * The thread of one FileSystemWriter: sleeps on the doorbell (Atomics.wait, no event loop), runs each
+ * submitted batch's writes and extensions in order with the synchronous fs calls (a blocked call here, on a
+ * frozen or dying file system, blocks only this thread), stores every operation's outcome and rings back.
+ * Errors never end the thread; the writer ends it with terminate(), which also interrupts the wait.
  */
 import * as fs from "node:fs";
-import { parentPort } from "node:worker_threads";
+import { type MessagePort, parentPort, receiveMessageOnPort, workerData } from "node:worker_threads";
 import { assert } from "../util/assert.js";
 import {
-  type BatchFailure,
-  type BatchReply,
+  DOORBELL_COMPLETED,
+  DOORBELL_SUBMITTED,
+  doorbellSlotBase,
   OP_EXTEND,
   OP_WRITE,
   OP_ZERO,
   opFields,
-  type WriteBatch,
+  type StagingReplaced,
+  slotCount,
+  type WriterShared,
 } from "./fs-write-protocol.js";
 
 const zeroBufferBytes = 1024 * 1024;
+/** Node's errno of EIO, for a failure that carries none. */
+const errnoEio = -5;
 let zeroes: Uint8Array | undefined;
 
-const port = parentPort;
-assert(port, "fs-writer-worker runs as a worker thread");
+assert(parentPort, "fs-writer-worker runs as a worker thread");
+const port: MessagePort = parentPort;
+const shared = workerData as WriterShared;
+const doorbell = new Int32Array(shared.doorbell);
+const opTables = shared.opTables.map((buffer) => new Float64Array(buffer));
+const resultTables = shared.resultTables.map((buffer) => new Int32Array(buffer));
+const stagings = shared.stagingBuffers.map((buffer) => new Uint8Array(buffer));
 
 function runOne(ops: Float64Array, base: number, data: Uint8Array): void {
   const kind = ops[base];
@@ -64,18 +75,42 @@ function writeAll(
   }
 }
 
-port.on("message", (batch: WriteBatch) => {
-  const data = new Uint8Array(batch.data);
-  const failures: BatchFailure[] = [];
-  const count = batch.ops.length / opFields;
+/** Staging buffers the writer replaced since the last batch (posted before that batch was submitted). */
+function takeReplacedStagings(): void {
+  for (;;) {
+    const received = receiveMessageOnPort(port);
+    if (!received) return;
+    const { slot, staging } = received.message as StagingReplaced;
+    stagings[slot] = new Uint8Array(staging);
+  }
+}
+
+function runBatch(slot: number): void {
+  const ops = opTables[slot];
+  const results = resultTables[slot];
+  const data = stagings[slot];
+  assert(ops && results && data, "a batch in a slot that exists");
+  const count = doorbell[doorbellSlotBase + slot] ?? 0;
   for (let index = 0; index < count; index++) {
     try {
-      runOne(batch.ops, index * opFields, data);
+      runOne(ops, index * opFields, data);
+      results[index] = 0;
     } catch (error) {
-      const { code, message } = error as NodeJS.ErrnoException;
-      failures.push({ index, code: code ?? "EIO", message });
+      const errno = (error as NodeJS.ErrnoException).errno;
+      results[index] = typeof errno === "number" && errno < 0 ? errno : errnoEio;
     }
   }
-  const reply: BatchReply = { batchId: batch.batchId, failures };
-  port.postMessage(reply);
-});
+}
+
+let completed = 0;
+for (;;) {
+  if (Atomics.load(doorbell, DOORBELL_SUBMITTED) === completed) {
+    Atomics.wait(doorbell, DOORBELL_SUBMITTED, completed);
+    continue;
+  }
+  takeReplacedStagings();
+  runBatch(completed % slotCount);
+  completed++;
+  Atomics.store(doorbell, DOORBELL_COMPLETED, completed);
+  Atomics.notify(doorbell, DOORBELL_COMPLETED);
+}
