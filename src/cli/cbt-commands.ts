@@ -59,7 +59,10 @@ export function addCbtCommands(program: Command): void {
       .command("read")
       .description("write the CBT map (one byte per block) to a file")
       .argument("<name>", "device name")
-      .requiredOption("--out <file>", "where to write the raw map ('-' for stdout)"),
+      .requiredOption(
+        "--out <file>",
+        "where to write the raw map ('-' for stdout; with --json, stdout gets one JSON document with the map in mapBase64)",
+      ),
   )
     .addHelpText("after", "\nExample:\n  $ blocksnap cbt read disk0 --out /tmp/disk0.cbt\n")
     .action(
@@ -67,6 +70,8 @@ export function addCbtCommands(program: Command): void {
         const view = await client.get<CbtMapJsonView>(cbtPath(name!, "/map?format=base64"));
         const map = Buffer.from(view.mapBase64, "base64");
         if (options.out === "-") {
+          // Both want stdout: under --json the one JSON document carries the map itself, as the API does.
+          if (json) return writeJson({ ...view, out: "-", bytesWritten: map.byteLength });
           process.stdout.write(map);
           return;
         }

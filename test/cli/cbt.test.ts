@@ -166,3 +166,33 @@ void test("CBT maps across takes, mark-dirty, and a restart", async (t) => {
   for (const blockIndex of [3, 9]) assert.ok(afterCrashTake[blockIndex]! > beforeCrash.changesNumber);
   await daemon.cliOk(["snapshot", "destroy", crashId]);
 });
+
+void test("cbt read --out -: the raw map on stdout; with --json one JSON document that carries it", async () => {
+  await daemon.cliOk(["device", "add", "c1", "--backend", join(directory, "c1.img"), "--size", "1M"]);
+  await daemon.cliOk(["cbt", "mark-dirty", "c1", "--range", "0:4K"]);
+  const id = (
+    await daemon.cliOk(["snapshot", "create", "--storage", "memory:", "--limit", "4M", "--device", "c1"])
+  ).trim();
+  await daemon.cliOk(["snapshot", "take", id, "--no-freeze"]);
+  const file = await readMap("c1", 0, "file");
+  const raw = await daemon.cli(["cbt", "read", "c1", "--out", "-"]);
+  assert.equal(raw.code, 0, raw.stderr);
+  assert.deepEqual(new Uint8Array(Buffer.from(raw.stdout, "utf8")), file);
+
+  const result = await daemon.cli(["cbt", "read", "c1", "--out", "-", "--json"]);
+  assert.equal(result.code, 0, result.stderr);
+  assert.equal(result.stderr, "");
+  const view = JSON.parse(result.stdout) as CbtInfoView & {
+    mapBase64: string;
+    out: string;
+    bytesWritten: number;
+  };
+  assert.equal(view.out, "-");
+  assert.equal(view.bytesWritten, file.byteLength);
+  assert.equal(view.blockCount, file.byteLength);
+  assert.deepEqual(new Uint8Array(Buffer.from(view.mapBase64, "base64")), file);
+  assert.ok(
+    file.some((value) => value !== 0),
+    "mark-dirty shows in the map",
+  );
+});
