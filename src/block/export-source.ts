@@ -99,3 +99,35 @@ export class StaticExportSource implements ExportSource {
     for (const listener of this.listeners) listener();
   }
 }
+
+/**
+ * Several sources served as one (the engine's devices and images, and the backups the daemon mounts).
+ * A name is looked up in the sources in order, so an earlier source wins a clash; the owners of the later
+ * sources refuse names the earlier ones hold when they add them.
+ */
+export class MergedExportSource implements ExportSource {
+  private readonly sources: readonly ExportSource[];
+
+  constructor(sources: readonly ExportSource[]) {
+    this.sources = sources;
+  }
+
+  listExports(): readonly Export[] {
+    return this.sources.flatMap((source) => source.listExports());
+  }
+
+  findExport(name: string): Export | undefined {
+    for (const source of this.sources) {
+      const found = source.findExport(name);
+      if (found) return found;
+    }
+    return undefined;
+  }
+
+  onExportsChanged(listener: () => void): () => void {
+    const unsubscribes = this.sources.map((source) => source.onExportsChanged(listener));
+    return () => {
+      for (const unsubscribe of unsubscribes) unsubscribe();
+    };
+  }
+}

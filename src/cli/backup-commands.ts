@@ -301,6 +301,11 @@ export function addBackupCommands(program: Command): void {
     backup,
     (command) => addCommonOptions(repositoryOptions(command)),
     openRepository,
+    (options) => ({
+      repository: repositoryLocation(options.repo),
+      ...(options.repo.startsWith("s3://") ? { s3: s3Settings(options) } : {}),
+      ...(options.key === undefined ? {} : { keyFile: absolutePath(options.key) }),
+    }),
   );
   addCommonOptions(
     repositoryOptions(

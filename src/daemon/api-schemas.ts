@@ -80,6 +80,25 @@ export const emptyObjectSchema = z.strictObject({});
 
 export const restartBodySchema = z.strictObject({ force: z.boolean().optional() });
 
+const s3Settings = z
+  .strictObject({
+    endpoint: path.optional(),
+    region: z.string().min(1).max(64).optional(),
+    parallel: z.int().min(1).max(1024).optional(),
+  })
+  .optional();
+
+export const backupMountBodySchema = z.strictObject({
+  repository: path,
+  /** DEVICE/ID, an id, or DEVICE/latest. */
+  backup: z.string().min(1).max(256),
+  keyFile: path.optional(),
+  /** For an s3:// repository; the credentials come from the daemon's own environment, never the API. */
+  s3: s3Settings,
+  overlay: z.boolean().optional(),
+  overlayDirectory: path.optional(),
+});
+
 export const backupBodySchema = z.strictObject({
   device: deviceName,
   repository: path,
@@ -88,11 +107,5 @@ export const backupBodySchema = z.strictObject({
   storage: path.optional(),
   limitBytes: z.int().positive().optional(),
   /** For an s3:// repository; the credentials come from the daemon's own environment, never the API. */
-  s3: z
-    .strictObject({
-      endpoint: path.optional(),
-      region: z.string().min(1).max(64).optional(),
-      parallel: z.int().min(1).max(1024).optional(),
-    })
-    .optional(),
+  s3: s3Settings,
 });

@@ -24,6 +24,7 @@ import {
 import {
   appendStorageBodySchema,
   backupBodySchema,
+  backupMountBodySchema,
   cbtMapQuerySchema,
   deviceAddBodySchema,
   deviceRemoveQuerySchema,
@@ -54,6 +55,7 @@ import type {
   UnavailableDeviceView,
 } from "./api-types.js";
 import type { BackupJobs } from "./backup-jobs.js";
+import type { BackupMounts, BackupMountView } from "./backup-mounts.js";
 import type { ControlEngine } from "./control-engine.js";
 import type { DeviceRegistry } from "./device-registry.js";
 import { type ExportAddresses, fusePathFor, nbdUrisFor } from "./export-urls.js";
@@ -85,6 +87,8 @@ export interface ControlContext {
   readonly shutdownSignal: AbortSignal;
   /** Backup jobs (absent in tests that need none). */
   readonly backups?: BackupJobs;
+  /** Backups served as exports (absent in tests that need none). */
+  readonly backupMounts?: BackupMounts;
   /**
    * A planned restart (supervised engines only): checks, then hands over after the answer is sent.
    * Absent when the daemon runs without a supervisor.
@@ -301,6 +305,28 @@ export const routes: readonly Route[] = [
     return ok(backupJobs(context).get(param(request, "id")));
   }),
 
+  route("POST", "/v1/backups/mounts", async (context, request) => {
+    requireNoQuery(request);
+    const body = parse(backupMountBodySchema, request.body, "backup mount");
+    const view = await backupMounts(context).mount(body);
+    return ok(withAddresses(context, view), 201);
+  }),
+
+  route("GET", "/v1/backups/mounts", (context, request) => {
+    requireNoQuery(request);
+    return ok({
+      mounts: backupMounts(context)
+        .list()
+        .map((view) => withAddresses(context, view)),
+    });
+  }),
+
+  route("DELETE", "/v1/backups/mounts/:name", async (context, request) => {
+    requireNoQuery(request);
+    await backupMounts(context).unmount(param(request, "name"));
+    return ok({ unmounted: param(request, "name") });
+  }),
+
   route("GET", "/v1/devices", (context, request) => {
     requireNoQuery(request);
     const view: DeviceListView = {
@@ -459,6 +485,20 @@ function matchSegments(
     }
   }
   return params;
+}
+
+/** Where a mounted backup is served: its NBD URIs and FUSE file. */
+function withAddresses(context: ControlContext, view: BackupMountView) {
+  return {
+    ...view,
+    nbdUris: nbdUrisFor(view.name, context.addresses),
+    fusePath: fusePathFor(view.name, context.addresses),
+  };
+}
+
+function backupMounts(context: ControlContext): BackupMounts {
+  if (context.backupMounts === undefined) throw new BlockError("ENOTSUP", "this daemon mounts no backups");
+  return context.backupMounts;
 }
 
 function backupJobs(context: ControlContext): BackupJobs {

@@ -20,6 +20,7 @@
 import { mkdir, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { BlockError, toBlockError } from "../block/errors.js";
+import { type ExportSource, MergedExportSource } from "../block/export-source.js";
 import { Engine } from "../engine/engine.js";
 import { LoopFreezer } from "../freeze/loop-freezer.js";
 import { findLoopMountsUnder, type LoopMount } from "../freeze/mount-discovery.js";
@@ -30,10 +31,10 @@ import { loadNbdTls, type NbdTls, type TlsFiles } from "../nbd/tls.js";
 import { assert } from "../util/assert.js";
 import { loopDeviceUsersOver } from "../util/file-identity.js";
 import type { Logger } from "../util/logger.js";
-
 import { AccessFile } from "./access-file.js";
 import type { AccessRulesView, AccessView, SnapshotRecoveryView, TlsView } from "./api-types.js";
 import { BackupJobs } from "./backup-jobs.js";
+import { BackupMounts } from "./backup-mounts.js";
 import type { ControlContext } from "./control-routes.js";
 import { ControlServer } from "./control-server.js";
 import { DeviceRegistry } from "./device-registry.js";
@@ -93,6 +94,7 @@ export class Daemon {
   private readonly registry: DeviceRegistry;
   private readonly nbdServer: NbdServer | null;
   private readonly fuseServer: FuseServer | null;
+  private readonly backupMounts: BackupMounts;
   private readonly controlServer: ControlServer;
   private readonly shutdownController: AbortController;
   private readonly accessFile: AccessFile;
@@ -105,6 +107,7 @@ export class Daemon {
     registry: DeviceRegistry;
     nbdServer: NbdServer | null;
     fuseServer: FuseServer | null;
+    backupMounts: BackupMounts;
     controlServer: ControlServer;
     shutdownController: AbortController;
     addresses: ExportAddresses;
@@ -116,6 +119,7 @@ export class Daemon {
     this.registry = parts.registry;
     this.nbdServer = parts.nbdServer;
     this.fuseServer = parts.fuseServer;
+    this.backupMounts = parts.backupMounts;
     this.controlServer = parts.controlServer;
     this.shutdownController = parts.shutdownController;
     this.addresses = parts.addresses;
@@ -143,12 +147,16 @@ export class Daemon {
       const fuseMount: FuseMountRef = { dir: null };
       const { engine, registry, snapshotKeeper } = await openEngine(options, fuseMount, undo);
 
-      const { nbdServer, nbdTcp } = await startNbd(engine, options, socketAccess, tcpWarning, undo, {
+      // The faces serve the engine's devices and images and the backups mounted through the API.
+      const backupMounts = new BackupMounts(logger);
+      undo.push(() => backupMounts.close());
+      const served = new MergedExportSource([engine, backupMounts.exports]);
+      const { nbdServer, nbdTcp } = await startNbd(served, options, socketAccess, tcpWarning, undo, {
         tls: nbdTls,
         access: accessFile,
       });
 
-      const fuseServer = await mountFuse(engine, options);
+      const fuseServer = await mountFuse(served, options);
       if (fuseServer !== null) undo.push(() => fuseServer.unmount());
       fuseMount.dir = fuseServer?.mountDir ?? null;
 
@@ -170,6 +178,7 @@ export class Daemon {
         addresses,
         shutdownSignal: shutdownController.signal,
         access,
+        backupMounts,
         backups: new BackupJobs(
           {
             createSnapshot: (createOptions) => engine.createSnapshot(createOptions),
@@ -205,6 +214,7 @@ export class Daemon {
         registry,
         nbdServer,
         fuseServer,
+        backupMounts,
         controlServer,
         shutdownController,
         addresses,
@@ -295,6 +305,7 @@ export class Daemon {
       ["control server", () => this.controlServer.close()],
       ["NBD server", async () => this.nbdServer?.close()],
       ["FUSE", async () => this.fuseServer?.detach()],
+      ["backup mounts", () => this.backupMounts.close()],
       ["CBT state", () => this.registry.saveCbtStates()],
       // The successor opens the same files and shares their page cache: nothing to flush for it.
       ["engine", () => this.engine.close({ flush: false })],
@@ -332,6 +343,7 @@ export class Daemon {
           await rm(fuseSessionStatePathIn(this.options.stateDir), { force: true });
         },
       ],
+      ["backup mounts", () => this.backupMounts.close()],
       // After the faces, so no write can follow; before the engine closes the backends.
       ["CBT state", () => this.registry.saveCbtStates()],
       ["engine", () => this.engine.close()],
@@ -418,7 +430,7 @@ function logReady(
 
 /** The NBD face: the supervisor's connections, or our own listeners (Unix socket, TCP, socket activation). */
 async function startNbd(
-  engine: Engine,
+  source: ExportSource,
   options: DaemonOptions,
   socketAccess: SocketAccess,
   tcpWarning: string | null,
@@ -431,7 +443,7 @@ async function startNbd(
   const link = options.supervised;
   if (link !== undefined) {
     // The supervisor decided which NBD listeners exist; any connection it passes is served.
-    const server = new NbdServer(engine, {
+    const server = new NbdServer(source, {
       ...options.nbdLimits,
       logger,
       tls: nbdTls,
@@ -444,7 +456,7 @@ async function startNbd(
   if (options.nbdSocketPath === null && options.nbdTcp === null && activationFd === null) {
     return { nbdServer: null, nbdTcp: null };
   }
-  const server = new NbdServer(engine, { ...options.nbdLimits, logger, tls: nbdTls, access: policy.access });
+  const server = new NbdServer(source, { ...options.nbdLimits, logger, tls: nbdTls, access: policy.access });
   undo.push(() => server.close());
   let nbdTcp: ExportAddresses["nbdTcp"] = null;
   if (options.nbdSocketPath !== null) {
@@ -516,6 +528,7 @@ async function startControlServer(
     readonly shutdownSignal: AbortSignal;
     readonly access: AccessView;
     readonly backups: BackupJobs;
+    readonly backupMounts: BackupMounts;
     readonly restart: (restartOptions: { force: boolean }) => ReturnType<Daemon["requestRestart"]>;
     readonly accessRules: ControlContext["accessRules"];
     readonly nbdTls: TlsView;
@@ -533,6 +546,7 @@ async function startControlServer(
       addresses: parts.addresses,
       shutdownSignal: parts.shutdownSignal,
       backups: parts.backups,
+      backupMounts: parts.backupMounts,
       accessRules: parts.accessRules,
       nbdTls: parts.nbdTls,
       ...(link === undefined ? {} : { restart: parts.restart }),
@@ -580,7 +594,7 @@ async function listenNbdTcp(
   }
 }
 
-async function mountFuse(engine: Engine, options: DaemonOptions): Promise<FuseServer | null> {
+async function mountFuse(source: ExportSource, options: DaemonOptions): Promise<FuseServer | null> {
   const { fuse, logger } = options;
   if (fuse === null) return null;
   if (!fuse.required && process.getuid?.() !== 0) {
@@ -596,7 +610,7 @@ async function mountFuse(engine: Engine, options: DaemonOptions): Promise<FuseSe
   if (link?.hello.resumeFuse === true && inherited.inheritedFd !== undefined) {
     // No fallback here: an engine that cannot resume fails, and the supervisor starts a fresh connection.
     try {
-      return await FuseServer.resume(engine, {
+      return await FuseServer.resume(source, {
         mountDir: fuse.mountDir,
         logger,
         inheritedFd: inherited.inheritedFd,
@@ -613,7 +627,7 @@ async function mountFuse(engine: Engine, options: DaemonOptions): Promise<FuseSe
       logger.warn({ mountDir: fuse.mountDir }, "removed a stale FUSE mount left by a previous daemon");
     }
     await mkdir(fuse.mountDir, { recursive: true, mode: 0o755 });
-    return await FuseServer.mount(engine, { mountDir: fuse.mountDir, logger, ...inherited });
+    return await FuseServer.mount(source, { mountDir: fuse.mountDir, logger, ...inherited });
   } catch (error) {
     const blockError = toBlockError(error, `cannot mount FUSE at ${fuse.mountDir}`);
     if (fuse.required) throw blockError;
