@@ -70,7 +70,7 @@ function synchronous(fd: number, entry: Case): number {
 const backend = FileBackend.open(file, { sizeBytes: fileBytes });
 const fd = fs.openSync(file, "r+");
 console.log(
-  "### 5. File writes through the file system writer thread\n\n" +
+  "### 6. File writes through the file system writer thread\n\n" +
     `${seconds} s per case, in-process, page cache hot; *writeSync* is the floor (the same writes on the event loop, no thread hop).\n`,
 );
 console.log(`| case | FileBackend ops/s | writeSync ops/s | ratio |\n|---|---|---|---|`);
