@@ -1,0 +1,41 @@
+/**
+ * Helpers shared by the backup tests: the chunk files of a directory repository, and the last line of a
+ * `--json` output that streams one JSON document per line (progress lines, then the result).
+ */
+import assert from "node:assert/strict";
+import { readdir, stat } from "node:fs/promises";
+import { join } from "node:path";
+
+/** Paths of every chunk file of a directory repository (temporary files excluded). */
+export async function chunkPaths(repository: string): Promise<string[]> {
+  const found: string[] = [];
+  for (const prefix of await readdir(join(repository, "chunks"))) {
+    for (const name of await readdir(join(repository, "chunks", prefix))) {
+      if (!name.startsWith(".")) found.push(join(repository, "chunks", prefix, name));
+    }
+  }
+  return found.sort();
+}
+
+/** How many chunk files and how many bytes they hold. */
+export async function chunkFilesOf(repository: string): Promise<{ count: number; bytes: number }> {
+  const paths = await chunkPaths(repository).catch(() => []);
+  let bytes = 0;
+  for (const path of paths) bytes += (await stat(path)).size;
+  return { count: paths.length, bytes };
+}
+
+/** Every line of a JSON-lines output, parsed. */
+export function jsonLines(stdout: string): unknown[] {
+  return stdout
+    .split("\n")
+    .filter((line) => line.trim() !== "")
+    .map((line) => JSON.parse(line) as unknown);
+}
+
+/** The last document of a JSON-lines output (a backup's result after its progress lines). */
+export function lastJsonLine<T>(stdout: string): T {
+  const lines = jsonLines(stdout);
+  assert.ok(lines.length > 0, `no JSON output: ${stdout}`);
+  return lines[lines.length - 1] as T;
+}
