@@ -35,6 +35,7 @@ import {
 } from "./fuse-mount.js";
 import { FuseSession } from "./fuse-session.js";
 import { readFuseSessionState, writeFuseSessionState } from "./fuse-session-state.js";
+import { clearPoison, poisonPathFor } from "./poison-request.js";
 
 export interface FuseServerOptions {
   readonly mountDir: string;
@@ -97,6 +98,8 @@ export class FuseServer {
     if ((await blocksnapMountsAt(mountDir)).length > 0) {
       throw new BlockError("EBUSY", `${mountDir} is already served by a running blocksnap`);
     }
+    // A new connection numbers its requests afresh: a record of an earlier connection's request is void.
+    if (options.statePath !== undefined) clearPoison(poisonPathFor(options.statePath));
     const { channel, session } = FuseServer.openSession(source, options, logger);
     channel.start((slot, lengthBytes) => session.handle(slot, lengthBytes));
     let deviceNumber: number | undefined;
@@ -160,7 +163,10 @@ export class FuseServer {
       },
       ...(statePath === undefined
         ? {}
-        : { onStateChanged: (state) => writeFuseSessionState(statePath, state) }),
+        : {
+            onStateChanged: (state) => writeFuseSessionState(statePath, state),
+            poisonPath: poisonPathFor(statePath),
+          }),
     });
     return { channel, session };
   }

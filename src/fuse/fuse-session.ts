@@ -39,6 +39,15 @@ import { FUSE_ERROR_NOT_IMPLEMENTED, fuseErrorOf } from "./errno-map.js";
 import * as abi from "./fuse-abi.js";
 import type { FuseSessionState } from "./fuse-session-state.js";
 import { type FileNode, InodeTable } from "./inode-table.js";
+import {
+  clearPoison,
+  originalUnique,
+  type PoisonRecord,
+  poisonCrashesMax,
+  readPoison,
+  writeAssertHook,
+  writePoison,
+} from "./poison-request.js";
 
 export interface FuseSessionOptions {
   readonly source: ExportSource;
@@ -55,6 +64,11 @@ export interface FuseSessionOptions {
   readonly directReads?: DirectReadRegistry;
   /** Called synchronously, before the reply, whenever the state a successor needs changes. */
   readonly onStateChanged?: (state: FuseSessionState) => void;
+  /**
+   * Supervised engines: where the request in hand at a broken invariant is recorded instead of answered
+   * (poison-request.ts); the session reads it at start.
+   */
+  readonly poisonPath?: string;
 }
 
 export interface DirectReadRegistry {
@@ -112,6 +126,8 @@ export class FuseSession {
   private readonly gid = process.getgid?.() ?? 0;
   private resolveInitialized: () => void = () => {};
   private rejectInitialized: (error: Error) => void = () => {};
+  /** The request that was in hand when a predecessor broke an invariant. */
+  private poison: PoisonRecord | null;
 
   constructor(options: FuseSessionOptions) {
     assert(options.maxWriteBytes >= pageBytes && options.maxWriteBytes % pageBytes === 0, "maxWriteBytes");
@@ -119,6 +135,7 @@ export class FuseSession {
     this.options = options;
     this.handlesMax = options.handlesMax ?? defaultHandlesMax;
     this.table = new InodeTable(options.source);
+    this.poison = options.poisonPath === undefined ? null : readPoison(options.poisonPath);
     this.initialized = new Promise<void>((resolve, reject) => {
       this.resolveInitialized = resolve;
       this.rejectInitialized = reject;
@@ -202,9 +219,9 @@ export class FuseSession {
   }
 
   /**
-   * Serves one request read from /dev/fuse into `slot[0, lengthBytes)`. A broken invariant below is
-   * answered EIO and ends the daemon (util/broken-invariant.ts); a malformed slot rejects (the channel
-   * then crashes).
+   * Serves one request read from /dev/fuse into `slot[0, lengthBytes)`. A broken invariant below ends the
+   * daemon (util/broken-invariant.ts): the request is answered EIO, or, with a poisonPath (supervised),
+   * left for the next engine (poison-request.ts); a malformed slot rejects (the channel then crashes).
    */
   async handle(slot: Uint8Array, lengthBytes: number): Promise<void> {
     assert(lengthBytes >= abi.FUSE_IN_HEADER_BYTES, `short FUSE request: ${lengthBytes} bytes`);
@@ -219,10 +236,34 @@ export class FuseSession {
       unique: view.getBigUint64(8, true),
       nodeId: view.getBigUint64(16, true),
     };
+    const poisoned = this.poisonOf(request);
+    if (poisoned !== null && poisoned.crashes >= poisonCrashesMax) {
+      this.options.logger.error(
+        { opcode: request.opcode, unique: poisoned.unique, crashes: poisoned.crashes },
+        "a FUSE request broke an invariant in every engine that ran it: answered EIO without running it",
+      );
+      this.answeredPoison();
+      this.replyError(request, -constants.errno.EIO);
+      return;
+    }
     try {
       await this.dispatch(request);
     } catch (error) {
       if (isBrokenInvariant(error)) {
+        const { poisonPath } = this.options;
+        if (poisonPath !== undefined) {
+          // Unanswered: the kernel resends it to the next engine (see poison-request.ts).
+          const unique = originalUnique(request.unique).toString();
+          writePoison(poisonPath, { unique, opcode: request.opcode, crashes: (poisoned?.crashes ?? 0) + 1 });
+          crashOnBrokenInvariant(
+            error,
+            this.options.logger,
+            { opcode: request.opcode, unique },
+            "a FUSE request",
+            "left unanswered for the next engine",
+          );
+          return;
+        }
         crashOnBrokenInvariant(error, this.options.logger, { opcode: request.opcode }, "a FUSE request");
         this.replyError(request, -constants.errno.EIO);
         return;
@@ -234,6 +275,19 @@ export class FuseSession {
       );
       this.replyError(request, fuseError);
     }
+    if (poisoned !== null) this.answeredPoison();
+  }
+
+  /** The record of a predecessor's crash, when `request` is the one it was serving. */
+  private poisonOf(request: Request): PoisonRecord | null {
+    const poison = this.poison;
+    if (poison === null || poison.unique !== originalUnique(request.unique).toString()) return null;
+    return poison;
+  }
+
+  private answeredPoison(): void {
+    this.poison = null;
+    if (this.options.poisonPath !== undefined) clearPoison(this.options.poisonPath);
   }
 
   private async dispatch(request: Request): Promise<void> {
@@ -468,6 +522,7 @@ export class FuseSession {
   }
 
   private async write(request: Request): Promise<void> {
+    writeAssertHook();
     const { view, slot } = request;
     const at = abi.FUSE_IN_HEADER_BYTES;
     const node = this.liveHandle(view.getBigUint64(at, true));

@@ -34,10 +34,11 @@ export function crashOnBrokenInvariant(
   logger: Logger,
   fields: Readonly<Record<string, unknown>>,
   where: string,
+  outcome = "answered EIO",
 ): void {
   logger.error(
     { ...fields, err: error.message, stack: error.stack },
-    `broken invariant in ${where}: answered EIO, the daemon stops`,
+    `broken invariant in ${where}: ${outcome}, the daemon stops`,
   );
   try {
     writeSync(2, `blocksnap: broken invariant in ${where}; aborting\n${error.stack ?? error.message}\n`);
