@@ -11,6 +11,7 @@
 import type { z } from "zod";
 import { BlockError } from "../block/errors.js";
 import type { SnapshotEvent, SnapshotInfo } from "../engine/engine-types.js";
+import { exposition } from "../metrics/text-format.js";
 import { assert } from "../util/assert.js";
 import {
   cbtInfoView,
@@ -94,6 +95,8 @@ export interface ControlContext {
    * Absent when the daemon runs without a supervisor.
    */
   readonly restart?: (options: { force: boolean }) => { enginePid: number };
+  /** The Prometheus text of a scrape (src/metrics/); absent in tests that need none. */
+  readonly metrics?: () => string;
   /** The NBD access rules (serve --access); absent in tests that need none. */
   readonly accessRules?: {
     view(): AccessRulesView;
@@ -123,6 +126,8 @@ export interface StreamedBody {
   readonly lengthBytes: number;
   readonly pieces: Iterable<Uint8Array | string>;
 }
+
+const metricsContentType = exposition.contentType;
 
 /** Bytes of the map per base64 piece of a streamed CBT map (a multiple of 3: no padding inside). */
 const mapBase64PieceBytes = 3 * 64 * 1024;
@@ -263,6 +268,17 @@ export const routes: readonly Route[] = [
       snapshots: engine.listSnapshots().map((info) => snapshotView(context, info)),
     };
     return ok(status);
+  }),
+
+  // Prometheus' conventional path, outside /v1: scrapers are configured with it by default.
+  route("GET", "/metrics", (context, request) => {
+    requireNoQuery(request);
+    if (context.metrics === undefined) throw new BlockError("ENOTSUP", "this daemon serves no metrics");
+    const text = context.metrics();
+    return {
+      status: 200,
+      streamed: { contentType: metricsContentType, lengthBytes: Buffer.byteLength(text), pieces: [text] },
+    };
   }),
 
   route("GET", "/v1/access", (context, request) => {

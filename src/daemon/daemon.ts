@@ -25,6 +25,8 @@ import { Engine } from "../engine/engine.js";
 import { LoopFreezer } from "../freeze/loop-freezer.js";
 import { findLoopMountsUnder, type LoopMount } from "../freeze/mount-discovery.js";
 import { cleanStaleMount, FuseServer } from "../fuse/fuse-server.js";
+import { renderMetrics } from "../metrics/daemon-metrics.js";
+import { IoMetrics } from "../metrics/io-metrics.js";
 import type { AccessPolicy } from "../nbd/access-rules.js";
 import { NbdServer, type NbdServerOptions } from "../nbd/nbd-server.js";
 import { loadNbdTls, type NbdTls, type TlsFiles } from "../nbd/tls.js";
@@ -40,6 +42,7 @@ import { ControlServer } from "./control-server.js";
 import { DeviceRegistry } from "./device-registry.js";
 import type { EngineLink } from "./engine-link.js";
 import type { ExportAddresses } from "./export-urls.js";
+import { daemonMetricsSources } from "./metrics-sources.js";
 import { DaemonPathPolicy } from "./path-policy.js";
 import { deviceRegistryPathIn, fuseSessionStatePathIn, lockFilePathIn } from "./paths.js";
 import { SnapshotKeeper } from "./snapshot-keeper.js";
@@ -145,7 +148,8 @@ export class Daemon {
     try {
       // The mount comes up below; the freezer and the path policy read its directory when they need it.
       const fuseMount: FuseMountRef = { dir: null };
-      const { engine, registry, snapshotKeeper } = await openEngine(options, fuseMount, undo);
+      const ioMetrics = new IoMetrics();
+      const { engine, registry, snapshotKeeper } = await openEngine(options, fuseMount, undo, ioMetrics);
 
       // The faces serve the engine's devices and images and the backups mounted through the API.
       const backupMounts = new BackupMounts(logger);
@@ -154,6 +158,13 @@ export class Daemon {
       const { nbdServer, nbdTcp } = await startNbd(served, options, socketAccess, tcpWarning, undo, {
         tls: nbdTls,
         access: accessFile,
+      });
+
+      const metricsSources = daemonMetricsSources({
+        version: options.version,
+        engine,
+        io: ioMetrics,
+        nbdServer,
       });
 
       const fuseServer = await mountFuse(served, options);
@@ -197,6 +208,7 @@ export class Daemon {
           return built.requestRestart(restartOptions);
         },
         nbdTls: tlsView,
+        metrics: () => renderMetrics(metricsSources),
         accessRules: {
           view: () => accessFile.view(),
           reload: () => {
@@ -381,6 +393,7 @@ async function openEngine(
   options: DaemonOptions,
   fuseMount: FuseMountRef,
   undo: UndoSteps,
+  ioMetrics: IoMetrics,
 ): Promise<{ engine: Engine; registry: DeviceRegistry; snapshotKeeper: SnapshotKeeper }> {
   const { logger, stateDir } = options;
   // Take freezes the file systems on loop devices over our FUSE files.
@@ -390,7 +403,13 @@ async function openEngine(
   });
   const pathPolicy = new DaemonPathPolicy({ stateDir, fuseMountDir: () => fuseMount.dir });
   const snapshotKeeper = new SnapshotKeeper(stateDir, logger);
-  const engine = new Engine({ logger, freezer, pathPolicy, persistence: snapshotKeeper });
+  const engine = new Engine({
+    logger,
+    freezer,
+    pathPolicy,
+    persistence: snapshotKeeper,
+    exportStage: (device, identity) => ioMetrics.stage(device, identity),
+  });
   undo.push(() => engine.close());
   const registry = new DeviceRegistry(deviceRegistryPathIn(stateDir), engine, logger, {
     deviceUsers: async (name) =>
@@ -532,6 +551,7 @@ async function startControlServer(
     readonly restart: (restartOptions: { force: boolean }) => ReturnType<Daemon["requestRestart"]>;
     readonly accessRules: ControlContext["accessRules"];
     readonly nbdTls: TlsView;
+    readonly metrics: () => string;
   },
 ): Promise<ControlServer> {
   const link = options.supervised;
@@ -549,6 +569,7 @@ async function startControlServer(
       backupMounts: parts.backupMounts,
       accessRules: parts.accessRules,
       nbdTls: parts.nbdTls,
+      metrics: parts.metrics,
       ...(link === undefined ? {} : { restart: parts.restart }),
       identity: {
         pid: process.pid,

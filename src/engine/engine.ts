@@ -72,10 +72,22 @@ export interface EngineOptions {
   /** A stage in front of every difference storage's chunk I/O (fault injection in tests); none by default. */
   readonly storageStage?: (device: StorageDevice) => StorageDevice;
   /**
+   * A stage over each export's device as it is published, under its checked wrapper (the daemon's I/O
+   * counters, src/metrics/); none by default.
+   */
+  readonly exportStage?: (device: BlockDevice, identity: ExportStageIdentity) => BlockDevice;
+  /**
    * Keeps snapshots across restarts (the daemon's snapshot keeper). Without it (library use) snapshots
    * live as long as the engine, a directory storage is an anonymous temporary file, and close() destroys.
    */
   readonly persistence?: SnapshotPersistence;
+}
+
+/** The export an exportStage is asked for: its name, its device, and the snapshot of an image. */
+export interface ExportStageIdentity {
+  readonly exportName: string;
+  readonly device: string;
+  readonly snapshot: string | null;
 }
 
 /** DeviceAddOptions plus, for library users, a ready BlockDevice instead of a path. */
@@ -98,6 +110,7 @@ export class Engine implements ExportSource {
   private readonly logger: Logger;
   private readonly freezer: Freezer | null;
   private readonly storageStage: EngineOptions["storageStage"];
+  private readonly exportStage: EngineOptions["exportStage"];
   private readonly persistence: SnapshotPersistence | null;
   private readonly devices = new Map<string, DeviceEntry>();
   private readonly snapshots = new Map<string, Snapshot>();
@@ -120,6 +133,7 @@ export class Engine implements ExportSource {
     this.freezer = options.freezer ?? null;
     this.persistence = options.persistence ?? null;
     this.storageStage = options.storageStage;
+    this.exportStage = options.exportStage;
     this.claims = new BackendClaims(options.pathPolicy ?? null);
   }
 
@@ -177,7 +191,7 @@ export class Engine implements ExportSource {
       export: {
         name: options.name,
         description: `origin device ${options.name} (${options.backendPath})`,
-        device: new CheckedDevice(tracker),
+        device: new CheckedDevice(this.staged(tracker, options.name, options.name, null)),
         readOnly: !backend.capabilities.canWrite,
       },
     };
@@ -580,7 +594,7 @@ export class Engine implements ExportSource {
           ? `snapshot image of ${name}, snapshot ${id}, ` +
             `CBT generation ${changedBlocks.generationId} take ${changedBlocks.changesNumber}`
           : `snapshot image of ${name}, snapshot ${id} (its CBT generation was not kept)`,
-        device: new CheckedDevice(member.image),
+        device: new CheckedDevice(this.staged(member.image, exportName, name, id)),
         readOnly: false,
         ...(sinceTake ? { changedBlocks } : {}),
       });
@@ -715,6 +729,11 @@ export class Engine implements ExportSource {
       "ENOMEM",
       `A memory: device of ${sizeBytes} bytes does not fit: memory: devices may take at most half of this host's RAM (${allowedBytes} of ${ramBytes} bytes), and ${takenBytes} are taken by other memory: devices`,
     );
+  }
+
+  /** `device` under the export stage, if there is one. */
+  private staged(device: BlockDevice, exportName: string, deviceName: string, snapshot: string | null) {
+    return this.exportStage?.(device, { exportName, device: deviceName, snapshot }) ?? device;
   }
 
   private device(name: string): DeviceEntry {

@@ -35,6 +35,7 @@ const allowedImports: Readonly<Record<string, readonly string[]>> = {
   fuse: ["block", "util"],
   persist: ["backends", "block", "cbt", "util"],
   backup: ["block", "cbt", "util"],
+  metrics: ["block", "util"],
   daemon: [
     "backends",
     "block",
@@ -45,6 +46,7 @@ const allowedImports: Readonly<Record<string, readonly string[]>> = {
     "fuse",
     "nbd",
     "backup",
+    "metrics",
     "persist",
     "storage",
     "util",
