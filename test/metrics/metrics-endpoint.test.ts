@@ -19,7 +19,7 @@ import {
   parseWithPrometheusClient,
   promtoolProblems,
   type Sample,
-  valueOf,
+  sampleValue,
 } from "./scrape.js";
 
 const isRoot = process.getuid?.() === 0;
@@ -69,9 +69,9 @@ void test("GET /metrics over NBD I/O by qemu-io: counts, bytes, latency, CBT, st
     await daemon.cliOk(["device", "add", "d0", "--backend", "memory:", "--size", "8M"]);
     const before = await scrape(daemon);
     if (typeof before === "string") return t.skip(before);
-    assert.equal(valueOf(before, "blocksnap_io_requests_total", io("d0", "write")), 0);
-    assert.equal(valueOf(before, "blocksnap_build_info", { version: valueOfVersion(before) }), 1);
-    assert.ok(valueOf(before, "process_start_time_seconds", {}) > 1.7e9);
+    assert.equal(sampleValue(before, "blocksnap_io_requests_total", io("d0", "write")), 0);
+    assert.equal(sampleValue(before, "blocksnap_build_info", { version: versionLabel(before) }), 1);
+    assert.ok(sampleValue(before, "process_start_time_seconds", {}) > 1.7e9);
 
     const uri = `nbd+unix:///d0?socket=${daemon.nbdSocket}`;
     const writes = Array.from({ length: 8 }, (_, index) => `write -P ${index + 1} ${index * 64}k 64k`);
@@ -80,7 +80,7 @@ void test("GET /metrics over NBD I/O by qemu-io: counts, bytes, latency, CBT, st
     const afterIo = await scrape(daemon);
     assert.ok(typeof afterIo !== "string");
     const delta = (name: string, labels: Record<string, string>) =>
-      valueOf(afterIo, name, labels) - valueOf(before, name, labels);
+      sampleValue(afterIo, name, labels) - sampleValue(before, name, labels);
     // One NBD request per qemu-io command of 64 KiB: exact.
     assert.equal(delta("blocksnap_io_requests_total", io("d0", "write")), 8);
     assert.equal(delta("blocksnap_io_bytes_total", io("d0", "write")), 8 * 64 * kib);
@@ -89,8 +89,8 @@ void test("GET /metrics over NBD I/O by qemu-io: counts, bytes, latency, CBT, st
     assert.equal(delta("blocksnap_io_errors_total", io("d0", "write")), 0);
     // The histogram agrees with the counter, and its buckets only grow.
     assert.equal(
-      valueOf(afterIo, "blocksnap_io_request_duration_seconds_count", io("d0", "write")),
-      valueOf(afterIo, "blocksnap_io_requests_total", io("d0", "write")),
+      sampleValue(afterIo, "blocksnap_io_request_duration_seconds_count", io("d0", "write")),
+      sampleValue(afterIo, "blocksnap_io_requests_total", io("d0", "write")),
     );
     const buckets = afterIo
       .filter((s) => s.name === "blocksnap_io_request_duration_seconds_bucket")
@@ -102,12 +102,12 @@ void test("GET /metrics over NBD I/O by qemu-io: counts, bytes, latency, CBT, st
     assert.equal(buckets.at(-1)!.labels.le, "+Inf");
     assert.equal(
       buckets.at(-1)!.value,
-      8 + valueOf(before, "blocksnap_io_requests_total", io("d0", "write")),
+      8 + sampleValue(before, "blocksnap_io_requests_total", io("d0", "write")),
     );
-    assert.ok(valueOf(afterIo, "blocksnap_io_request_duration_seconds_sum", io("d0", "write")) > 0);
+    assert.ok(sampleValue(afterIo, "blocksnap_io_request_duration_seconds_sum", io("d0", "write")) > 0);
     // CBT: 64 KiB tracking blocks, eight of them written.
-    assert.equal(valueOf(afterIo, "blocksnap_cbt_block_size_bytes", { device: "d0" }), 64 * kib);
-    assert.equal(valueOf(afterIo, "blocksnap_cbt_dirty_blocks", { device: "d0" }), 8);
+    assert.equal(sampleValue(afterIo, "blocksnap_cbt_block_size_bytes", { device: "d0" }), 64 * kib);
+    assert.equal(sampleValue(afterIo, "blocksnap_cbt_dirty_blocks", { device: "d0" }), 8);
 
     const id = (
       await daemon.cliOk(["snapshot", "create", "--storage", "memory:", "--limit", "16M", "--device", "d0"])
@@ -119,22 +119,28 @@ void test("GET /metrics over NBD I/O by qemu-io: counts, bytes, latency, CBT, st
     assert.ok(typeof afterTake !== "string");
     const info = await daemon.cliJson<SnapshotView>(["snapshot", "info", id]);
     // A new CBT epoch: only the block written since the take.
-    assert.equal(valueOf(afterTake, "blocksnap_cbt_dirty_blocks", { device: "d0" }), 1);
-    assert.equal(valueOf(afterTake, "blocksnap_snapshots", { state: "taken" }), 1);
-    assert.equal(valueOf(afterTake, "blocksnap_snapshot_storage_limit_bytes", { snapshot: id }), 16 << 20);
+    assert.equal(sampleValue(afterTake, "blocksnap_cbt_dirty_blocks", { device: "d0" }), 1);
+    assert.equal(sampleValue(afterTake, "blocksnap_snapshots", { state: "taken" }), 1);
     assert.equal(
-      valueOf(afterTake, "blocksnap_snapshot_storage_used_bytes", { snapshot: id }),
+      sampleValue(afterTake, "blocksnap_snapshot_storage_limit_bytes", { snapshot: id }),
+      16 << 20,
+    );
+    assert.equal(
+      sampleValue(afterTake, "blocksnap_snapshot_storage_used_bytes", { snapshot: id }),
       info.storage.usedBytes,
     );
     assert.ok(info.storage.usedBytes >= 64 * kib);
-    assert.equal(valueOf(afterTake, "blocksnap_snapshot_chunks_stored", { snapshot: id, device: "d0" }), 1);
+    assert.equal(
+      sampleValue(afterTake, "blocksnap_snapshot_chunks_stored", { snapshot: id, device: "d0" }),
+      1,
+    );
     assert.ok(hasSample(afterTake, "blocksnap_snapshot_take_stall_seconds", { snapshot: id }));
     assert.equal(
-      valueOf(afterTake, "blocksnap_snapshot_take_stall_seconds", { snapshot: id }),
+      sampleValue(afterTake, "blocksnap_snapshot_take_stall_seconds", { snapshot: id }),
       (info.takeStallMs ?? Number.NaN) / 1000,
     );
     // The image's own counters, labelled with its snapshot.
-    assert.ok(valueOf(afterTake, "blocksnap_io_bytes_total", io("d0", "read", id)) >= 128 * kib);
+    assert.ok(sampleValue(afterTake, "blocksnap_io_bytes_total", io("d0", "read", id)) >= 128 * kib);
 
     await daemon.cliOk(["snapshot", "destroy", id]);
     const afterDestroy = await scrape(daemon);
@@ -187,18 +193,18 @@ void test("GET /metrics after dd through the FUSE file: write bytes exact, reque
     const afterIo = await scrape(daemon);
     assert.ok(typeof afterIo !== "string");
     const delta = (name: string, labels: Record<string, string>) =>
-      valueOf(afterIo, name, labels) - valueOf(before, name, labels);
+      sampleValue(afterIo, name, labels) - sampleValue(before, name, labels);
     assert.equal(delta("blocksnap_io_bytes_total", io("f0", "write")), 1024 * kib);
     assert.ok(delta("blocksnap_io_requests_total", io("f0", "write")) >= 16);
     assert.ok(delta("blocksnap_io_bytes_total", io("f0", "read")) >= 256 * kib);
     assert.ok(delta("blocksnap_io_requests_total", io("f0", "read")) >= 4);
-    assert.equal(valueOf(afterIo, "blocksnap_cbt_dirty_blocks", { device: "f0" }), 16);
+    assert.equal(sampleValue(afterIo, "blocksnap_cbt_dirty_blocks", { device: "f0" }), 16);
   } finally {
     await daemon.stop();
   }
 });
 
-function valueOfVersion(samples: readonly Sample[]): string {
+function versionLabel(samples: readonly Sample[]): string {
   const info = samples.find((sample) => sample.name === "blocksnap_build_info");
   assert.ok(info !== undefined, "blocksnap_build_info is present");
   assert.ok((info.labels.version ?? "") !== "");

@@ -89,7 +89,11 @@ export async function promtoolProblems(text: string): Promise<string | null> {
 }
 
 /** The value of the sample named `name` with exactly these labels; 0 when there is none. */
-export function valueOf(samples: readonly Sample[], name: string, labels: Record<string, string>): number {
+export function sampleValue(
+  samples: readonly Sample[],
+  name: string,
+  labels: Record<string, string>,
+): number {
   return samples.find((sample) => sample.name === name && sameLabels(sample.labels, labels))?.value ?? 0;
 }
 
