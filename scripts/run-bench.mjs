@@ -8,6 +8,7 @@ import { existsSync } from "node:fs";
 const suites = {
   core: "dist/bench/core/run-all.js",
   nbd: "dist/bench/nbd/nbd-bench.js",
+  cow: "dist/bench/nbd/cow-bench.js",
   fuse: "dist/bench/fuse/fuse-bench.js",
   supervisor: "dist/bench/supervisor/restart-pause.js",
   journal: "dist/bench/durable/journal-cost.js",

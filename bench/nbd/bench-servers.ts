@@ -1,0 +1,199 @@
+/**
+ * What the NBD benchmarks share: the servers raced (ours in its own process, nbdkit, qemu-nbd), the
+ * page-cache-hot test file, and fio with its nbd engine. Not a benchmark itself.
+ */
+import { type ChildProcess, execFile, spawn } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import * as fs from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+export interface BenchOptions {
+  readonly sizeMib: number;
+  readonly runtimeSeconds: number;
+  readonly directory: string;
+}
+
+export interface Server {
+  readonly name: string;
+  /** The export measured: our origin, or with a snapshot its image; the peers' only export. */
+  readonly uri: string;
+  /** The origin export (differs from `uri` only for our snapshot server). */
+  readonly originUri?: string;
+  stop(): Promise<void>;
+}
+
+export const here = dirname(fileURLToPath(import.meta.url));
+
+export function exec(
+  command: string,
+  args: readonly string[],
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(command, args, { maxBuffer: 64 * 1024 * 1024 }, (error, stdout, stderr) => {
+      const code = error ? (typeof error.code === "number" ? error.code : 1) : 0;
+      resolve({ code, stdout: String(stdout), stderr: String(stderr) });
+    });
+  });
+}
+
+export async function execOk(command: string, args: readonly string[]): Promise<string> {
+  const result = await exec(command, args);
+  if (result.code !== 0)
+    throw new Error(`${command} ${args.join(" ")}: exit ${result.code}\n${result.stderr}`);
+  return result.stdout;
+}
+
+export async function waitForSocket(path: string, child?: ChildProcess): Promise<void> {
+  for (let attempt = 0; attempt < 500; attempt += 1) {
+    if (fs.existsSync(path)) return;
+    if (child && child.exitCode !== null) throw new Error(`server exited with ${child.exitCode}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  throw new Error(`no socket at ${path}`);
+}
+
+export async function prepareFile(options: BenchOptions): Promise<string> {
+  fs.mkdirSync(options.directory, { recursive: true });
+  const path = join(options.directory, "disk.img");
+  const sizeBytes = options.sizeMib * 1024 * 1024;
+  if (!fs.existsSync(path) || fs.statSync(path).size !== sizeBytes) {
+    const fd = fs.openSync(path, "w");
+    const chunk = 16 * 1024 * 1024;
+    for (let done = 0; done < sizeBytes; done += chunk)
+      fs.writeSync(fd, randomBytes(Math.min(chunk, sizeBytes - done)));
+    fs.closeSync(fd);
+  }
+  // Pull the whole file into the page cache.
+  const fd = fs.openSync(path, "r");
+  const buffer = Buffer.allocUnsafe(16 * 1024 * 1024);
+  while (fs.readSync(fd, buffer) > 0);
+  fs.closeSync(fd);
+  return path;
+}
+
+export async function pageCacheReport(path: string): Promise<string> {
+  const result = await exec("fincore", ["--bytes", "--noheadings", "--output", "RES,SIZE", path]);
+  if (result.code !== 0) return "fincore unavailable";
+  const [resident, size] = result.stdout.trim().split(/\s+/).map(Number);
+  return `${resident} of ${size} bytes resident (${((100 * (resident ?? 0)) / (size ?? 1)).toFixed(1)}%)`;
+}
+
+/** Our server on the full stack; with `snapshot`, a held snapshot whose image is `uri`'s export. */
+export async function startOurs(file: string, directory: string, snapshot: boolean): Promise<Server> {
+  const socket = join(directory, snapshot ? "blocksnap-snapshot.sock" : "blocksnap.sock");
+  fs.rmSync(socket, { force: true });
+  const args = [join(here, "bench-server.js"), file, socket, ...(snapshot ? ["--snapshot", directory] : [])];
+  const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "inherit"] });
+  const imageName = await new Promise<string>((resolve, reject) => {
+    let output = "";
+    child.stdout?.on("data", (chunk: Buffer) => {
+      output += chunk.toString("utf8");
+      const match = /^ready (\S+)$/m.exec(output);
+      if (match?.[1]) resolve(match[1]);
+    });
+    child.once("exit", (code) => reject(new Error(`bench-server exited with ${code}`)));
+  });
+  const exportName = snapshot ? imageName : "disk";
+  return {
+    name: "blocksnap",
+    uri: `nbd+unix:///${encodeURIComponent(exportName)}?socket=${socket}`,
+    originUri: `nbd+unix:///disk?socket=${socket}`,
+    stop: async () => {
+      child.kill("SIGTERM");
+      await new Promise((resolve) => child.once("exit", resolve));
+    },
+  };
+}
+
+export async function startDaemonized(
+  name: string,
+  command: string,
+  args: string[],
+  socket: string,
+  pidFile: string,
+) {
+  fs.rmSync(socket, { force: true });
+  await execOk(command, args);
+  await waitForSocket(socket);
+  return {
+    name,
+    uri: `nbd+unix:///?socket=${socket}`,
+    stop: async () => {
+      const pid = Number(fs.readFileSync(pidFile, "utf8").trim());
+      process.kill(pid, "SIGTERM");
+      for (let attempt = 0; attempt < 250; attempt += 1) {
+        try {
+          process.kill(pid, 0);
+        } catch {
+          return;
+        }
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    },
+  } satisfies Server;
+}
+
+export function startNbdkit(file: string, directory: string): Promise<Server> {
+  const socket = join(directory, "nbdkit.sock");
+  const pidFile = join(directory, "nbdkit.pid");
+  return startDaemonized(
+    "nbdkit file",
+    "nbdkit",
+    ["-U", socket, "-P", pidFile, "file", file],
+    socket,
+    pidFile,
+  );
+}
+
+export function startQemuNbd(file: string, directory: string): Promise<Server> {
+  const socket = join(directory, "qemu.sock");
+  const pidFile = join(directory, "qemu.pid");
+  const args = ["-f", "raw", "-t", "-e", "0", "-k", socket, `--pid-file=${pidFile}`, "--fork", file];
+  return startDaemonized("qemu-nbd", "qemu-nbd", args, socket, pidFile);
+}
+
+export interface FioJob {
+  readonly rw: string;
+  readonly bs: string;
+  readonly iodepth: number;
+}
+
+export async function fio(
+  uri: string,
+  job: FioJob,
+  options: BenchOptions,
+): Promise<{ iops: number; mibPerSecond: number }> {
+  const output = join(options.directory, "fio.json");
+  await execOk("fio", [
+    "--name=bench",
+    "--ioengine=nbd",
+    `--uri=${uri}`,
+    `--rw=${job.rw}`,
+    `--bs=${job.bs}`,
+    `--iodepth=${job.iodepth}`,
+    `--size=${options.sizeMib}M`,
+    `--runtime=${options.runtimeSeconds}`,
+    "--time_based",
+    "--output-format=json",
+    `--output=${output}`,
+  ]);
+  const text = fs.readFileSync(output, "utf8");
+  const report = JSON.parse(text.slice(text.indexOf("{"))) as {
+    jobs: Array<{ error: number; read: { iops: number; bw: number }; write: { iops: number; bw: number } }>;
+  };
+  const result = report.jobs[0]!;
+  if (result.error !== 0) throw new Error(`fio reported error ${result.error}`);
+  const side = job.rw.includes("read") ? result.read : result.write;
+  return { iops: side.iops, mibPerSecond: side.bw / 1024 };
+}
+
+export function repositoryRoot(): string {
+  let directory = here;
+  for (let depth = 0; depth < 6; depth += 1) {
+    if (fs.existsSync(join(directory, "package.json")) && fs.existsSync(join(directory, "src")))
+      return directory;
+    directory = dirname(directory);
+  }
+  return process.cwd();
+}
