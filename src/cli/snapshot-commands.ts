@@ -398,13 +398,15 @@ function addDestroyCommand(snapshot: Command): void {
   addCommonOptions(
     snapshot
       .command("destroy")
-      .description("destroy a snapshot and its images")
-      .argument("<id>", "snapshot id"),
+      .description("destroy a snapshot and its images (refused while an image is in use, unless --force)")
+      .argument("<id>", "snapshot id")
+      .option("--force", "destroy even while an image is open through a loop device or mounted"),
   )
     .addHelpText("after", "\nExample:\n  $ blocksnap snapshot destroy 6f1c0a52-...\n")
     .action(
-      clientAction<CommonOptions>(async ({ client, json }, [id]) => {
-        const view = await client.delete<DestroyedView>(snapshotPath(id!));
+      clientAction<CommonOptions & { force?: boolean }>(async ({ client, json }, [id], options) => {
+        const query = options.force ? "?force=true" : "";
+        const view = await client.delete<DestroyedView>(`${snapshotPath(id!)}${query}`);
         if (json) return writeJson(view);
         writeLine(`destroyed ${view.destroyed}`);
       }),

@@ -71,8 +71,8 @@ export const cbtMapQuerySchema = z.strictObject({
   format: z.enum(["binary", "base64"]).optional(),
 });
 
-/** `?force=true` (or `1`): remove a device even while a file system is mounted on it. */
-export const deviceRemoveQuerySchema = z.strictObject({
+/** `?force=true` (or `1`): remove a device, or destroy a snapshot, even while a file system uses it. */
+export const forceQuerySchema = z.strictObject({
   force: z.enum(["true", "false", "1", "0"]).optional(),
 });
 

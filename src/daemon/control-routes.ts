@@ -13,6 +13,7 @@ import { BlockError } from "../block/errors.js";
 import type { SnapshotEvent, SnapshotInfo } from "../engine/engine-types.js";
 import { exposition } from "../metrics/text-format.js";
 import { assert } from "../util/assert.js";
+import type { Logger } from "../util/logger.js";
 import {
   cbtInfoView,
   deviceView as deviceWireView,
@@ -28,8 +29,8 @@ import {
   backupMountBodySchema,
   cbtMapQuerySchema,
   deviceAddBodySchema,
-  deviceRemoveQuerySchema,
   emptyObjectSchema,
+  forceQuerySchema,
   markDirtyBodySchema,
   restartBodySchema,
   snapshotAddDeviceBodySchema,
@@ -98,6 +99,13 @@ export interface ControlContext {
   /** The Prometheus text of a scrape (src/metrics/); absent in tests that need none. */
   readonly metrics?: () => string;
   /** The NBD access rules (serve --access); absent in tests that need none. */
+  /**
+   * What holds an export's FUSE file open through a loop device (mounts, holders, bare attachments);
+   * absent without a FUSE face. Destroy refuses a snapshot whose image is in use unless forced.
+   */
+  readonly imageUsers?: (exportName: string) => Promise<string[]>;
+  /** Absent in tests: nothing is logged. */
+  readonly logger?: Logger;
   readonly accessRules?: {
     view(): AccessRulesView;
     /** Rereads the file; a bad file throws its one-line error and the rules in force stay. */
@@ -216,6 +224,28 @@ function unavailableDeviceViews(context: ControlContext): UnavailableDeviceView[
 
 function snapshotView(context: ControlContext, info: SnapshotInfo): SnapshotView {
   return snapshotWireView(info, (imageName) => reach(context, imageName));
+}
+
+/**
+ * A snapshot whose image is open through a loop device (mounted or only attached) is not destroyed unless
+ * forced: the file system on it would see I/O errors and its journal abort (like LVM's open volume).
+ */
+async function refuseImagesInUse(context: ControlContext, id: string, force: boolean): Promise<void> {
+  const { imageUsers } = context;
+  if (imageUsers === undefined) return;
+  const users: string[] = [];
+  for (const device of context.engine.snapshotInfo(id).devices) {
+    if (device.imageName === null) continue;
+    for (const user of await imageUsers(device.imageName)) users.push(`${device.imageName}: ${user}`);
+  }
+  if (users.length === 0) return;
+  if (!force) {
+    throw new BlockError(
+      "EBUSY",
+      `Snapshot ${id} is in use (${users.join("; ")}): unmount and detach it first, or destroy with --force`,
+    );
+  }
+  context.logger?.warn({ snapshot: id, users }, "destroying a snapshot whose image is in use");
 }
 
 async function waitEventOrShutdown(
@@ -365,7 +395,7 @@ export const routes: readonly Route[] = [
   }),
 
   route("DELETE", "/v1/devices/:name", async (context, request) => {
-    const { force } = parse(deviceRemoveQuerySchema, request.query, "query");
+    const { force } = parse(forceQuerySchema, request.query, "query");
     const name = param(request, "name");
     await context.registry.remove(name, { force: force === "true" || force === "1" });
     const view: RemovedView = { removed: name };
@@ -416,8 +446,9 @@ export const routes: readonly Route[] = [
   }),
 
   route("DELETE", "/v1/snapshots/:id", async (context, request) => {
-    requireNoQuery(request);
+    const { force } = parse(forceQuerySchema, request.query, "query");
     const id = snapshotId(context, request);
+    await refuseImagesInUse(context, id, force === "true" || force === "1");
     await context.engine.destroySnapshot(id);
     const view: DestroyedView = { destroyed: id };
     return ok(view);

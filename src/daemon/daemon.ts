@@ -209,6 +209,10 @@ export class Daemon {
         },
         nbdTls: tlsView,
         metrics: () => renderMetrics(metricsSources),
+        imageUsers: async (exportName) =>
+          fuseMount.dir === null
+            ? []
+            : loopDeviceUsersOver(join(fuseMount.dir, exportName), { attached: true }),
         accessRules: {
           view: () => accessFile.view(),
           reload: () => {
@@ -552,6 +556,7 @@ async function startControlServer(
     readonly accessRules: ControlContext["accessRules"];
     readonly nbdTls: TlsView;
     readonly metrics: () => string;
+    readonly imageUsers: NonNullable<ControlContext["imageUsers"]>;
   },
 ): Promise<ControlServer> {
   const link = options.supervised;
@@ -570,6 +575,8 @@ async function startControlServer(
       accessRules: parts.accessRules,
       nbdTls: parts.nbdTls,
       metrics: parts.metrics,
+      imageUsers: parts.imageUsers,
+      logger: options.logger,
       ...(link === undefined ? {} : { restart: parts.restart }),
       identity: {
         pid: process.pid,

@@ -229,13 +229,19 @@ export async function listLoopDevices(sysBlock = "/sys/block"): Promise<LoopDevi
 
 /**
  * What uses the loop devices over `file` (by the kernel's path of their backing file): their mounts and
- * holders, each prefixed with the loop device. A loop device that is only attached is not listed.
+ * holders, each prefixed with the loop device. A loop device that is only attached is listed as
+ * "<loop> attached" with `attached: true` (it still holds the file open), else not at all.
  */
-export async function loopDeviceUsersOver(file: string): Promise<string[]> {
+export async function loopDeviceUsersOver(
+  file: string,
+  options: { readonly attached?: boolean } = {},
+): Promise<string[]> {
   const users: string[] = [];
   for (const loop of await listLoopDevices()) {
     if (loop.backingFile !== file) continue;
-    for (const user of await blockDeviceUsers(loop.majorMinor)) users.push(`${loop.path} ${user}`);
+    const loopUsers = await blockDeviceUsers(loop.majorMinor);
+    for (const user of loopUsers) users.push(`${loop.path} ${user}`);
+    if (loopUsers.length === 0 && options.attached === true) users.push(`${loop.path} attached`);
   }
   return users;
 }
