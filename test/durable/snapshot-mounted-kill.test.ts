@@ -24,9 +24,12 @@ after(async () => {
   for (const cleanup of cleanups.reverse()) await cleanup().catch(() => {});
 });
 
+/** Loop devices already detached by the test: their numbers may be reused at once, never detach twice. */
+const detached = new Set<string>();
+
 async function attachLoop(file: string, readOnly: boolean): Promise<string> {
   const loop = (await runOk("losetup", ["-f", "--show", ...(readOnly ? ["-r"] : []), file])).trim();
-  cleanups.push(() => run("losetup", ["-d", loop]));
+  cleanups.push(async () => (detached.has(loop) ? undefined : run("losetup", ["-d", loop])));
   return loop;
 }
 
@@ -113,5 +116,8 @@ void test("a snapshot of a mounted ext4 survives kill -9: the file system remoun
   cleanups.push(() => run("umount", ["-l", imageMount]));
   assert.deepEqual(await digests(imageMount), atTake, "the image holds exactly the files at take");
   await runOk("umount", [imageMount]);
+  // An image still open through a loop device is not destroyed (EBUSY): detach it first.
+  detached.add(imageLoop);
+  await runOk("losetup", ["-d", imageLoop]);
   await daemon.cliOk(["snapshot", "destroy", id]);
 });
