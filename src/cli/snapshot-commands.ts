@@ -46,6 +46,7 @@ interface CreateOptions extends CommonOptions {
   readonly growthPortion?: number;
   readonly preTake?: string;
   readonly postTake?: string;
+  readonly force?: boolean;
 }
 
 interface TakeCommandOptions extends CommonOptions {
@@ -56,12 +57,17 @@ interface TakeCommandOptions extends CommonOptions {
 
 interface AddOptions extends CommonOptions {
   readonly device: string;
+  readonly force?: boolean;
 }
 
 interface AppendStorageOptions extends CommonOptions {
   readonly storage: string;
   readonly size?: number;
+  readonly force?: boolean;
 }
+
+const storageForceHelp =
+  "accept a storage on a file system that lives on a member device (the take would hang in the freeze)";
 
 interface WaitEventOptions extends CommonOptions {
   readonly timeout: number;
@@ -217,7 +223,8 @@ function addCreateCommand(snapshot: Command): void {
       .option(
         "--post-take <command>",
         "shell command the daemon runs after thawing them (also when take failed)",
-      ),
+      )
+      .option("--force", storageForceHelp),
   )
     .addHelpText(
       "after",
@@ -235,6 +242,7 @@ function addCreateCommand(snapshot: Command): void {
         if (options.growthPortion !== undefined) body.growthPortionBytes = options.growthPortion;
         if (options.preTake !== undefined) body.preTakeCommand = options.preTake;
         if (options.postTake !== undefined) body.postTakeCommand = options.postTake;
+        if (options.force === true) body.force = true;
         const view = await client.post<SnapshotView>("/v1/snapshots", body);
         if (json) return writeJson(view);
         writeLine(view.id);
@@ -248,13 +256,15 @@ function addAddCommand(snapshot: Command): void {
       .command("add")
       .description("add a device to a snapshot that is not taken yet")
       .argument("<id>", "snapshot id")
-      .requiredOption("--device <name>", "device name"),
+      .requiredOption("--device <name>", "device name")
+      .option("--force", storageForceHelp),
   )
     .addHelpText("after", "\nExample:\n  $ blocksnap snapshot add 6f1c0a52-... --device disk1\n")
     .action(
       clientAction<AddOptions>(async ({ client, json }, [id], options) => {
         const view = await client.post<SnapshotView>(snapshotPath(id!, "/devices"), {
           device: options.device,
+          ...(options.force === true ? { force: true } : {}),
         });
         if (json) return writeJson(view);
         writeLine(`added ${options.device} to ${view.id}`);
@@ -273,7 +283,8 @@ function addAppendStorageCommand(snapshot: Command): void {
         "--size <size>",
         "size of the file to create or extend (a block device is used whole)",
         sizeArgument,
-      ),
+      )
+      .option("--force", storageForceHelp),
   )
     .addHelpText(
       "after",
@@ -283,6 +294,7 @@ function addAppendStorageCommand(snapshot: Command): void {
       clientAction<AppendStorageOptions>(async ({ client, json }, [id], options) => {
         const body: Record<string, unknown> = { storage: absolutePath(options.storage) };
         if (options.size !== undefined) body.sizeBytes = options.size;
+        if (options.force === true) body.force = true;
         const view = await client.post<StorageView>(snapshotPath(id!, "/storage"), body);
         if (json) return writeJson(view);
         writeLine(`storage: ${formatStorage(view.storage)}`);

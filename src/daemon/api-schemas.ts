@@ -49,6 +49,8 @@ export const snapshotCreateBodySchema = z.strictObject({
   growthPortionBytes: sizeBytes.positive().optional(),
   preTakeCommand: z.string().min(1).max(apiCommandCharsMax).optional(),
   postTakeCommand: z.string().min(1).max(apiCommandCharsMax).optional(),
+  /** Accept a storage on a file system that lives on a member device (the take would hang). */
+  force: z.boolean().optional(),
 });
 
 export const takeBodySchema = z.strictObject({
@@ -56,11 +58,15 @@ export const takeBodySchema = z.strictObject({
   freezeTimeoutMs: z.int().positive().max(freezeTimeoutMsMax).optional(),
 });
 
-export const snapshotAddDeviceBodySchema = z.strictObject({ device: deviceName });
+export const snapshotAddDeviceBodySchema = z.strictObject({
+  device: deviceName,
+  force: z.boolean().optional(),
+});
 
 export const appendStorageBodySchema = z.strictObject({
   storage: path,
   sizeBytes: sizeBytes.positive().optional(),
+  force: z.boolean().optional(),
 });
 
 export const waitEventQuerySchema = z.strictObject({

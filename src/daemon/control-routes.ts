@@ -61,6 +61,7 @@ import type { BackupMounts, BackupMountView } from "./backup-mounts.js";
 import type { ControlEngine } from "./control-engine.js";
 import type { DeviceRegistry } from "./device-registry.js";
 import { type ExportAddresses, fusePathFor, nbdUrisFor } from "./export-urls.js";
+import type { StorageOnDevice } from "./storage-placement.js";
 
 export interface DaemonIdentity {
   readonly pid: number;
@@ -104,6 +105,11 @@ export interface ControlContext {
    * absent without a FUSE face. Destroy refuses a snapshot whose image is in use unless forced.
    */
   readonly imageUsers?: (exportName: string) => Promise<string[]>;
+  /** Which of `devices` holds the file system `storagePath` is on; absent without a FUSE face. */
+  readonly storageOnDevices?: (
+    storagePath: string,
+    devices: readonly string[],
+  ) => Promise<StorageOnDevice | null>;
   /** Absent in tests: nothing is logged. */
   readonly logger?: Logger;
   readonly accessRules?: {
@@ -246,6 +252,36 @@ async function refuseImagesInUse(context: ControlContext, id: string, force: boo
     );
   }
   context.logger?.warn({ snapshot: id, users }, "destroying a snapshot whose image is in use");
+}
+
+/**
+ * A difference storage on a file system that lives on one of its snapshot's own devices (through a loop
+ * device over the device's FUSE file) is refused unless forced: the take would hang in the freeze.
+ */
+async function refuseStorageOnMembers(
+  context: ControlContext,
+  storagePaths: readonly string[],
+  devices: readonly string[],
+  force: boolean,
+): Promise<void> {
+  const { storageOnDevices } = context;
+  if (storageOnDevices === undefined || devices.length === 0) return;
+  for (const storagePath of storagePaths) {
+    const found = await storageOnDevices(storagePath, devices);
+    if (found === null) continue;
+    const where = `${found.mountPoint} (${found.fsType} on ${found.loopDevice} over device ${found.device})`;
+    if (force) {
+      context.logger?.warn(
+        { storage: storagePath, ...found },
+        "storage on a member device accepted (forced)",
+      );
+      continue;
+    }
+    throw new BlockError(
+      "EINVAL",
+      `Cannot use ${JSON.stringify(storagePath)} as difference storage of a snapshot of ${found.device}: it is on ${where}, and the take would hang freezing it; put it elsewhere, or use --force`,
+    );
+  }
 }
 
 async function waitEventOrShutdown(
@@ -435,7 +471,8 @@ export const routes: readonly Route[] = [
 
   route("POST", "/v1/snapshots", async (context, request) => {
     requireNoQuery(request);
-    const body = parse(snapshotCreateBodySchema, request.body, "snapshot");
+    const { force, ...body } = parse(snapshotCreateBodySchema, request.body, "snapshot");
+    await refuseStorageOnMembers(context, [body.storage], body.devices ?? [], force === true);
     const info = await context.engine.createSnapshot(body);
     return ok(snapshotView(context, info), 201);
   }),
@@ -454,18 +491,23 @@ export const routes: readonly Route[] = [
     return ok(view);
   }),
 
-  route("POST", "/v1/snapshots/:id/devices", (context, request) => {
+  route("POST", "/v1/snapshots/:id/devices", async (context, request) => {
     requireNoQuery(request);
     const id = snapshotId(context, request);
     const body = parse(snapshotAddDeviceBodySchema, request.body, "device");
+    const { storage } = context.engine.snapshotInfo(id);
+    await refuseStorageOnMembers(context, storage.paths, [body.device], body.force === true);
     context.engine.addDeviceToSnapshot(id, body.device);
     return ok(snapshotView(context, context.engine.snapshotInfo(id)));
   }),
 
   route("POST", "/v1/snapshots/:id/storage", async (context, request) => {
     requireNoQuery(request);
-    const body = parse(appendStorageBodySchema, request.body, "storage");
-    const storage = await context.engine.appendStorage(snapshotId(context, request), body);
+    const { force, ...body } = parse(appendStorageBodySchema, request.body, "storage");
+    const id = snapshotId(context, request);
+    const members = context.engine.snapshotInfo(id).devices.map((device) => device.name);
+    await refuseStorageOnMembers(context, [body.storage], members, force === true);
+    const storage = await context.engine.appendStorage(id, body);
     const view: StorageView = { storage: storageInfoView(storage) };
     return ok(view);
   }),

@@ -56,6 +56,7 @@ import {
 } from "./socket-access.js";
 import { removeStaleSocket } from "./stale-socket.js";
 import { StateLock } from "./state-lock.js";
+import { storageOnDevices } from "./storage-placement.js";
 
 export interface DaemonOptions {
   readonly stateDir: string;
@@ -213,6 +214,11 @@ export class Daemon {
           fuseMount.dir === null
             ? []
             : loopDeviceUsersOver(join(fuseMount.dir, exportName), { attached: true }),
+        storageOnDevices: async (storagePath, devices) => {
+          const dir = fuseMount.dir;
+          if (dir === null) return null;
+          return storageOnDevices(storagePath, new Map(devices.map((name) => [name, join(dir, name)])));
+        },
         accessRules: {
           view: () => accessFile.view(),
           reload: () => {
@@ -557,6 +563,7 @@ async function startControlServer(
     readonly nbdTls: TlsView;
     readonly metrics: () => string;
     readonly imageUsers: NonNullable<ControlContext["imageUsers"]>;
+    readonly storageOnDevices: NonNullable<ControlContext["storageOnDevices"]>;
   },
 ): Promise<ControlServer> {
   const link = options.supervised;
@@ -576,6 +583,7 @@ async function startControlServer(
       nbdTls: parts.nbdTls,
       metrics: parts.metrics,
       imageUsers: parts.imageUsers,
+      storageOnDevices: parts.storageOnDevices,
       logger: options.logger,
       ...(link === undefined ? {} : { restart: parts.restart }),
       identity: {
