@@ -211,6 +211,8 @@ export interface LoopDevice {
   readonly majorMinor: string;
   /** The kernel's path of the backing file, as in /sys/block/loopN/loop/backing_file. */
   readonly backingFile: string;
+  /** Detached at its last close (mount's loop devices, and one `losetup -d` left open by someone). */
+  readonly autoclear: boolean;
 }
 
 /** The bound loop devices (read from sysfs). */
@@ -222,7 +224,8 @@ export async function listLoopDevices(sysBlock = "/sys/block"): Promise<LoopDevi
   for (const name of names) {
     const backingFile = await readSysText(join(sysBlock, name, "loop", "backing_file"));
     const majorMinor = await readSysText(join(sysBlock, name, "dev"));
-    if (backingFile && majorMinor) found.push({ path: `/dev/${name}`, majorMinor, backingFile });
+    const autoclear = (await readSysText(join(sysBlock, name, "loop", "autoclear"))) === "1";
+    if (backingFile && majorMinor) found.push({ path: `/dev/${name}`, majorMinor, backingFile, autoclear });
   }
   return found;
 }
@@ -230,7 +233,9 @@ export async function listLoopDevices(sysBlock = "/sys/block"): Promise<LoopDevi
 /**
  * What uses the loop devices over `file` (by the kernel's path of their backing file): their mounts and
  * holders, each prefixed with the loop device. A loop device that is only attached is listed as
- * "<loop> attached" with `attached: true` (it still holds the file open), else not at all.
+ * "<loop> attached" with `attached: true` (it still holds the file open), else not at all; one that was
+ * already detached (`losetup -d` sets autoclear while someone such as udev's probe still has it open, and
+ * the kernel lets go at the last close) is not.
  */
 export async function loopDeviceUsersOver(
   file: string,
@@ -241,7 +246,9 @@ export async function loopDeviceUsersOver(
     if (loop.backingFile !== file) continue;
     const loopUsers = await blockDeviceUsers(loop.majorMinor);
     for (const user of loopUsers) users.push(`${loop.path} ${user}`);
-    if (loopUsers.length === 0 && options.attached === true) users.push(`${loop.path} attached`);
+    if (loopUsers.length === 0 && options.attached === true && !loop.autoclear) {
+      users.push(`${loop.path} attached`);
+    }
   }
   return users;
 }
