@@ -9,10 +9,11 @@
 
 import type { Command } from "commander";
 import { Option } from "commander";
-import { freezeTimeoutMsMax, waitEventTimeoutMsMax } from "../daemon/api-limits.js";
+import { eventsKeptMax, freezeTimeoutMsMax, waitEventTimeoutMsMax } from "../daemon/api-limits.js";
 import type {
   DestroyedView,
   EventView,
+  SequencedEventView,
   SnapshotEventView,
   SnapshotListView,
   SnapshotView,
@@ -71,7 +72,14 @@ const storageForceHelp =
 
 interface WaitEventOptions extends CommonOptions {
   readonly timeout: number;
+  readonly since?: number;
 }
+
+interface WatchOptions extends CommonOptions {
+  readonly since?: number;
+}
+
+const sinceHelp = "read after this event seq (the last one seen; 0: from the oldest the daemon keeps)";
 
 function snapshotPath(id: string, suffix = ""): string {
   return `/v1/snapshots/${encodeURIComponent(id)}${suffix}`;
@@ -79,6 +87,16 @@ function snapshotPath(id: string, suffix = ""): string {
 
 export function formatStorage(storage: StorageInfoView): string {
   return `${storage.kind}  used ${formatSize(storage.usedBytes)} / capacity ${formatSize(storage.capacityBytes)} / limit ${formatSize(storage.limitBytes)}`;
+}
+
+/** An event as `wait-event` and `watch` print it: `#seq  time  type  details`. */
+export function formatSequencedEvent(event: SequencedEventView): string {
+  return `#${event.seq}  ${formatEvent(event)}`;
+}
+
+/** The line that says events were dropped for the log's bound before the reader got to them. */
+export function formatMissed(missed: number, beforeSeq: number): string {
+  return `missed ${missed} event(s) before #${beforeSeq}: dropped, the daemon keeps the last ${eventsKeptMax} per snapshot`;
 }
 
 export function formatEvent(event: SnapshotEventView): string {
@@ -366,20 +384,31 @@ function addWaitEventCommand(snapshot: Command): void {
   addCommonOptions(
     snapshot
       .command("wait-event")
-      .description("wait for the snapshot's next event; prints it, or `timeout`")
+      .description(
+        "wait for the snapshot's next event (after --since SEQ, else the next no other cursor-less caller got); prints it with its #seq, or `timeout`",
+      )
       .argument("<id>", "snapshot id")
       .requiredOption(
         "--timeout <ms>",
         `how long to wait, in milliseconds (at most ${waitEventTimeoutMsMax})`,
         countArgument("timeout", waitEventTimeoutMsMax),
-      ),
+      )
+      .option("--since <seq>", sinceHelp, countArgument("since", Number.MAX_SAFE_INTEGER)),
   )
-    .addHelpText("after", "\nExample:\n  $ blocksnap snapshot wait-event 6f1c0a52-... --timeout 5000\n")
+    .addHelpText(
+      "after",
+      "\nExample:\n  $ blocksnap snapshot wait-event 6f1c0a52-... --timeout 5000 --since 0\n",
+    )
     .action(
       clientAction<WaitEventOptions>(async ({ client, json }, [id], options) => {
-        const view = await client.get<EventView>(snapshotPath(id!, `/event?timeoutMs=${options.timeout}`));
+        const since = options.since === undefined ? "" : `&since=${options.since}`;
+        const view = await client.get<EventView>(
+          snapshotPath(id!, `/event?timeoutMs=${options.timeout}${since}`),
+        );
         if (json) return writeJson(view);
-        writeLine(view.event === null ? "timeout" : formatEvent(view.event));
+        if (view.event === null) return writeLine("timeout");
+        if (view.missed > 0) writeLine(formatMissed(view.missed, view.event.seq));
+        writeLine(formatSequencedEvent(view.event));
       }),
     );
 }
@@ -388,18 +417,21 @@ function addWatchCommand(snapshot: Command): void {
   addCommonOptions(
     snapshot
       .command("watch")
-      .description("print the snapshot's events until it is corrupted or destroyed")
-      .argument("<id>", "snapshot id"),
+      .description(
+        "print the snapshot's events, from the oldest kept (or after --since SEQ), until it is corrupted or destroyed",
+      )
+      .argument("<id>", "snapshot id")
+      .option("--since <seq>", sinceHelp, countArgument("since", Number.MAX_SAFE_INTEGER)),
   )
-    .addHelpText("after", "\nExample:\n  $ blocksnap snapshot watch 6f1c0a52-... --json\n")
+    .addHelpText("after", "\nExample:\n  $ blocksnap snapshot watch 6f1c0a52-... --json --since 12\n")
     .action(
-      clientAction<CommonOptions>(async ({ client, json }, [id]) => {
-        const end = await watch(
-          client,
-          id!,
-          () => (json ? undefined : writeLine(`watching snapshot ${id}`)),
-          (event) => (json ? writeJsonLine({ event }) : writeLine(formatEvent(event))),
-        );
+      clientAction<WatchOptions>(async ({ client, json }, [id], options) => {
+        const end = await watch(client, id!, options.since ?? 0, {
+          onStart: () => (json ? undefined : writeLine(`watching snapshot ${id}`)),
+          onEvent: (event) => (json ? writeJsonLine({ event }) : writeLine(formatSequencedEvent(event))),
+          onMissed: (missed, beforeSeq) =>
+            json ? writeJsonLine({ missed, beforeSeq }) : writeLine(formatMissed(missed, beforeSeq)),
+        });
         if (json) writeJsonLine({ end });
         else writeLine(`snapshot ${id} ${end}`);
       }),
@@ -425,13 +457,25 @@ function addDestroyCommand(snapshot: Command): void {
     );
 }
 
-/** Prints events until the snapshot is corrupted ("corrupted") or gone ("destroyed"). */
+interface WatchHandlers {
+  readonly onStart: () => void;
+  readonly onEvent: (event: SequencedEventView) => void;
+  /** Events dropped for the log's bound before this watch read them (never silently skipped). */
+  readonly onMissed: (missed: number, beforeSeq: number) => void;
+}
+
+/**
+ * Prints events after cursor `since` until the snapshot is corrupted ("corrupted") or gone ("destroyed").
+ * The watch follows its own cursor, so it shares nothing with other readers and misses nothing.
+ */
 async function watch(
   client: ControlClient,
   id: string,
-  onStart: () => void,
-  onEvent: (event: SnapshotEventView) => void,
+  since: number,
+  handlers: WatchHandlers,
 ): Promise<"corrupted" | "destroyed"> {
+  const { onStart, onEvent, onMissed } = handlers;
+  let cursor = since;
   const gone = (error: unknown): boolean => error instanceof CliError && error.errno === "ESRCH";
   // A snapshot id that never existed is an error, not a snapshot that was destroyed while watched.
   await client.get<SnapshotView>(snapshotPath(id));
@@ -439,12 +483,16 @@ async function watch(
   for (;;) {
     let view: EventView;
     try {
-      view = await client.get<EventView>(snapshotPath(id, `/event?timeoutMs=${watchSliceMs}`));
+      view = await client.get<EventView>(
+        snapshotPath(id, `/event?timeoutMs=${watchSliceMs}&since=${cursor}`),
+      );
     } catch (error) {
       if (gone(error)) return "destroyed";
       throw error;
     }
+    cursor = view.nextSince;
     if (view.event !== null) {
+      if (view.missed > 0) onMissed(view.missed, view.event.seq);
       onEvent(view.event);
       if (view.event.type === "corrupted") return "corrupted";
       continue;

@@ -6,6 +6,7 @@
  */
 import {
   freezeTimeoutMsMax as engineFreezeTimeoutMsMax,
+  eventsMax,
   pathCharsMax,
   takeHookCommandCharsMax,
   waitTimeoutMsMax,
@@ -20,6 +21,8 @@ export const apiCommandCharsMax = takeHookCommandCharsMax;
 export const freezeTimeoutMsMax = engineFreezeTimeoutMsMax;
 /** The longest wait-event long poll: one hour (the engine allows a day; a request should not). */
 export const waitEventTimeoutMsMax = 3_600_000;
+/** Events a snapshot's log keeps (the engine's bound); older ones are dropped and reported as missed. */
+export const eventsKeptMax = eventsMax;
 /** Largest request body (413 EFBIG beyond). */
 export const apiRequestBodyBytesMax = 1024 * 1024;
 /**

@@ -71,6 +71,8 @@ export const appendStorageBodySchema = z.strictObject({
 
 export const waitEventQuerySchema = z.strictObject({
   timeoutMs: z.coerce.number().pipe(z.int().min(0).max(waitEventTimeoutMsMax)),
+  /** The last event seq the client saw (0: from the oldest kept); absent: the shared blksnap-style cursor. */
+  since: z.coerce.number().pipe(z.int().min(0).max(Number.MAX_SAFE_INTEGER)).optional(),
 });
 
 export const cbtMapQuerySchema = z.strictObject({

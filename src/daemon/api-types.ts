@@ -194,9 +194,16 @@ export interface CbtMapJsonView extends CbtInfoView {
   readonly mapBase64: string;
 }
 
+/** An event with its place in the snapshot's event log (1, 2, …). */
+export type SequencedEventView = SnapshotEventView & { readonly seq: number };
+
 export interface EventView {
   /** null when the timeout passed without an event. */
-  readonly event: SnapshotEventView | null;
+  readonly event: SequencedEventView | null;
+  /** The cursor to pass as `since` next: the event's seq, or the cursor given when there was none. */
+  readonly nextSince: number;
+  /** Events after the cursor, before this one, that the log's bound dropped before they were read. */
+  readonly missed: number;
 }
 
 export interface StorageView {

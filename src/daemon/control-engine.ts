@@ -11,10 +11,10 @@ import type {
   DeviceAddOptions,
   DeviceInfo,
   SnapshotCreateOptions,
-  SnapshotEvent,
   SnapshotInfo,
   TakeOptions,
 } from "../engine/engine-types.js";
+import type { EventRead } from "../engine/event-log.js";
 import type { StorageInfo } from "../storage/diff-storage.js";
 
 export interface ControlEngine {
@@ -32,6 +32,6 @@ export interface ControlEngine {
   takeSnapshot(id: string, options?: TakeOptions): Promise<SnapshotInfo>;
   snapshotInfo(id: string): SnapshotInfo;
   listSnapshots(): SnapshotInfo[];
-  waitEvent(id: string, timeoutMs: number): Promise<SnapshotEvent | null>;
+  readEvent(id: string, since: number | null, timeoutMs: number): Promise<EventRead>;
   destroySnapshot(id: string): Promise<void>;
 }

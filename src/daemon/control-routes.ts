@@ -10,7 +10,8 @@
  */
 import type { z } from "zod";
 import { BlockError } from "../block/errors.js";
-import type { SnapshotEvent, SnapshotInfo } from "../engine/engine-types.js";
+import type { SnapshotInfo } from "../engine/engine-types.js";
+import type { EventRead } from "../engine/event-log.js";
 import { exposition } from "../metrics/text-format.js";
 import { assert } from "../util/assert.js";
 import type { Logger } from "../util/logger.js";
@@ -287,8 +288,9 @@ async function refuseStorageOnMembers(
 async function waitEventOrShutdown(
   context: ControlContext,
   id: string,
+  since: number | null,
   timeoutMs: number,
-): Promise<SnapshotEvent | null> {
+): Promise<EventRead> {
   const { shutdownSignal } = context;
   if (shutdownSignal.aborted) throw new BlockError("ESHUTDOWN", "the daemon is shutting down");
   let onAbort = (): void => {};
@@ -297,7 +299,7 @@ async function waitEventOrShutdown(
     shutdownSignal.addEventListener("abort", onAbort, { once: true });
   });
   try {
-    return await Promise.race([context.engine.waitEvent(id, timeoutMs), aborted]);
+    return await Promise.race([context.engine.readEvent(id, since, timeoutMs), aborted]);
   } finally {
     shutdownSignal.removeEventListener("abort", onAbort);
   }
@@ -520,9 +522,14 @@ export const routes: readonly Route[] = [
   }),
 
   route("GET", "/v1/snapshots/:id/event", async (context, request) => {
-    const { timeoutMs } = parse(waitEventQuerySchema, request.query, "query");
-    const event = await waitEventOrShutdown(context, snapshotId(context, request), timeoutMs);
-    const view: EventView = { event: event === null ? null : snapshotEventView(event) };
+    const { timeoutMs, since } = parse(waitEventQuerySchema, request.query, "query");
+    const read = await waitEventOrShutdown(context, snapshotId(context, request), since ?? null, timeoutMs);
+    const view: EventView = {
+      event:
+        read.event === null || read.seq === null ? null : { ...snapshotEventView(read.event), seq: read.seq },
+      nextSince: read.nextSince,
+      missed: read.missed,
+    };
     return ok(view);
   }),
 ];

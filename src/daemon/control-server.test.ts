@@ -11,9 +11,9 @@ import type {
   DeviceAddOptions,
   DeviceInfo,
   SnapshotCreateOptions,
-  SnapshotEvent,
   SnapshotInfo,
 } from "../engine/engine-types.js";
+import { EventLog, type EventRead } from "../engine/event-log.js";
 import type { StorageInfo } from "../storage/diff-storage.js";
 import { silentLogger } from "../util/logger.js";
 import type { ControlEngine } from "./control-engine.js";
@@ -25,7 +25,7 @@ class FakeEngine implements ControlEngine {
   readonly devices = new Map<string, DeviceInfo>();
   readonly snapshots = new Map<string, SnapshotInfo>();
   readonly markedRanges: ByteRange[] = [];
-  readonly pendingEvents: SnapshotEvent[] = [];
+  readonly events = new EventLog();
   map = new Uint8Array([0, 1, 2, 255]);
 
   async addDevice(options: DeviceAddOptions): Promise<DeviceInfo> {
@@ -135,13 +135,13 @@ class FakeEngine implements ControlEngine {
   listSnapshots(): SnapshotInfo[] {
     return [...this.snapshots.values()];
   }
-  async waitEvent(id: string, timeoutMs: number): Promise<SnapshotEvent | null> {
+  async readEvent(id: string, since: number | null, timeoutMs: number): Promise<EventRead> {
     this.snapshotInfo(id);
-    const event = this.pendingEvents.shift();
-    if (event !== undefined) return event;
+    const read = this.events.read(since);
+    if (read.event !== null) return read;
     // Unref: a poll abandoned by the shutdown test must not keep the test process alive.
     await new Promise((resolve) => setTimeout(resolve, timeoutMs).unref());
-    return null;
+    return read;
   }
   async destroySnapshot(id: string): Promise<void> {
     this.snapshotInfo(id);
@@ -359,12 +359,29 @@ void test("wait-event returns a queued event, null on timeout, and bounds timeou
     await send(socketPath, "POST", "/v1/snapshots", JSON.stringify({ storage: "memory:", limitBytes: 1 }))
   ).json();
   const id = String(created.id);
-  engine.pendingEvents.push({ type: "no_space", timeMs: 5, requestedBytes: 4096 });
+  engine.events.push({ type: "no_space", timeMs: 5, requestedBytes: 4096 });
+  const event = { type: "no_space", timeMs: 5, requestedBytes: 4096, seq: 1 };
   const withEvent = await send(socketPath, "GET", `/v1/snapshots/${id}/event?timeoutMs=1000`);
-  assert.deepEqual(withEvent.json(), { event: { type: "no_space", timeMs: 5, requestedBytes: 4096 } });
+  assert.deepEqual(withEvent.json(), { event, nextSince: 1, missed: 0 });
   const timedOut = await send(socketPath, "GET", `/v1/snapshots/${id}/event?timeoutMs=0`);
-  assert.deepEqual(timedOut.json(), { event: null });
-  for (const query of ["", "?timeoutMs=-1", "?timeoutMs=3600001", "?timeoutMs=abc", "?timeoutMs=1&x=2"]) {
+  assert.deepEqual(timedOut.json(), { event: null, nextSince: 1, missed: 0 });
+  // A cursor reads the same event again, as often as asked.
+  for (let attempt = 0; attempt < 2; attempt++) {
+    const again = await send(socketPath, "GET", `/v1/snapshots/${id}/event?timeoutMs=0&since=0`);
+    assert.deepEqual(again.json(), { event, nextSince: 1, missed: 0 });
+  }
+  const beyond = await send(socketPath, "GET", `/v1/snapshots/${id}/event?timeoutMs=0&since=2`);
+  assert.equal(beyond.status, 400);
+  assert.match(String(beyond.json().error?.message), /beyond the newest event/);
+  for (const query of [
+    "",
+    "?timeoutMs=-1",
+    "?timeoutMs=3600001",
+    "?timeoutMs=abc",
+    "?timeoutMs=1&x=2",
+    "?timeoutMs=0&since=-1",
+    "?timeoutMs=0&since=1.5",
+  ]) {
     const refused = await send(socketPath, "GET", `/v1/snapshots/${id}/event${query}`);
     assert.equal(refused.status, 400, query);
   }

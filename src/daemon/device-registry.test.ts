@@ -43,7 +43,7 @@ function fakeEngine(missing: ReadonlySet<string> = new Set()): ControlEngine & {
     takeSnapshot: unused,
     snapshotInfo: unused,
     listSnapshots: unused,
-    waitEvent: unused,
+    readEvent: unused,
     destroySnapshot: unused,
   };
 }

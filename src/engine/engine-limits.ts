@@ -30,7 +30,10 @@ export const freezeTimeoutMsDefault = 30_000;
 export const freezeTimeoutMsMax = 10 * 60_000;
 /** The longest wait for a snapshot event. */
 export const waitTimeoutMsMax = 24 * 60 * 60 * 1000;
-/** Events queued per snapshot before the oldest are dropped. */
+/**
+ * Events a snapshot's log keeps (event-log.ts); beyond it the oldest low_space event is dropped first, then
+ * the oldest event, and a reader whose cursor is older is told how many it missed.
+ */
 export const eventsMax = 1024;
 
 assert(devicesMax >= 1 && snapshotsMax >= 1);

@@ -57,6 +57,7 @@ import {
   checkTakeOptions,
   checkWaitTimeout,
 } from "./engine-validation.js";
+import type { EventRead } from "./event-log.js";
 import type { Freezer } from "./freezer.js";
 import { checkDeviceName, imageExportName } from "./names.js";
 import { Snapshot } from "./snapshot.js";
@@ -377,6 +378,7 @@ export class Engine implements ExportSource {
       preTakeCommand: options.preTakeCommand,
       postTakeCommand: options.postTakeCommand,
       kept,
+      logger: this.logger,
       ...(kept ? this.persistenceHooks(id) : {}),
     });
     for (const member of members) {
@@ -464,6 +466,7 @@ export class Engine implements ExportSource {
       postTakeCommand: record.postTakeCommand ?? undefined,
       createdAtMs: record.createdAtMs,
       kept: true,
+      logger: this.logger,
       ...this.persistenceHooks(record.id),
     });
     for (const entry of members) {
@@ -609,10 +612,19 @@ export class Engine implements ExportSource {
     return [...this.snapshots.values()].map((snapshot) => snapshot.info());
   }
 
-  waitEvent(id: string, timeoutMs: number): Promise<SnapshotEvent | null> {
+  /** blksnap's WAIT_EVENT: the next event no other cursor-less caller got, or null after `timeoutMs`. */
+  async waitEvent(id: string, timeoutMs: number): Promise<SnapshotEvent | null> {
+    return (await this.readEvent(id, null, timeoutMs)).event;
+  }
+
+  /**
+   * The first event after cursor `since` (the last seq the caller saw, 0 for the oldest kept; null: the
+   * shared blksnap-style cursor), waiting up to `timeoutMs`; with its seq and how many the bound dropped.
+   */
+  readEvent(id: string, since: number | null, timeoutMs: number): Promise<EventRead> {
     const snapshot = this.snapshot(id);
     checkWaitTimeout(timeoutMs);
-    return snapshot.events.wait(timeoutMs);
+    return snapshot.events.wait(since, timeoutMs);
   }
 
   async destroySnapshot(id: string): Promise<void> {

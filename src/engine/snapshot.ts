@@ -1,5 +1,6 @@
 /**
- * Snapshot: a set of origin devices, one DiffStorage and one EventQueue (blksnap's snapshot).
+ * Snapshot: a set of origin devices, one DiffStorage and one EventLog (blksnap's snapshot). Every event
+ * is also logged (event-log-lines.ts).
  * Lifecycle: created -> (add devices) -> taken -> destroyed; a taken snapshot whose diff area failed
  * reports state "corrupted".
  *
@@ -26,8 +27,10 @@ import { SnapshotImage } from "../cow/snapshot-image.js";
 import type { Tracker } from "../cow/tracker.js";
 import type { DiffStorage } from "../storage/diff-storage.js";
 import { assert } from "../util/assert.js";
+import { type Logger, silentLogger } from "../util/logger.js";
 import type { SnapshotEvent, SnapshotInfo, SnapshotState, TakeReport } from "./engine-types.js";
-import { EventQueue } from "./event-queue.js";
+import { EventLog } from "./event-log.js";
+import { logSnapshotEvent } from "./event-log-lines.js";
 import type { Freezer, FreezeSession } from "./freezer.js";
 
 /** How long destroy waits for image and copy-before-write requests already inside a diff area. */
@@ -54,6 +57,8 @@ export interface SnapshotOptions {
   readonly onStored?: (memberIndex: number, chunkIndex: number, locationCode: number) => Promise<void>;
   /** A member's diff area became corrupted (after its event was queued). */
   readonly onCorrupted?: () => void;
+  /** Where every event is also logged (default: nowhere). */
+  readonly logger?: Logger;
 }
 
 /** A taken snapshot's state from its records (restoreTaken). */
@@ -74,7 +79,7 @@ export interface TakeWith {
 export class Snapshot {
   readonly id: string;
   readonly storage: DiffStorage;
-  readonly events = new EventQueue();
+  readonly events = new EventLog();
   readonly chunkSizeBytes: number;
   readonly onCowError: OnCowError;
   readonly createdAtMs: number;
@@ -89,6 +94,7 @@ export class Snapshot {
   private readonly onStored: SnapshotOptions["onStored"];
   readonly kept: boolean;
   private readonly onCorruptedHook: (() => void) | undefined;
+  private readonly logger: Logger;
 
   constructor(options: SnapshotOptions) {
     this.id = options.id;
@@ -96,6 +102,7 @@ export class Snapshot {
     this.kept = options.kept ?? false;
     this.onStored = options.onStored;
     this.onCorruptedHook = options.onCorrupted;
+    this.logger = options.logger ?? silentLogger;
     this.storage = options.storage;
     this.chunkSizeBytes = options.chunkSizeBytes;
     this.onCowError = options.onCowError;
@@ -333,11 +340,12 @@ export class Snapshot {
   }
 
   pushEvent(event: SnapshotEvent): void {
-    this.events.push(event);
+    const seq = this.events.push(event);
+    if (seq > 0) logSnapshotEvent(this.logger, this.id, seq, event);
   }
 
   private pushCorrupted(device: string, errno: Errno): void {
-    this.events.push({ type: "corrupted", timeMs: Date.now(), device, errno });
+    this.pushEvent({ type: "corrupted", timeMs: Date.now(), device, errno });
     this.onCorruptedHook?.();
   }
 }

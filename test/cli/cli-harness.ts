@@ -213,6 +213,11 @@ export class BackgroundCli {
     );
   }
 
+  /** Sends `signal` (a client killed to test what it sees when it comes back). */
+  kill(signal: NodeJS.Signals): void {
+    this.child.kill(signal);
+  }
+
   /** Resolves once stdout contains `text`; rejects if the process ends first. */
   waitForOutput(text: string): Promise<void> {
     return new Promise((resolve, reject) => {
