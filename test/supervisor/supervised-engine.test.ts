@@ -1,14 +1,17 @@
 /**
- * `serve --supervise` (issue 15): an ext4 mounted on a loop device over a device's FUSE file, written by
- * fio with crc32c verification, while the engine is killed with SIGKILL at random moments or restarted
- * with `blocksnap restart`. fio must finish without an error and verify every block, the kernel log must
- * show no I/O error for that loop device and no ext4 error, and e2fsck -fn must be clean after unmount.
+ * `serve --supervise` (issue 15): an ext4 mounted on a loop device over a device's FUSE file, a snapshot
+ * taken (directory storage), then fio with crc32c verification writing through the file system while the
+ * engine is killed with SIGKILL 10 times at random moments or restarted with `blocksnap restart` 10 times.
+ * fio must finish without an error and verify every block, the kernel log must show no I/O error for that
+ * loop device and no ext4 error, e2fsck -fn must be clean after unmount, the snapshot image must be
+ * unchanged byte for byte, and CBT must report every block in which the origin now differs from it.
  * Also: the supervisor gives up on an engine that keeps dying before it is ready, a planned restart keeps
  * the CBT generation, and a killed supervisor leaves no hang and no mount.
  * Root only (FUSE, losetup, mount); skipped with the reason otherwise. Seeded: the seed is printed.
  */
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
+import { createHash } from "node:crypto";
 import { mkdir, mkdtemp, readFile, rm, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -75,7 +78,7 @@ async function childrenOf(pid: number): Promise<number[]> {
 async function mountedExt4(
   daemon: DaemonProcess,
   name: string,
-): Promise<{ loop: string; mountPoint: string }> {
+): Promise<{ loop: string; mountPoint: string; backend: string }> {
   const backend = join(directory, `${name}.img`);
   await runOk("truncate", ["-s", `${256 * MiB}`, backend]);
   await daemon.cliOk(["device", "add", "disk0", "--backend", backend]);
@@ -88,7 +91,73 @@ async function mountedExt4(
   await mkdir(mountPoint, { recursive: true });
   await runOk("mount", [loop, mountPoint]);
   cleanups.push(() => run("umount", ["-l", mountPoint]));
-  return { loop, mountPoint };
+  return { loop, mountPoint, backend };
+}
+
+interface HeldSnapshot {
+  readonly id: string;
+  readonly imagePath: string;
+  readonly takeNumber: number;
+  readonly imageDigest: string;
+}
+
+/** A snapshot of disk0 on directory storage, taken (the take freezes the mounted ext4). */
+async function takeSnapshot(daemon: DaemonProcess, name: string): Promise<HeldSnapshot> {
+  const storage = join(directory, `${name}-storage`);
+  await mkdir(storage, { recursive: true });
+  const id = (
+    await daemon.cliOk(["snapshot", "create", "--storage", storage, "--limit", "192M", "--device", "disk0"])
+  ).trim();
+  await daemon.cliOk(["snapshot", "take", id]);
+  const takeNumber = (await daemon.cliJson<CbtInfo>(["cbt", "info", "disk0"])).changesNumber;
+  const imagePath = join(daemon.stateDir, "mnt", `disk0@${id}`);
+  return { id, imagePath, takeNumber, imageDigest: await digestOf(imagePath) };
+}
+
+async function digestOf(path: string): Promise<string> {
+  return createHash("sha256")
+    .update(await readFile(path))
+    .digest("hex");
+}
+
+/**
+ * The image is still the state at the take, byte for byte, and every CBT block in which the origin now
+ * differs from the image is reported changed since that take by the next take (the read map `cbt read`
+ * returns is frozen at a take). Destroys the held snapshot.
+ */
+async function checkSnapshotAndCbt(
+  daemon: DaemonProcess,
+  held: HeldSnapshot,
+  backend: string,
+): Promise<void> {
+  const image = await readFile(held.imagePath);
+  assert.equal(createHash("sha256").update(image).digest("hex"), held.imageDigest, "the image is unchanged");
+  const origin = await readFile(backend);
+  await daemon.cliOk(["snapshot", "destroy", held.id]);
+  const next = (
+    await daemon.cliOk(["snapshot", "create", "--storage", "memory:", "--limit", "4M", "--device", "disk0"])
+  ).trim();
+  await daemon.cliOk(["snapshot", "take", next, "--no-freeze"]);
+  await daemon.cliOk(["snapshot", "destroy", next]);
+  const info = await daemon.cliJson<CbtInfo>(["cbt", "info", "disk0"]);
+  const mapPath = join(directory, `map-${daemon.pid}-${Date.now()}`);
+  await daemon.cliOk(["cbt", "read", "disk0", "--out", mapPath]);
+  const map = new Uint8Array(await readFile(mapPath));
+  let changedBlocks = 0;
+  const missed: string[] = [];
+  for (let offset = 0; offset < origin.byteLength; offset += info.blockSizeBytes) {
+    const end = Math.min(offset + info.blockSizeBytes, origin.byteLength);
+    if (Buffer.compare(origin.subarray(offset, end), image.subarray(offset, end)) === 0) continue;
+    changedBlocks++;
+    const block = offset / info.blockSizeBytes;
+    if ((map[block] ?? 0) <= held.takeNumber) missed.push(`${block}:${map[block]}`);
+  }
+  assert.deepEqual(
+    missed,
+    [],
+    `CBT misses changes (block:number; take ${held.takeNumber}, now ${info.changesNumber}, ${changedBlocks} blocks changed)`,
+  );
+  assert.ok(changedBlocks > 0, "fio changed the origin after the take");
 }
 
 /** fio random writes with crc32c verification of every block, in the background. */
@@ -142,7 +211,8 @@ async function unmountAndCheck(loop: string, mountPoint: string): Promise<void> 
 void test("kill -9 of the engine 10 times under fio on ext4 over FUSE: fio verifies, no I/O error, fsck clean", async (t) => {
   if (skipIfUnable(t)) return;
   const daemon = await startSupervised("kill");
-  const { loop, mountPoint } = await mountedExt4(daemon, "kill");
+  const { loop, mountPoint, backend } = await mountedExt4(daemon, "kill");
+  const held = await takeSnapshot(daemon, "kill");
   const random = Prng.fromEnvironment();
   t.diagnostic(`seed ${random.seed} (replay with BLOCKSNAP_SEED=${random.seed})`);
   const kernelBefore = await kernelLogLines();
@@ -169,18 +239,20 @@ void test("kill -9 of the engine 10 times under fio on ext4 over FUSE: fio verif
   assert.match(status.supervisor.restarts.at(-1)?.cause ?? "", /SIGKILL/);
   assert.deepEqual(kernelErrors(kernelBefore, await kernelLogLines(), loop), []);
   await unmountAndCheck(loop, mountPoint);
+  await checkSnapshotAndCbt(daemon, held, backend);
   assert.deepEqual((await daemon.stop("SIGTERM")).code, 0);
 });
 
-void test("blocksnap restart 5 times under fio: no failed request, the CBT generation is kept, status shows the engine", async (t) => {
+void test("blocksnap restart 10 times under fio: no failed request, the CBT generation is kept, status shows the engine", async (t) => {
   if (skipIfUnable(t)) return;
   const daemon = await startSupervised("planned");
-  const { loop, mountPoint } = await mountedExt4(daemon, "planned");
+  const { loop, mountPoint, backend } = await mountedExt4(daemon, "planned");
+  const held = await takeSnapshot(daemon, "planned");
   const generation = (await daemon.cliJson<CbtInfo>(["cbt", "info", "disk0"])).generationId;
   const kernelBefore = await kernelLogLines();
-  const fio = startFio(mountPoint, 10);
+  const fio = startFio(mountPoint, 16);
   let pid = await enginePid(daemon);
-  for (let round = 0; round < 5; round++) {
+  for (let round = 0; round < 10; round++) {
     await new Promise((resolve) => setTimeout(resolve, 800));
     const restarted = await daemon.cliJson<{ previousPid: number; pid: number }>(["restart"]);
     assert.equal(restarted.previousPid, pid);
@@ -191,11 +263,12 @@ void test("blocksnap restart 5 times under fio: no failed request, the CBT gener
   assert.equal(result.code, 0, `fio failed across planned restarts:\n${result.stdout}`);
   assert.deepEqual(kernelErrors(kernelBefore, await kernelLogLines(), loop), []);
   const status = await daemon.cliJson<StatusView>(["status"]);
-  assert.equal(status.supervisor?.engineNumber, 6);
+  assert.equal(status.supervisor?.engineNumber, 11);
   assert.deepEqual(status.supervisor?.restarts, [], "planned restarts are not deaths");
   const cbt = await daemon.cliJson<CbtInfo>(["cbt", "info", "disk0"]);
   assert.equal(cbt.generationId, generation, "a planned restart keeps the CBT generation");
   await unmountAndCheck(loop, mountPoint);
+  await checkSnapshotAndCbt(daemon, held, backend);
   assert.deepEqual((await daemon.stop("SIGTERM")).code, 0);
   await assert.rejects(readFile(join(daemon.stateDir, "blocksnap.sock")), /ENOENT/);
 });
