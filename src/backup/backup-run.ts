@@ -33,7 +33,9 @@ export interface BackupEngine {
   takeSnapshot(id: string): Promise<unknown>;
   destroySnapshot(id: string): Promise<void>;
   snapshotInfo(id: string): { state: string; devices: readonly { name: string; imageName: string | null }[] };
-  findExport(name: string): { device: BlockDevice } | undefined;
+  findExport(
+    name: string,
+  ): { device: BlockDevice; changedBlocks?: { generationId: string; changesNumber: number } } | undefined;
   cbtInfo(name: string): CbtInfo;
   cbtRead(name: string): Uint8Array;
 }
@@ -89,10 +91,13 @@ export async function runBackup(params: BackupParams): Promise<BackupOutcome> {
       snapshotId = created.id;
       await engine.takeSnapshot(snapshotId);
     }
-    // CBT info and map in the same tick as the take's result: they describe the image being read.
-    const cbt = engine.cbtInfo(device);
-    const cbtMap = engine.cbtRead(device);
-    const image = imageOf(engine, snapshotId, device);
+    // CBT info and map in the same tick as the image is found: while the snapshot lives they stay those
+    // of its take (the device is in one snapshot at a time), which the image's own CBT numbers confirm.
+    const found = imageOf(engine, snapshotId, device);
+    const image = found.device;
+    const cbtNow = engine.cbtInfo(device);
+    const cbt = sameTake(found.changedBlocks, cbtNow) ? cbtNow : null;
+    const cbtMap = cbt === null ? new Uint8Array(0) : engine.cbtRead(device);
     const plan = planLevel(params.level, previous, cbt, image.sizeBytes, repository.chunkSizeBytes);
     params.onNote?.(plan.reason);
     checkAborted(params.signal);
@@ -101,7 +106,9 @@ export async function runBackup(params: BackupParams): Promise<BackupOutcome> {
     const geometry = { sizeBytes: image.sizeBytes, chunkSizeBytes: repository.chunkSizeBytes };
     const chunks: (string | null)[] = new Array(chunkCount).fill(null);
     const toRead =
-      plan.base === null ? allChunks(chunkCount) : changedChunks(plan.base, cbt, cbtMap, geometry);
+      plan.base === null || cbt === null
+        ? allChunks(chunkCount)
+        : changedChunks(plan.base, cbt, cbtMap, geometry);
     if (plan.base !== null) {
       for (const [index, id] of plan.base.chunks.entries()) chunks[index] = id;
     }
@@ -154,11 +161,14 @@ export async function runBackup(params: BackupParams): Promise<BackupOutcome> {
       chunkSizeBytes: repository.chunkSizeBytes,
       level: plan.base === null ? "full" : "inc",
       parentId: plan.base?.id ?? null,
-      cbt: {
-        generationId: cbt.generationId,
-        changesNumber: cbt.changesNumber,
-        blockSizeBytes: cbt.blockSizeBytes,
-      },
+      cbt:
+        cbt === null
+          ? null
+          : {
+              generationId: cbt.generationId,
+              changesNumber: cbt.changesNumber,
+              blockSizeBytes: cbt.blockSizeBytes,
+            },
       snapshotId,
       startedAt: startedAt.toISOString(),
       finishedAt: finishedAt.toISOString(),
@@ -183,7 +193,21 @@ async function latestManifest(repository: Repository, device: string): Promise<M
   return last === undefined ? null : await repository.readManifest(last);
 }
 
-function imageOf(engine: BackupEngine, snapshotId: string, device: string): BlockDevice {
+/** The image's CBT numbers are the device's now: the CBT map describes what changed up to that image. */
+function sameTake(image: { generationId: string; changesNumber: number } | undefined, now: CbtInfo): boolean {
+  return (
+    image !== undefined &&
+    image.changesNumber >= 1 &&
+    image.generationId === now.generationId &&
+    image.changesNumber === now.changesNumber
+  );
+}
+
+function imageOf(
+  engine: BackupEngine,
+  snapshotId: string,
+  device: string,
+): NonNullable<ReturnType<BackupEngine["findExport"]>> {
   const info = engine.snapshotInfo(snapshotId);
   const member = info.devices.find((candidate) => candidate.name === device);
   if (member === undefined)
@@ -191,7 +215,7 @@ function imageOf(engine: BackupEngine, snapshotId: string, device: string): Bloc
   if (member.imageName === null) throw new BlockError("EINVAL", `Snapshot ${snapshotId} is not taken`);
   const found = engine.findExport(member.imageName);
   if (found === undefined) throw new BlockError("ENOENT", `Image ${member.imageName} is gone`);
-  return found.device;
+  return found;
 }
 
 interface LevelPlan {
@@ -203,13 +227,14 @@ interface LevelPlan {
 export function planLevel(
   level: BackupLevel,
   previous: Manifest | null,
-  cbt: CbtInfo,
+  cbt: CbtInfo | null,
   sizeBytes: number,
   chunkSizeBytes: number,
 ): LevelPlan {
   if (level === "full") return { base: null, reason: "full backup (asked for)" };
   let why: string | null = null;
   if (previous === null) why = "no earlier backup of this device in this repository";
+  else if (cbt === null) why = "the snapshot's CBT take is not the device's current one";
   else if (previous.cbt === null) why = `backup ${previous.id} has no CBT state`;
   else if (previous.cbt.generationId !== cbt.generationId)
     why = `CBT generation changed since backup ${previous.id} (${previous.cbt.generationId} → ${cbt.generationId}): a restart, reset or wrap`;

@@ -1,92 +1,33 @@
 /**
  * `blocksnap backup …`: backups of devices into a repository of deduplicated, compressed (and optionally
- * encrypted) chunks (docs/backup-format.md). `run` asks the daemon, which takes its own snapshot, reads the
- * image (only what CBT marks changed, for an incremental) and writes chunks and a manifest; the command
- * follows the job until it ends. `init`, `key create`, `list`, `verify`, `restore` and `prune` work on the
+ * encrypted) chunks (docs/backup-format.md). `create` (backup-create-command.ts) asks the daemon, which
+ * takes its own snapshot, reads the image (only what CBT marks changed, for an incremental) and writes
+ * chunks and a manifest. `init`, `key create`, `list`, `verify`, `restore` and `prune` work on the
  * repository directly and need no daemon. A repository is a directory or `s3://BUCKET/PREFIX` (with
- * --s3-endpoint/--s3-region; credentials from the AWS variables or ~/.aws/credentials — for `run`, the
+ * --s3-endpoint/--s3-region; credentials from the AWS variables or ~/.aws/credentials — for `create`, the
  * daemon's own, which the CLI never sends).
  */
 import type { Command } from "commander";
-import { Option } from "commander";
 import { collectGarbage, pruneBackups, pruneGraceMsDefault } from "../backup/prune.js";
 import { Repository } from "../backup/repository.js";
 import { createKeyFile, readKeyFile } from "../backup/repository-key.js";
 import { restoreToFile, verifyBackups } from "../backup/restore.js";
-import { type S3Settings, s3ParallelDefault } from "../backup/s3-store.js";
-import type { BackupJobView } from "../daemon/backup-jobs.js";
+import { addBackupCreateCommand } from "./backup-create-command.js";
 import { addBackupMountCommand, type MountOptions } from "./backup-mount-command.js";
-import { CliError } from "./cli-error.js";
 import {
-  absolutePath,
-  addCommonOptions,
-  type CommonOptions,
-  clientAction,
-  localAction,
-} from "./command-context.js";
+  openRepository,
+  type RepositoryOptions,
+  repositoryLocation,
+  repositoryOptions,
+  s3Options,
+  s3Settings,
+  storeOf,
+} from "./backup-repository-options.js";
+import { CliError } from "./cli-error.js";
+import { absolutePath, addCommonOptions, type CommonOptions, localAction } from "./command-context.js";
 import { countArgument, sizeArgument } from "./option-parsers.js";
 import { formatTable, writeJson, writeLine } from "./output.js";
 import { formatSize } from "./units.js";
-
-interface RepositoryOptions extends CommonOptions {
-  readonly repo: string;
-  readonly key?: string;
-  readonly s3Endpoint?: string;
-  readonly s3Region?: string;
-  readonly s3Parallel?: number;
-}
-
-interface RunOptions extends RepositoryOptions {
-  readonly level: "full" | "inc" | "auto";
-  readonly storage?: string;
-  readonly limit?: number;
-}
-
-const jobPollMs = 200;
-
-/** A local repository path made absolute; an s3:// location as given. */
-function repositoryLocation(repo: string): string {
-  return repo.startsWith("s3://") ? repo : absolutePath(repo);
-}
-
-function s3Settings(options: RepositoryOptions): S3Settings {
-  return {
-    ...(options.s3Endpoint === undefined ? {} : { endpoint: options.s3Endpoint }),
-    ...(options.s3Region === undefined ? {} : { region: options.s3Region }),
-    ...(options.s3Parallel === undefined ? {} : { parallel: options.s3Parallel }),
-  };
-}
-
-function storeOf(options: RepositoryOptions) {
-  return Repository.storeFor(repositoryLocation(options.repo), s3Settings(options));
-}
-
-async function openRepository(options: RepositoryOptions): Promise<Repository> {
-  const key = options.key === undefined ? null : await readKeyFile(options.key);
-  return await Repository.open(storeOf(options), { key });
-}
-
-function s3Options(command: Command): Command {
-  return command
-    .option(
-      "--s3-endpoint <url>",
-      "S3 endpoint, path-style (default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or AWS for the region)",
-    )
-    .option("--s3-region <region>", "S3 region (default: AWS_REGION, AWS_DEFAULT_REGION or us-east-1)")
-    .option(
-      "--s3-parallel <n>",
-      `S3 requests in flight (default ${s3ParallelDefault})`,
-      countArgument("--s3-parallel", 1024),
-    );
-}
-
-function repositoryOptions(command: Command): Command {
-  return s3Options(
-    command
-      .requiredOption("--repo <repo>", "the backup repository: a directory or s3://BUCKET/PREFIX")
-      .option("--key <file>", "the repository's key file (encrypted repositories)"),
-  );
-}
 
 export function addBackupCommands(program: Command): void {
   const backup = program
@@ -94,7 +35,7 @@ export function addBackupCommands(program: Command): void {
     .description("back up devices into a deduplicating repository, list, verify and restore backups")
     .addHelpText(
       "after",
-      "\nExamples:\n  $ blocksnap backup init --repo /srv/backups\n  $ blocksnap backup run disk0 --repo /srv/backups\n  $ blocksnap backup restore disk0/latest --repo /srv/backups --to /tmp/disk0.img\n",
+      "\nExamples:\n  $ blocksnap backup init --repo /srv/backups\n  $ blocksnap backup create --device disk0 --repo /srv/backups\n  $ blocksnap backup restore disk0/latest --repo /srv/backups --to /tmp/disk0.img\n",
     );
 
   addCommonOptions(
@@ -146,54 +87,7 @@ export function addBackupCommands(program: Command): void {
       }),
     );
 
-  addCommonOptions(
-    repositoryOptions(
-      backup
-        .command("run")
-        .description(
-          "back up a device: the daemon snapshots it and stores what changed since the last backup",
-        )
-        .argument("<device>", "the device to back up")
-        .addOption(
-          new Option("--level <level>", "full, inc (fails when impossible) or auto")
-            .choices(["full", "inc", "auto"])
-            .default("auto"),
-        )
-        .option(
-          "--storage <path>",
-          "difference storage of the backup's snapshot (default: the system's temporary directory)",
-        )
-        .option("--limit <size>", "its limit (default: a quarter of the device, at least 64M)", sizeArgument),
-    ),
-  )
-    .addHelpText("after", "\nExample:\n  $ blocksnap backup run disk0 --repo /srv/backups --level auto\n")
-    .action(
-      clientAction<RunOptions>(async ({ client, json }, [device], options) => {
-        let job = await client.post<BackupJobView>("/v1/backups", {
-          device,
-          repository: repositoryLocation(options.repo),
-          level: options.level,
-          ...(options.repo.startsWith("s3://") ? { s3: s3Settings(options) } : {}),
-          ...(options.key === undefined ? {} : { keyFile: absolutePath(options.key) }),
-          ...(options.storage === undefined ? {} : { storage: absolutePath(options.storage) }),
-          ...(options.limit === undefined ? {} : { limitBytes: options.limit }),
-        });
-        while (job.state === "running") {
-          await new Promise((resolve) => setTimeout(resolve, jobPollMs));
-          job = await client.get<BackupJobView>(`/v1/backups/jobs/${job.id}`);
-        }
-        if (job.state === "failed") {
-          throw new CliError(job.error?.message ?? "backup failed", { errno: job.error?.errno ?? "EIO" });
-        }
-        if (json) return writeJson(job);
-        writeLine(`backup ${job.device}/${job.backupId}: ${job.levelReason}`);
-        if (job.result) {
-          writeLine(
-            `read ${formatSize(job.result.readBytes)}, stored ${job.result.newChunks} new chunk(s), ${formatSize(job.result.newBytesStored)}`,
-          );
-        }
-      }),
-    );
+  addBackupCreateCommand(backup);
 
   addCommonOptions(
     repositoryOptions(

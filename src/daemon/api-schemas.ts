@@ -114,6 +114,8 @@ export const backupBodySchema = z.strictObject({
   keyFile: path.optional(),
   storage: path.optional(),
   limitBytes: z.int().positive().optional(),
+  /** Back up from this taken snapshot (the caller's: it is not destroyed) instead of the job's own. */
+  snapshotId: z.string().min(1).max(128).optional(),
   /** For an s3:// repository; the credentials come from the daemon's own environment, never the API. */
   s3: s3Settings,
 });

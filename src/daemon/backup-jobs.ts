@@ -9,9 +9,15 @@
  * A job's own snapshot lives in `storage` (default: an anonymous temporary file in the system's temporary
  * directory; the state directory is refused as storage by the path policy) with
  * `limitBytes` (default: a quarter of the device, at least 64 MiB); it is destroyed at the end, whatever
- * happens. An s3:// repository takes its credentials from the daemon's own environment or shared
- * credentials file (s3-credentials.ts), never from the request. Not done yet: cancelling a job, jobs that survive a daemon restart (an interrupted backup leaves
- * only unreferenced chunks; run it again).
+ * happens. With `snapshotId` the job reads that snapshot instead (the caller's own: taken, holding the
+ * device, and never destroyed by the job). An s3:// repository takes its credentials from the daemon's own environment or shared
+ * credentials file (s3-credentials.ts), never from the request.
+ *
+ * Cancel (`POST /v1/backups/jobs/:id/cancel`) aborts the job's signal: the run starts no new chunk (the
+ * few in flight end), destroys its own snapshot and writes no manifest, so the repository holds only chunks
+ * no manifest names (GC's to remove) and verifies; the job ends `cancelled`. A job id may be shortened to a
+ * unique prefix of at least 4 characters. Not done yet: jobs that survive a daemon restart (an interrupted
+ * backup leaves only unreferenced chunks; run it again).
  */
 import { randomUUID } from "node:crypto";
 import { tmpdir } from "node:os";
@@ -32,6 +38,8 @@ export interface BackupRequest {
   readonly keyFile?: string | undefined;
   readonly storage?: string | undefined;
   readonly limitBytes?: number | undefined;
+  /** A taken snapshot of the device to read instead of the job's own (left alone at the end). */
+  readonly snapshotId?: string | undefined;
   /** Endpoint, region and parallelism of an s3:// repository (credentials: the daemon's environment). */
   readonly s3?: S3Settings | undefined;
 }
@@ -40,7 +48,11 @@ export interface BackupJobView {
   readonly id: string;
   readonly device: string;
   readonly repository: string;
-  readonly state: "running" | "done" | "failed";
+  readonly state: "running" | "done" | "failed" | "cancelled";
+  /** A cancel was asked for; the job ends `cancelled` at its next chunk boundary (or as it would have). */
+  readonly cancelRequested: boolean;
+  /** The caller's snapshot the job reads, or null for its own (created, taken and destroyed). */
+  readonly snapshotId: string | null;
   readonly startedAt: string;
   readonly finishedAt: string | null;
   readonly progress: BackupProgress;
@@ -58,7 +70,10 @@ export interface BackupJobView {
 
 interface Job {
   view: BackupJobView;
+  readonly abort: AbortController;
 }
+
+const jobIdPrefixCharsMin = 4;
 
 export class BackupJobs {
   private readonly engine: BackupEngine & { deviceSizeBytes(name: string): number };
@@ -86,6 +101,8 @@ export class BackupJobs {
         device: request.device,
         repository: request.repository,
         state: "running",
+        cancelRequested: false,
+        snapshotId: request.snapshotId ?? null,
         startedAt: new Date().toISOString(),
         finishedAt: null,
         progress: { phase: "snapshot", totalBytes: 0, doneBytes: 0, newBytesStored: 0 },
@@ -94,6 +111,7 @@ export class BackupJobs {
         result: null,
         error: null,
       },
+      abort: new AbortController(),
     };
     this.jobs.set(job.view.id, job);
     this.forgetOldJobs();
@@ -102,9 +120,32 @@ export class BackupJobs {
   }
 
   get(id: string): BackupJobView {
-    const job = this.jobs.get(id);
-    if (!job) throw new BlockError("ENOENT", `No backup job ${id}`);
+    return this.find(id).view;
+  }
+
+  /** Asks a running job to stop; a job already cancelled answers as it is, one that ended otherwise EALREADY. */
+  cancel(id: string): BackupJobView {
+    const job = this.find(id);
+    if (job.view.state === "running") {
+      job.view = { ...job.view, cancelRequested: true };
+      job.abort.abort();
+    } else if (job.view.state !== "cancelled") {
+      throw new BlockError("EALREADY", `Backup job ${job.view.id} already ended (${job.view.state})`);
+    }
     return job.view;
+  }
+
+  private find(id: string): Job {
+    const exact = this.jobs.get(id);
+    if (exact !== undefined) return exact;
+    const matches =
+      id.length < jobIdPrefixCharsMin
+        ? []
+        : [...this.jobs.values()].filter((job) => job.view.id.startsWith(id));
+    if (matches.length > 1) throw new BlockError("EINVAL", `Backup job id prefix ${id} is ambiguous`);
+    const [job] = matches;
+    if (job === undefined) throw new BlockError("ENOENT", `No backup job ${id}`);
+    return job;
   }
 
   list(): BackupJobView[] {
@@ -121,6 +162,8 @@ export class BackupJobs {
         repository,
         device: request.device,
         level: request.level,
+        snapshotId: request.snapshotId ?? null,
+        signal: job.abort.signal,
         storage: request.storage ?? tmpdir(),
         storageLimitBytes: request.limitBytes ?? Math.max(snapshotLimitBytesMin, Math.ceil(sizeBytes / 4)),
         onProgress: (progress) => {
@@ -150,13 +193,15 @@ export class BackupJobs {
       );
     } catch (error) {
       const blockError = toBlockError(error, `backup of ${request.device}`);
+      const cancelled = job.abort.signal.aborted && blockError.errno === "ECANCELED";
       job.view = {
         ...job.view,
-        state: "failed",
+        state: cancelled ? "cancelled" : "failed",
         finishedAt: new Date().toISOString(),
         error: { errno: blockError.errno, message: blockError.message },
       };
-      this.logger.error({ device: request.device, err: blockError.message }, "backup failed");
+      if (cancelled) this.logger.info({ device: request.device, job: job.view.id }, "backup cancelled");
+      else this.logger.error({ device: request.device, err: blockError.message }, "backup failed");
     } finally {
       await repository?.close().catch(() => {});
     }

@@ -195,7 +195,11 @@ const ambiguousCandidatesShown = 8;
  * or prefix is passed on as given, so the engine answers ESRCH.
  */
 function snapshotId(context: ControlContext, request: RouteRequest): string {
-  const given = param(request, "id");
+  return resolveSnapshotId(context, param(request, "id"));
+}
+
+/** A full snapshot id, or the one id a unique prefix names (see snapshotId); anything else as given. */
+function resolveSnapshotId(context: ControlContext, given: string): string {
   if (given.length < snapshotIdPrefixCharsMin) return given;
   const ids = context.engine.listSnapshots().map((info) => info.id);
   if (ids.includes(given)) return given;
@@ -375,7 +379,11 @@ export const routes: readonly Route[] = [
   route("POST", "/v1/backups", (context, request) => {
     requireNoQuery(request);
     const body = parse(backupBodySchema, request.body, "backup");
-    const job = backupJobs(context).start({ ...body, level: body.level ?? "auto" });
+    const job = backupJobs(context).start({
+      ...body,
+      level: body.level ?? "auto",
+      snapshotId: body.snapshotId === undefined ? undefined : resolveSnapshotId(context, body.snapshotId),
+    });
     return ok(job, 202);
   }),
 
@@ -409,6 +417,12 @@ export const routes: readonly Route[] = [
     requireNoQuery(request);
     await backupMounts(context).unmount(param(request, "name"));
     return ok({ unmounted: param(request, "name") });
+  }),
+
+  route("POST", "/v1/backups/jobs/:id/cancel", (context, request) => {
+    requireNoQuery(request);
+    parse(emptyObjectSchema, request.body ?? {}, "backup cancel");
+    return ok(backupJobs(context).cancel(param(request, "id")), 202);
   }),
 
   route("GET", "/v1/devices", (context, request) => {

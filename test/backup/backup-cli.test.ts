@@ -13,6 +13,7 @@ import { after, before, test } from "node:test";
 import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
 import { DaemonProcess, runCli } from "../cli/cli-harness.js";
 import { run, runOk, which } from "../helpers/commands.js";
+import { backupJson } from "./backup-helpers.js";
 
 const MiB = 1024 * 1024;
 let directory = "";
@@ -74,7 +75,7 @@ void test("full and incremental backups restore byte for byte; the incremental r
   const repository = join(directory, "repo");
   await daemon.cliOk(["backup", "init", "--repo", repository, "--chunk-size", "256K"]);
 
-  const full = await daemon.cliJson<BackupJobView>(["backup", "run", "d0", "--repo", repository]);
+  const full = await backupJson<BackupJobView>(daemon, ["backup", "run", "d0", "--repo", repository]);
   assert.equal(full.state, "done");
   assert.equal(full.result?.level, "full");
   assert.match(full.levelReason ?? "", /no earlier backup/);
@@ -86,7 +87,7 @@ void test("full and incremental backups restore byte for byte; the incremental r
     [4, 7 * MiB, "4k"],
     [5, 30 * MiB + 512, "512"],
   ]);
-  const inc = await daemon.cliJson<BackupJobView>(["backup", "run", "d0", "--repo", repository]);
+  const inc = await backupJson<BackupJobView>(daemon, ["backup", "run", "d0", "--repo", repository]);
   assert.equal(inc.result?.level, "inc", inc.levelReason ?? "");
   assert.match(inc.levelReason ?? "", /incremental since backup/);
   assert.ok(
@@ -171,7 +172,7 @@ void test("an encrypted repository: a missing or wrong key is one clear error", 
   await daemon.cliOk(["backup", "key", "create", wrongKey]);
   const repository = join(directory, "encrypted-repo");
   await daemon.cliOk(["backup", "init", "--repo", repository, "--key", key]);
-  const done = await daemon.cliJson<BackupJobView>([
+  const done = await backupJson<BackupJobView>(daemon, [
     "backup",
     "run",
     "d0",
@@ -236,7 +237,7 @@ void test("kill -9 during a backup: the repository verifies and the next backup 
   assert.equal(verify.code, 0, verify.stdout + verify.stderr);
   assert.deepEqual(JSON.parse(verify.stdout), { backups: 0, problems: [] });
   daemon = await startDaemon(stateName);
-  const done = await daemon.cliJson<BackupJobView>(["backup", "run", "d0", "--repo", repository]);
+  const done = await backupJson<BackupJobView>(daemon, ["backup", "run", "d0", "--repo", repository]);
   assert.equal(done.result?.level, "full");
   const restored = join(directory, "killed-restore.img");
   await daemon.cliOk(["backup", "restore", "d0/latest", "--repo", repository, "--to", restored]);

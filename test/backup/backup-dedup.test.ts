@@ -12,7 +12,7 @@ import { after, before, test } from "node:test";
 import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
 import { DaemonProcess } from "../cli/cli-harness.js";
 import { run, runOk } from "../helpers/commands.js";
-import { chunkFilesOf } from "./backup-helpers.js";
+import { backupJson, chunkFilesOf } from "./backup-helpers.js";
 
 const MiB = 1024 * 1024;
 let directory = "";
@@ -28,7 +28,7 @@ after(async () => {
 
 async function backUp(device: string, repository: string): Promise<BackupJobView> {
   assert.ok(daemon !== null);
-  return await daemon.cliJson<BackupJobView>(["backup", "run", device, "--repo", repository]);
+  return await backupJson<BackupJobView>(daemon, ["backup", "run", device, "--repo", repository]);
 }
 
 void test("two devices with the same content: the second backup stores no chunk", async () => {

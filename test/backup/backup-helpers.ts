@@ -39,3 +39,13 @@ export function lastJsonLine<T>(stdout: string): T {
   assert.ok(lines.length > 0, `no JSON output: ${stdout}`);
   return lines[lines.length - 1] as T;
 }
+
+/** Runs `backup create`/`run` with --json (exit 0 asserted) and returns the job's result line. */
+export async function backupJson<T>(
+  host: { cli(args: readonly string[]): Promise<{ code: number | null; stdout: string; stderr: string }> },
+  args: readonly string[],
+): Promise<T> {
+  const result = await host.cli([...args, "--json"]);
+  assert.equal(result.code, 0, `blocksnap ${args.join(" ")} failed: ${result.stderr}`);
+  return lastJsonLine<T>(result.stdout);
+}

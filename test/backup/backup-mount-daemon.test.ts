@@ -16,6 +16,7 @@ import { after, test } from "node:test";
 import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
 import { DaemonProcess } from "../cli/cli-harness.js";
 import { isRoot, missingTools, run, runOk } from "../helpers/commands.js";
+import { backupJson } from "./backup-helpers.js";
 
 const MiB = 1024 * 1024;
 const cleanups: Array<() => Promise<unknown>> = [];
@@ -73,7 +74,7 @@ void test("backup mount through the daemon: NBD and a FUSE file, a writable over
   await daemon.cliOk(["device", "add", "d0", "--backend", backend]);
   const repository = join(directory, "repo");
   await daemon.cliOk(["backup", "init", "--repo", repository, "--chunk-size", "64K"]);
-  const job = await daemon.cliJson<BackupJobView>(["backup", "run", "d0", "--repo", repository]);
+  const job = await backupJson<BackupJobView>(daemon, ["backup", "run", "d0", "--repo", repository]);
   assert.equal(job.state, "done");
   const repositoryBefore = await repositoryDigest(repository);
 

@@ -14,6 +14,7 @@ import { after, test } from "node:test";
 import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
 import { cleanEnvironment, cliPath, DaemonProcess } from "../cli/cli-harness.js";
 import { missingTools, run, runOk } from "../helpers/commands.js";
+import { backupJson } from "./backup-helpers.js";
 
 const MiB = 1024 * 1024;
 const cleanups: Array<() => Promise<unknown>> = [];
@@ -46,7 +47,7 @@ void test("backup mount serves a backup read-only over NBD: nbdinfo, nbdcopy and
   ]);
   const repository = join(directory, "repo");
   await daemon.cliOk(["backup", "init", "--repo", repository, "--chunk-size", "64K"]);
-  const job = await daemon.cliJson<BackupJobView>(["backup", "run", "d0", "--repo", repository]);
+  const job = await backupJson<BackupJobView>(daemon, ["backup", "run", "d0", "--repo", repository]);
   assert.equal(job.state, "done");
   const atBackup = join(directory, "at-backup.img");
   await runOk("nbdcopy", [uri, atBackup]);

@@ -22,6 +22,7 @@ import type { DeviceView } from "../../src/daemon/api-types.js";
 import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
 import { cleanEnvironment, cliPath, DaemonProcess, runCli } from "../cli/cli-harness.js";
 import { isRoot, missingTools, run, runOk, which } from "../helpers/commands.js";
+import { backupJson } from "./backup-helpers.js";
 import { S3FaultProxy } from "./s3-fault-proxy.js";
 import { SwiftServer, swiftSkipReason } from "./swift-server.js";
 
@@ -219,14 +220,14 @@ void test("full and incremental backups of a device to Swift restore byte for by
   await host.cliOk(["backup", "init", ...repo, "--chunk-size", "256K"]);
 
   await device.change(1);
-  const full = await host.cliJson<BackupJobView>(["backup", "run", "d0", ...repo]);
+  const full = await backupJson<BackupJobView>(host, ["backup", "run", "d0", ...repo]);
   assert.equal(full.state, "done");
   assert.equal(full.result?.level, "full");
   const afterFull = join(directory, "a0-after-full.img");
   await copyFile(device.backend, afterFull);
 
   await device.change(2);
-  const inc = await host.cliJson<BackupJobView>(["backup", "run", "d0", ...repo]);
+  const inc = await backupJson<BackupJobView>(host, ["backup", "run", "d0", ...repo]);
   assert.equal(inc.result?.level, "inc", inc.levelReason ?? "");
   assert.ok((inc.result?.readBytes ?? 0) < 48 * MiB, "the incremental read less than the device");
 
@@ -445,7 +446,7 @@ void test("throttling (503 SlowDown) and connection resets from a proxy: the bac
   const backend = await deviceWith(host, "t0", randomBytes(4 * MiB));
   const repo = ["--repo", `s3://${bucket}/throttled`, "--s3-endpoint", proxy.endpoint];
   await host.cliOk(["backup", "init", ...repo, "--chunk-size", "256K"]);
-  const done = await host.cliJson<BackupJobView>(["backup", "run", "t0", ...repo]);
+  const done = await backupJson<BackupJobView>(host, ["backup", "run", "t0", ...repo]);
   assert.equal(done.state, "done", JSON.stringify(done.error));
   const restored = join(directory, "t0-restored.img");
   await host.cliOk(["backup", "restore", "t0/latest", ...repo, "--to", restored]);
@@ -481,7 +482,7 @@ void test("Swift restarted in the middle of a backup: the job finishes by retryi
     assert.equal(first.stderr.trim().split("\n").length, 1, first.stderr);
     const verified = await host.cli(["backup", "verify", ...repo]);
     assert.equal(verified.code, 0, verified.stdout + verified.stderr);
-    const second = await host.cliJson<BackupJobView>(["backup", "run", "r0", ...repo]);
+    const second = await backupJson<BackupJobView>(host, ["backup", "run", "r0", ...repo]);
     assert.equal(second.state, "done");
   }
   assert.ok(proxy.counts.upstreamFailures > 0, "requests met the stopped Swift");
@@ -500,14 +501,14 @@ void test("two hosts (two daemons) back up into one shared repository at once, p
   const backendB = await deviceWith(hostB, "b-d0", Buffer.concat([shared, randomBytes(4 * MiB)]));
   const repo = s3Args(server, "fleet");
   await hostA.cliOk(["backup", "init", ...repo, "--chunk-size", "256K"]);
-  const earlier = await hostA.cliJson<BackupJobView>(["backup", "run", "a-d0", ...repo]);
+  const earlier = await backupJson<BackupJobView>(hostA, ["backup", "run", "a-d0", ...repo]);
   assert.equal(earlier.state, "done");
-  const second = await hostA.cliJson<BackupJobView>(["backup", "run", "a-d0", ...repo]);
+  const second = await backupJson<BackupJobView>(hostA, ["backup", "run", "a-d0", ...repo]);
   assert.equal(second.state, "done");
 
   const [runA, runB, prune] = await Promise.all([
-    hostA.cliJson<BackupJobView>(["backup", "run", "a-d0", ...repo]),
-    hostB.cliJson<BackupJobView>(["backup", "run", "b-d0", ...repo]),
+    backupJson<BackupJobView>(hostA, ["backup", "run", "a-d0", ...repo]),
+    backupJson<BackupJobView>(hostB, ["backup", "run", "b-d0", ...repo]),
     hostB.cliJson<{ removed: string[] }>(["backup", "prune", ...repo, "--keep-last", "1"]),
   ]);
   assert.equal(runA.state, "done");
