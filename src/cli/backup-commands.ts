@@ -2,7 +2,7 @@
  * `blocksnap backup …`: backups of devices into a repository of deduplicated, compressed (and optionally
  * encrypted) chunks (docs/backup-format.md). `create` (backup-create-command.ts) asks the daemon, which
  * takes its own snapshot, reads the image (only what CBT marks changed, for an incremental) and writes
- * chunks and a manifest. `init`, `key create`, `list`, `verify`, `restore` and `prune` work on the
+ * chunks and a manifest. `init`, `key create`, `list`, `verify`, `restore`, `forget` and `prune` work on the
  * repository directly and need no daemon. A repository is a directory or `s3://BUCKET/PREFIX` (with
  * --s3-endpoint/--s3-region; credentials from the AWS variables or ~/.aws/credentials — for `create`, the
  * daemon's own, which the CLI never sends).
@@ -185,6 +185,35 @@ export function addBackupCommands(program: Command): void {
           if (options.json) return writeJson({ backup: `${manifest.device}/${manifest.id}`, ...outcome });
           writeLine(
             `restored ${manifest.device}/${manifest.id} to ${absolutePath(options.to)}: ${formatSize(outcome.bytesWritten)}, ${outcome.chunksRead} chunk(s) read`,
+          );
+        } finally {
+          await repository.close();
+        }
+      }),
+    );
+  addCommonOptions(
+    repositoryOptions(
+      backup
+        .command("forget")
+        .description(
+          "delete one backup (DEVICE/ID, an id, or DEVICE/latest); its chunks go at the next prune's garbage collection",
+        )
+        .argument("<backup>", "which backup"),
+    ),
+  )
+    .addHelpText(
+      "after",
+      "\nExample:\n  $ blocksnap backup forget disk0/20261204T031200Z-3f2a1c --repo /srv/backups\n",
+    )
+    .action(
+      localAction<RepositoryOptions>(async ([reference], options) => {
+        const repository = await openRepository(options);
+        try {
+          const ref = await repository.resolve(reference!);
+          await repository.deleteManifest(ref);
+          if (options.json) return writeJson({ forgotten: `${ref.device}/${ref.id}` });
+          writeLine(
+            `forgot ${ref.device}/${ref.id}; chunks no other backup names go at the next prune (garbage collection)`,
           );
         } finally {
           await repository.close();

@@ -2,7 +2,8 @@
  * Dedup across devices (issue 13, "two devices with the same content store it once"): two devices whose
  * backends hold the same random bytes (no repeated patterns, so every chunk is distinct) are backed up
  * through the real daemon into one repository. The second backup stores no new chunk; the chunk files on
- * disk (their count and bytes) do not change; both backups restore byte for byte.
+ * disk (their count and bytes) do not change; both backups restore byte for byte. `backup forget` then
+ * deletes one backup: its shared chunks survive a prune; after forgetting the other, prune removes them all.
  */
 import assert from "node:assert/strict";
 import { copyFile, mkdtemp, rm } from "node:fs/promises";
@@ -81,4 +82,29 @@ void test("two devices with the same content: the second backup stores no chunk"
     const cmp = await run("cmp", [restored, original]);
     assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
   }
+
+  // forget: one backup's manifest goes; the chunks the other still names stay through a prune, and go
+  // when no backup names them any more.
+  const prune = ["backup", "prune", "--repo", repository, "--keep-last", "1", "--grace-hours", "0"];
+  const forgotten = await daemon.cliJson<{ forgotten: string }>([
+    "backup",
+    "forget",
+    "second/latest",
+    "--repo",
+    repository,
+  ]);
+  assert.equal(forgotten.forgotten, `second/${two.backupId}`);
+  const unknown = await daemon.cli(["backup", "forget", `second/${two.backupId}`, "--repo", repository]);
+  assert.equal(unknown.code, 1);
+  assert.equal(unknown.stderr.trim().split("\n").length, 1, unknown.stderr);
+  assert.match(unknown.stderr, new RegExp(`No backup second/${two.backupId} in `));
+  const keptAll = await daemon.cliJson<{ removedChunks: number }>(prune);
+  assert.equal(keptAll.removedChunks, 0, "the first backup still names every chunk");
+  assert.deepEqual(await chunkFilesOf(repository), chunksAfterOne);
+  await daemon.cliOk(["backup", "forget", `first/${one.backupId}`, "--repo", repository]);
+  const listedAfter = await daemon.cliJson<{ backups: unknown[] }>(["backup", "list", "--repo", repository]);
+  assert.deepEqual(listedAfter.backups, []);
+  const removedAll = await daemon.cliJson<{ removedChunks: number }>(prune);
+  assert.equal(removedAll.removedChunks, chunksAfterOne.count);
+  assert.equal((await chunkFilesOf(repository)).count, 0);
 });
