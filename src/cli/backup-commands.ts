@@ -11,7 +11,7 @@ import type { Command } from "commander";
 import { collectGarbage, pruneBackups, pruneGraceMsDefault } from "../backup/prune.js";
 import { Repository } from "../backup/repository.js";
 import { createKeyFile, readKeyFile } from "../backup/repository-key.js";
-import { restoreToFile, verifyBackups } from "../backup/restore.js";
+import { verifyBackups } from "../backup/restore.js";
 import { addBackupCreateCommand } from "./backup-create-command.js";
 import { addBackupMountCommand, type MountOptions } from "./backup-mount-command.js";
 import {
@@ -23,6 +23,7 @@ import {
   s3Settings,
   storeOf,
 } from "./backup-repository-options.js";
+import { addBackupRestoreCommand } from "./backup-restore-command.js";
 import { CliError } from "./cli-error.js";
 import { absolutePath, addCommonOptions, type CommonOptions, localAction } from "./command-context.js";
 import { countArgument, sizeArgument } from "./option-parsers.js";
@@ -163,34 +164,7 @@ export function addBackupCommands(program: Command): void {
       }),
     );
 
-  addCommonOptions(
-    repositoryOptions(
-      backup
-        .command("restore")
-        .description("write a backup (DEVICE/ID, an id, or DEVICE/latest) to a file or block device")
-        .argument("<backup>", "which backup")
-        .requiredOption("--to <path>", "a file (created or overwritten) or a block device at least as large"),
-    ),
-  )
-    .addHelpText(
-      "after",
-      "\nExample:\n  $ blocksnap backup restore disk0/latest --repo /srv/backups --to /tmp/disk0.img\n",
-    )
-    .action(
-      localAction<RepositoryOptions & { to: string }>(async ([reference], options) => {
-        const repository = await openRepository(options);
-        try {
-          const manifest = await repository.readManifest(await repository.resolve(reference!));
-          const outcome = await restoreToFile(repository, manifest, absolutePath(options.to));
-          if (options.json) return writeJson({ backup: `${manifest.device}/${manifest.id}`, ...outcome });
-          writeLine(
-            `restored ${manifest.device}/${manifest.id} to ${absolutePath(options.to)}: ${formatSize(outcome.bytesWritten)}, ${outcome.chunksRead} chunk(s) read`,
-          );
-        } finally {
-          await repository.close();
-        }
-      }),
-    );
+  addBackupRestoreCommand(backup);
   addCommonOptions(
     repositoryOptions(
       backup

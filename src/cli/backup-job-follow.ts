@@ -42,12 +42,14 @@ export class RateMeter {
 /** The terminal's progress line: "reading 1.2G of 4.0G  30%  250.3 MiB/s  ETA 0:12". */
 export function progressLine(view: BackupJobView, rate: JobRate): string {
   const { phase, doneBytes, totalBytes } = view.progress;
-  if (phase === "snapshot") return `backup ${view.device}: taking a snapshot…`;
-  if (phase === "manifest" || phase === "done") return `backup ${view.device}: writing the manifest…`;
+  const what = `${view.kind} ${view.device}`;
+  if (phase === "snapshot") return `${what}: taking a snapshot…`;
+  if (phase === "manifest" || phase === "done")
+    return `${what}: ${view.kind === "backup" ? "writing the manifest" : "flushing"}…`;
   const percent = totalBytes === 0 ? 100 : Math.floor((doneBytes * 100) / totalBytes);
   const speed = rate.bytesPerSecond === null ? "–" : `${(rate.bytesPerSecond / MiB).toFixed(1)} MiB/s`;
   const eta = rate.etaSeconds === null ? "–" : formatEta(rate.etaSeconds);
-  return `backup ${view.device}: ${formatSize(doneBytes)} of ${formatSize(totalBytes)}  ${percent}%  ${speed}  ETA ${eta}`;
+  return `${what}: ${formatSize(doneBytes)} of ${formatSize(totalBytes)}  ${percent}%  ${speed}  ETA ${eta}`;
 }
 
 function formatEta(seconds: number): string {

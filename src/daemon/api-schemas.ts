@@ -107,6 +107,16 @@ export const backupMountBodySchema = z.strictObject({
   overlayDirectory: path.optional(),
 });
 
+/** A restore onto a device: `backup` is DEVICE/ID, an id, or DEVICE/latest. */
+export const restoreBodySchema = z.strictObject({
+  device: deviceName,
+  repository: path,
+  backup: z.string().min(1).max(200),
+  keyFile: path.optional(),
+  s3: s3Settings,
+  force: z.boolean().optional(),
+});
+
 export const backupBodySchema = z.strictObject({
   device: deviceName,
   repository: path,

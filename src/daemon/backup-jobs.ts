@@ -16,14 +16,22 @@
  * Cancel (`POST /v1/backups/jobs/:id/cancel`) aborts the job's signal: the run starts no new chunk (the
  * few in flight end), destroys its own snapshot and writes no manifest, so the repository holds only chunks
  * no manifest names (GC's to remove) and verifies; the job ends `cancelled`. A job id may be shortened to a
- * unique prefix of at least 4 characters. Not done yet: jobs that survive a daemon restart (an interrupted
+ * unique prefix of at least 4 characters.
+ *
+ * Restore jobs (`POST /v1/backups/restores`, kind `restore`) share the table, status and cancel: one backup
+ * written onto a blocksnap device's origin (restore-device.ts), so CBT and a snapshot of it see the writes.
+ * Checked before the job starts (the answer is the error): the backup exists, the device is at least as
+ * large, no job runs on it, and nothing uses it — no NBD client on its export and no loop device over its
+ * FUSE file (`force` overrides; its users then see the contents change under them). Not done yet: jobs that survive a daemon restart (an interrupted
  * backup leaves only unreferenced chunks; run it again).
  */
 import { randomUUID } from "node:crypto";
 import { tmpdir } from "node:os";
 import { type BackupEngine, type BackupLevel, type BackupProgress, runBackup } from "../backup/backup-run.js";
+import type { Manifest } from "../backup/manifest.js";
 import { Repository } from "../backup/repository.js";
 import { readKeyFile } from "../backup/repository-key.js";
+import { restoreToDevice } from "../backup/restore-device.js";
 import type { S3Settings } from "../backup/s3-store.js";
 import { BlockError, toBlockError } from "../block/errors.js";
 import type { Logger } from "../util/logger.js";
@@ -44,8 +52,27 @@ export interface BackupRequest {
   readonly s3?: S3Settings | undefined;
 }
 
+export interface RestoreRequest {
+  readonly device: string;
+  readonly repository: string;
+  /** DEVICE/ID, an id, or DEVICE/latest. */
+  readonly backup: string;
+  readonly keyFile?: string | undefined;
+  readonly s3?: S3Settings | undefined;
+  /** Write even while the device is in use. */
+  readonly force?: boolean | undefined;
+}
+
+/** What the jobs need of the engine and the daemon around it (the real ones satisfy it). */
+export interface JobsEngine extends BackupEngine {
+  deviceSizeBytes(name: string): number;
+  /** Who uses the device now (NBD clients, loop devices over its FUSE file), one phrase each. */
+  deviceUsers(name: string): Promise<string[]>;
+}
+
 export interface BackupJobView {
   readonly id: string;
+  readonly kind: "backup" | "restore";
   readonly device: string;
   readonly repository: string;
   readonly state: "running" | "done" | "failed" | "cancelled";
@@ -65,6 +92,8 @@ export interface BackupJobView {
     readonly newChunks: number;
     readonly newBytesStored: number;
   } | null;
+  /** A restore's outcome (backups: null). */
+  readonly restored: { readonly bytesWritten: number; readonly chunksRead: number } | null;
   readonly error: { readonly errno: string; readonly message: string } | null;
 }
 
@@ -76,47 +105,104 @@ interface Job {
 const jobIdPrefixCharsMin = 4;
 
 export class BackupJobs {
-  private readonly engine: BackupEngine & { deviceSizeBytes(name: string): number };
+  private readonly engine: JobsEngine;
   private readonly logger: Logger;
   private readonly jobs = new Map<string, Job>();
 
-  constructor(engine: BackupEngine & { deviceSizeBytes(name: string): number }, logger: Logger) {
+  constructor(engine: JobsEngine, logger: Logger) {
     this.engine = engine;
     this.logger = logger;
   }
 
   start(request: BackupRequest): BackupJobView {
     const sizeBytes = this.engine.deviceSizeBytes(request.device);
+    this.checkNoJobOn(request.device);
+    const job = this.newJob("backup", request.device, request.repository, request.snapshotId ?? null);
+    void this.run(job, request, sizeBytes);
+    return job.view;
+  }
+
+  /** Checks, then starts a restore job; a refusal (no backup, too small, in use) is the answer. */
+  async startRestore(request: RestoreRequest): Promise<BackupJobView> {
+    const sizeBytes = this.engine.deviceSizeBytes(request.device);
+    this.checkNoJobOn(request.device);
+    const users = await this.engine.deviceUsers(request.device);
+    if (users.length > 0 && request.force !== true)
+      throw new BlockError(
+        "EBUSY",
+        `Device ${request.device} is in use (${users.join("; ")}): stop its users first, or restore with --force`,
+      );
+    const repository = await this.openRepository(request);
+    let manifest: Manifest;
+    try {
+      manifest = await repository.readManifest(await repository.resolve(request.backup));
+      if (manifest.sizeBytes > sizeBytes)
+        throw new BlockError(
+          "ENOSPC",
+          `Device ${request.device} (${sizeBytes} bytes) is smaller than backup ${manifest.device}/${manifest.id} (${manifest.sizeBytes} bytes)`,
+        );
+      this.checkNoJobOn(request.device);
+    } catch (error) {
+      await repository.close().catch(() => {});
+      throw error;
+    }
+    if (users.length > 0)
+      this.logger.warn({ device: request.device, users }, "restoring onto a device in use");
+    const job = this.newJob("restore", request.device, request.repository, null);
+    job.view = { ...job.view, backupId: manifest.id };
+    void this.runRestore(job, repository, manifest);
+    return job.view;
+  }
+
+  private checkNoJobOn(device: string): void {
     for (const job of this.jobs.values()) {
-      if (job.view.device === request.device && job.view.state === "running") {
+      if (job.view.device === device && job.view.state === "running") {
         throw new BlockError(
           "EBUSY",
-          `A backup of ${request.device} is already running (job ${job.view.id})`,
+          `A ${job.view.kind} of ${device} is already running (job ${job.view.id})`,
         );
       }
     }
+  }
+
+  private async openRepository(request: {
+    repository: string;
+    keyFile?: string | undefined;
+    s3?: S3Settings | undefined;
+  }): Promise<Repository> {
+    const key = request.keyFile === undefined ? null : await readKeyFile(request.keyFile);
+    return await Repository.open(Repository.storeFor(request.repository, request.s3 ?? {}), { key });
+  }
+
+  private newJob(
+    kind: BackupJobView["kind"],
+    device: string,
+    repository: string,
+    snapshotId: string | null,
+  ): Job {
     const job: Job = {
       view: {
         id: randomUUID(),
-        device: request.device,
-        repository: request.repository,
+        kind,
+        device,
+        repository,
         state: "running",
         cancelRequested: false,
-        snapshotId: request.snapshotId ?? null,
+        snapshotId,
         startedAt: new Date().toISOString(),
         finishedAt: null,
         progress: { phase: "snapshot", totalBytes: 0, doneBytes: 0, newBytesStored: 0 },
         levelReason: null,
         backupId: null,
         result: null,
+        restored: null,
         error: null,
       },
       abort: new AbortController(),
     };
     this.jobs.set(job.view.id, job);
     this.forgetOldJobs();
-    void this.run(job, request, sizeBytes);
-    return job.view;
+    return job;
   }
 
   get(id: string): BackupJobView {
@@ -155,8 +241,7 @@ export class BackupJobs {
   private async run(job: Job, request: BackupRequest, sizeBytes: number): Promise<void> {
     let repository: Repository | null = null;
     try {
-      const key = request.keyFile === undefined ? null : await readKeyFile(request.keyFile);
-      repository = await Repository.open(Repository.storeFor(request.repository, request.s3 ?? {}), { key });
+      repository = await this.openRepository(request);
       const outcome = await runBackup({
         engine: this.engine,
         repository,
@@ -192,19 +277,55 @@ export class BackupJobs {
         "backup done",
       );
     } catch (error) {
-      const blockError = toBlockError(error, `backup of ${request.device}`);
-      const cancelled = job.abort.signal.aborted && blockError.errno === "ECANCELED";
-      job.view = {
-        ...job.view,
-        state: cancelled ? "cancelled" : "failed",
-        finishedAt: new Date().toISOString(),
-        error: { errno: blockError.errno, message: blockError.message },
-      };
-      if (cancelled) this.logger.info({ device: request.device, job: job.view.id }, "backup cancelled");
-      else this.logger.error({ device: request.device, err: blockError.message }, "backup failed");
+      this.fail(job, error);
     } finally {
       await repository?.close().catch(() => {});
     }
+  }
+
+  private async runRestore(job: Job, repository: Repository, manifest: Manifest): Promise<void> {
+    try {
+      const target = this.engine.findExport(job.view.device);
+      if (target === undefined) throw new BlockError("ENOENT", `Device ${job.view.device} is gone`);
+      const restored = await restoreToDevice(repository, manifest, target.device, {
+        signal: job.abort.signal,
+        onProgress: ({ totalBytes, doneBytes }) => {
+          job.view = {
+            ...job.view,
+            progress: { phase: "reading", totalBytes, doneBytes, newBytesStored: 0 },
+          };
+        },
+      });
+      job.view = {
+        ...job.view,
+        state: "done",
+        finishedAt: new Date().toISOString(),
+        progress: { ...job.view.progress, phase: "done" },
+        restored,
+      };
+      this.logger.info(
+        { device: job.view.device, backup: `${manifest.device}/${manifest.id}`, ...restored },
+        "restore done",
+      );
+    } catch (error) {
+      this.fail(job, error);
+    } finally {
+      await repository.close().catch(() => {});
+    }
+  }
+
+  private fail(job: Job, error: unknown): void {
+    const { device, kind } = job.view;
+    const blockError = toBlockError(error, `${kind} of ${device}`);
+    const cancelled = job.abort.signal.aborted && blockError.errno === "ECANCELED";
+    job.view = {
+      ...job.view,
+      state: cancelled ? "cancelled" : "failed",
+      finishedAt: new Date().toISOString(),
+      error: { errno: blockError.errno, message: blockError.message },
+    };
+    if (cancelled) this.logger.info({ device, job: job.view.id }, `${kind} cancelled`);
+    else this.logger.error({ device, err: blockError.message }, `${kind} failed`);
   }
 
   private forgetOldJobs(): void {

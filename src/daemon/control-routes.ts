@@ -34,6 +34,7 @@ import {
   forceQuerySchema,
   markDirtyBodySchema,
   restartBodySchema,
+  restoreBodySchema,
   snapshotAddDeviceBodySchema,
   snapshotCreateBodySchema,
   takeBodySchema,
@@ -385,6 +386,12 @@ export const routes: readonly Route[] = [
       snapshotId: body.snapshotId === undefined ? undefined : resolveSnapshotId(context, body.snapshotId),
     });
     return ok(job, 202);
+  }),
+
+  route("POST", "/v1/backups/restores", async (context, request) => {
+    requireNoQuery(request);
+    const body = parse(restoreBodySchema, request.body, "restore");
+    return ok(await backupJobs(context).startRestore(body), 202);
   }),
 
   route("GET", "/v1/backups/jobs", (context, request) => {

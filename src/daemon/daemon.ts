@@ -201,6 +201,12 @@ export class Daemon {
             cbtInfo: (name) => engine.cbtInfo(name),
             cbtRead: (name) => engine.cbtRead(name),
             deviceSizeBytes: (name) => engine.deviceInfo(name).sizeBytes,
+            deviceUsers: async (name) => {
+              const clients = nbdServer?.connectionsOn(name) ?? 0;
+              const loops =
+                fuseMount.dir === null ? [] : await loopDeviceUsersOver(join(fuseMount.dir, name));
+              return clients === 0 ? loops : [`${clients} NBD client(s) on export ${name}`, ...loops];
+            },
           },
           logger,
         ),

@@ -165,6 +165,13 @@ export class NbdServer {
     return this.connections.size;
   }
 
+  /** Connections that opened `exportName` (in transmission): who would see its contents change. */
+  connectionsOn(exportName: string): number {
+    let count = 0;
+    for (const connection of this.connections) if (connection.stats.exportName === exportName) count++;
+    return count;
+  }
+
   /** Bytes of the in-flight budget held now, and connections waiting for it. */
   get budgetStats(): { readonly inUseBytes: number; readonly waiting: number; readonly bytesMax: number } {
     return {

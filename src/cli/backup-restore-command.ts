@@ -1,0 +1,110 @@
+/**
+ * `blocksnap backup restore BACKUP --repo R --to PATH | --device NAME`. `--to` writes a file or a block
+ * device from this process, without the daemon (restore.ts). `--device` asks the daemon to write the backup
+ * onto one of its devices (POST /v1/backups/restores): refused while the device is in use — an NBD client
+ * on it, a loop device over its FUSE file — unless `--force`, and when it is smaller than the backup; the
+ * command follows the job like `backup create` (progress, --json lines, Ctrl-C stops following, --detach).
+ * Not done: `--to nbd+unix://…` (there is no NBD client in src/ to write with).
+ */
+import type { Command } from "commander";
+import { restoreToFile } from "../backup/restore.js";
+import type { BackupJobView } from "../daemon/backup-jobs.js";
+import { followJob } from "./backup-job-follow.js";
+import {
+  openRepository,
+  type RepositoryOptions,
+  repositoryLocation,
+  repositoryOptions,
+  s3Settings,
+} from "./backup-repository-options.js";
+import { CliError, exitCodeFailure, exitCodeUsage } from "./cli-error.js";
+import { absolutePath, addCommonOptions, localAction, resolveControlSocket } from "./command-context.js";
+import { ControlClient } from "./control-client.js";
+import { writeJson, writeJsonLine, writeLine } from "./output.js";
+import { formatSize } from "./units.js";
+
+interface RestoreOptions extends RepositoryOptions {
+  readonly to?: string;
+  readonly device?: string;
+  readonly force?: boolean;
+  readonly detach?: boolean;
+}
+
+export function addBackupRestoreCommand(backup: Command): void {
+  addCommonOptions(
+    repositoryOptions(
+      backup
+        .command("restore")
+        .description(
+          "write a backup (DEVICE/ID, an id, or DEVICE/latest) to a file or block device, or onto a blocksnap device",
+        )
+        .argument("<backup>", "which backup")
+        .option("--to <path>", "a file (created or overwritten) or a block device at least as large")
+        .option("--device <name>", "a blocksnap device at least as large (the daemon writes it)")
+        .option("--force", "with --device: write even while the device is in use (its users see it change)")
+        .option("--detach", "with --device: return at once with the job id"),
+    ),
+  )
+    .addHelpText(
+      "after",
+      "\nExamples:\n  $ blocksnap backup restore disk0/latest --repo /srv/backups --to /tmp/disk0.img\n  $ blocksnap backup restore disk0/latest --repo /srv/backups --device disk0-copy\n",
+    )
+    .action(
+      localAction<RestoreOptions>(async ([reference], options) => {
+        if ((options.to === undefined) === (options.device === undefined))
+          throw new CliError("say where to restore: --to PATH or --device NAME (one of them)", {
+            exitCode: exitCodeUsage,
+            errno: "EINVAL",
+          });
+        if (options.device !== undefined) return await restoreToDevice(reference!, options.device, options);
+        if (/^nbds?(\+[a-z]+)?:\/\//.test(options.to!))
+          throw new CliError(
+            "restore to an NBD URI is not supported yet: serve the backup with backup mount and copy it with nbdcopy, or restore with --device",
+            { errno: "ENOTSUP" },
+          );
+        const target = absolutePath(options.to!);
+        const repository = await openRepository(options);
+        try {
+          const manifest = await repository.readManifest(await repository.resolve(reference!));
+          const outcome = await restoreToFile(repository, manifest, target);
+          if (options.json) return writeJson({ backup: `${manifest.device}/${manifest.id}`, ...outcome });
+          writeLine(
+            `restored ${manifest.device}/${manifest.id} to ${target}: ${formatSize(outcome.bytesWritten)}, ${outcome.chunksRead} chunk(s) read`,
+          );
+        } finally {
+          await repository.close();
+        }
+      }),
+    );
+}
+
+async function restoreToDevice(reference: string, device: string, options: RestoreOptions): Promise<void> {
+  const json = options.json === true;
+  const client = new ControlClient({ socketPath: resolveControlSocket(options) });
+  const started = await client.post<BackupJobView>("/v1/backups/restores", {
+    device,
+    repository: repositoryLocation(options.repo),
+    backup: reference,
+    ...(options.repo.startsWith("s3://") ? { s3: s3Settings(options) } : {}),
+    ...(options.key === undefined ? {} : { keyFile: absolutePath(options.key) }),
+    ...(options.force === true ? { force: true } : {}),
+  });
+  if (options.detach) {
+    if (json) return writeJson(started);
+    return writeLine(`restore job ${started.id} started: blocksnap backup status ${started.id}`);
+  }
+  const job = await followJob(client, started, { json });
+  if (job === null) return;
+  if (job.state !== "done") {
+    const error = { errno: job.error?.errno ?? "EIO", message: job.error?.message ?? `restore ${job.state}` };
+    if (!json) throw new CliError(error.message, { errno: error.errno });
+    process.stderr.write(`blocksnap: ${error.message} (${error.errno})\n`);
+    writeJsonLine({ error });
+    process.exitCode = exitCodeFailure;
+    return;
+  }
+  if (json) return writeJsonLine(job);
+  writeLine(
+    `restored ${job.backupId} onto device ${job.device}: ${formatSize(job.restored?.bytesWritten ?? 0)}, ${job.restored?.chunksRead ?? 0} chunk(s) read`,
+  );
+}
