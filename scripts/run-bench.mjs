@@ -14,6 +14,7 @@ const suites = {
   journal: "dist/bench/durable/journal-cost.js",
   "snapshot-restore": "dist/bench/durable/snapshot-restore.js",
   s3: "dist/bench/backup/s3-bench.js",
+  "backup-local": "dist/bench/backup/local-bench.js",
 };
 const wanted = process.argv.slice(2);
 for (const name of wanted) {
