@@ -10,7 +10,7 @@ import { BlockError } from "../block/errors.js";
 import { controlSocketPathIn, currentStateDirEnvironment, resolveStateDir } from "../daemon/paths.js";
 import { CliError } from "./cli-error.js";
 import { ControlClient } from "./control-client.js";
-import { writeJson } from "./output.js";
+import { writeJson, writeJsonLine } from "./output.js";
 
 export interface CommonOptions {
   readonly json?: boolean;
@@ -88,7 +88,8 @@ export function localAction<Options extends CommonOptions>(
   };
 }
 
-export function reportError(error: unknown, json: boolean): void {
+/** `json`: also the error object on stdout, pretty-printed, or as one line ("line": `serve --json`'s JSON lines). */
+export function reportError(error: unknown, json: boolean | "line"): void {
   const cliError =
     error instanceof CliError
       ? error
@@ -100,7 +101,8 @@ export function reportError(error: unknown, json: boolean): void {
   process.stderr.write(
     `blocksnap: ${cliError.message}${cliError.errno === null ? "" : ` (${cliError.errno})`}\n`,
   );
-  if (json) writeJson({ error: { errno, message: cliError.message } });
+  if (json === "line") writeJsonLine({ error: { errno, message: cliError.message } });
+  else if (json) writeJson({ error: { errno, message: cliError.message } });
   process.exitCode = cliError.exitCode;
 }
 

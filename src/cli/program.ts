@@ -12,6 +12,7 @@ import { exitCodeUsage } from "./cli-error.js";
 import { addCompletionCommands, answerCompletion } from "./completion-command.js";
 import { addDeviceCommands } from "./device-commands.js";
 import { addInstallUnitsCommand } from "./install-units-command.js";
+import { addLogLevelCommand } from "./log-level-command.js";
 import { addManCommand } from "./man-command.js";
 import { writeJson } from "./output.js";
 import { addServeCommand } from "./serve-command.js";
@@ -34,6 +35,7 @@ export function buildProgram(): Command {
     );
   addServeCommand(program);
   addStatusCommands(program);
+  addLogLevelCommand(program);
   addDeviceCommands(program);
   addCbtCommands(program);
   addSnapshotCommands(program);

@@ -8,7 +8,6 @@
 import { resolve } from "node:path";
 import type { Command } from "commander";
 import { InvalidArgumentError, Option } from "commander";
-import { pino } from "pino";
 import {
   controlSocketPathIn,
   currentStateDirEnvironment,
@@ -16,7 +15,9 @@ import {
   nbdSocketPathIn,
   resolveStateDir,
 } from "../daemon/paths.js";
+import { type LogLevelName, logLevelNames } from "../util/logger.js";
 import { reportError } from "./command-context.js";
+import { chooseLogOutput, createDaemonLogger, levelControlOf } from "./log-output.js";
 import { parseSize } from "./units.js";
 import { packageVersion } from "./version.js";
 
@@ -29,7 +30,8 @@ interface ServeOptions {
   readonly socketGroup?: string;
   readonly insecureNoTls?: boolean;
   readonly stopWait: number;
-  readonly logLevel: string;
+  readonly logLevel: LogLevelName;
+  readonly json?: boolean;
   readonly supervise?: boolean;
   readonly tls?: "off" | "on" | "require";
   readonly tlsCert?: string;
@@ -164,13 +166,17 @@ export function addServeCommand(program: Command): void {
       stopWaitSecondsDefault,
     )
     .addOption(
-      new Option("--log-level <level>", "log level of the JSON logs on stderr")
-        .choices(["fatal", "error", "warn", "info", "debug", "trace", "silent"])
+      new Option("--log-level <level>", "log level (change it at run time with `blocksnap log-level`)")
+        .choices(logLevelNames)
         .default("info"),
+    )
+    .option(
+      "--json",
+      "log JSON lines on stdout, the start-up report first (default: JSON lines on stderr, human lines when stderr is a terminal)",
     )
     .addHelpText(
       "after",
-      "\nExamples:\n  $ blocksnap serve\n  $ blocksnap serve --tls-psk /etc/blocksnap/keys.psk --access /etc/blocksnap/access.conf --nbd-listen 0.0.0.0:10809\n  $ blocksnap serve --socket-group backup --nbd-listen 127.0.0.1:10809\n  $ blocksnap serve --state-dir /tmp/bs --nbd-socket none --fuse-mount none\n",
+      "\nExamples:\n  $ blocksnap serve\n  $ blocksnap serve --tls-psk /etc/blocksnap/keys.psk --access /etc/blocksnap/access.conf --nbd-listen 0.0.0.0:10809\n  $ blocksnap serve --socket-group backup --nbd-listen 127.0.0.1:10809\n  $ blocksnap serve --state-dir /tmp/bs --nbd-socket none --fuse-mount none\n  $ blocksnap serve --json\n",
     )
     .action(async (options: ServeOptions) => {
       const stateDir = resolveStateDir(options.stateDir, currentStateDirEnvironment());
@@ -189,7 +195,11 @@ export function addServeCommand(program: Command): void {
               mountDir: options.fuseMount ?? fuseMountDirIn(stateDir),
               required: options.fuseMount !== undefined,
             };
-      const logger = pino({ level: options.logLevel }, pino.destination({ dest: 2, sync: true }));
+      const json = options.json === true;
+      const logger = createDaemonLogger(
+        options.logLevel,
+        chooseLogOutput(json, process.stderr.isTTY === true),
+      );
       const { serveUntilSignal } = await import("../daemon/serve.js");
       const { resolveSocketGroup } = await import("../daemon/socket-access.js");
       const { EngineLink } = await import("../daemon/engine-link.js");
@@ -245,10 +255,11 @@ export function addServeCommand(program: Command): void {
           stopWaitMs: options.stopWait * 1000,
           version: packageVersion(),
           logger,
+          logLevel: levelControlOf(logger),
         });
       } catch (error) {
         logger.error({ err: (error as Error)?.message }, "blocksnap daemon failed to start");
-        reportError(error, false);
+        reportError(error, json ? "line" : false);
         exitCode = 1;
       }
       // The faces may leave handles (a FUSE worker, a lingering client socket): the daemon is done.

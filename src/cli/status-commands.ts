@@ -41,6 +41,7 @@ export function statusLines(status: StatusView): string[] {
     ["nbd tls", tlsLine(status)],
     ["access rules", accessRulesLine(status)],
     ["fuse", status.fuse.mountDir ?? "off"],
+    ...(status.logLevel === undefined ? [] : [["log level", status.logLevel] as [string, string]]),
   ]);
   lines.push("", "who can connect:");
   lines.push(...status.access.whoCanConnect.map((line) => `  ${line}`));

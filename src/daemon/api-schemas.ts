@@ -6,6 +6,7 @@
 import { z } from "zod";
 import { deviceSizeBytesMin } from "../engine/engine-limits.js";
 import { deviceNameProblem } from "../engine/names.js";
+import { logLevelNames } from "../util/logger.js";
 import {
   apiCommandCharsMax,
   apiPathCharsMax,
@@ -116,6 +117,8 @@ export const restoreBodySchema = z.strictObject({
   s3: s3Settings,
   force: z.boolean().optional(),
 });
+
+export const logLevelBodySchema = z.strictObject({ level: z.enum(logLevelNames) });
 
 export const backupBodySchema = z.strictObject({
   device: deviceName,

@@ -6,6 +6,8 @@
  * the build there instead of silently renaming a JSON key. The CLI reads only these types.
  */
 
+import type { LogLevelName } from "../util/logger.js";
+
 export interface ApiErrorBody {
   readonly error: { readonly errno: string; readonly message: string };
 }
@@ -171,6 +173,14 @@ export interface StatusView {
   /** Per snapshot kept across the last start: restored, corrupted (a host crash) or lost, and why. */
   readonly snapshotRecoveries: readonly SnapshotRecoveryView[];
   readonly snapshots: readonly SnapshotView[];
+  /** The daemon's log level now (serve --log-level, changed by POST /v1/log-level); absent in tests. */
+  readonly logLevel?: LogLevelName;
+}
+
+export interface LogLevelView {
+  readonly level: LogLevelName;
+  /** POST only: the level before the change. */
+  readonly previous?: LogLevelName;
 }
 
 export interface SnapshotRecoveryView {

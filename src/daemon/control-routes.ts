@@ -14,7 +14,7 @@ import type { SnapshotInfo } from "../engine/engine-types.js";
 import type { EventRead } from "../engine/event-log.js";
 import { exposition } from "../metrics/text-format.js";
 import { assert } from "../util/assert.js";
-import type { Logger } from "../util/logger.js";
+import type { Logger, LogLevelControl } from "../util/logger.js";
 import {
   cbtInfoView,
   deviceView as deviceWireView,
@@ -32,6 +32,7 @@ import {
   deviceAddBodySchema,
   emptyObjectSchema,
   forceQuerySchema,
+  logLevelBodySchema,
   markDirtyBodySchema,
   restartBodySchema,
   restoreBodySchema,
@@ -49,6 +50,7 @@ import type {
   DeviceListView,
   DeviceView,
   EventView,
+  LogLevelView,
   RemovedView,
   SnapshotListView,
   SnapshotRecoveryView,
@@ -114,6 +116,8 @@ export interface ControlContext {
   ) => Promise<StorageOnDevice | null>;
   /** Absent in tests: nothing is logged. */
   readonly logger?: Logger;
+  /** The daemon's log level (POST /v1/log-level); absent in tests that need none. */
+  readonly logLevel?: LogLevelControl;
   readonly accessRules?: {
     view(): AccessRulesView;
     /** Rereads the file; a bad file throws its one-line error and the rules in force stay. */
@@ -315,6 +319,11 @@ function accessRulesOf(context: ControlContext): NonNullable<ControlContext["acc
   return context.accessRules;
 }
 
+function logLevelOf(context: ControlContext): LogLevelControl {
+  if (context.logLevel === undefined) throw new BlockError("ENOTSUP", "this daemon's log level is fixed");
+  return context.logLevel;
+}
+
 function accessRulesSummary(context: ControlContext): StatusView["accessRules"] {
   const view = context.accessRules?.view();
   if (view?.file == null || view.rules === null || view.loadedAt === null) return null;
@@ -339,6 +348,7 @@ export const routes: readonly Route[] = [
       cbtRecoveries: context.registry.cbtRecoveries(),
       snapshotRecoveries: [...(context.snapshotRecoveries?.() ?? [])],
       snapshots: engine.listSnapshots().map((info) => snapshotView(context, info)),
+      ...(context.logLevel === undefined ? {} : { logLevel: context.logLevel.get() }),
     };
     return ok(status);
   }),
@@ -352,6 +362,20 @@ export const routes: readonly Route[] = [
       status: 200,
       streamed: { contentType: metricsContentType, lengthBytes: Buffer.byteLength(text), pieces: [text] },
     };
+  }),
+
+  route("GET", "/v1/log-level", (context, request) => {
+    requireNoQuery(request);
+    return ok({ level: logLevelOf(context).get() } satisfies LogLevelView);
+  }),
+
+  route("POST", "/v1/log-level", (context, request) => {
+    requireNoQuery(request);
+    const { level } = parse(logLevelBodySchema, request.body, "log level");
+    const control = logLevelOf(context);
+    const previous = control.get();
+    control.set(level);
+    return ok({ level, previous } satisfies LogLevelView);
   }),
 
   route("GET", "/v1/access", (context, request) => {

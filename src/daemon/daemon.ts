@@ -32,7 +32,7 @@ import { NbdServer, type NbdServerOptions } from "../nbd/nbd-server.js";
 import { loadNbdTls, type NbdTls, type TlsFiles } from "../nbd/tls.js";
 import { assert } from "../util/assert.js";
 import { loopDeviceUsersOver } from "../util/file-identity.js";
-import type { Logger } from "../util/logger.js";
+import { type Logger, type LogLevelControl, type LogLevelName, logLevelNames } from "../util/logger.js";
 import { AccessFile } from "./access-file.js";
 import type { AccessRulesView, AccessView, SnapshotRecoveryView, TlsView } from "./api-types.js";
 import { BackupJobs } from "./backup-jobs.js";
@@ -79,6 +79,8 @@ export interface DaemonOptions {
   readonly fuse: { readonly mountDir: string; readonly required: boolean } | null;
   readonly version: string;
   readonly logger: Logger;
+  /** The logger's level, changeable through the control API (POST /v1/log-level); absent: fixed. */
+  readonly logLevel?: LogLevelControl;
   /** Set when this process is an engine under `serve --supervise`. */
   readonly supervised?: EngineLink;
   /** Bounds of the NBD face (serve --max-connections…); defaults in src/nbd/nbd-limits.ts. */
@@ -552,6 +554,25 @@ function nbdTlsView(nbdTls: NbdTls): TlsView {
   };
 }
 
+/**
+ * Logs every level change at info, while the more talkative of the two levels is in force, so the line shows
+ * whenever either level shows info lines.
+ */
+function loggedLevelChanges(control: LogLevelControl, logger: Logger): LogLevelControl {
+  // logLevelNames runs from fatal (fewest lines) to trace (most); silent, last, shows none.
+  const verbosity = (level: LogLevelName): number => (level === "silent" ? -1 : logLevelNames.indexOf(level));
+  return {
+    get: () => control.get(),
+    set: (level) => {
+      const previous = control.get();
+      const louder = verbosity(level) > verbosity(previous);
+      if (louder) control.set(level);
+      logger.info({ from: previous, to: level }, "log level changed");
+      if (!louder) control.set(level);
+    },
+  };
+}
+
 /** The control API: our own socket, or the connections the supervisor passes. */
 async function startControlServer(
   options: DaemonOptions,
@@ -591,6 +612,9 @@ async function startControlServer(
       imageUsers: parts.imageUsers,
       storageOnDevices: parts.storageOnDevices,
       logger: options.logger,
+      ...(options.logLevel === undefined
+        ? {}
+        : { logLevel: loggedLevelChanges(options.logLevel, options.logger) }),
       ...(link === undefined ? {} : { restart: parts.restart }),
       identity: {
         pid: process.pid,

@@ -48,12 +48,23 @@ export async function serveUntilSignal(options: ServeOptions): Promise<number> {
     );
   };
   process.on("SIGHUP", onHangup);
+  // The control socket answers before Daemon.start() resolves: a SIGTERM in between must not kill the
+  // process with Node's default action, it stops the daemon once it is started.
+  let earlySignal: NodeJS.Signals | null = null;
+  const onEarlySignal = (signal: NodeJS.Signals): void => {
+    earlySignal = signal;
+  };
+  process.on("SIGINT", onEarlySignal);
+  process.on("SIGTERM", onEarlySignal);
   let daemon: Daemon;
   try {
     daemon = await Daemon.start(options);
   } catch (error) {
     process.off("SIGHUP", onHangup);
     throw error;
+  } finally {
+    process.off("SIGINT", onEarlySignal);
+    process.off("SIGTERM", onEarlySignal);
   }
   started = daemon;
   void notifier.notify({ READY: "1", STATUS: "serving" });
@@ -94,6 +105,7 @@ export async function serveUntilSignal(options: ServeOptions): Promise<number> {
     };
     process.on("SIGINT", onSignal);
     process.on("SIGTERM", onSignal);
+    if (earlySignal !== null) onSignal(earlySignal);
   });
 }
 

@@ -17,3 +17,13 @@ export interface Logger {
 const noop: LogFn = () => {};
 
 export const silentLogger: Logger = { debug: noop, info: noop, warn: noop, error: noop };
+
+/** pino's level names, most severe first; `silent` logs nothing. */
+export const logLevelNames = ["fatal", "error", "warn", "info", "debug", "trace", "silent"] as const;
+export type LogLevelName = (typeof logLevelNames)[number];
+
+/** The daemon's log level, changeable while it runs (`blocksnap log-level`). */
+export interface LogLevelControl {
+  get(): LogLevelName;
+  set(level: LogLevelName): void;
+}
