@@ -29,6 +29,7 @@ const pathOptions = new Set([
   "--tls-key",
   "--tls-ca",
   "--tls-psk",
+  "--config",
 ]);
 
 export interface NameLookup {

@@ -17,6 +17,7 @@ import {
 } from "../daemon/paths.js";
 import { type LogLevelName, logLevelNames } from "../util/logger.js";
 import { reportError } from "./command-context.js";
+import { defaultConfigPath, loadConfigFile } from "./config-file.js";
 import { chooseLogOutput, createDaemonLogger, levelControlOf } from "./log-output.js";
 import { parseSize } from "./units.js";
 import { packageVersion } from "./version.js";
@@ -32,6 +33,7 @@ interface ServeOptions {
   readonly stopWait: number;
   readonly logLevel: LogLevelName;
   readonly json?: boolean;
+  readonly config?: string;
   readonly supervise?: boolean;
   readonly tls?: "off" | "on" | "require";
   readonly tlsCert?: string;
@@ -176,9 +178,20 @@ export function addServeCommand(program: Command): void {
     )
     .addHelpText(
       "after",
-      "\nExamples:\n  $ blocksnap serve\n  $ blocksnap serve --tls-psk /etc/blocksnap/keys.psk --access /etc/blocksnap/access.conf --nbd-listen 0.0.0.0:10809\n  $ blocksnap serve --socket-group backup --nbd-listen 127.0.0.1:10809\n  $ blocksnap serve --state-dir /tmp/bs --nbd-socket none --fuse-mount none\n  $ blocksnap serve --json\n",
+      "\nExamples:\n  $ blocksnap serve\n  $ blocksnap serve --tls-psk /etc/blocksnap/keys.psk --access /etc/blocksnap/access.conf --nbd-listen 0.0.0.0:10809\n  $ blocksnap serve --socket-group backup --nbd-listen 127.0.0.1:10809\n  $ blocksnap serve --state-dir /tmp/bs --nbd-socket none --fuse-mount none\n  $ blocksnap serve --config /etc/blocksnap/blocksnap.conf --json\n",
     )
-    .action(async (options: ServeOptions) => {
+    .option(
+      "--config <file>",
+      `configuration file: serve's long options as key = value lines, flags win (default: ${defaultConfigPath} if it exists; none reads none)`,
+    )
+    .action(async (_flags: ServeOptions, command: Command) => {
+      try {
+        await loadConfigFile(command);
+      } catch (error) {
+        reportError(error, command.opts<ServeOptions>().json === true ? "line" : false);
+        return;
+      }
+      const options = command.opts<ServeOptions>();
       const stateDir = resolveStateDir(options.stateDir, currentStateDirEnvironment());
       const socketFromEnv = process.env.BLOCKSNAP_SOCKET;
       const controlSocketPath =
