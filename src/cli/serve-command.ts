@@ -27,6 +27,7 @@ interface ServeOptions {
   readonly socket?: string;
   readonly nbdSocket?: string;
   readonly nbdListen?: { host: string; port: number } | "none";
+  readonly metricsListen?: { host: string; port: number } | "none";
   readonly fuseMount?: string;
   readonly socketGroup?: string;
   readonly insecureNoTls?: boolean;
@@ -116,6 +117,11 @@ export function addServeCommand(program: Command): void {
     .option(
       "--nbd-listen <host:port>",
       "NBD over TCP, e.g. 127.0.0.1:10809 (default: none; a non-loopback address needs --insecure-no-tls)",
+      parseListenAddress,
+    )
+    .option(
+      "--metrics-listen <host:port>",
+      "Prometheus metrics over TCP, GET /metrics only, unauthenticated: e.g. 127.0.0.1:9807 (default: none; the control socket always serves GET /metrics)",
       parseListenAddress,
     )
     .option(
@@ -252,6 +258,10 @@ export function addServeCommand(program: Command): void {
           controlSocketPath,
           nbdSocketPath,
           nbdTcp,
+          metricsTcp:
+            options.metricsListen === undefined || options.metricsListen === "none"
+              ? null
+              : options.metricsListen,
           insecureNoTls: options.insecureNoTls === true,
           socketAccess: { group: socketGroup },
           nbdActivationFd: socketActivationFd(),

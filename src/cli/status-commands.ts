@@ -1,4 +1,4 @@
-/** `blocksnap status` and `blocksnap version`. */
+/** `blocksnap status`, `metrics`, `restart` and `version`. */
 import type { Command } from "commander";
 import type { StatusView } from "../daemon/api-types.js";
 import { CliError } from "./cli-error.js";
@@ -91,6 +91,20 @@ export function addStatusCommands(program: Command): void {
         const status = await client.get<StatusView>("/v1/status");
         if (json) return writeJson(status);
         for (const line of statusLines(status)) writeLine(line);
+      }),
+    );
+
+  addCommonOptions(
+    program
+      .command("metrics")
+      .description("print the daemon's Prometheus metrics (what GET /metrics answers; docs/metrics.md)"),
+  )
+    .addHelpText("after", "\nExample:\n  $ blocksnap metrics | grep blocksnap_io_bytes_total\n")
+    .action(
+      clientAction<CommonOptions>(async ({ client, json }) => {
+        const text = (await client.getBinary("/metrics")).toString("utf8");
+        if (json) return writeJson({ text });
+        process.stdout.write(text);
       }),
     );
 

@@ -76,6 +76,9 @@ export class DiffArea {
   private idleWaiters: Array<() => void> = [];
   private zeroChunk: Uint8Array | undefined;
   private storedCount = 0;
+  /** Chunks preserved by copy-before-write (origin writes; not image writes), and their bytes. */
+  private copiedCount = 0;
+  private copiedByteCount = 0;
   /** Free chunk buffers: copy-before-write under load would otherwise allocate one per chunk (GC pauses). */
   private readonly bufferPool: Uint8Array[] = [];
 
@@ -104,6 +107,11 @@ export class DiffArea {
 
   get storedChunkCount(): number {
     return this.storedCount;
+  }
+
+  /** Chunks copied from the origin before an origin write overwrote them, and the bytes copied. */
+  get copyStats(): { readonly chunks: number; readonly bytes: number } {
+    return { chunks: this.copiedCount, bytes: this.copiedByteCount };
   }
 
   /** Number of chunk entries in memory (touched chunks), for memory accounting. */
@@ -150,6 +158,8 @@ export class DiffArea {
       try {
         await this.origin.read(startBytes, buffer);
         this.setStored(chunkIndex, await this.storeNew(chunkIndex, buffer));
+        this.copiedCount++;
+        this.copiedByteCount += buffer.byteLength;
       } catch (error) {
         const blockError = toBlockError(error, `copy-before-write of ${this.deviceName} chunk ${chunkIndex}`);
         if (this.onCowError === "fail-origin-write") throw blockError;

@@ -33,8 +33,24 @@ test("api mapping: a snapshot gets export addresses only for devices with an ima
     onCowError: "break-snapshot",
     storage: { kind: "memory", paths: [], usedBytes: 0, capacityBytes: 1, limitBytes: 1 },
     devices: [
-      { name: "a", imageName: "a@x", sizeBytes: 1, chunksStored: 0, error: null },
-      { name: "b", imageName: null, sizeBytes: 1, chunksStored: 0, error: "EIO" },
+      {
+        name: "a",
+        imageName: "a@x",
+        sizeBytes: 1,
+        chunksStored: 0,
+        chunksCopied: 0,
+        copiedBytes: 0,
+        error: null,
+      },
+      {
+        name: "b",
+        imageName: null,
+        sizeBytes: 1,
+        chunksStored: 0,
+        chunksCopied: 0,
+        copiedBytes: 0,
+        error: "EIO",
+      },
     ],
   };
   const asked: string[] = [];

@@ -101,6 +101,8 @@ class FakeEngine implements ControlEngine {
         imageName: null,
         sizeBytes: this.deviceInfo(name).sizeBytes,
         chunksStored: 0,
+        chunksCopied: 0,
+        copiedBytes: 0,
         error: null,
       })),
     };

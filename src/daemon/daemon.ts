@@ -26,7 +26,9 @@ import { LoopFreezer } from "../freeze/loop-freezer.js";
 import { findLoopMountsUnder, type LoopMount } from "../freeze/mount-discovery.js";
 import { cleanStaleMount, FuseServer } from "../fuse/fuse-server.js";
 import { renderMetrics } from "../metrics/daemon-metrics.js";
+import { EngineCounters } from "../metrics/engine-counters.js";
 import { IoMetrics } from "../metrics/io-metrics.js";
+import { MetricsListener } from "../metrics/metrics-listener.js";
 import type { AccessPolicy } from "../nbd/access-rules.js";
 import { NbdServer, type NbdServerOptions } from "../nbd/nbd-server.js";
 import { loadNbdTls, type NbdTls, type TlsFiles } from "../nbd/tls.js";
@@ -49,6 +51,7 @@ import { SnapshotKeeper } from "./snapshot-keeper.js";
 import {
   applyStateDirAccess,
   describeAccess,
+  isLoopbackHost,
   listenRestricted,
   plaintextTcpWarning,
   type SocketAccess,
@@ -83,6 +86,11 @@ export interface DaemonOptions {
   readonly logLevel?: LogLevelControl;
   /** Set when this process is an engine under `serve --supervise`. */
   readonly supervised?: EngineLink;
+  /**
+   * Prometheus metrics over TCP (serve --metrics-listen; GET /metrics only, unauthenticated); null or
+   * absent: none (the control socket's GET /metrics is always there). Port 0 picks a free port (tests).
+   */
+  readonly metricsTcp?: { readonly host: string; readonly port: number } | null;
   /** Bounds of the NBD face (serve --max-connections…); defaults in src/nbd/nbd-limits.ts. */
   readonly nbdLimits?: NbdLimitOptions;
 }
@@ -104,6 +112,7 @@ export class Daemon {
   private readonly controlServer: ControlServer;
   private readonly shutdownController: AbortController;
   private readonly accessFile: AccessFile;
+  private readonly metricsListener: MetricsListener | null;
   private stopping: Promise<void> | null = null;
 
   private constructor(parts: {
@@ -118,6 +127,7 @@ export class Daemon {
     shutdownController: AbortController;
     addresses: ExportAddresses;
     accessFile: AccessFile;
+    metricsListener: MetricsListener | null;
   }) {
     this.options = parts.options;
     this.lock = parts.lock;
@@ -130,6 +140,13 @@ export class Daemon {
     this.shutdownController = parts.shutdownController;
     this.addresses = parts.addresses;
     this.accessFile = parts.accessFile;
+    this.metricsListener = parts.metricsListener;
+  }
+
+  /** Where --metrics-listen listens (the port actually bound), or null. */
+  get metricsAddress(): { readonly host: string; readonly port: number } | null {
+    const listener = this.metricsListener;
+    return listener === null ? null : { host: listener.host, port: listener.port };
   }
 
   static async start(options: DaemonOptions): Promise<Daemon> {
@@ -152,7 +169,11 @@ export class Daemon {
       // The mount comes up below; the freezer and the path policy read its directory when they need it.
       const fuseMount: FuseMountRef = { dir: null };
       const ioMetrics = new IoMetrics();
-      const { engine, registry, snapshotKeeper } = await openEngine(options, fuseMount, undo, ioMetrics);
+      const engineCounters = new EngineCounters();
+      const { engine, registry, snapshotKeeper } = await openEngine(options, fuseMount, undo, {
+        io: ioMetrics,
+        counters: engineCounters,
+      });
 
       // The faces serve the engine's devices and images and the backups mounted through the API.
       const backupMounts = new BackupMounts(logger);
@@ -163,15 +184,22 @@ export class Daemon {
         access: accessFile,
       });
 
+      let fuseServer: FuseServer | null = null;
       const metricsSources = daemonMetricsSources({
         version: options.version,
         engine,
         io: ioMetrics,
+        counters: engineCounters,
         nbdServer,
+        fuseServer: () => fuseServer,
       });
 
-      const fuseServer = await mountFuse(served, options);
-      if (fuseServer !== null) undo.push(() => fuseServer.unmount());
+      const metricsListener = await listenMetrics(options, () => renderMetrics(metricsSources));
+      if (metricsListener !== null) undo.push(() => metricsListener.close());
+
+      const mounted = await mountFuse(served, options);
+      fuseServer = mounted;
+      if (mounted !== null) undo.push(() => mounted.unmount());
       fuseMount.dir = fuseServer?.mountDir ?? null;
 
       const shutdownController = new AbortController();
@@ -249,6 +277,7 @@ export class Daemon {
         shutdownController,
         addresses,
         accessFile,
+        metricsListener,
       });
       return built;
     } catch (error) {
@@ -333,6 +362,8 @@ export class Daemon {
     this.shutdownController.abort();
     const steps: [string, () => Promise<void>][] = [
       ["control server", () => this.controlServer.close()],
+      // Before the lock: the successor starts once the lock is free, and binds the same address.
+      ["metrics listener", async () => this.metricsListener?.close()],
       ["NBD server", async () => this.nbdServer?.close()],
       ["FUSE", async () => this.fuseServer?.detach()],
       ["backup mounts", () => this.backupMounts.close()],
@@ -364,6 +395,7 @@ export class Daemon {
     this.shutdownController.abort();
     const steps: [string, () => Promise<void>][] = [
       ["control server", () => this.controlServer.close()],
+      ["metrics listener", async () => this.metricsListener?.close()],
       ["NBD server", async () => this.nbdServer?.close()],
       [
         "FUSE",
@@ -411,7 +443,7 @@ async function openEngine(
   options: DaemonOptions,
   fuseMount: FuseMountRef,
   undo: UndoSteps,
-  ioMetrics: IoMetrics,
+  metrics: { readonly io: IoMetrics; readonly counters: EngineCounters },
 ): Promise<{ engine: Engine; registry: DeviceRegistry; snapshotKeeper: SnapshotKeeper }> {
   const { logger, stateDir } = options;
   // Take freezes the file systems on loop devices over our FUSE files.
@@ -426,7 +458,11 @@ async function openEngine(
     freezer,
     pathPolicy,
     persistence: snapshotKeeper,
-    exportStage: (device, identity) => ioMetrics.stage(device, identity),
+    exportStage: (device, identity) => metrics.io.stage(device, identity),
+    observer: {
+      snapshotTaken: (info) => metrics.counters.taken(info.takeStallMs),
+      snapshotEvent: (_id, event) => metrics.counters.event(event.type),
+    },
   });
   undo.push(() => engine.close());
   const registry = new DeviceRegistry(deviceRegistryPathIn(stateDir), engine, logger, {
@@ -658,6 +694,25 @@ async function listenNbdTcp(
     }
     throw toBlockError(error, `cannot listen for NBD on ${address.host}:${address.port}`);
   }
+}
+
+/**
+ * The --metrics-listen listener. The engine listens itself, supervised too: metrics need not survive a
+ * restart (a scrape in the gap fails), and the successor binds the address once this engine let it go.
+ */
+async function listenMetrics(options: DaemonOptions, render: () => string): Promise<MetricsListener | null> {
+  const address = options.metricsTcp ?? null;
+  if (address === null) return null;
+  const listener = await MetricsListener.listen(address, render, options.logger);
+  const where = { metricsTcp: `${listener.host}:${listener.port}` };
+  if (isLoopbackHost(listener.host))
+    options.logger.info(where, "Prometheus metrics over TCP (GET /metrics only)");
+  else
+    options.logger.warn(
+      where,
+      "Prometheus metrics over TCP on a non-loopback address: unauthenticated, anyone who reaches it reads device names, snapshot ids and I/O volumes",
+    );
+  return listener;
 }
 
 async function mountFuse(source: ExportSource, options: DaemonOptions): Promise<FuseServer | null> {

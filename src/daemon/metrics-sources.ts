@@ -4,7 +4,9 @@
  * the NBD face's connections. Read-only; nothing is counted here.
  */
 import type { Engine } from "../engine/engine.js";
+import type { FuseServer } from "../fuse/fuse-server.js";
 import type { DeviceMetricsView, MetricsSources, SnapshotMetricsView } from "../metrics/daemon-metrics.js";
+import type { EngineCounters } from "../metrics/engine-counters.js";
 import type { IoMetrics } from "../metrics/io-metrics.js";
 import type { NbdServer } from "../nbd/nbd-server.js";
 
@@ -12,7 +14,10 @@ export interface DaemonMetricsParts {
   readonly version: string;
   readonly engine: Engine;
   readonly io: IoMetrics;
+  readonly counters: EngineCounters;
   readonly nbdServer: NbdServer | null;
+  /** Read at each scrape: FUSE comes up after the metrics are wired. */
+  readonly fuseServer: () => FuseServer | null;
 }
 
 export function daemonMetricsSources(parts: DaemonMetricsParts): MetricsSources {
@@ -21,6 +26,7 @@ export function daemonMetricsSources(parts: DaemonMetricsParts): MetricsSources 
     version: parts.version,
     startTimeSeconds: Math.floor(performance.timeOrigin) / 1000,
     io: parts.io,
+    counters: parts.counters,
     exportNames: () => engine.listExports().map((entry) => entry.name),
     devices: () =>
       engine.listDevices().map(
@@ -41,9 +47,26 @@ export function daemonMetricsSources(parts: DaemonMetricsParts): MetricsSources 
           storageCapacityBytes: info.storage.capacityBytes,
           storageLimitBytes: info.storage.limitBytes,
           takeStallSeconds: info.takeStallMs === null ? null : info.takeStallMs / 1000,
-          devices: info.devices.map((device) => ({ name: device.name, chunksStored: device.chunksStored })),
+          devices: info.devices.map((device) => ({
+            name: device.name,
+            chunksStored: device.chunksStored,
+            chunksCopied: device.chunksCopied,
+            copiedBytes: device.copiedBytes,
+          })),
         }),
       ),
-    nbd: () => (parts.nbdServer === null ? null : { connectionsOpen: parts.nbdServer.connectionCount }),
+    nbd: () => {
+      const server = parts.nbdServer;
+      if (server === null) return null;
+      return {
+        connectionsOpen: server.connectionCount,
+        connectionsAccepted: server.acceptedCount,
+        connectionsRefused: server.refusedCount,
+      };
+    },
+    fuse: () => {
+      const stats = parts.fuseServer()?.requestStats;
+      return stats === undefined ? null : { requestsHandled: stats.handled, requestsFailed: stats.failed };
+    },
   };
 }

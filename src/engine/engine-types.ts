@@ -117,6 +117,9 @@ export interface SnapshotDeviceInfo {
   readonly sizeBytes: number;
   /** Chunks preserved or written through the image. */
   readonly chunksStored: number;
+  /** Chunks copied before an origin write (a part of chunksStored), and their bytes. */
+  readonly chunksCopied: number;
+  readonly copiedBytes: number;
   /** errno of the corruption of this device's diff area, or null. */
   readonly error: Errno | null;
 }

@@ -77,11 +77,18 @@ export interface EngineOptions {
    * counters, src/metrics/); none by default.
    */
   readonly exportStage?: (device: BlockDevice, identity: ExportStageIdentity) => BlockDevice;
+  /** Told of each successful take and each snapshot event (the daemon's metrics); none by default. */
+  readonly observer?: EngineObserver;
   /**
    * Keeps snapshots across restarts (the daemon's snapshot keeper). Without it (library use) snapshots
    * live as long as the engine, a directory storage is an anonymous temporary file, and close() destroys.
    */
   readonly persistence?: SnapshotPersistence;
+}
+
+export interface EngineObserver {
+  snapshotTaken?(info: SnapshotInfo): void;
+  snapshotEvent?(snapshotId: string, event: SnapshotEvent): void;
 }
 
 /** The export an exportStage is asked for: its name, its device, and the snapshot of an image. */
@@ -112,6 +119,7 @@ export class Engine implements ExportSource {
   private readonly freezer: Freezer | null;
   private readonly storageStage: EngineOptions["storageStage"];
   private readonly exportStage: EngineOptions["exportStage"];
+  private readonly observer: EngineObserver | null;
   private readonly persistence: SnapshotPersistence | null;
   private readonly devices = new Map<string, DeviceEntry>();
   private readonly snapshots = new Map<string, Snapshot>();
@@ -135,6 +143,7 @@ export class Engine implements ExportSource {
     this.persistence = options.persistence ?? null;
     this.storageStage = options.storageStage;
     this.exportStage = options.exportStage;
+    this.observer = options.observer ?? null;
     this.claims = new BackendClaims(options.pathPolicy ?? null);
   }
 
@@ -379,6 +388,7 @@ export class Engine implements ExportSource {
       postTakeCommand: options.postTakeCommand,
       kept,
       logger: this.logger,
+      onEvent: (event) => this.observer?.snapshotEvent?.(id, event),
       ...(kept ? this.persistenceHooks(id) : {}),
     });
     for (const member of members) {
@@ -467,6 +477,7 @@ export class Engine implements ExportSource {
       createdAtMs: record.createdAtMs,
       kept: true,
       logger: this.logger,
+      onEvent: (event) => this.observer?.snapshotEvent?.(record.id, event),
       ...this.persistenceHooks(record.id),
     });
     for (const entry of members) {
@@ -570,6 +581,7 @@ export class Engine implements ExportSource {
     // The reply says "taken" only once the record says so (a crash before keeps it as created).
     if (snapshot.kept) await this.persistence?.save(snapshotRecord(snapshot));
     const info = snapshot.info();
+    this.observer?.snapshotTaken?.(info);
     this.logger.info({ snapshot: id, takeStallMs: info.takeStallMs }, "snapshot taken");
     this.notify();
     return info;

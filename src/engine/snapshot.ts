@@ -59,6 +59,8 @@ export interface SnapshotOptions {
   readonly onCorrupted?: () => void;
   /** Where every event is also logged (default: nowhere). */
   readonly logger?: Logger;
+  /** Told of every event as it is queued (the daemon's metrics count them by type). */
+  readonly onEvent?: (event: SnapshotEvent) => void;
 }
 
 /** A taken snapshot's state from its records (restoreTaken). */
@@ -95,6 +97,7 @@ export class Snapshot {
   readonly kept: boolean;
   private readonly onCorruptedHook: (() => void) | undefined;
   private readonly logger: Logger;
+  private readonly onEventHook: ((event: SnapshotEvent) => void) | undefined;
 
   constructor(options: SnapshotOptions) {
     this.id = options.id;
@@ -103,6 +106,7 @@ export class Snapshot {
     this.onStored = options.onStored;
     this.onCorruptedHook = options.onCorrupted;
     this.logger = options.logger ?? silentLogger;
+    this.onEventHook = options.onEvent;
     this.storage = options.storage;
     this.chunkSizeBytes = options.chunkSizeBytes;
     this.onCowError = options.onCowError;
@@ -334,6 +338,8 @@ export class Snapshot {
         imageName: member.image ? `${name}@${this.id}` : null,
         sizeBytes: member.diffArea?.sizeBytes ?? member.tracker.sizeBytes,
         chunksStored: member.diffArea?.storedChunkCount ?? 0,
+        chunksCopied: member.diffArea?.copyStats.chunks ?? 0,
+        copiedBytes: member.diffArea?.copyStats.bytes ?? 0,
         error: member.diffArea?.error ?? null,
       })),
     };
@@ -341,7 +347,10 @@ export class Snapshot {
 
   pushEvent(event: SnapshotEvent): void {
     const seq = this.events.push(event);
-    if (seq > 0) logSnapshotEvent(this.logger, this.id, seq, event);
+    if (seq > 0) {
+      logSnapshotEvent(this.logger, this.id, seq, event);
+      this.onEventHook?.(event);
+    }
   }
 
   private pushCorrupted(device: string, errno: Errno): void {

@@ -64,6 +64,11 @@ export class FuseServer {
   private readonly unsubscribe: () => void;
   private unmounting: Promise<void> | undefined;
 
+  /** FUSE requests served by the main thread (READs the reader thread serves directly are not counted). */
+  get requestStats(): { readonly handled: number; readonly failed: number } {
+    return { handled: this.session.requestsHandled, failed: this.session.requestsFailed };
+  }
+
   private constructor(
     mountDir: string,
     channel: FuseChannel,

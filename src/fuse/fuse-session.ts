@@ -109,6 +109,9 @@ export class FuseSession {
   /** Resolves when INIT has been answered; rejects when the kernel's protocol is unusable. */
   readonly initialized: Promise<void>;
   private readonly options: FuseSessionOptions;
+  /** Requests served here (not the direct READs of the reader thread), and those answered with an error. */
+  requestsHandled = 0;
+  requestsFailed = 0;
   private readonly handlesMax: number;
   private readonly fileHandles = new Map<bigint, FileNode>();
   /** File handles registered with options.directReads. */
@@ -224,6 +227,7 @@ export class FuseSession {
    * left for the next engine (poison-request.ts); a malformed slot rejects (the channel then crashes).
    */
   async handle(slot: Uint8Array, lengthBytes: number): Promise<void> {
+    this.requestsHandled += 1;
     assert(lengthBytes >= abi.FUSE_IN_HEADER_BYTES, `short FUSE request: ${lengthBytes} bytes`);
     assert(slot.byteLength >= FuseSession.slotBytesFor(pageBytes), "reader slot too small");
     const view = new DataView(slot.buffer, slot.byteOffset, slot.byteLength);
@@ -269,6 +273,7 @@ export class FuseSession {
         return;
       }
       const fuseError = fuseErrorOf(error);
+      this.requestsFailed += 1;
       this.options.logger.debug(
         { opcode: request.opcode, error: fuseError, detail: String(error) },
         "fuse request failed",

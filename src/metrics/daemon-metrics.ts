@@ -6,8 +6,10 @@
  *
  * Everything is read when scraped (no timers, nothing kept between scrapes besides counters the parts
  * own). A scrape costs a pass over the devices, snapshots and exports, and one scan of each CBT write map.
- * The list of metric names is in docs/operations.md ("Metrics"); a test checks that it stays complete.
+ * The list of metric names is in docs/metrics.md; a test (test/metrics/metrics-listen.test.ts) checks
+ * that it names every family a scrape shows.
  */
+import type { EngineCounters } from "./engine-counters.js";
 import type { IoMetrics } from "./io-metrics.js";
 import { TextWriter } from "./text-format.js";
 
@@ -31,6 +33,8 @@ export interface SnapshotMetricsView {
   readonly devices: readonly {
     readonly name: string;
     readonly chunksStored: number;
+    readonly chunksCopied: number;
+    readonly copiedBytes: number;
   }[];
 }
 
@@ -39,12 +43,19 @@ export interface MetricsSources {
   /** When this process started, seconds since the epoch. */
   readonly startTimeSeconds: number;
   readonly io: IoMetrics;
+  readonly counters: EngineCounters;
   /** Export names that exist now (the rest of IoMetrics is pruned at each scrape). */
   exportNames(): Iterable<string>;
   devices(): readonly DeviceMetricsView[];
   snapshots(): readonly SnapshotMetricsView[];
   /** The NBD face; null when it is off. */
-  nbd(): { readonly connectionsOpen: number } | null;
+  nbd(): {
+    readonly connectionsOpen: number;
+    readonly connectionsAccepted: number;
+    readonly connectionsRefused: number;
+  } | null;
+  /** The FUSE face; null when it is off. */
+  fuse(): { readonly requestsHandled: number; readonly requestsFailed: number } | null;
 }
 
 export function renderMetrics(sources: MetricsSources): string {
@@ -54,6 +65,7 @@ export function renderMetrics(sources: MetricsSources): string {
   sources.io.prune(new Set(sources.exportNames()));
   sources.io.write(writer);
   writeSnapshots(writer, sources.snapshots());
+  sources.counters.write(writer);
   writeFaces(writer, sources);
   return writer.text();
 }
@@ -135,10 +147,47 @@ function writeSnapshots(writer: TextWriter, snapshots: readonly SnapshotMetricsV
       writer.sample({ snapshot: snapshot.id, device: device.name }, device.chunksStored);
     }
   }
+  writer.family(
+    "blocksnap_cow_copies_total",
+    "counter",
+    "Chunks of a device copied into a snapshot's difference storage before an origin write overwrote them.",
+  );
+  for (const snapshot of snapshots) {
+    for (const device of snapshot.devices) {
+      writer.sample({ snapshot: snapshot.id, device: device.name }, device.chunksCopied);
+    }
+  }
+  writer.family(
+    "blocksnap_cow_copied_bytes_total",
+    "counter",
+    "Bytes of a device copied into a snapshot's difference storage before origin writes (since start).",
+  );
+  for (const snapshot of snapshots) {
+    for (const device of snapshot.devices) {
+      writer.sample({ snapshot: snapshot.id, device: device.name }, device.copiedBytes);
+    }
+  }
 }
 
 function writeFaces(writer: TextWriter, sources: MetricsSources): void {
   const nbd = sources.nbd();
   writer.family("blocksnap_nbd_connections", "gauge", "NBD connections open now.");
   if (nbd !== null) writer.sample({}, nbd.connectionsOpen);
+  writer.family("blocksnap_nbd_connections_accepted_total", "counter", "NBD connections served since start.");
+  if (nbd !== null) writer.sample({}, nbd.connectionsAccepted);
+  writer.family(
+    "blocksnap_nbd_connections_refused_total",
+    "counter",
+    "NBD connections closed at accept by a connection limit since start.",
+  );
+  if (nbd !== null) writer.sample({}, nbd.connectionsRefused);
+  const fuse = sources.fuse();
+  writer.family(
+    "blocksnap_face_requests_total",
+    "counter",
+    "Requests a face received since start (FUSE: every kind, but not the READs its reader thread serves directly).",
+  );
+  if (fuse !== null) writer.sample({ face: "fuse" }, fuse.requestsHandled);
+  writer.family("blocksnap_face_request_errors_total", "counter", "Requests a face answered with an error.");
+  if (fuse !== null) writer.sample({ face: "fuse" }, fuse.requestsFailed);
 }

@@ -70,6 +70,8 @@ export class NbdServer {
   private readonly clientConnections = new Map<string, number>();
   /** Accepted sockets whose peer uid is being read; they count against connectionsMax. */
   private identifyingCount = 0;
+  private acceptedTotal = 0;
+  private refusedTotal = 0;
   private readonly peerUids: PeerUids;
   private readonly budget: InflightBudget;
   private refusalLoggedAtMs = 0;
@@ -170,6 +172,16 @@ export class NbdServer {
     let count = 0;
     for (const connection of this.connections) if (connection.stats.exportName === exportName) count++;
     return count;
+  }
+
+  /** Connections served since start (metrics). */
+  get acceptedCount(): number {
+    return this.acceptedTotal;
+  }
+
+  /** Connections closed at accept by a limit (metrics). */
+  get refusedCount(): number {
+    return this.refusedTotal;
   }
 
   /** Bytes of the in-flight budget held now, and connections waiting for it. */
@@ -298,6 +310,7 @@ export class NbdServer {
       access: this.access,
     });
     this.connections.add(connection);
+    this.acceptedTotal += 1;
     this.logger.debug({ connections: this.connections.size, client: clientKey }, "NBD client connected");
     connection.closed.then(() => {
       this.connections.delete(connection);
@@ -313,6 +326,7 @@ export class NbdServer {
   /** Closes a socket over a limit. A client that keeps trying costs one log line per second at most. */
   private refuse(socket: net.Socket, fields: Record<string, unknown>, reason: string): void {
     socket.destroy();
+    this.refusedTotal += 1;
     const nowMs = Date.now();
     if (nowMs - this.refusalLoggedAtMs < refusalLogIntervalMs) return;
     this.refusalLoggedAtMs = nowMs;

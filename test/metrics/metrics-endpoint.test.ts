@@ -139,6 +139,19 @@ void test("GET /metrics over NBD I/O by qemu-io: counts, bytes, latency, CBT, st
       sampleValue(afterTake, "blocksnap_snapshot_take_stall_seconds", { snapshot: id }),
       (info.takeStallMs ?? Number.NaN) / 1000,
     );
+    // Copy-before-write: the one 256 KiB chunk under the write, copied once.
+    assert.equal(sampleValue(afterTake, "blocksnap_cow_copies_total", { snapshot: id, device: "d0" }), 1);
+    assert.equal(
+      sampleValue(afterTake, "blocksnap_cow_copied_bytes_total", { snapshot: id, device: "d0" }),
+      256 * kib,
+    );
+    assert.equal(sampleValue(afterTake, "blocksnap_take_stall_seconds_count", {}), 1);
+    assert.equal(
+      sampleValue(afterTake, "blocksnap_take_stall_last_seconds", {}),
+      (info.takeStallMs ?? Number.NaN) / 1000,
+    );
+    // qemu-io: one connection per run, three runs so far.
+    assert.ok(sampleValue(afterTake, "blocksnap_nbd_connections_accepted_total", {}) >= 3);
     // The image's own counters, labelled with its snapshot.
     assert.ok(sampleValue(afterTake, "blocksnap_io_bytes_total", io("d0", "read", id)) >= 128 * kib);
 
@@ -150,6 +163,29 @@ void test("GET /metrics over NBD I/O by qemu-io: counts, bytes, latency, CBT, st
       "image series gone",
     );
     assert.ok(!hasSample(afterDestroy, "blocksnap_snapshot_storage_limit_bytes", { snapshot: id }));
+
+    // A snapshot whose storage holds one chunk breaks at the second: one corrupted event, counted.
+    const small = (
+      await daemon.cliOk(["snapshot", "create", "--storage", "memory:", "--limit", "256K", "--device", "d0"])
+    ).trim();
+    await daemon.cliOk(["snapshot", "take", small, "--no-freeze"]);
+    await qemuIo(uri, ["write 0 64k", "write 1m 64k"]);
+    const afterBreak = await scrape(daemon);
+    assert.ok(typeof afterBreak !== "string");
+    const corrupted = { type: "corrupted" };
+    assert.equal(
+      sampleValue(afterBreak, "blocksnap_events_total", corrupted) -
+        sampleValue(afterDestroy, "blocksnap_events_total", corrupted),
+      1,
+    );
+    assert.equal(sampleValue(afterBreak, "blocksnap_snapshots", { state: "corrupted" }), 1);
+    assert.equal(sampleValue(afterBreak, "blocksnap_take_stall_seconds_count", {}), 2);
+    assert.equal(
+      sampleValue(afterBreak, "blocksnap_io_bytes_total", io("d0", "write")) -
+        sampleValue(afterDestroy, "blocksnap_io_bytes_total", io("d0", "write")),
+      128 * kib,
+      "the origin writes went on",
+    );
   } finally {
     await daemon.stop();
   }
@@ -199,6 +235,7 @@ void test("GET /metrics after dd through the FUSE file: write bytes exact, reque
     assert.ok(delta("blocksnap_io_bytes_total", io("f0", "read")) >= 256 * kib);
     assert.ok(delta("blocksnap_io_requests_total", io("f0", "read")) >= 4);
     assert.equal(sampleValue(afterIo, "blocksnap_cbt_dirty_blocks", { device: "f0" }), 16);
+    assert.ok(delta("blocksnap_face_requests_total", { face: "fuse" }) >= 16 + 4);
   } finally {
     await daemon.stop();
   }
