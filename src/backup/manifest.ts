@@ -93,3 +93,21 @@ export function newBackupId(now: Date, randomHex: string): string {
     .replace(/\.\d+Z$/, "Z");
   return `${stamp}-${randomHex}`;
 }
+
+/**
+ * Whether the manifest's chunk list gives its image digest. With every chunk checked against its content
+ * id as it is read, this checks the whole image without hashing it again. `zeroIdOf` names the all-zero
+ * chunk of a length (the repository's codec: keyed when encrypted).
+ */
+export async function imageDigestMatches(
+  manifest: Manifest,
+  zeroIdOf: (lengthBytes: number) => Promise<string>,
+): Promise<boolean> {
+  const zeroIds = new Map<number, string>();
+  for (let index = 0; index < manifest.chunks.length; index++) {
+    const length = chunkLengthAt(manifest, index);
+    if (!zeroIds.has(length)) zeroIds.set(length, await zeroIdOf(length));
+  }
+  const digest = imageDigestOf(manifest.chunks, (index) => zeroIds.get(chunkLengthAt(manifest, index)) ?? "");
+  return digest === manifest.imageDigest;
+}

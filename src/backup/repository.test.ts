@@ -10,6 +10,7 @@ import { DirectoryStore } from "./directory-store.js";
 import { imageDigestOf, type Manifest } from "./manifest.js";
 import { Repository } from "./repository.js";
 import { createKeyFile, readKeyFile } from "./repository-key.js";
+import { restoreToFile } from "./restore.js";
 
 let directory = "";
 before(async () => {
@@ -108,6 +109,18 @@ void test("Repository: chunks dedup, manifests round-trip, the codec runs in wor
       name.startsWith("."),
     );
     assert.deepEqual(temporaries, [], "no temporary file left by an atomic put");
+
+    const restored = join(directory, "restored.img");
+    await restoreToFile(repository, manifest, restored);
+    assert.deepEqual(await readFile(restored), Buffer.concat([chunk, Buffer.alloc(1 << 20), chunk]));
+    // Chunks that each check against their ids, in an order the image digest does not allow.
+    const reordered: Manifest = { ...manifest, chunks: [first.id, first.id, null] };
+    const untouched = join(directory, "untouched.img");
+    await assert.rejects(
+      restoreToFile(repository, reordered, untouched),
+      isErrno("EIO", /image digest does not match its chunk list/),
+    );
+    await assert.rejects(readFile(untouched), /ENOENT/, "nothing is written");
   } finally {
     await repository.close();
   }

@@ -13,8 +13,9 @@
 import type { BlockDevice } from "../block/device.js";
 import { BlockError } from "../block/errors.js";
 import { forEachBounded } from "./backup-run.js";
-import { chunkLengthAt, imageDigestOf, type Manifest } from "./manifest.js";
+import { chunkLengthAt, type Manifest } from "./manifest.js";
 import type { Repository } from "./repository.js";
+import { checkImageDigest } from "./restore.js";
 
 const chunksInFlightMin = 4;
 
@@ -76,19 +77,4 @@ export async function restoreToDevice(
   });
   await device.flush();
   return { bytesWritten: doneBytes, chunksRead };
-}
-
-async function checkImageDigest(repository: Repository, manifest: Manifest): Promise<void> {
-  const zeroIds = new Map<number, string>();
-  for (const length of new Set([
-    manifest.chunkSizeBytes,
-    chunkLengthAt(manifest, manifest.chunks.length - 1),
-  ]))
-    zeroIds.set(length, await repository.codec.zeroId(length));
-  const digest = imageDigestOf(manifest.chunks, (index) => zeroIds.get(chunkLengthAt(manifest, index)) ?? "");
-  if (digest !== manifest.imageDigest)
-    throw new BlockError(
-      "EIO",
-      `Backup ${manifest.device}/${manifest.id}: its image digest does not match its chunk list`,
-    );
 }

@@ -9,7 +9,7 @@
 import { open } from "node:fs/promises";
 import { BlockError } from "../block/errors.js";
 import { forEachBounded } from "./backup-run.js";
-import { chunkLengthAt, imageDigestOf, type Manifest } from "./manifest.js";
+import { chunkLengthAt, imageDigestMatches, type Manifest } from "./manifest.js";
 import { Repository } from "./repository.js";
 
 const chunksInFlight = 4;
@@ -30,6 +30,8 @@ export async function restoreToFile(
   manifest: Manifest,
   targetPath: string,
 ): Promise<RestoreOutcome> {
+  // Every chunk is checked against its id as it is read; the chunk list against the image digest here.
+  await checkImageDigest(repository, manifest);
   const file = await open(targetPath, "a+").then(async (handle) => {
     await handle.close();
     return open(targetPath, "r+");
@@ -80,6 +82,15 @@ export async function restoreToFile(
   }
 }
 
+/** Fails with EIO, before anything is written, when a manifest's chunk list does not give its digest. */
+export async function checkImageDigest(repository: Repository, manifest: Manifest): Promise<void> {
+  if (!(await imageDigestMatches(manifest, (length) => repository.codec.zeroId(length))))
+    throw new BlockError(
+      "EIO",
+      `Backup ${manifest.device}/${manifest.id}: its image digest does not match its chunk list`,
+    );
+}
+
 export interface VerifyProblem {
   readonly backup: string;
   readonly problem: string;
@@ -113,16 +124,8 @@ export async function verifyBackups(
       const problem = checked.get(id);
       if (problem) problems.push({ backup: name, problem });
     }
-    const zeroIds = new Map<number, string>();
-    for (let index = 0; index < manifest.chunks.length; index++) {
-      const length = chunkLengthAt(manifest, index);
-      if (!zeroIds.has(length)) zeroIds.set(length, await repository.codec.zeroId(length));
-    }
-    const digest = imageDigestOf(
-      manifest.chunks,
-      (index) => zeroIds.get(chunkLengthAt(manifest, index)) ?? "",
-    );
-    if (digest !== manifest.imageDigest) problems.push({ backup: name, problem: "image digest mismatch" });
+    if (!(await imageDigestMatches(manifest, (length) => repository.codec.zeroId(length))))
+      problems.push({ backup: name, problem: "image digest mismatch" });
   }
   return problems;
 }
