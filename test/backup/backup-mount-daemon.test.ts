@@ -98,7 +98,9 @@ void test("backup mount through the daemon: NBD and a FUSE file, a writable over
   assert.equal(same.code, 0, `the mounted backup differs from the device: ${same.stdout}`);
 
   const loop = (await runOk("losetup", ["-f", "--show", mounted.fusePath])).trim();
-  cleanups.push(() => run("losetup", ["-d", loop]));
+  let attached = true;
+  // Only while still ours: once detached below, the number may already belong to another test's file.
+  cleanups.push(async () => (attached ? run("losetup", ["-d", loop]) : undefined));
   const mountPoint = join(directory, "mnt");
   await mkdir(mountPoint);
   await runOk("mount", [loop, mountPoint]);
@@ -109,6 +111,7 @@ void test("backup mount through the daemon: NBD and a FUSE file, a writable over
   const fsck = await run("e2fsck", ["-fn", loop]);
   assert.equal(fsck.code, 0, `e2fsck on the overlay: ${fsck.stdout}${fsck.stderr}`);
   await runOk("losetup", ["-d", loop]);
+  attached = false;
 
   const changed = await run("cmp", ["-s", backend, await copyOf(uri, join(directory, "after.img"))]);
   assert.notEqual(changed.code, 0, "the overlay holds the writes");
