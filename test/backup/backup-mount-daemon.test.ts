@@ -16,6 +16,7 @@ import { after, test } from "node:test";
 import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
 import { DaemonProcess } from "../cli/cli-harness.js";
 import { isRoot, missingTools, run, runOk } from "../helpers/commands.js";
+import { attachLoop, detachLoop, detachLoopOk } from "../helpers/loop-device.js";
 import { backupJson } from "./backup-helpers.js";
 
 const MiB = 1024 * 1024;
@@ -97,10 +98,8 @@ void test("backup mount through the daemon: NBD and a FUSE file, a writable over
   const same = await run("cmp", [backend, copy]);
   assert.equal(same.code, 0, `the mounted backup differs from the device: ${same.stdout}`);
 
-  const loop = (await runOk("losetup", ["-f", "--show", mounted.fusePath])).trim();
-  let attached = true;
-  // Only while still ours: once detached below, the number may already belong to another test's file.
-  cleanups.push(async () => (attached ? run("losetup", ["-d", loop]) : undefined));
+  const loop = await attachLoop(mounted.fusePath);
+  cleanups.push(() => detachLoop(loop));
   const mountPoint = join(directory, "mnt");
   await mkdir(mountPoint);
   await runOk("mount", [loop, mountPoint]);
@@ -110,8 +109,7 @@ void test("backup mount through the daemon: NBD and a FUSE file, a writable over
   await runOk("umount", [mountPoint]);
   const fsck = await run("e2fsck", ["-fn", loop]);
   assert.equal(fsck.code, 0, `e2fsck on the overlay: ${fsck.stdout}${fsck.stderr}`);
-  await runOk("losetup", ["-d", loop]);
-  attached = false;
+  await detachLoopOk(loop);
 
   const changed = await run("cmp", ["-s", backend, await copyOf(uri, join(directory, "after.img"))]);
   assert.notEqual(changed.code, 0, "the overlay holds the writes");

@@ -22,6 +22,7 @@ import type { DeviceView } from "../../src/daemon/api-types.js";
 import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
 import { cleanEnvironment, cliPath, DaemonProcess, runCli } from "../cli/cli-harness.js";
 import { isRoot, missingTools, run, runOk, which } from "../helpers/commands.js";
+import { attachLoop, detachLoop } from "../helpers/loop-device.js";
 import { backupJson } from "./backup-helpers.js";
 import { S3FaultProxy } from "./s3-fault-proxy.js";
 import { SwiftServer, swiftSkipReason } from "./swift-server.js";
@@ -146,8 +147,8 @@ async function ext4Device(host: Host, name: string): Promise<ChangingDevice> {
   await runOk("truncate", ["-s", String(48 * MiB), backend]);
   const device = await host.cliJson<DeviceView>(["device", "add", "d0", "--backend", backend]);
   assert.ok(device.fusePath !== null, "the device has a FUSE file");
-  const loop = (await runOk("losetup", ["-f", "--show", device.fusePath])).trim();
-  cleanups.push(() => run("losetup", ["-d", loop]));
+  const loop = await attachLoop(device.fusePath);
+  cleanups.push(() => detachLoop(loop));
   await runOk("mkfs.ext4", ["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop], 60_000);
   const mountPoint = join(directory, `${name}-mnt`);
   await mkdir(mountPoint);

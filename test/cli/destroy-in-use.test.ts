@@ -6,12 +6,13 @@
  * loop device is undone in `after`, also when a test fails.
  */
 import assert from "node:assert/strict";
-import { mkdir, mkdtemp, readdir, readFile, rm } from "node:fs/promises";
+import { mkdir, mkdtemp, readdir, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, type TestContext, test } from "node:test";
 import type { SnapshotView } from "../../src/daemon/api-types.js";
 import { isRoot, missingTools, run, runOk } from "../helpers/commands.js";
+import { attachLoop, detachLoop } from "../helpers/loop-device.js";
 import { DaemonProcess } from "./cli-harness.js";
 
 let directory = "";
@@ -34,13 +35,6 @@ function skipReason(): string | undefined {
   return missingTools("losetup", "mkfs.ext4", "mount", "umount");
 }
 
-/** Detaches `loop` only while it is still over a file of this test (the number may be reused at once). */
-async function detachLoop(loop: string): Promise<void> {
-  const name = loop.replace("/dev/", "");
-  const backingFile = await readFile(`/sys/block/${name}/loop/backing_file`, "utf8").catch(() => "");
-  if (backingFile.startsWith(`${directory}/`)) await run("losetup", ["-d", loop]);
-}
-
 async function takenImage(running: DaemonProcess): Promise<{ id: string; fusePath: string }> {
   const id = (
     await running.cliOk(["snapshot", "create", "--storage", "memory:", "--limit", "16M", "--device", "d0"])
@@ -52,7 +46,7 @@ async function takenImage(running: DaemonProcess): Promise<{ id: string; fusePat
 }
 
 async function mountImage(fusePath: string, name: string): Promise<{ loop: string; mountPoint: string }> {
-  const loop = (await runOk("losetup", ["-f", "--show", fusePath])).trim();
+  const loop = await attachLoop(fusePath);
   cleanups.push(() => detachLoop(loop));
   const mountPoint = join(directory, name);
   await mkdir(mountPoint);

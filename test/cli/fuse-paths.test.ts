@@ -16,6 +16,7 @@ import { join } from "node:path";
 import { after, before, type TestContext, test } from "node:test";
 import type { DeviceView, StatusView } from "../../src/daemon/api-types.js";
 import { isRoot, missingTools, run, runOk } from "../helpers/commands.js";
+import { attachLoop, detachLoop } from "../helpers/loop-device.js";
 import { DaemonProcess } from "./cli-harness.js";
 
 const MiB = 1024 * 1024;
@@ -53,20 +54,10 @@ async function startWithFuse(name: string, mountDir: string): Promise<DaemonProc
   return daemon;
 }
 
-async function attachLoop(file: string): Promise<string> {
-  const loop = (await runOk("losetup", ["-f", "--show", file])).trim();
+async function attachUntilCleanup(file: string): Promise<string> {
+  const loop = await attachLoop(file);
   cleanups.push(() => detachLoop(loop));
   return loop;
-}
-
-/**
- * Detaches `loop` only while it is still over a file of this test: once detached, the kernel may hand the
- * same /dev/loopN to another test running in parallel, whose device must not be cut off.
- */
-async function detachLoop(loop: string): Promise<void> {
-  const name = loop.replace("/dev/", "");
-  const backingFile = await readFile(`/sys/block/${name}/loop/backing_file`, "utf8").catch(() => "");
-  if (backingFile.startsWith(`${directory}/`)) await run("losetup", ["-d", loop]);
 }
 
 async function mountExt4(loop: string, mountPoint: string): Promise<void> {
@@ -127,7 +118,7 @@ void test("a backend or storage on our own FUSE mount is refused, also by bind m
   await refused(daemon, ["device", "add", "dup", "--backend", join(bindDir, "d0")], /own FUSE mount/);
   await refused(daemon, ["snapshot", "create", "--storage", bindDir, "--limit", "4M"], /own FUSE mount/);
 
-  const loop = await attachLoop(fuseFile);
+  const loop = await attachUntilCleanup(fuseFile);
   await refused(daemon, ["device", "add", "dup", "--backend", loop], /own FUSE mount/);
   await refused(daemon, ["snapshot", "create", "--storage", loop, "--limit", "4M"], /own FUSE mount/);
   assert.deepEqual(await listedNames(daemon), ["d0"]);
@@ -161,7 +152,7 @@ void test("device remove under an ext4 mounted on its FUSE file is EBUSY unless 
   const daemon = await startWithFuse("state-c", mountDir);
   await daemon.cliOk(["device", "add", "d0", "--backend", join(directory, "d0.img"), "--size", "64M"]);
   await daemon.cliOk(["device", "add", "d1", "--backend", "memory:", "--size", "64M"]);
-  const loop0 = await attachLoop(join(mountDir, "d0"));
+  const loop0 = await attachUntilCleanup(join(mountDir, "d0"));
   const fs0 = join(directory, "ext4-c0");
   await mountExt4(loop0, fs0);
 
@@ -180,7 +171,7 @@ void test("device remove under an ext4 mounted on its FUSE file is EBUSY unless 
   assert.deepEqual(await registryNames(daemon), ["d1"]);
 
   // --force removes a device under a mounted file system (which then sees I/O errors).
-  const loop1 = await attachLoop(join(mountDir, "d1"));
+  const loop1 = await attachUntilCleanup(join(mountDir, "d1"));
   const fs1 = join(directory, "ext4-c1");
   await mountExt4(loop1, fs1);
   assert.equal((await daemon.cli(["device", "remove", "d1"])).code, 1);
@@ -202,7 +193,7 @@ void test("a device remove whose final flush fails leaves the device listed, sav
   await runOk("mount", ["-t", "tmpfs", "-o", "size=16M", "tmpfs", tmpfs]);
   cleanups.push(() => run("umount", ["-l", tmpfs]));
   await runOk("truncate", ["-s", "32M", join(tmpfs, "backing.img")]);
-  const loop = await attachLoop(join(tmpfs, "backing.img"));
+  const loop = await attachUntilCleanup(join(tmpfs, "backing.img"));
   const daemon = await DaemonProcess.start(join(directory, "state-d"));
   daemons.push(daemon);
   await daemon.cliOk(["device", "add", "flaky", "--backend", loop]);

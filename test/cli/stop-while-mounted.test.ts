@@ -11,6 +11,7 @@ import { join } from "node:path";
 import { after, before, type TestContext, test } from "node:test";
 import type { DeviceView } from "../../src/daemon/api-types.js";
 import { isRoot, missingTools, run, runOk } from "../helpers/commands.js";
+import { attachLoop, detachLoop, detachLoopOk } from "../helpers/loop-device.js";
 import { DaemonProcess } from "./cli-harness.js";
 
 const waitingMessage = "still serving until they are unmounted";
@@ -51,14 +52,14 @@ async function mountedDevice(name: string, stopWaitSeconds: number): Promise<Mou
     "64M",
   ]);
   assert.ok(device.fusePath);
-  const loopDevice = (await runOk("losetup", ["-f", "--show", device.fusePath])).trim();
+  const loopDevice = await attachLoop(device.fusePath);
   const mountPoint = join(directory, `${name}-mnt`);
   await mkdir(mountPoint);
   try {
     await runOk("mkfs.ext4", ["-q", "-F", loopDevice], 60_000);
     await runOk("mount", [loopDevice, mountPoint]);
   } catch (error) {
-    await run("losetup", ["-d", loopDevice]);
+    await detachLoop(loopDevice);
     await daemon.stop("SIGKILL");
     throw error;
   }
@@ -67,7 +68,7 @@ async function mountedDevice(name: string, stopWaitSeconds: number): Promise<Mou
 
 async function cleanUp(mounted: MountedDevice): Promise<void> {
   await run("umount", ["-l", mounted.mountPoint]);
-  await run("losetup", ["-d", mounted.loopDevice]);
+  await detachLoop(mounted.loopDevice);
   await mounted.daemon.stop("SIGKILL");
 }
 
@@ -115,7 +116,7 @@ void test("SIGTERM with an ext4 mounted on a device: the daemon keeps serving un
     assert.equal(mounted.daemon.child.exitCode, null, "the daemon is still running");
 
     await runOk("umount", [mounted.mountPoint]);
-    await runOk("losetup", ["-d", mounted.loopDevice]);
+    await detachLoopOk(mounted.loopDevice);
     assert.deepEqual(await exitWithin(mounted.daemon), { code: 0, signal: null });
     assert.doesNotMatch(await readFile("/proc/self/mounts", "utf8"), new RegExp(` ${mounted.mountPoint} `));
   } finally {

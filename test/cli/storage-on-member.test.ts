@@ -9,13 +9,14 @@
  * Root only; every mount, loop device and process is undone in `after`.
  */
 import assert from "node:assert/strict";
-import { mkdir, mkdtemp, readFile, rm } from "node:fs/promises";
+import { mkdir, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, type TestContext, test } from "node:test";
 import type { DeviceView, StatusView } from "../../src/daemon/api-types.js";
 import { abortConnection, blocksnapMountsAt } from "../../src/fuse/fuse-mount.js";
 import { isRoot, missingTools, run, runOk } from "../helpers/commands.js";
+import { attachLoop, detachLoop } from "../helpers/loop-device.js";
 import { DaemonProcess } from "./cli-harness.js";
 
 const safetyNetMs = 180_000;
@@ -49,13 +50,6 @@ function fuseSafetyNet(mountDir: string, ms: number): () => void {
   return () => clearTimeout(timer);
 }
 
-/** Detaches `loop` only while it is still over a file of this test (the number may be reused at once). */
-async function detachLoop(loop: string): Promise<void> {
-  const name = loop.replace("/dev/", "");
-  const backingFile = await readFile(`/sys/block/${name}/loop/backing_file`, "utf8").catch(() => "");
-  if (backingFile.startsWith(`${directory}/`)) await run("losetup", ["-d", loop]);
-}
-
 async function refused(running: DaemonProcess, args: readonly string[], message: RegExp): Promise<void> {
   const result = await running.cli(args);
   assert.equal(result.code, 1, `blocksnap ${args.join(" ")} should fail: ${result.stdout}`);
@@ -84,7 +78,7 @@ void test("a storage on an ext4 that lives on a member device is refused at crea
     ]);
     await daemon.cliOk(["device", "add", "d1", "--backend", "memory:", "--size", "64M"]);
     assert.ok(d0.fusePath);
-    const loop = (await runOk("losetup", ["-f", "--show", d0.fusePath])).trim();
+    const loop = await attachLoop(d0.fusePath);
     cleanups.push(() => detachLoop(loop));
     await runOk("mkfs.ext4", ["-q", "-F", loop], 60_000);
     const mountPoint = join(directory, "on-d0");

@@ -17,6 +17,7 @@ import { after, test } from "node:test";
 import type { DeviceListView, DeviceView, SnapshotView } from "../../src/daemon/api-types.js";
 import { DaemonProcess } from "../cli/cli-harness.js";
 import { isRoot, missingTools, run, runOk } from "../helpers/commands.js";
+import { attachLoop, detachLoop, detachLoopOk } from "../helpers/loop-device.js";
 
 const cleanups: Array<() => Promise<unknown>> = [];
 
@@ -24,12 +25,9 @@ after(async () => {
   for (const cleanup of cleanups.reverse()) await cleanup().catch(() => {});
 });
 
-/** Loop devices already detached by the test: their numbers may be reused at once, never detach twice. */
-const detached = new Set<string>();
-
-async function attachLoop(file: string, readOnly: boolean): Promise<string> {
-  const loop = (await runOk("losetup", ["-f", "--show", ...(readOnly ? ["-r"] : []), file])).trim();
-  cleanups.push(async () => (detached.has(loop) ? undefined : run("losetup", ["-d", loop])));
+async function attachUntilCleanup(file: string, readOnly: boolean): Promise<string> {
+  const loop = await attachLoop(file, readOnly ? ["-r"] : []);
+  cleanups.push(() => detachLoop(loop));
   return loop;
 }
 
@@ -71,7 +69,7 @@ void test("a snapshot of a mounted ext4 survives kill -9: the file system remoun
     "64M",
   ]);
   assert.ok(device.fusePath, "FUSE serves d0");
-  const loop = await attachLoop(device.fusePath, false);
+  const loop = await attachUntilCleanup(device.fusePath, false);
   await runOk("mkfs.ext4", ["-q", "-F", loop], 60_000);
   await runOk("mount", [loop, mountPoint]);
   cleanups.push(() => run("umount", ["-l", mountPoint]));
@@ -94,7 +92,7 @@ void test("a snapshot of a mounted ext4 survives kill -9: the file system remoun
   daemon.child.kill("SIGKILL");
   await daemon.exited;
   await run("umount", ["-l", mountPoint]);
-  await run("losetup", ["-d", loop]);
+  await detachLoop(loop);
 
   daemon = await startDaemon();
   const info = await daemon.cliJson<SnapshotView>(["snapshot", "info", id]);
@@ -102,7 +100,7 @@ void test("a snapshot of a mounted ext4 survives kill -9: the file system remoun
   const list = await daemon.cliJson<DeviceListView>(["device", "list"]);
   const origin = list.devices.find((entry) => entry.name === "d0");
   assert.ok(origin?.fusePath, "d0 is served on FUSE again");
-  const loopAgain = await attachLoop(origin.fusePath, false);
+  const loopAgain = await attachUntilCleanup(origin.fusePath, false);
   await runOk("mount", [loopAgain, mountPoint]);
   assert.deepEqual(await digests(mountPoint), synced, "every synced file is back");
   await runOk("umount", [mountPoint]);
@@ -111,13 +109,12 @@ void test("a snapshot of a mounted ext4 survives kill -9: the file system remoun
 
   const imagePath = info.devices[0]?.fusePath;
   assert.ok(imagePath, "the image is served on FUSE again");
-  const imageLoop = await attachLoop(imagePath, true);
+  const imageLoop = await attachUntilCleanup(imagePath, true);
   await runOk("mount", ["-o", "ro,noload", imageLoop, imageMount]);
   cleanups.push(() => run("umount", ["-l", imageMount]));
   assert.deepEqual(await digests(imageMount), atTake, "the image holds exactly the files at take");
   await runOk("umount", [imageMount]);
   // An image still open through a loop device is not destroyed (EBUSY): detach it first.
-  detached.add(imageLoop);
-  await runOk("losetup", ["-d", imageLoop]);
+  await detachLoopOk(imageLoop);
   await daemon.cliOk(["snapshot", "destroy", id]);
 });

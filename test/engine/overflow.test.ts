@@ -12,14 +12,15 @@ import { after, test } from "node:test";
 import { BlockError } from "../../src/block/errors.js";
 import { Engine } from "../../src/engine/engine.js";
 import type { SnapshotEvent } from "../../src/engine/engine-types.js";
-import { isRoot, runOk, which } from "../helpers/commands.js";
+import { isRoot, which } from "../helpers/commands.js";
+import { attachLoop, detachLoop } from "../helpers/loop-device.js";
 
 const KiB = 1024;
 const chunkSizeBytes = 64 * KiB;
 const directory = mkdtempSync(join(tmpdir(), "blocksnap-overflow-"));
 const loopDevices: string[] = [];
 after(async () => {
-  for (const loop of loopDevices) await runOk("losetup", ["-d", loop]).catch(() => {});
+  for (const loop of loopDevices) await detachLoop(loop);
   rmSync(directory, { recursive: true, force: true });
 });
 
@@ -109,7 +110,7 @@ test("overflow of a block-device storage (loop device) corrupts only the snapsho
   if (!which("losetup")) return t.skip("losetup is not installed");
   const backing = join(directory, "loop-storage.img");
   writeFileSync(backing, new Uint8Array(512 * KiB));
-  const loop = (await runOk("losetup", ["-f", "--show", backing])).trim();
+  const loop = await attachLoop(backing);
   loopDevices.push(loop);
   // A block device is used whole and never grows, whatever the limit says.
   const events = await overflowScenario(loop, 64 << 20);

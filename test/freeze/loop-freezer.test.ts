@@ -11,6 +11,7 @@ import { after, before, test } from "node:test";
 import { LoopFreezer } from "../../src/freeze/loop-freezer.js";
 import { findLoopMounts } from "../../src/freeze/mount-discovery.js";
 import { isRoot, run, runOk, which } from "../helpers/commands.js";
+import { attachLoop, detachLoop } from "../helpers/loop-device.js";
 
 const directory = mkdtempSync(join(tmpdir(), "blocksnap-freeze-"));
 const backing = join(directory, "fs.img");
@@ -25,7 +26,7 @@ const skipReason = !isRoot
 before(async () => {
   if (skipReason) return;
   writeFileSync(backing, new Uint8Array(32 << 20));
-  loopDevice = (await runOk("losetup", ["-f", "--show", backing])).trim();
+  loopDevice = await attachLoop(backing);
   await runOk("mkfs.ext4", ["-q", loopDevice]);
   mkdirSync(mountPoint);
   await runOk("mount", [loopDevice, mountPoint]);
@@ -35,7 +36,7 @@ after(async () => {
   if (loopDevice) {
     await run("fsfreeze", ["--unfreeze", mountPoint]);
     await run("umount", [mountPoint]);
-    await run("losetup", ["-d", loopDevice]);
+    await detachLoop(loopDevice);
   }
   rmSync(directory, { recursive: true, force: true });
 });

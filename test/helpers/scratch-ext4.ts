@@ -6,6 +6,7 @@
 import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
 import { run, runOk } from "./commands.js";
+import { attachLoop, detachLoop } from "./loop-device.js";
 
 export async function mountScratchExt4(
   directory: string,
@@ -16,8 +17,8 @@ export async function mountScratchExt4(
   const image = join(directory, `${name}.img`);
   await runOk("truncate", ["-s", options.size, image]);
   await runOk("mkfs.ext4", ["-q", "-F", ...(options.mkfsArgs ?? []), image]);
-  const loop = (await runOk("losetup", ["-f", "--show", image])).trim();
-  cleanups.push(() => run("losetup", ["-d", loop]));
+  const loop = await attachLoop(image);
+  cleanups.push(() => detachLoop(loop));
   const mountPoint = join(directory, name);
   await mkdir(mountPoint);
   await runOk("mount", [loop, mountPoint]);

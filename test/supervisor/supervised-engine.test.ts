@@ -20,6 +20,7 @@ import type { CbtInfo } from "../../src/cbt/cbt-map.js";
 import type { StatusView } from "../../src/daemon/api-types.js";
 import { cleanEnvironment, DaemonProcess, runCli } from "../cli/cli-harness.js";
 import { isRoot, missingTools, run, runOk } from "../helpers/commands.js";
+import { attachLoop, detachLoop } from "../helpers/loop-device.js";
 import { Prng } from "../helpers/prng.js";
 
 const MiB = 1024 * 1024;
@@ -82,10 +83,8 @@ async function mountedExt4(
   const backend = join(directory, `${name}.img`);
   await runOk("truncate", ["-s", `${256 * MiB}`, backend]);
   await daemon.cliOk(["device", "add", "disk0", "--backend", backend]);
-  const loop = (
-    await runOk("losetup", ["-f", "--show", "--direct-io=on", join(daemon.stateDir, "mnt", "disk0")])
-  ).trim();
-  cleanups.push(() => run("losetup", ["-d", loop]));
+  const loop = await attachLoop(join(daemon.stateDir, "mnt", "disk0"), ["--direct-io=on"]);
+  cleanups.push(() => detachLoop(loop));
   await runOk("mkfs.ext4", ["-q", "-F", loop], 60_000);
   const mountPoint = join(directory, `${name}-fs`);
   await mkdir(mountPoint, { recursive: true });
