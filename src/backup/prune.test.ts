@@ -153,10 +153,15 @@ void test("verify --fast finds a deleted chunk without downloading; only the ful
     const fast = await verifyBackups(repository, manifests, { fast: true });
     assert.deepEqual(
       fast.map((problem) => problem.problem),
-      [`chunk ${deleted} is missing`],
+      [`at offset ${chunkSizeBytes}: chunk ${deleted} is missing`],
     );
     const full = await verifyBackups(repository, manifests);
     assert.equal(full.length, 2, JSON.stringify(full));
+    assert.deepEqual(
+      full.map((problem) => problem.offsetsBytes),
+      [[chunkSizeBytes], [2 * chunkSizeBytes]],
+      "each problem names where in the image the bad chunk is used",
+    );
   } finally {
     await repository.close();
   }

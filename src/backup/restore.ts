@@ -93,7 +93,33 @@ export async function checkImageDigest(repository: Repository, manifest: Manifes
 
 export interface VerifyProblem {
   readonly backup: string;
+  /** Image offsets of the chunk slots that name the bad chunk (empty for a whole-image problem). */
+  readonly offsetsBytes: readonly number[];
   readonly problem: string;
+}
+
+/** Offsets named in a problem's text before "and N more": enough to find the place, bounded for huge images. */
+const offsetsShown = 4;
+
+/** The image offset of every slot of `manifest` that names chunk `id`. */
+function offsetsOf(manifest: Manifest, id: string): number[] {
+  const offsets: number[] = [];
+  manifest.chunks.forEach((slotId, chunkIndex) => {
+    if (slotId === id) offsets.push(chunkIndex * manifest.chunkSizeBytes);
+  });
+  return offsets;
+}
+
+/** A bad chunk as the user needs it: where in which backup, then what is wrong. */
+function chunkProblem(manifest: Manifest, id: string, what: string): VerifyProblem {
+  const offsetsBytes = offsetsOf(manifest, id);
+  const shown = offsetsBytes.slice(0, offsetsShown).join(", ");
+  const more = offsetsBytes.length > offsetsShown ? ` and ${offsetsBytes.length - offsetsShown} more` : "";
+  return {
+    backup: `${manifest.device}/${manifest.id}`,
+    offsetsBytes,
+    problem: `at offset ${shown}${more}: ${what}`,
+  };
 }
 
 /** Requests in flight for a fast verify (HEADs are small). */
@@ -122,10 +148,10 @@ export async function verifyBackups(
     });
     for (const id of ids) {
       const problem = checked.get(id);
-      if (problem) problems.push({ backup: name, problem });
+      if (problem) problems.push(chunkProblem(manifest, id, problem));
     }
     if (!(await imageDigestMatches(manifest, (length) => repository.codec.zeroId(length))))
-      problems.push({ backup: name, problem: "image digest mismatch" });
+      problems.push({ backup: name, offsetsBytes: [], problem: "image digest mismatch" });
   }
   return problems;
 }
@@ -143,8 +169,7 @@ async function verifyChunksPresent(
       if (!present.has(id)) present.set(id, (await repository.store.head(Repository.chunkKey(id))) !== null);
     });
     for (const id of ids) {
-      if (present.get(id) !== true)
-        problems.push({ backup: `${manifest.device}/${manifest.id}`, problem: `chunk ${id} is missing` });
+      if (present.get(id) !== true) problems.push(chunkProblem(manifest, id, `chunk ${id} is missing`));
     }
   }
   return problems;

@@ -4,10 +4,18 @@
  * onto one of its devices (POST /v1/backups/restores): refused while the device is in use — an NBD client
  * on it, a loop device over its FUSE file — unless `--force`, and when it is smaller than the backup; the
  * command follows the job like `backup create` (progress, --json lines, Ctrl-C stops following, --detach).
+ * A file is restored under a hidden name beside it and renamed over the name asked for only once whole and
+ * synced (the directory synced after), so a restore that fails — a damaged chunk, a full disk, Ctrl-C —
+ * leaves no half image there, and an older file of that name stays as it was; a block device (or any
+ * other existing non-file) is written in place.
  * Not done: `--to nbd+unix://…` (there is no NBD client in src/ to write with).
  */
+import { open, rename, rm, stat } from "node:fs/promises";
+import { basename, dirname, join } from "node:path";
 import type { Command } from "commander";
-import { restoreToFile } from "../backup/restore.js";
+import type { Manifest } from "../backup/manifest.js";
+import type { Repository } from "../backup/repository.js";
+import { type RestoreOutcome, restoreToFile } from "../backup/restore.js";
 import type { BackupJobView } from "../daemon/backup-jobs.js";
 import { followJob } from "./backup-job-follow.js";
 import {
@@ -66,7 +74,7 @@ export function addBackupRestoreCommand(backup: Command): void {
         const repository = await openRepository(options);
         try {
           const manifest = await repository.readManifest(await repository.resolve(reference!));
-          const outcome = await restoreToFile(repository, manifest, target);
+          const outcome = await restoreToPath(repository, manifest, target);
           if (options.json) return writeJson({ backup: `${manifest.device}/${manifest.id}`, ...outcome });
           writeLine(
             `restored ${manifest.device}/${manifest.id} to ${target}: ${formatSize(outcome.bytesWritten)}, ${outcome.chunksRead} chunk(s) read`,
@@ -76,6 +84,27 @@ export function addBackupRestoreCommand(backup: Command): void {
         }
       }),
     );
+}
+
+async function restoreToPath(
+  repository: Repository,
+  manifest: Manifest,
+  target: string,
+): Promise<RestoreOutcome> {
+  const existing = await stat(target).catch(() => null);
+  if (existing !== null && !existing.isFile()) return await restoreToFile(repository, manifest, target);
+  const partial = join(dirname(target), `.${basename(target)}.partial-${process.pid}`);
+  try {
+    const outcome = await restoreToFile(repository, manifest, partial);
+    await rename(partial, target);
+    return outcome;
+  } catch (error) {
+    await rm(partial, { force: true });
+    throw error;
+  } finally {
+    const directory = await open(dirname(target), "r");
+    await directory.sync().finally(() => directory.close());
+  }
 }
 
 async function restoreToDevice(reference: string, device: string, options: RestoreOptions): Promise<void> {
