@@ -12,11 +12,17 @@
  * - `--shape workers --workers N`: N worker threads, each with its own event loop. Worker 0 listens on the
  *   Unix socket and hands the listening descriptor to the others, which call `server.listen({ fd })` on it
  *   (descriptors are per process, so every worker's loop polls the same listening socket and the kernel
- *   gives each accepted connection to one of them). A connection stays on the worker that accepted it.
+ *   gives each accepted connection to one of them). A connection stays on the worker that accepted it;
+ *   which worker that is depends on whose loop wakes first, so connections may pile up on one worker.
+ * - `--shape dispatch --workers N`: the main thread accepts (paused, never reading) and hands each accepted
+ *   descriptor round-robin to a worker, which opens it with `new net.Socket({ fd })`. The main thread keeps
+ *   its paused socket object and never closes it: the worker's socket owns and closes the descriptor, and
+ *   a second close by the main thread could hit a reused number (a probe's shortcut: it leaks one small
+ *   object per connection; a real dispatcher would need a way to release a handle without closing it).
  * - `--sync`: the file is read and written with fs.readSync / fs.writeSync on the loop itself (blocking, as
  *   nbdkit's threads do) instead of fs.read / fs.write through the libuv thread pool.
  *
- * Usage: node dist/bench/nbd/bare-nbd-server.js FILE SOCKET [--shape loop|workers] [--workers N] [--sync]
+ * Usage: node dist/bench/nbd/bare-nbd-server.js FILE SOCKET [--shape loop|workers|dispatch] [--workers N] [--sync]
  * Prints "ready" once every loop listens; SIGTERM stops it.
  */
 import * as fs from "node:fs";
@@ -277,13 +283,18 @@ interface WorkerData {
   readonly sync: boolean;
   /** The listening descriptor to share; absent for worker 0, which creates it. */
   readonly listenFd?: number;
+  /** Connections arrive as descriptors from the main thread (shape dispatch). */
+  readonly dispatched?: boolean;
 }
 
-function listenFd(server: net.Server): number {
-  const handle = (server as unknown as { _handle?: { fd?: number } })._handle;
-  if (typeof handle?.fd !== "number" || handle.fd < 0) throw new Error("no listening descriptor");
+/** The descriptor under a server's or socket's libuv handle (Node has no public accessor). */
+function handleFd(owner: net.Server | net.Socket): number {
+  const handle = (owner as unknown as { _handle?: { fd?: number } })._handle;
+  if (typeof handle?.fd !== "number" || handle.fd < 0) throw new Error("no descriptor");
   return handle.fd;
 }
+const listenFd = (server: net.Server) => handleFd(server);
+const socketFd = (socket: net.Socket) => handleFd(socket);
 
 async function main(): Promise<void> {
   const argv = process.argv.slice(2);
@@ -295,8 +306,14 @@ async function main(): Promise<void> {
   const shape = flag("--shape", "loop");
   const workerCount = Number(flag("--workers", "2"));
   const sync = argv.includes("--sync");
-  if (filePath === undefined || socketPath === undefined || (shape !== "loop" && shape !== "workers")) {
-    console.error("usage: bare-nbd-server FILE SOCKET [--shape loop|workers] [--workers N] [--sync]");
+  if (
+    filePath === undefined ||
+    socketPath === undefined ||
+    !["loop", "workers", "dispatch"].includes(shape)
+  ) {
+    console.error(
+      "usage: bare-nbd-server FILE SOCKET [--shape loop|workers|dispatch] [--workers N] [--sync]",
+    );
     process.exit(2);
   }
   fs.rmSync(socketPath, { force: true });
@@ -306,7 +323,7 @@ async function main(): Promise<void> {
     const server = net.createServer((socket) => serveConnection(socket, options));
     await new Promise<void>((resolve) => server.listen(socketPath, resolve));
     stoppers.push(() => new Promise((resolve) => server.close(resolve)));
-  } else {
+  } else if (shape === "workers") {
     const url = new URL(import.meta.url);
     const start = (data: WorkerData) =>
       new Promise<{ worker: Worker; fd: number }>((resolve, reject) => {
@@ -321,6 +338,29 @@ async function main(): Promise<void> {
       ),
     );
     for (const { worker } of [first, ...rest]) stoppers.push(() => worker.terminate());
+  } else {
+    const url = new URL(import.meta.url);
+    const workers = await Promise.all(
+      Array.from(
+        { length: workerCount },
+        () =>
+          new Promise<Worker>((resolve, reject) => {
+            const worker = new Worker(url, { workerData: { filePath, socketPath, sync, dispatched: true } });
+            worker.once("message", () => resolve(worker));
+            worker.once("error", reject);
+          }),
+      ),
+    );
+    const handedOver = new Set<net.Socket>();
+    let next = 0;
+    const server = net.createServer({ pauseOnConnect: true }, (socket) => {
+      handedOver.add(socket);
+      workers[next % workers.length]!.postMessage(socketFd(socket));
+      next += 1;
+    });
+    await new Promise<void>((resolve) => server.listen(socketPath, resolve));
+    stoppers.push(() => new Promise((resolve) => server.close(resolve)));
+    for (const worker of workers) stoppers.push(() => worker.terminate());
   }
   console.log("ready");
   const stop = () => {
@@ -332,6 +372,13 @@ async function main(): Promise<void> {
 
 async function workerMain(data: WorkerData): Promise<void> {
   const options = openFile(data.filePath, data.sync);
+  if (data.dispatched) {
+    parentPort!.on("message", (fd: number) =>
+      serveConnection(new net.Socket({ fd, readable: true, writable: true }), options),
+    );
+    parentPort!.postMessage(-1);
+    return;
+  }
   const server = net.createServer((socket) => serveConnection(socket, options));
   const target = data.listenFd === undefined ? data.socketPath : { fd: data.listenFd };
   await new Promise<void>((resolve) => server.listen(target, resolve));

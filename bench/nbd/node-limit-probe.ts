@@ -4,8 +4,9 @@
  * - `nbdkit file` (C, blocking threads: the physical bound on these cores),
  * - blocksnap's full stack (bench-server.ts: Engine → Tracker with CBT → CheckedDevice → NbdServer, the
  *   origin export, so that it serves the same plain file as the others),
- * - bare-nbd-server.ts, a minimal Node NBD server, in four shapes: one event loop with fs.read (libuv pool)
- *   or with fs.readSync, and N worker threads sharing the listening descriptor, again with either.
+ * - bare-nbd-server.ts, a minimal Node NBD server, in six shapes: one event loop, N worker threads that
+ *   all listen on the same descriptor, or N workers fed accepted descriptors by the main thread; each with
+ *   fs.read / fs.write (libuv pool) or with fs.readSync / fs.writeSync on the loop.
  * Rows: nbdcopy of the whole file to null: with 4 connections (multi-conn), fio --ioengine=nbd 4 KiB
  * randread at QD1 and QD32, 256 KiB sequential write at QD16. Each round runs every row on every server,
  * the servers' order rotating from round to round; the table gives each server's median and, because the
@@ -115,6 +116,8 @@ async function main(): Promise<void> {
   const workersName = `bare, ${options.workers} workers, fs.read`;
   const workersSyncName = `bare, ${options.workers} workers, readSync`;
   const loopSyncName = "bare, 1 loop, readSync";
+  const dispatchName = `bare, ${options.workers} workers fed by main, fs.read`;
+  const dispatchSyncName = `bare, ${options.workers} workers fed by main, readSync`;
   const nbdcopyOnce = async (uri: string) => {
     const start = process.hrtime.bigint();
     await execOk("nbdcopy", ["--connections=4", uri, "null:"]);
@@ -165,6 +168,14 @@ async function main(): Promise<void> {
         "--sync",
       ]),
     );
+    const dispatchFlags = ["--shape", "dispatch", "--workers", String(options.workers)];
+    servers.push(await startBare(dispatchName, file, options.directory, "bare-dispatch.sock", dispatchFlags));
+    servers.push(
+      await startBare(dispatchSyncName, file, options.directory, "bare-dispatch-sync.sock", [
+        ...dispatchFlags,
+        "--sync",
+      ]),
+    );
     // Warm-up: one untimed copy per server (connections, page cache, JIT).
     for (const server of servers) await nbdcopyOnce(server.uri);
     for (let round = 0; round < options.rounds; round += 1) {
@@ -200,7 +211,7 @@ async function main(): Promise<void> {
     return `${median(ratios).toFixed(2)}× (${Math.min(...ratios).toFixed(2)}–${Math.max(...ratios).toFixed(2)})`;
   };
   const loops = [LOOP, loopSyncName];
-  const workers = [workersName, workersSyncName];
+  const workers = [workersName, workersSyncName, dispatchName, dispatchSyncName];
   const header = [
     "test",
     ...names,
