@@ -20,6 +20,8 @@ export interface Server {
   readonly uri: string;
   /** The origin export (differs from `uri` only for our snapshot server). */
   readonly originUri?: string;
+  /** The server's process (ours only), for its CPU time. */
+  readonly pid?: number;
   stop(): Promise<void>;
 }
 
@@ -99,6 +101,7 @@ export async function startOurs(file: string, directory: string, snapshot: boole
     name: "blocksnap",
     uri: `nbd+unix:///${encodeURIComponent(exportName)}?socket=${socket}`,
     originUri: `nbd+unix:///disk?socket=${socket}`,
+    ...(child.pid === undefined ? {} : { pid: child.pid }),
     stop: async () => {
       child.kill("SIGTERM");
       await new Promise((resolve) => child.once("exit", resolve));
@@ -196,4 +199,17 @@ export function repositoryRoot(): string {
     directory = dirname(directory);
   }
   return process.cwd();
+}
+
+/** CPU time (user + system, every thread) a process has used so far, in ms; null when it cannot be read. */
+export function processCpuMs(pid: number): number | null {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+    // Fields after the command name (which may hold spaces): utime and stime are fields 14 and 15.
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    const ticks = Number(fields[11]) + Number(fields[12]);
+    return Number.isFinite(ticks) ? ticks * 10 : null;
+  } catch {
+    return null;
+  }
 }

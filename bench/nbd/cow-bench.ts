@@ -7,13 +7,18 @@
  *   `snapshot take` in the bench server; QEMU: the filter with a fresh target), against the same writes
  *   without a snapshot (ours: origin alone; QEMU: the raw node exported without the filter). The slowdown
  *   is plain IOPS / snapshot IOPS; the issue's goal: ours ≤ 0.5 × QEMU's.
- * - *re-touch*: ours only: every chunk of a 64 MiB region preserved first
- *    (qemu-io), then 4 KiB randwrite QD16 in that region against the same without a snapshot (goal: ≤ 2 % cost).
+ * - *re-touch*: ours only: every chunk of a 64 MiB region preserved first (qemu-io writes the region and
+ *   flushes the origin and the image, so the copies' dirty pages are written back before fio starts), then
+ *   4 KiB randwrite QD16 in that region, against the same — the same qemu-io write and flush first — on a
+ *   server without a snapshot (goal: ≤ 2 % cost). `--retouch-only` runs just these two, in alternating
+ *   order from round to round.
  * Rounds alternate the servers; medians. qemu-storage-daemon is in Debian's qemu-system-common; without it
  * the QEMU rows are left out with the reason.
  * Usage: npm run build && node dist/bench/nbd/cow-bench.js [--size-mib 1024] [--runtime-s 4] [--rounds 3]
+ *   [--retouch-only]
  */
 import * as fs from "node:fs";
+import { loadavg } from "node:os";
 import { join } from "node:path";
 import {
   type BenchOptions,
@@ -21,6 +26,7 @@ import {
   execOk,
   fio,
   prepareFile,
+  processCpuMs,
   repositoryRoot,
   type Server,
   startDaemonized,
@@ -38,6 +44,7 @@ const options: BenchOptions = {
   directory: value("--dir", "/tmp/blocksnap-nbd-bench"),
 };
 const rounds = Number(value("--rounds", "3"));
+const retouchOnly = argv.includes("--retouch-only");
 const retouchRegionMib = 64;
 const randwrite = { rw: "randwrite", bs: "4k", iodepth: 16 } as const;
 
@@ -79,17 +86,24 @@ function startQemuStorageDaemon(file: string, withFilter: boolean): Promise<Serv
   );
 }
 
+/** IOPS, and the server's CPU time per write (ours only; less disturbed by other load than IOPS). */
 async function measure(
   start: () => Promise<Server>,
   useOrigin: boolean,
-  prepare?: (uri: string) => Promise<void>,
-) {
+  prepare?: (server: Server) => Promise<void>,
+): Promise<{ iops: number; cpuUsPerWrite: number | null }> {
   const server = await start();
   try {
     const uri = useOrigin ? (server.originUri ?? server.uri) : server.uri;
-    await prepare?.(uri);
+    await prepare?.(server);
     const region = prepare === undefined ? options : { ...options, sizeMib: retouchRegionMib };
-    return (await fio(uri, randwrite, region)).iops;
+    const cpuBeforeMs = server.pid === undefined ? null : processCpuMs(server.pid);
+    const { iops } = await fio(uri, randwrite, region);
+    const cpuAfterMs = server.pid === undefined ? null : processCpuMs(server.pid);
+    const writes = iops * options.runtimeSeconds;
+    const cpuUsPerWrite =
+      cpuBeforeMs === null || cpuAfterMs === null ? null : ((cpuAfterMs - cpuBeforeMs) * 1000) / writes;
+    return { iops, cpuUsPerWrite };
   } finally {
     await server.stop();
   }
@@ -101,28 +115,43 @@ function median(values: readonly number[]): number {
 }
 
 async function main(): Promise<void> {
+  const loadBefore = loadavg()
+    .map((load) => load.toFixed(2))
+    .join(" ");
   const file = await prepareFile(options);
   const haveQemu = (await exec("qemu-storage-daemon", ["--version"])).code === 0;
-  const preserveRegion = async (uri: string) => {
-    await execOk("qemu-io", ["-f", "raw", uri, "-c", `write -P 7 0 ${retouchRegionMib}M`]);
+  // Writes the region through the origin (on a snapshot server: preserving every chunk of it), then
+  // flushes the origin and, with a snapshot, the image (its storage), so that both sides start from the
+  // same written-back page cache.
+  const writeRegion = async (server: Server) => {
+    const origin = server.originUri ?? server.uri;
+    await execOk("qemu-io", ["-f", "raw", origin, "-c", `write -P 7 0 ${retouchRegionMib}M`, "-c", "flush"]);
+    if (server.uri !== origin) await execOk("qemu-io", ["-f", "raw", server.uri, "-c", "flush"]);
   };
   const samples = new Map<string, number[]>();
-  const add = (name: string, iops: number) => {
-    samples.set(name, [...(samples.get(name) ?? []), iops]);
-    console.error(`${name}: ${(iops / 1000).toFixed(1)}k IOPS`);
+  const cpuSamples = new Map<string, number[]>();
+  const add = (name: string, result: { iops: number; cpuUsPerWrite: number | null }) => {
+    samples.set(name, [...(samples.get(name) ?? []), result.iops]);
+    const cpu = result.cpuUsPerWrite;
+    if (cpu !== null) cpuSamples.set(name, [...(cpuSamples.get(name) ?? []), cpu]);
+    console.error(
+      `${name}: ${(result.iops / 1000).toFixed(1)}k IOPS${cpu === null ? "" : `, server CPU ${cpu.toFixed(1)} µs/write`}`,
+    );
   };
+  const retouchPair = [
+    async () =>
+      add(
+        "ours plain 64 MiB",
+        await measure(() => startOurs(file, options.directory, false), true, writeRegion),
+      ),
+    async () =>
+      add("ours re-touch", await measure(() => startOurs(file, options.directory, true), true, writeRegion)),
+  ];
   for (let round = 0; round < rounds; round++) {
+    for (const run of round % 2 === 0 ? retouchPair : [...retouchPair].reverse()) await run();
+    if (retouchOnly) continue;
     add("ours plain", await measure(() => startOurs(file, options.directory, false), true));
     add("ours first touch", await measure(() => startOurs(file, options.directory, true), true));
-    add(
-      "ours plain 64 MiB",
-      await measure(
-        () => startOurs(file, options.directory, false),
-        true,
-        async () => {},
-      ),
-    );
-    add("ours re-touch", await measure(() => startOurs(file, options.directory, true), true, preserveRegion));
     if (haveQemu) {
       add("QEMU plain", await measure(() => startQemuStorageDaemon(file, false), false));
       add("QEMU first touch", await measure(() => startQemuStorageDaemon(file, true), false));
@@ -134,11 +163,7 @@ async function main(): Promise<void> {
   const retouchCost = m("ours plain 64 MiB") / m("ours re-touch") - 1;
   const row = (name: string, plain: number, cow: number) =>
     `| ${name} | ${(plain / 1000).toFixed(1)}k | ${(cow / 1000).toFixed(1)}k | ${(plain / cow).toFixed(2)}× |`;
-  const markdown = [
-    "## Copy-before-write: blocksnap vs QEMU's copy-before-write filter (`node dist/bench/nbd/cow-bench.js`)",
-    "",
-    `fio --ioengine=nbd 4 KiB randwrite QD16, ${options.runtimeSeconds} s per run, ${options.sizeMib} MiB page-cache-hot file, 64 KiB chunks/clusters; medians of ${rounds} alternating rounds.`,
-    "",
+  const firstTouchTable = [
     "| server | IOPS without snapshot | IOPS first touch | slowdown |",
     "|---|---|---|---|",
     row("blocksnap", m("ours plain"), m("ours first touch")),
@@ -149,7 +174,24 @@ async function main(): Promise<void> {
     haveQemu
       ? `Our slowdown / QEMU's: ${(ourSlowdown / qemuSlowdown).toFixed(2)}× (goal ≤ 0.5×).`
       : "Our slowdown / QEMU's: not measured.",
+    "",
+  ];
+  const cpuOf = (name: string) => median(cpuSamples.get(name) ?? []);
+  const retouchCpuCost = cpuOf("ours re-touch") / cpuOf("ours plain 64 MiB") - 1;
+  const everyRun = [...samples].map(
+    ([name, values]) => `${name}: ${values.map((iops) => `${(iops / 1000).toFixed(1)}k`).join(", ")}`,
+  );
+  const markdown = [
+    "## Copy-before-write: blocksnap vs QEMU's copy-before-write filter (`node dist/bench/nbd/cow-bench.js`)",
+    "",
+    `fio --ioengine=nbd 4 KiB randwrite QD16, ${options.runtimeSeconds} s per run, ${options.sizeMib} MiB page-cache-hot file, 64 KiB chunks/clusters; medians of ${rounds} alternating rounds; load average before: ${loadBefore}.`,
+    "",
+    ...(retouchOnly ? [] : firstTouchTable),
     `Re-touch (every chunk of a ${retouchRegionMib} MiB region already preserved): ${(m("ours re-touch") / 1000).toFixed(1)}k IOPS against ${(m("ours plain 64 MiB") / 1000).toFixed(1)}k without a snapshot: cost ${(100 * retouchCost).toFixed(1)} % (goal ≤ 2 %).`,
+    "",
+    `Server CPU time per write (user + system, every thread; less disturbed by other load than IOPS): re-touch ${cpuOf("ours re-touch").toFixed(1)} µs, without a snapshot ${cpuOf("ours plain 64 MiB").toFixed(1)} µs: cost ${(100 * retouchCpuCost).toFixed(1)} %.`,
+    "",
+    `Every run (IOPS): ${everyRun.join("; ")}.`,
     "",
   ].join("\n");
   console.log(markdown);

@@ -126,20 +126,35 @@ export class DiffArea {
 
   // ---- origin write path (called by the Tracker before it writes the origin) ----
 
-  /** Preserves every absent chunk overlapped by an origin write. Throws only under fail-origin-write. */
-  async preserveForOriginWrite(offsetBytes: number, lengthBytes: number): Promise<void> {
-    if (this.corruptedErrno !== null || this.destroyed) return;
+  /**
+   * Preserves every absent chunk overlapped by an origin write. Throws (rejects) only under
+   * fail-origin-write.
+   *
+   * Fast path: when every chunk the write overlaps is already in the map (stored, or failed in an area that
+   * is then corrupted), the write needs nothing from this area and gets undefined — no promise, no lock,
+   * nothing counted. This is safe because a chunk enters the map only under its lock and only after its
+   * copy is written (setStored, after storeNew), so an origin write racing the copy of its chunk still
+   * finds it absent and waits for the lock in preserveChunk; and a stored chunk never leaves the map.
+   */
+  preserveForOriginWrite(offsetBytes: number, lengthBytes: number): Promise<void> | undefined {
+    if (this.corruptedErrno !== null || this.destroyed) return undefined;
     const endBytes = Math.min(offsetBytes + lengthBytes, this.sizeBytes);
-    if (offsetBytes >= endBytes) return;
+    if (offsetBytes >= endBytes) return undefined;
     const firstChunk = Math.floor(offsetBytes / this.geometry.chunkSizeBytes);
     const lastChunk = Math.floor((endBytes - 1) / this.geometry.chunkSizeBytes);
-    let pending: Promise<void>[] | undefined;
     for (let chunkIndex = firstChunk; chunkIndex <= lastChunk; chunkIndex++) {
+      if (!this.chunks.has(chunkIndex)) return this.preserveAbsent(chunkIndex, lastChunk);
+    }
+    return undefined;
+  }
+
+  /** The slow path: preserves the absent chunks from firstAbsent (absent) to lastChunk. */
+  private async preserveAbsent(firstAbsent: number, lastChunk: number): Promise<void> {
+    const pending: Promise<void>[] = [];
+    for (let chunkIndex = firstAbsent; chunkIndex <= lastChunk; chunkIndex++) {
       if (this.chunks.has(chunkIndex)) continue;
-      pending ??= [];
       pending.push(this.preserveChunk(chunkIndex));
     }
-    if (!pending) return;
     this.enter();
     try {
       const results = await Promise.allSettled(pending);

@@ -74,21 +74,38 @@ export class Tracker extends PassThroughDevice {
     return this.modify(offsetBytes, lengthBytes, () => this.backend.trim(offsetBytes, lengthBytes, flags));
   }
 
-  /** Every modification: through the write gate, CBT mark, copy-before-write, then the backend. */
-  private async modify(
+  /**
+   * Every modification: through the write gate, CBT mark, copy-before-write, then the backend. Written
+   * without an async frame: a write that has nothing to wait for (no hold, no journal round, every chunk
+   * already preserved or no snapshot) goes to the backend in the same synchronous step and costs one
+   * promise reaction more than the backend's own, which is what makes a re-touch as cheap as a write
+   * with no snapshot.
+   */
+  private modify(
     offsetBytes: number,
     lengthBytes: number,
     modifyBackend: () => Promise<void>,
   ): Promise<void> {
-    if (this.held) await this.waitForRelease();
-    this.inflightWrites++;
-    try {
-      await this.beforeModify(offsetBytes, lengthBytes);
-      await modifyBackend();
-    } finally {
-      this.afterModify();
+    if (this.held) {
+      return this.waitForRelease().then(() => this.modify(offsetBytes, lengthBytes, modifyBackend));
     }
+    this.inflightWrites++;
+    let modified: Promise<void>;
+    try {
+      const before = this.beforeModify(offsetBytes, lengthBytes);
+      modified = before === undefined ? modifyBackend() : before.then(modifyBackend);
+    } catch (error) {
+      modified = Promise.reject(error);
+    }
+    return modified.then(this.modifySucceeded, this.modifyFailed);
   }
+
+  private readonly modifySucceeded = (): void => this.afterModify();
+
+  private readonly modifyFailed = (error: unknown): never => {
+    this.afterModify();
+    throw error;
+  };
 
   /** Stops admitting modifications and resolves when those in flight have finished. */
   async hold(): Promise<void> {
@@ -124,6 +141,7 @@ export class Tracker extends PassThroughDevice {
     while (this.held) await this.held;
   }
 
+  /** The CBT mark, the journal's intent and copy-before-write; undefined when there is nothing to wait for. */
   private beforeModify(offsetBytes: number, lengthBytes: number): Promise<void> | undefined {
     try {
       this.cbt.set(offsetBytes, lengthBytes);
