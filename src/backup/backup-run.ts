@@ -6,7 +6,9 @@
  * Level: `full` reads every chunk; `inc` reads only chunks holding a CBT block above the changes number of
  * the device's latest manifest, in the same generation, and copies every other chunk id from it; `auto` is
  * `inc` when that holds and `full` otherwise, with the reason. Chunks go through the codec worker pool with
- * a bounded window (inFlightMax), so memory stays at a few chunks and the event loop keeps serving.
+ * a bounded window (inFlightMax), so memory stays at a few chunks and the event loop keeps serving; each
+ * chunk in flight has a reused pair of shared buffers (chunk-slots.ts): read, hash, compress and write
+ * allocate nothing per chunk.
  *
  * Crash safety: chunks are put (atomically, durably) before the manifest, which is written last; a kill at
  * any point leaves only chunks no manifest names. Reused chunk ids are checked to still exist just before
@@ -120,23 +122,29 @@ export async function runBackup(params: BackupParams): Promise<BackupOutcome> {
     const report = () => params.onProgress?.({ phase: "reading", totalBytes, doneBytes, newBytesStored });
     report();
 
+    const slots = repository.newChunkSlots();
     const backupOne = async (chunkIndex: number) => {
       checkAborted(params.signal);
       const lengthBytes = chunkLengthAt(geometry, chunkIndex);
-      const plain = new Uint8Array(lengthBytes);
-      await image.read(chunkIndex * repository.chunkSizeBytes, plain);
-      // The chunk's bytes are not needed after encoding: they move to the worker rather than copied.
-      const { id, stored } = await repository.codec.encode(plain, { handOver: true });
-      if (stored === null) {
-        chunks[chunkIndex] = null;
-      } else {
-        chunks[chunkIndex] = id;
-        if (!seenNew.has(id) && !(await repository.hasChunk(id))) {
-          seenNew.add(id);
-          await repository.putChunk(id, stored);
-          newChunks += 1;
-          newBytesStored += stored.length;
+      const slot = slots.take();
+      try {
+        const plain = slot.plain.subarray(0, lengthBytes);
+        await image.read(chunkIndex * repository.chunkSizeBytes, plain);
+        // The worker reads the slot and writes the stored object into it in place (shared memory).
+        const { id, storedLength } = await repository.codec.encodeInto(plain, slot.stored);
+        if (storedLength === null) {
+          chunks[chunkIndex] = null;
+        } else {
+          chunks[chunkIndex] = id;
+          if (!seenNew.has(id) && !(await repository.hasChunk(id))) {
+            seenNew.add(id);
+            await repository.putChunk(id, slot.stored.subarray(0, storedLength));
+            newChunks += 1;
+            newBytesStored += storedLength;
+          }
         }
+      } finally {
+        slots.give(slot);
       }
       doneBytes += lengthBytes;
       report();

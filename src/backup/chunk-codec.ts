@@ -10,10 +10,17 @@
  * Pure and synchronous: it runs inside the codec worker threads (codec-pool.ts), never on the event loop
  * of the daemon except in tests. Bounded: a decoded object may not exceed `plainLengthMax`.
  */
-import { createCipheriv, createDecipheriv, createHash, createHmac, randomBytes } from "node:crypto";
+import { createCipheriv, createDecipheriv, createHash, createHmac, randomFillSync } from "node:crypto";
+import { createRequire } from "node:module";
 import { crc32 } from "node:zlib";
-import { compress, decompress } from "zstd-napi";
 import { BlockError } from "../block/errors.js";
+
+/**
+ * zstd-napi's documented low-level binding: compress2/decompress into buffers the caller owns. Its simple
+ * compress()/decompress() allocate a fresh multi-MiB result per call, and on this kind of VM the page
+ * faults of a fresh 4 MiB buffer cost ~10 ms of CPU, more than zstd itself (BENCHMARKS.md, backup).
+ */
+const zstd = createRequire(import.meta.url)("zstd-napi/binding") as typeof import("zstd-napi/binding.js");
 
 export const objectMagic = 0x4b4f5342; // "BSOK" little-endian
 export const objectFormatVersion = 1;
@@ -22,7 +29,15 @@ const flagZstd = 1;
 const flagAesGcm = 2;
 const nonceBytes = 12;
 const tagBytes = 16;
-const zstdLevel = 1;
+/** zstd level 1, as the Proxmox Backup Server client uses: the fastest level of the normal range. */
+export const zstdLevel = 1;
+/** AES-GCM runs in slices of this size, so its outputs are small heap allocations that malloc reuses. */
+const cipherSliceBytes = 64 << 10;
+
+/** The largest stored object for `plainBytes` of plain data: header, nonce, tag, zstd's worst case. */
+export function storedBytesBound(plainBytes: number): number {
+  return objectHeaderBytes + nonceBytes + tagBytes + Math.max(plainBytes, zstd.compressBound(plainBytes));
+}
 
 export interface CodecKeys {
   /** 32 bytes: HMAC key naming chunks. */
@@ -34,10 +49,13 @@ export interface CodecKeys {
 export class ChunkCodec {
   private readonly keys: CodecKeys | null;
   private readonly plainLengthMax: number;
+  private readonly cctx = new zstd.CCtx();
+  private readonly dctx = new zstd.DCtx();
 
   constructor(keys: CodecKeys | null, plainLengthMax: number) {
     this.keys = keys;
     this.plainLengthMax = plainLengthMax;
+    this.cctx.setParameter(zstd.CParameter.compressionLevel, zstdLevel);
   }
 
   get encrypted(): boolean {
@@ -49,36 +67,60 @@ export class ChunkCodec {
     return createHmac("sha256", this.keys.idKey).update(plain).digest("hex");
   }
 
+  /** A new stored object for `plain` (allocates; encodeInto is the path of bulk chunk traffic). */
   encode(plain: Uint8Array): Uint8Array {
     if (plain.length > this.plainLengthMax)
       throw new BlockError("EINVAL", `Object of ${plain.length} bytes exceeds ${this.plainLengthMax}`);
-    const compressed = compress(plain, { compressionLevel: zstdLevel });
+    const out = Buffer.allocUnsafe(storedBytesBound(plain.length));
+    return out.subarray(0, this.encodeInto(plain, out));
+  }
+
+  /**
+   * Encodes `plain` into `out` (at least storedBytesBound(plain.length) bytes) and returns the stored
+   * length. Allocates nothing of the chunk's size: zstd writes into `out`, AES-GCM works in place in slices.
+   */
+  encodeInto(plain: Uint8Array, out: Uint8Array): number {
+    if (plain.length > this.plainLengthMax)
+      throw new BlockError("EINVAL", `Object of ${plain.length} bytes exceeds ${this.plainLengthMax}`);
+    if (out.length < storedBytesBound(plain.length))
+      throw new BlockError("EINVAL", `Output of ${out.length} bytes is too small to encode ${plain.length}`);
+    const encrypted = this.keys !== null;
+    const bodyStart = objectHeaderBytes + (encrypted ? nonceBytes : 0);
     let flags = 0;
-    let body: Uint8Array = plain;
-    if (compressed.length < plain.length) {
+    let bodyLength = plain.length;
+    const compressedLength = this.cctx.compress2(out.subarray(bodyStart), plain);
+    if (compressedLength < plain.length) {
       flags |= flagZstd;
-      body = compressed;
+      bodyLength = compressedLength;
+    } else {
+      out.set(plain, bodyStart);
     }
-    const header = Buffer.alloc(objectHeaderBytes);
+    const header = Buffer.from(out.buffer, out.byteOffset, objectHeaderBytes);
     header.writeUInt32LE(objectMagic, 0);
     header.writeUInt8(objectFormatVersion, 4);
-    let payload: Uint8Array = body;
+    header.writeUInt8(flags | (encrypted ? flagAesGcm : 0), 5);
+    header.writeUInt16LE(0, 6);
+    header.writeUInt32LE(plain.length, 8);
+    let payloadLength = bodyLength;
     if (this.keys !== null) {
-      flags |= flagAesGcm;
-      header.writeUInt8(flags, 5);
-      header.writeUInt32LE(plain.length, 8);
-      const nonce = randomBytes(nonceBytes);
+      const nonce = out.subarray(objectHeaderBytes, bodyStart);
+      randomFillSync(nonce);
       const cipher = createCipheriv("aes-256-gcm", this.keys.encryptionKey, nonce);
       cipher.setAAD(header.subarray(0, 12));
-      const first = cipher.update(body);
-      const last = cipher.final();
-      payload = Buffer.concat([nonce, first, last, cipher.getAuthTag()]);
-    } else {
-      header.writeUInt8(flags, 5);
-      header.writeUInt32LE(plain.length, 8);
+      let at = bodyStart;
+      const bodyEnd = bodyStart + bodyLength;
+      for (; at < bodyEnd; at += cipherSliceBytes) {
+        const sliceEnd = Math.min(at + cipherSliceBytes, bodyEnd);
+        const done = cipher.update(out.subarray(at, sliceEnd));
+        out.set(done, at);
+        if (done.length !== sliceEnd - at) throw new BlockError("EIO", "AES-GCM returned a short slice");
+      }
+      cipher.final();
+      out.set(cipher.getAuthTag(), bodyEnd);
+      payloadLength = nonceBytes + bodyLength + tagBytes;
     }
-    header.writeUInt32LE(crc32(payload), 12);
-    return Buffer.concat([header, payload]);
+    header.writeUInt32LE(crc32(out.subarray(objectHeaderBytes, objectHeaderBytes + payloadLength)), 12);
+    return objectHeaderBytes + payloadLength;
   }
 
   /** CRC and header only: what `verify` can check without the key. Throws a BlockError("EIO"). */
@@ -86,8 +128,23 @@ export class ChunkCodec {
     this.parseHeader(stored, name);
   }
 
+  /** A new buffer with the plain bytes of `stored` (allocates; decodeInto is the bulk path). */
   decode(stored: Uint8Array, name: string, expectedId: string | null): Uint8Array {
+    const { flags, plainLength } = this.parseHeader(stored, name);
+    const out = Buffer.allocUnsafe(plainLength);
+    // Decrypting works in place: on a copy, so the caller's bytes stay as they were.
+    const own = (flags & flagAesGcm) !== 0 ? Buffer.from(stored) : stored;
+    return out.subarray(0, this.decodeInto(own, out, name, expectedId));
+  }
+
+  /**
+   * Decodes `stored` into `out` and returns the plain length. Checks magic, version, CRC, tag, length and,
+   * when `expectedId` is given, the content's id. Decrypts in place: `stored` is clobbered when encrypted.
+   */
+  decodeInto(stored: Uint8Array, out: Uint8Array, name: string, expectedId: string | null): number {
     const { flags, plainLength, payload } = this.parseHeader(stored, name);
+    if (plainLength > out.length)
+      throw corrupt(name, `claims ${plainLength} bytes, more than ${out.length} expected`);
     let body: Uint8Array = payload;
     if ((flags & flagAesGcm) !== 0) {
       if (this.keys === null)
@@ -98,13 +155,15 @@ export class ChunkCodec {
         this.keys.encryptionKey,
         payload.subarray(0, nonceBytes),
       );
-      decipher.setAAD(Buffer.from(stored.buffer, stored.byteOffset, 12));
+      decipher.setAAD(stored.subarray(0, 12));
       decipher.setAuthTag(payload.subarray(payload.length - tagBytes));
+      body = payload.subarray(nonceBytes, payload.length - tagBytes);
       try {
-        body = Buffer.concat([
-          decipher.update(payload.subarray(nonceBytes, payload.length - tagBytes)),
-          decipher.final(),
-        ]);
+        for (let at = 0; at < body.length; at += cipherSliceBytes) {
+          const slice = body.subarray(at, Math.min(at + cipherSliceBytes, body.length));
+          slice.set(decipher.update(slice));
+        }
+        decipher.final();
       } catch {
         throw new BlockError(
           "EACCES",
@@ -114,19 +173,26 @@ export class ChunkCodec {
     } else if (this.keys !== null) {
       throw corrupt(name, "is not encrypted in an encrypted repository");
     }
-    let plain: Uint8Array = body;
+    let length = body.length;
     if ((flags & flagZstd) !== 0) {
+      const frameBytes = zstdContentSize(body);
+      if (frameBytes !== plainLength)
+        throw corrupt(
+          name,
+          `holds a zstd frame of ${frameBytes ?? "unknown"} bytes, header says ${plainLength}`,
+        );
       try {
-        plain = decompress(body);
+        length = this.dctx.decompress(out.subarray(0, plainLength), body);
       } catch (error) {
         throw corrupt(name, `does not decompress (${(error as Error).message})`);
       }
+    } else if (length <= out.length) {
+      out.set(body, 0);
     }
-    if (plain.length !== plainLength)
-      throw corrupt(name, `holds ${plain.length} bytes, header says ${plainLength}`);
-    if (expectedId !== null && this.idOf(plain) !== expectedId)
+    if (length !== plainLength) throw corrupt(name, `holds ${length} bytes, header says ${plainLength}`);
+    if (expectedId !== null && this.idOf(out.subarray(0, length)) !== expectedId)
       throw corrupt(name, "content does not match its id");
-    return plain;
+    return length;
   }
 
   private parseHeader(
@@ -145,6 +211,15 @@ export class ChunkCodec {
     const payload = view.subarray(objectHeaderBytes);
     if (crc32(payload) !== view.readUInt32LE(12)) throw corrupt(name, "fails its CRC");
     return { flags, plainLength, payload };
+  }
+}
+
+/** The content size a zstd frame declares, or null (not a frame, or a size it does not carry). */
+function zstdContentSize(frame: Uint8Array): number | null {
+  try {
+    return zstd.getFrameContentSize(frame);
+  } catch {
+    return null;
   }
 }
 

@@ -67,6 +67,30 @@ export class CodecPool {
     return response.plain ?? new Uint8Array(0);
   }
 
+  /**
+   * encode into shared buffers (chunk-slots.ts): `plain` is read and `out` written in place by the worker.
+   * `storedLength` is null for an all-zero chunk (stored as nothing).
+   */
+  async encodeInto(plain: Uint8Array, out: Uint8Array): Promise<{ id: string; storedLength: number | null }> {
+    checkShared(plain);
+    checkShared(out);
+    const response = await this.call({ op: "encodeInto", plain, out });
+    return { id: response.id ?? "", storedLength: response.storedLength ?? null };
+  }
+
+  /** decode into shared buffers; returns the plain length in `out`. Clobbers `stored` when encrypted. */
+  async decodeInto(
+    stored: Uint8Array,
+    out: Uint8Array,
+    name: string,
+    expectedId: string | null,
+  ): Promise<number> {
+    checkShared(stored);
+    checkShared(out);
+    const response = await this.call({ op: "decodeInto", stored, out, name, expectedId });
+    return response.plainLength ?? 0;
+  }
+
   async check(stored: Uint8Array, name: string): Promise<void> {
     await this.call({ op: "check", stored, name });
   }
@@ -124,6 +148,12 @@ export class CodecPool {
       }),
     );
   }
+}
+
+/** A view of an ArrayBuffer would be copied to the worker, and the worker's writes lost. */
+function checkShared(view: Uint8Array): void {
+  if (!(view.buffer instanceof SharedArrayBuffer))
+    throw new BlockError("EINVAL", "encodeInto/decodeInto take views of SharedArrayBuffers");
 }
 
 /** The buffer's ArrayBuffer when the view covers all of it (a pooled Buffer's is shared: never moved). */

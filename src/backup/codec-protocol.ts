@@ -16,6 +16,21 @@ export type CodecRequest =
       readonly name: string;
       readonly expectedId: string | null;
     }
+  | {
+      /** `plain` and `out` are views of SharedArrayBuffers (chunk-slots.ts): nothing is copied or moved. */
+      readonly seq: number;
+      readonly op: "encodeInto";
+      readonly plain: Uint8Array;
+      readonly out: Uint8Array;
+    }
+  | {
+      readonly seq: number;
+      readonly op: "decodeInto";
+      readonly stored: Uint8Array;
+      readonly out: Uint8Array;
+      readonly name: string;
+      readonly expectedId: string | null;
+    }
   | { readonly seq: number; readonly op: "check"; readonly stored: Uint8Array; readonly name: string }
   | { readonly seq: number; readonly op: "zeroId"; readonly lengthBytes: number };
 
@@ -26,5 +41,9 @@ export type CodecResponse =
       readonly id?: string;
       readonly stored?: Uint8Array | null;
       readonly plain?: Uint8Array;
+      /** encodeInto: the stored length in `out` (null: an all-zero chunk, stored as nothing). */
+      readonly storedLength?: number | null;
+      /** decodeInto: the plain length in `out`. */
+      readonly plainLength?: number;
     }
   | { readonly seq: number; readonly ok: false; readonly errno: Errno; readonly message: string };

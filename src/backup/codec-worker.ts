@@ -35,6 +35,22 @@ function handle(request: CodecRequest): { response: CodecResponse; transfer: Arr
         transfer: transferable(stored),
       };
     }
+    case "encodeInto": {
+      const zero = isAllZero(request.plain);
+      return {
+        response: {
+          seq: request.seq,
+          ok: true,
+          id: zero ? zeroIdOf(request.plain.length) : codec.idOf(request.plain),
+          storedLength: zero ? null : codec.encodeInto(request.plain, request.out),
+        },
+        transfer: [],
+      };
+    }
+    case "decodeInto": {
+      const plainLength = codec.decodeInto(request.stored, request.out, request.name, request.expectedId);
+      return { response: { seq: request.seq, ok: true, plainLength }, transfer: [] };
+    }
     case "decode": {
       const plain = codec.decode(request.stored, request.name, request.expectedId);
       return { response: { seq: request.seq, ok: true, plain }, transfer: transferable(plain) };

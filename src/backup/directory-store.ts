@@ -53,6 +53,29 @@ export class DirectoryStore implements ObjectStore {
     return await readFile(this.pathOf(key)).catch(storeError(key));
   }
 
+  async getInto(key: string, target: Uint8Array): Promise<number> {
+    const file = await open(this.pathOf(key), "r").catch(storeError(key));
+    try {
+      const { size } = await file.stat();
+      if (size > target.length)
+        throw new BlockError(
+          "EIO",
+          `Object ${key} has ${size} bytes, more than the ${target.length} expected`,
+        );
+      let doneBytes = 0;
+      while (doneBytes < size) {
+        const { bytesRead } = await file.read(target, doneBytes, size - doneBytes, doneBytes);
+        if (bytesRead === 0) throw new BlockError("EIO", `Object ${key} shrank while read`);
+        doneBytes += bytesRead;
+      }
+      return size;
+    } catch (error) {
+      throw storeError(key)(error);
+    } finally {
+      await file.close();
+    }
+  }
+
   async head(key: string): Promise<ObjectInfo | null> {
     try {
       const info = await stat(this.pathOf(key));

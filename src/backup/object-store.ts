@@ -31,6 +31,11 @@ export interface ObjectStore {
    * content-named chunk), so a store may skip its own transfer checksum.
    */
   get(key: string, options?: { readonly contentChecked?: boolean }): Promise<Uint8Array>;
+  /**
+   * Optional: reads the whole object into `target` and returns its length, without allocating a buffer per
+   * object (local stores); ENOENT when absent, EIO when it does not fit. Callers fall back to get().
+   */
+  getInto?(key: string, target: Uint8Array): Promise<number>;
   /** Size and time of the object, or null when absent. */
   head(key: string): Promise<ObjectInfo | null>;
   /** Every object whose key starts with `prefix`, in no particular order. */

@@ -15,6 +15,7 @@
 import { randomBytes } from "node:crypto";
 import { BlockError } from "../block/errors.js";
 import { ChunkIndex } from "./chunk-index.js";
+import { type ChunkSlot, ChunkSlots } from "./chunk-slots.js";
 import { CodecPool, codecWorkersDefault } from "./codec-pool.js";
 import { DirectoryStore } from "./directory-store.js";
 import { type Manifest, newBackupId, parseManifest } from "./manifest.js";
@@ -218,6 +219,43 @@ export class Repository {
       throw error;
     }
     return await this.codec.decode(stored, `chunk ${id}`, id, { handOver: true });
+  }
+
+  /**
+   * readChunk into a slot (chunk-slots.ts), allocating nothing per chunk on a local store: the plain bytes,
+   * checked against the id, as a view of `slot.plain` valid until the slot is given back.
+   */
+  async readChunkInto(id: string, slot: ChunkSlot): Promise<Uint8Array> {
+    const key = Repository.chunkKey(id);
+    let storedLength: number;
+    try {
+      if (this.store.getInto !== undefined) storedLength = await this.store.getInto(key, slot.stored);
+      else {
+        const stored = await this.store.get(key, { contentChecked: true });
+        if (stored.length > slot.stored.length)
+          throw new BlockError("EIO", `Chunk ${id} has ${stored.length} bytes, more than any chunk`);
+        slot.stored.set(stored);
+        storedLength = stored.length;
+      }
+    } catch (error) {
+      if (error instanceof BlockError && error.errno === "ENOENT") {
+        await this.chunkIndex?.invalidate();
+        throw new BlockError("EIO", `Chunk ${id} is missing from the repository`);
+      }
+      throw error;
+    }
+    const plainLength = await this.codec.decodeInto(
+      slot.stored.subarray(0, storedLength),
+      slot.plain,
+      `chunk ${id}`,
+      id,
+    );
+    return slot.plain.subarray(0, plainLength);
+  }
+
+  /** Buffers for chunks in flight, sized for this repository's chunks. */
+  newChunkSlots(): ChunkSlots {
+    return new ChunkSlots(this.chunkSizeBytes);
   }
 
   async *listChunks(): AsyncIterable<{ id: string; sizeBytes: number; modifiedMs: number }> {

@@ -2,7 +2,7 @@
  * Restore of one backup onto a BlockDevice (the daemon's restore into a blocksnap device: its origin, so
  * the writes go through change tracking and copy-before-write like any client's). The manifest's image
  * digest is checked from its chunk ids before anything is written (a manifest that does not hold together
- * writes nothing); every chunk is checked against its id as it is decoded. Chunks are read a bounded number
+ * writes nothing); every chunk is checked against its id as it is decoded, into a reused shared buffer. Chunks are read a bounded number
  * at a time (parallel: the store's hint, at least 4) and written in place; a zero chunk is written as
  * WRITE_ZEROES (the device may hold older data). A device larger than the backup keeps its bytes past the
  * backup's size. Then one flush.
@@ -51,6 +51,7 @@ export async function restoreToDevice(
   options.onProgress?.({ totalBytes, doneBytes });
   const indexes = manifest.chunks.map((_id, index) => index);
   const inFlight = Math.max(chunksInFlightMin, repository.store.inFlightHint ?? 0);
+  const slots = repository.newChunkSlots();
   await forEachBounded(indexes, inFlight, async (index) => {
     if (options.signal?.aborted)
       throw new BlockError(
@@ -63,13 +64,18 @@ export async function restoreToDevice(
     if (id === null) {
       await device.writeZeroes(offsetBytes, lengthBytes);
     } else {
-      const plain = await repository.readChunk(id);
-      if (plain.byteLength !== lengthBytes)
-        throw new BlockError(
-          "EIO",
-          `Chunk ${id} of backup ${name} holds ${plain.byteLength} bytes, not ${lengthBytes}`,
-        );
-      await device.write(offsetBytes, plain);
+      const slot = slots.take();
+      try {
+        const plain = await repository.readChunkInto(id, slot);
+        if (plain.byteLength !== lengthBytes)
+          throw new BlockError(
+            "EIO",
+            `Chunk ${id} of backup ${name} holds ${plain.byteLength} bytes, not ${lengthBytes}`,
+          );
+        await device.write(offsetBytes, plain);
+      } finally {
+        slots.give(slot);
+      }
       chunksRead += 1;
     }
     doneBytes += lengthBytes;

@@ -3,7 +3,8 @@
  * device of at least that size) and verify one or all (every chunk read, decoded and checked against its
  * content id; the image digest recomputed). A fast verify only asks the store whether every chunk object
  * is there (a HEAD per distinct chunk, no download): it finds deleted chunks, not damaged ones. Both read chunks through the codec worker pool, a bounded
- * number at a time, and write in place with positioned writes; zero chunks are written as zeroes only
+ * number at a time, into reused shared buffers (chunk-slots.ts: no allocation per chunk), and write in
+ * place with positioned writes; zero chunks are written as zeroes only
  * when the target is not a fresh file (a fresh file's holes already read as zero).
  */
 import { open } from "node:fs/promises";
@@ -12,7 +13,8 @@ import { forEachBounded } from "./backup-run.js";
 import { chunkLengthAt, imageDigestMatches, type Manifest } from "./manifest.js";
 import { Repository } from "./repository.js";
 
-const chunksInFlight = 4;
+/** Chunks in flight: enough to keep both codec workers and the disk busy at once. */
+const chunksInFlight = 6;
 
 /** A remote store wants more requests in flight than a local disk (its hint, e.g. --s3-parallel). */
 function inFlightOf(repository: Repository): number {
@@ -50,28 +52,40 @@ export async function restoreToFile(
     let bytesWritten = 0;
     let chunksRead = 0;
     const indexes = manifest.chunks.map((_id, index) => index);
+    const slots = repository.newChunkSlots();
     await forEachBounded(indexes, inFlightOf(repository), async (index) => {
       const id = manifest.chunks[index] ?? null;
       const lengthBytes = chunkLengthAt(manifest, index);
       const offsetBytes = index * manifest.chunkSizeBytes;
       if (id === null && fresh) return;
-      const plain = id === null ? new Uint8Array(lengthBytes) : await repository.readChunk(id);
-      if (plain.byteLength !== lengthBytes) {
-        throw new BlockError(
-          "EIO",
-          `Chunk ${id} of backup ${manifest.id} holds ${plain.byteLength} bytes, not ${lengthBytes}`,
-        );
-      }
-      if (id !== null) chunksRead++;
-      let done = 0;
-      while (done < lengthBytes) {
-        const { bytesWritten: written } = await file.write(
-          plain,
-          done,
-          lengthBytes - done,
-          offsetBytes + done,
-        );
-        done += written;
+      const slot = slots.take();
+      try {
+        let plain: Uint8Array;
+        if (id === null) {
+          plain = slot.plain.subarray(0, lengthBytes);
+          plain.fill(0);
+        } else {
+          plain = await repository.readChunkInto(id, slot);
+          chunksRead++;
+        }
+        if (plain.byteLength !== lengthBytes) {
+          throw new BlockError(
+            "EIO",
+            `Chunk ${id} of backup ${manifest.id} holds ${plain.byteLength} bytes, not ${lengthBytes}`,
+          );
+        }
+        let done = 0;
+        while (done < lengthBytes) {
+          const { bytesWritten: written } = await file.write(
+            plain,
+            done,
+            lengthBytes - done,
+            offsetBytes + done,
+          );
+          done += written;
+        }
+      } finally {
+        slots.give(slot);
       }
       bytesWritten += lengthBytes;
     });
@@ -134,16 +148,20 @@ export async function verifyBackups(
   if (options.fast) return await verifyChunksPresent(repository, manifests);
   const problems: VerifyProblem[] = [];
   const checked = new Map<string, string | null>();
+  const slots = repository.newChunkSlots();
   for (const manifest of manifests) {
     const name = `${manifest.device}/${manifest.id}`;
     const ids = [...new Set(manifest.chunks.filter((id): id is string => id !== null))];
     await forEachBounded(ids, inFlightOf(repository), async (id) => {
       if (checked.has(id)) return;
+      const slot = slots.take();
       try {
-        await repository.readChunk(id);
+        await repository.readChunkInto(id, slot);
         checked.set(id, null);
       } catch (error) {
         checked.set(id, error instanceof Error ? error.message : String(error));
+      } finally {
+        slots.give(slot);
       }
     });
     for (const id of ids) {

@@ -178,7 +178,11 @@ export class S3Store implements ObjectStore {
 
   async put(key: string, data: Uint8Array): Promise<void> {
     checkObjectKey(key);
-    const body = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+    // A chunk slot's shared memory (chunk-slots.ts) cannot be a request body: copied into a Buffer.
+    const body =
+      data.buffer instanceof SharedArrayBuffer
+        ? Buffer.from(data)
+        : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
     // The signed SHA-256 of the body is the integrity check (S3 and Swift's s3api verify it); a
     // Content-MD5 as well would cost a second hash of every chunk on the event loop.
     const headers = { "content-type": "application/octet-stream" };
