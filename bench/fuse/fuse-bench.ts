@@ -3,7 +3,9 @@
 // --ioengine=nbd on bench/nbd/bench-server.js, for the read jobs), on the same page-cache-hot file, in one
 // run. Both blocksnap faces serve the full engine stack (origin device over the file); each server runs in
 // its own process. Usage (root, from the repository root, after tsc):
-//   node dist/bench/fuse/fuse-bench.js [--size-mib 1024] [--runtime-s 5] [--rounds 2] [--out bench/results/fuse.md]
+//   node dist/bench/fuse/fuse-bench.js [--size-mib 1024] [--runtime-s 5] [--rounds 2] [--fuse-readers 2]
+//     [--skip-nbdfuse] [--out bench/results/fuse.md]
+// --fuse-readers 1,2 runs blocksnap's FUSE face once per reader-thread count in every round (alternating).
 import { type ChildProcess, execFile, spawn } from "node:child_process";
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -38,6 +40,8 @@ const { values } = parseArgs({
     "size-mib": { type: "string", default: "1024" },
     "runtime-s": { type: "string", default: "5" },
     rounds: { type: "string", default: "2" },
+    "fuse-readers": { type: "string", default: "2" },
+    "skip-nbdfuse": { type: "boolean", default: false },
     out: { type: "string", default: "bench/results/fuse.md" },
   },
 });
@@ -45,6 +49,10 @@ const nbdJobs = jobs.filter((job) => job.nbd);
 const sizeMiB = Number(values["size-mib"]);
 const runtimeSeconds = Number(values["runtime-s"]);
 const rounds = Number(values.rounds);
+const readerCounts = values["fuse-readers"].split(",").map(Number);
+if (readerCounts.some((count) => !Number.isSafeInteger(count) || count < 1))
+  throw new Error("--fuse-readers: a comma-separated list of thread counts");
+const withNbdfuse = !values["skip-nbdfuse"];
 
 function run(file: string, args: readonly string[], timeoutMs = 600_000): Promise<string> {
   return new Promise((resolvePromise, reject) => {
@@ -124,10 +132,10 @@ async function runJobs(file: string): Promise<Result[]> {
   }
 }
 
-async function benchBlocksnap(directory: string, backing: string): Promise<Result[]> {
+async function benchBlocksnap(directory: string, backing: string, readerThreads: number): Promise<Result[]> {
   const mountDir = join(directory, "blocksnap");
   const script = join(dirname(fileURLToPath(import.meta.url)), "fuse-bench-server.js");
-  const server = spawn(process.execPath, [script, mountDir, "disk0", backing], {
+  const server = spawn(process.execPath, [script, mountDir, "disk0", backing, String(readerThreads)], {
     stdio: ["ignore", "pipe", "inherit"],
   });
   try {
@@ -217,14 +225,21 @@ async function main(): Promise<void> {
     const cached = (
       await run("fincore", ["--bytes", "--noheadings", "-o", "RES", backing]).catch(() => "?")
     ).trim();
-    const ours: Result[][] = [];
+    // ours[readerIndex][round][job]
+    const ours: Result[][][] = readerCounts.map(() => []);
     const nbdFace: Result[][] = [];
     const peer: Result[][] = [];
+    const loads: string[] = [];
     for (let round = 0; round < rounds; round += 1) {
-      ours.push(await benchBlocksnap(directory, backing));
+      for (const [index, count] of readerCounts.entries()) {
+        ours[index]!.push(await benchBlocksnap(directory, backing, count));
+      }
       nbdFace.push(await benchNbdFace(directory, backing, round));
-      peer.push(await benchNbdfuse(directory, backing, round));
+      if (withNbdfuse) peer.push(await benchNbdfuse(directory, backing, round));
+      loads.push((await run("cat", ["/proc/loadavg"])).split(" ")[0]!);
     }
+    const fuseLabel = (index: number) =>
+      readerCounts.length > 1 ? `blocksnap FUSE, ${readerCounts[index]} reader(s)` : "blocksnap FUSE";
     const lines = [
       "# FUSE face: blocksnap FUSE vs blocksnap NBD vs nbdfuse + nbdkit file",
       "",
@@ -233,28 +248,33 @@ async function main(): Promise<void> {
       `FUSE rows: \`losetup --direct-io=on\` over the FUSE file, then \`fio --ioengine=libaio --direct=1\`, ${runtimeSeconds} s.`,
       "blocksnap NBD: `fio --ioengine=nbd` on a Unix socket to bench/nbd/bench-server.js (read jobs only).",
       "Both blocksnap faces serve the same stack: Engine origin device (tracker + CBT) over a FileBackend on the file.",
-      `Best of ${rounds} alternating rounds. Every server runs in its own process on the same 2 cores as fio.`,
+      `Best of ${rounds} alternating rounds (FUSE reader threads: ${readerCounts.join(", ")}; load average after each round: ${loads.join(", ")}). Every server runs in its own process on the same 2 cores as fio.`,
       "",
-      "| job | blocksnap FUSE | blocksnap NBD | nbdfuse + nbdkit file | FUSE / NBD (IOPS) | FUSE / nbdfuse (IOPS) |",
-      "|---|---|---|---|---|---|",
+      `| job | ${readerCounts.map((_, index) => fuseLabel(index)).join(" | ")} | blocksnap NBD |${withNbdfuse ? " nbdfuse + nbdkit file |" : ""} FUSE / NBD (IOPS) |${withNbdfuse ? " FUSE / nbdfuse (IOPS) |" : ""}`,
+      `|---|${readerCounts.map(() => "---|").join("")}---|${withNbdfuse ? "---|" : ""}---|${withNbdfuse ? "---|" : ""}`,
     ];
+    const ratios = (results: readonly Result[], other: Result) =>
+      results.map((result) => `${(result.iops / other.iops).toFixed(2)}×`).join(" / ");
     jobs.forEach((job, index) => {
-      const a = best(ours, index);
-      const b = best(peer, index);
+      const a = ours.map((perCount) => best(perCount, index));
       const nbdIndex = nbdJobs.indexOf(job);
       const n = nbdIndex >= 0 ? best(nbdFace, nbdIndex) : undefined;
-      lines.push(
-        `| ${job.label} | ${formatResult(a)} | ${n ? formatResult(n) : "—"} | ${formatResult(b)} | ${n ? `${(a.iops / n.iops).toFixed(2)}×` : "—"} | ${(a.iops / b.iops).toFixed(2)}× |`,
-      );
+      const cells = [job.label, ...a.map(formatResult), n ? formatResult(n) : "—"];
+      if (withNbdfuse) cells.push(formatResult(best(peer, index)));
+      cells.push(n ? ratios(a, n) : "—");
+      if (withNbdfuse) cells.push(ratios(a, best(peer, index)));
+      lines.push(`| ${cells.join(" | ")} |`);
     });
     lines.push("", "Every round:", "");
     for (let round = 0; round < rounds; round += 1) {
       jobs.forEach((job, index) => {
         const nbdIndex = nbdJobs.indexOf(job);
+        const fuse = readerCounts
+          .map((_, count) => `${fuseLabel(count)} ${formatResult(ours[count]![round]![index]!)}`)
+          .join("; ");
         const nbd = nbdIndex >= 0 ? `; blocksnap NBD ${formatResult(nbdFace[round]![nbdIndex]!)}` : "";
-        lines.push(
-          `- round ${round + 1}, ${job.label}: blocksnap FUSE ${formatResult(ours[round]![index]!)}${nbd}; nbdfuse ${formatResult(peer[round]![index]!)}`,
-        );
+        const nbdfuse = withNbdfuse ? `; nbdfuse ${formatResult(peer[round]![index]!)}` : "";
+        lines.push(`- round ${round + 1}, ${job.label}: ${fuse}${nbd}${nbdfuse}`);
       });
     }
     const markdown = `${lines.join("\n")}\n`;

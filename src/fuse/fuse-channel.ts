@@ -1,16 +1,26 @@
 /**
- * FuseChannel: an open /dev/fuse with its reader thread (fuse-reader-worker.ts) and the shared slots the
+ * FuseChannel: an open /dev/fuse with its reader threads (fuse-reader-worker.ts) and the shared slots the
  * requests land in. Requests go to `handler` on the main thread, where the BlockDevices live; the slot is
  * freed when the handler settles, so at most `slotCount` requests are in flight. Replies go out with one
  * write(2) each from the main thread (a FUSE reply must be a single write).
  *
- * Direct reads: openDirectRead(handle, fd) lets the reader thread serve READs on that file handle itself
- * from its own description of `fd` (fuse-reader-worker.ts); closeDirectRead(handle) takes it back. Both
- * must be called before the reply to the OPEN / RELEASE that they belong to is sent.
+ * Readers: `readerThreads` workers (default 2) all read the same descriptor — the kernel gives each
+ * request to one blocked reader, and any thread may write its reply, so the main thread needs no idea
+ * which reader took a request; the supervisor's hand-over of the descriptor is unchanged. Each reader
+ * owns `slotCount / readerThreads` of the slots. On two cores the point is the direct reads below: one
+ * reader serialises read(/dev/fuse) + pread + write(reply) of every origin read. Cloned descriptors
+ * (FUSE_DEV_IOC_CLONE) would split the kernel's processing lists, but then a reply must go to the clone
+ * its request came from; with this few readers the shared list is not what costs.
  *
- * Lifecycle: open() → start(handler) → (mount elsewhere) → the worker ends by itself once the kernel drops
- * the connection (unmount or abort: read fails with ENODEV) → close() closes the descriptor. Errors from
- * the reply write that mean "nobody waits for this any more" (ENOENT: interrupted, ENODEV: connection
+ * Direct reads: openDirectRead(handle, fd) lets every reader serve READs on that file handle itself from
+ * a description of `fd` of ours (fuse-reader-worker.ts); closeDirectRead(handle) takes it back. Both must
+ * be called before the reply to the OPEN / RELEASE that they belong to is sent. The description is closed
+ * once no reader can still pread it: at once when no reader was busy with a request as the close was
+ * posted, otherwise when each busy one has acknowledged it or has ended (fuse-reader-protocol.ts).
+ *
+ * Lifecycle: open() → start(handler) → (mount elsewhere) → the workers end by themselves once the kernel
+ * drops the connection (unmount or abort: read fails with ENODEV) → close() closes the descriptor. Errors
+ * from the reply write that mean "nobody waits for this any more" (ENOENT: interrupted, ENODEV: connection
  * gone) are expected during shutdown and dropped.
  */
 import * as fs from "node:fs";
@@ -25,7 +35,9 @@ import {
   type DirectReadMessage,
   type FuseReaderMessage,
   type FuseReaderWorkerData,
+  type ReaderLayout,
   readerControl,
+  readerLayout,
 } from "./fuse-reader-protocol.js";
 
 export type FuseRequestHandler = (slot: Uint8Array, lengthBytes: number) => Promise<void>;
@@ -34,41 +46,93 @@ export interface FuseChannelOptions {
   readonly slotCount: number;
   readonly slotBytes: number;
   readonly logger: Logger;
+  /** Threads reading /dev/fuse (1 to readerThreadsMax, at most slotCount); default 2. */
+  readonly readerThreads?: number;
   /** Character device to open; tests of the channel itself may pass another. */
   readonly devicePath?: string;
 }
 
+export const defaultReaderThreads = 2;
+export const readerThreadsMax = 8;
+
+interface Reader {
+  readonly index: number;
+  readonly layout: ReaderLayout;
+  readonly firstSlot: number;
+  readonly slotCount: number;
+  port: MessagePort | undefined;
+  exited: boolean;
+}
+
+/** A description lent to the readers and withdrawn: closed once `owing` (reader indexes) is empty. */
+interface WithdrawnFd {
+  readonly fd: number;
+  readonly owing: Set<number>;
+}
+
 export class FuseChannel {
   readonly fd: number;
-  /** Resolves when the reader thread has exited (connection gone or worker failure). */
+  /** Resolves when every reader thread has exited (connection gone or worker failure). */
   readonly ended: Promise<void>;
   private readonly options: FuseChannelOptions;
   private readonly slots: SharedArrayBuffer;
   private readonly slotViews: Uint8Array[] = [];
   private readonly control: Int32Array;
-  private worker: Worker | undefined;
-  private directReadPort: MessagePort | undefined;
-  /** Descriptors lent to the reader: registered ones, and withdrawn ones it has not yet acknowledged. */
+  private readonly readers: Reader[] = [];
+  /** The reader owning each slot. */
+  private readonly slotOwners: Reader[] = [];
+  private started = false;
+  /** Descriptors lent to the readers: registered ones, and withdrawn ones not yet acknowledged by all. */
   private readonly directReadFds = new Map<bigint, number>();
-  private readonly withdrawnFds = new Map<bigint, number>();
+  private readonly withdrawnFds = new Map<bigint, WithdrawnFd[]>();
   private resolveEnded: () => void = () => {};
   private closed = false;
-  private workerExited = false;
+  private readersRunning = 0;
   private requestsInFlight = 0;
   private isHandingOver = false;
 
   private constructor(fd: number, options: FuseChannelOptions) {
-    assert(options.slotCount >= 1 && options.slotCount <= 4096, "slotCount");
+    const { slotCount } = options;
+    const readerCount = options.readerThreads ?? defaultReaderThreads;
+    assert(slotCount >= 1 && slotCount <= 4096, "slotCount");
+    assert(
+      Number.isSafeInteger(readerCount) &&
+        readerCount >= 1 &&
+        readerCount <= Math.min(readerThreadsMax, slotCount),
+      `readerThreads ${readerCount}: 1 to ${readerThreadsMax}, at most slotCount`,
+    );
     this.fd = fd;
     this.options = options;
-    this.slots = new SharedArrayBuffer(options.slotCount * options.slotBytes);
-    for (let index = 0; index < options.slotCount; index += 1) {
+    this.slots = new SharedArrayBuffer(slotCount * options.slotBytes);
+    for (let index = 0; index < slotCount; index += 1) {
       this.slotViews.push(new Uint8Array(this.slots, index * options.slotBytes, options.slotBytes));
     }
-    this.control = new Int32Array(new SharedArrayBuffer(controlBytes(options.slotCount)));
+    this.control = new Int32Array(new SharedArrayBuffer(controlBytes(readerCount, slotCount)));
+    let firstSlot = 0;
+    for (let index = 0; index < readerCount; index += 1) {
+      // The first `slotCount % readerCount` readers take one slot more.
+      const count = Math.floor(slotCount / readerCount) + (index < slotCount % readerCount ? 1 : 0);
+      const reader: Reader = {
+        index,
+        layout: readerLayout(index, readerCount),
+        firstSlot,
+        slotCount: count,
+        port: undefined,
+        exited: false,
+      };
+      this.readers.push(reader);
+      for (let slot = 0; slot < count; slot += 1) this.slotOwners.push(reader);
+      firstSlot += count;
+    }
+    assert(firstSlot === slotCount, "slots partitioned between the readers");
     this.ended = new Promise<void>((resolve) => {
       this.resolveEnded = resolve;
     });
+  }
+
+  /** Reader threads of this channel. */
+  get readerThreads(): number {
+    return this.readers.length;
   }
 
   static open(options: FuseChannelOptions): FuseChannel {
@@ -115,31 +179,36 @@ export class FuseChannel {
   }
 
   start(handler: FuseRequestHandler): void {
-    assert(!this.worker && !this.closed, "FuseChannel started twice");
+    assert(!this.started && !this.closed, "FuseChannel started twice");
+    this.started = true;
+    this.readersRunning = this.readers.length;
+    for (const reader of this.readers) this.startReader(reader, handler);
+  }
+
+  private startReader(reader: Reader, handler: FuseRequestHandler): void {
     const { port1, port2 } = new MessageChannel();
     const workerData: FuseReaderWorkerData = {
       fd: this.fd,
       slots: this.slots,
-      slotCount: this.options.slotCount,
       slotBytes: this.options.slotBytes,
+      firstSlot: reader.firstSlot,
+      slotCount: reader.slotCount,
       control: this.control.buffer as SharedArrayBuffer,
+      layout: reader.layout,
       directReads: port2,
     };
     const worker = new Worker(new URL("./fuse-reader-worker.js", import.meta.url), {
       workerData,
       transferList: [port2],
     });
-    this.worker = worker;
-    this.directReadPort = port1;
+    reader.port = port1;
     // The port must not keep the process alive on its own.
     port1.unref();
-    worker.on("message", (message: FuseReaderMessage) => this.onMessage(message, handler));
-    worker.on("error", (error) => this.options.logger.error({ err: error }, "fuse reader thread failed"));
-    worker.on("exit", () => {
-      this.workerExited = true;
-      this.closeLentDescriptors();
-      this.resolveEnded();
-    });
+    worker.on("message", (message: FuseReaderMessage) => this.onMessage(reader, message, handler));
+    worker.on("error", (error) =>
+      this.options.logger.error({ err: error, reader: reader.index }, "fuse reader thread failed"),
+    );
+    worker.on("exit", () => this.onReaderExit(reader));
   }
 
   /** Sends one complete reply. */
@@ -162,8 +231,8 @@ export class FuseChannel {
    * so `fd` may be closed by its device at any time. False when that open fails (reads then stay here).
    */
   openDirectRead(handle: bigint, fd: number, sizeBytes: number): boolean {
-    const port = this.directReadPort;
-    if (!port || this.workerExited || this.closed) return false;
+    // A reader that ended would never see the registration; the others end soon (the connection is gone).
+    if (!this.started || this.closed || this.readersRunning < this.readers.length) return false;
     let ownFd: number;
     try {
       ownFd = fs.openSync(`/proc/self/fd/${fd}`, fs.constants.O_RDONLY);
@@ -171,27 +240,65 @@ export class FuseChannel {
       this.options.logger.warn({ err: error }, "cannot reopen a device for direct reads; serving them here");
       return false;
     }
+    assert(!this.directReadFds.has(handle), `direct-read handle ${handle} registered twice`);
     this.directReadFds.set(handle, ownFd);
-    this.postDirectRead(port, { kind: "open", handle, fd: ownFd, sizeBytes });
+    for (const reader of this.readers)
+      this.postDirectRead(reader, { kind: "open", handle, fd: ownFd, sizeBytes });
     return true;
   }
 
   /**
-   * The reader stops serving `handle` before it looks at its next request; its descriptor is closed once
-   * the reader has acknowledged that.
+   * Every reader stops serving `handle` before it looks at its next request; the descriptor is closed
+   * once each reader still running has acknowledged that (or has ended).
    */
   closeDirectRead(handle: bigint): void {
     const fd = this.directReadFds.get(handle);
-    const port = this.directReadPort;
-    if (fd === undefined || !port) return;
+    if (fd === undefined) return;
     this.directReadFds.delete(handle);
-    this.withdrawnFds.set(handle, fd);
-    this.postDirectRead(port, { kind: "close", handle });
+    const owing = new Set<number>();
+    for (const reader of this.readers) {
+      if (reader.exited) continue;
+      this.postDirectRead(reader, { kind: "close", handle });
+      // Not busy after the post: it looks at its port before it serves anything again.
+      if (Atomics.load(this.control, reader.layout.busyIndex) !== 0) owing.add(reader.index);
+    }
+    if (owing.size === 0) {
+      fs.closeSync(fd);
+      return;
+    }
+    const pending = this.withdrawnFds.get(handle);
+    if (pending) pending.push({ fd, owing });
+    else this.withdrawnFds.set(handle, [{ fd, owing }]);
   }
 
-  private postDirectRead(port: MessagePort, message: DirectReadMessage): void {
+  /** Descriptors lent for direct reads and not yet closed (tests and diagnostics). */
+  get directReadDescriptors(): number {
+    let count = this.directReadFds.size;
+    for (const pending of this.withdrawnFds.values()) count += pending.length;
+    return count;
+  }
+
+  private postDirectRead(reader: Reader, message: DirectReadMessage): void {
+    const port = reader.port;
+    assert(port !== undefined, "direct read posted to a reader not started");
     port.postMessage(message);
-    Atomics.add(this.control, readerControl.directReadPosts, 1);
+    Atomics.add(this.control, reader.layout.directReadPostsIndex, 1);
+  }
+
+  /**
+   * `reader` will not touch `handle`'s withdrawn descriptor again (it acknowledged, or it ended). An
+   * acknowledgement nobody waits for (the reader was not busy at the close) changes nothing.
+   */
+  private settleWithdrawal(reader: Reader, handle: bigint): void {
+    const pending = this.withdrawnFds.get(handle);
+    // A reader acknowledges the closes of a handle in the order they were posted to it.
+    const entry = pending?.find((withdrawn) => withdrawn.owing.has(reader.index));
+    if (pending === undefined || entry === undefined) return;
+    entry.owing.delete(reader.index);
+    if (entry.owing.size > 0) return;
+    fs.closeSync(entry.fd);
+    pending.splice(pending.indexOf(entry), 1);
+    if (pending.length === 0) this.withdrawnFds.delete(handle);
   }
 
   /**
@@ -203,23 +310,26 @@ export class FuseChannel {
     this.stop();
   }
 
-  /** Asks the reader to stop before its next read; it still needs the kernel to end a read in progress. */
+  /** Asks the readers to stop before their next read; they still need the kernel to end a read in progress. */
   stop(): void {
     Atomics.store(this.control, readerControl.stop, 1);
-    Atomics.add(this.control, readerControl.releases, 1);
-    Atomics.notify(this.control, readerControl.releases);
+    for (const { layout } of this.readers) {
+      Atomics.add(this.control, layout.releasesIndex, 1);
+      Atomics.notify(this.control, layout.releasesIndex);
+    }
   }
 
   /**
-   * Closes the descriptor once the reader has exited (never before: the number could be reused by another
-   * open and the reader would read from it). If this was its last user, the kernel aborts the connection.
+   * Closes the descriptor once every reader has exited (never before: the number could be reused by
+   * another open and a reader would read from it). If this was its last user, the kernel aborts the
+   * connection.
    */
   close(): void {
     if (this.closed) return;
-    assert(!this.worker || this.workerExited, "FuseChannel closed while its reader still runs");
+    assert(this.readersRunning === 0, "FuseChannel closed while a reader still runs");
     this.closed = true;
     this.stop();
-    this.directReadPort?.close();
+    for (const reader of this.readers) reader.port?.close();
     try {
       fs.closeSync(this.fd);
     } catch (error) {
@@ -235,20 +345,24 @@ export class FuseChannel {
   /** Requests being served right now (tests and diagnostics). */
   get busySlots(): number {
     let busy = 0;
+    const statesIndex = this.readers[0]!.layout.slotStatesIndex;
     for (let slot = 0; slot < this.options.slotCount; slot += 1) {
-      if (Atomics.load(this.control, readerControl.firstSlot + slot) !== 0) busy += 1;
+      if (Atomics.load(this.control, statesIndex + slot) !== 0) busy += 1;
     }
     return busy;
   }
 
-  private onMessage(message: FuseReaderMessage, handler: FuseRequestHandler): void {
+  private onMessage(reader: Reader, message: FuseReaderMessage, handler: FuseRequestHandler): void {
     switch (message.kind) {
       case "request": {
         const view = this.slotViews[message.slot];
-        assert(view, `reader posted slot ${message.slot}`);
+        assert(
+          view && this.slotOwners[message.slot] === reader,
+          `reader ${reader.index} posted slot ${message.slot}`,
+        );
         if (this.isHandingOver) {
           // Unanswered on purpose: the kernel resends it to the successor (FUSE_NOTIFY_RESEND).
-          Atomics.store(this.control, readerControl.firstSlot + message.slot, 0);
+          Atomics.store(this.control, reader.layout.slotStatesIndex + message.slot, 0);
           return;
         }
         this.requestsInFlight += 1;
@@ -272,26 +386,35 @@ export class FuseChannel {
       case "replyFailed":
         this.options.logger.error({ code: message.code }, `cannot send a FUSE reply: ${message.message}`);
         return;
-      case "directReadClosed": {
-        const fd = this.withdrawnFds.get(message.handle);
-        this.withdrawnFds.delete(message.handle);
-        if (fd !== undefined) fs.closeSync(fd);
+      case "directReadClosed":
+        this.settleWithdrawal(reader, message.handle);
         return;
-      }
     }
   }
 
-  /** Once the reader has ended, nobody else uses the descriptors it was lent. */
-  private closeLentDescriptors(): void {
-    for (const fd of [...this.directReadFds.values(), ...this.withdrawnFds.values()]) fs.closeSync(fd);
+  /**
+   * An ended reader owes no acknowledgement; once every reader has ended, nobody uses the descriptors
+   * they were lent.
+   */
+  private onReaderExit(reader: Reader): void {
+    reader.exited = true;
+    this.readersRunning -= 1;
+    for (const [handle, pending] of [...this.withdrawnFds]) {
+      const owed = pending.filter((withdrawn) => withdrawn.owing.has(reader.index)).length;
+      for (let count = 0; count < owed; count += 1) this.settleWithdrawal(reader, handle);
+    }
+    if (this.readersRunning > 0) return;
+    for (const fd of this.directReadFds.values()) fs.closeSync(fd);
     this.directReadFds.clear();
-    this.withdrawnFds.clear();
+    assert(this.withdrawnFds.size === 0, "withdrawn direct-read descriptors left after every reader ended");
+    this.resolveEnded();
   }
 
   private release(slot: number): void {
     this.requestsInFlight -= 1;
-    Atomics.store(this.control, readerControl.firstSlot + slot, 0);
-    Atomics.add(this.control, readerControl.releases, 1);
-    Atomics.notify(this.control, readerControl.releases);
+    const { layout } = this.slotOwners[slot]!;
+    Atomics.store(this.control, layout.slotStatesIndex + slot, 0);
+    Atomics.add(this.control, layout.releasesIndex, 1);
+    Atomics.notify(this.control, layout.releasesIndex);
   }
 }

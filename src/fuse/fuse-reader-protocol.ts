@@ -1,18 +1,25 @@
 /**
- * What the main thread and the /dev/fuse reader worker share: the worker's start data, the messages it
+ * What the main thread and the /dev/fuse reader workers share: a worker's start data, the messages it
  * posts, the direct-read registrations the main thread sends it, and the layout of the shared control
  * array (Int32Array over a SharedArrayBuffer).
+ *
+ * Several readers serve one connection (FuseChannel's readerThreads). Each owns a contiguous range of the
+ * slots (no slot is shared), its own release counter, its own direct-read port and post counter; the
+ * stop flag is common.
  */
 import type { MessagePort } from "node:worker_threads";
 
 export interface FuseReaderWorkerData {
   readonly fd: number;
-  /** slotCount × slotBytes of request (and reply) buffers. */
+  /** All readers' request (and reply) buffers: totalSlotCount × slotBytes. */
   readonly slots: SharedArrayBuffer;
-  readonly slotCount: number;
   readonly slotBytes: number;
-  /** Int32Array: see readerControl. */
+  /** This reader's slots: [firstSlot, firstSlot + slotCount), numbered across all readers. */
+  readonly firstSlot: number;
+  readonly slotCount: number;
+  /** Int32Array: see readerControl and readerLayout. */
   readonly control: SharedArrayBuffer;
+  readonly layout: ReaderLayout;
   /** DirectReadMessages from the main thread; the worker drains it synchronously (receiveMessageOnPort). */
   readonly directReads: MessagePort;
 }
@@ -29,24 +36,49 @@ export type FuseReaderMessage =
 
 /**
  * READs on file handle `handle` may be served by the worker from `fd` over a device of `sizeBytes`. The
- * main thread owns `fd` and closes it once the worker has acknowledged the "close" (or has ended).
+ * main thread owns `fd` and closes it once no reader can still be using it: at once for readers that were
+ * not busy when the "close" was posted (ReaderLayout.busyIndex), after the acknowledgement (or its end)
+ * for the others. A reader acknowledges every "close" it sees; the main thread ignores the ones it did not
+ * wait for.
  */
 export type DirectReadMessage =
   | { readonly kind: "open"; readonly handle: bigint; readonly fd: number; readonly sizeBytes: number }
   | { readonly kind: "close"; readonly handle: bigint };
 
-/** Indexes into the control array. */
+/** Common indexes into the control array. */
 export const readerControl = {
-  /** Incremented on every slot release; the worker sleeps on it when all slots are busy. */
-  releases: 0,
-  /** Non-zero: the worker stops before its next read. */
-  stop: 1,
-  /** Incremented after every DirectReadMessage posted: the worker drains its port only when it moved. */
-  directReadPosts: 2,
-  /** slotCount entries follow: 0 free, 1 busy. */
-  firstSlot: 3,
+  /** Non-zero: every reader stops before its next read. */
+  stop: 0,
 } as const;
 
-export function controlBytes(slotCount: number): number {
-  return (readerControl.firstSlot + slotCount) * Int32Array.BYTES_PER_ELEMENT;
+/** Where one reader's counters and the slot states sit in the control array. */
+export interface ReaderLayout {
+  /** Incremented on every release of one of the reader's slots; it sleeps on it when all are busy. */
+  readonly releasesIndex: number;
+  /** Incremented after every DirectReadMessage posted to it: it drains its port only when it moved. */
+  readonly directReadPostsIndex: number;
+  /**
+   * 1 from the return of a read of /dev/fuse until the request is served or posted, then 0 and one more
+   * look at the port. A "close" posted while this reads 0 needs no acknowledgement: the reader looks at
+   * its port before it serves anything again. Posted while 1, it is acknowledged before the flag drops.
+   */
+  readonly busyIndex: number;
+  /** Index of slot 0's state (0 free, 1 busy); slot N's is slotStatesIndex + N. */
+  readonly slotStatesIndex: number;
+}
+
+const perReaderEntries = 3;
+
+export function readerLayout(readerIndex: number, readerCount: number): ReaderLayout {
+  const base = 1 + perReaderEntries * readerIndex;
+  return {
+    releasesIndex: base,
+    directReadPostsIndex: base + 1,
+    busyIndex: base + 2,
+    slotStatesIndex: 1 + perReaderEntries * readerCount,
+  };
+}
+
+export function controlBytes(readerCount: number, totalSlotCount: number): number {
+  return (1 + perReaderEntries * readerCount + totalSlotCount) * Int32Array.BYTES_PER_ELEMENT;
 }

@@ -1,8 +1,11 @@
 /**
- * The /dev/fuse reader thread. A read of /dev/fuse blocks until the kernel has a request; done on the main
+ * A /dev/fuse reader thread. A read of /dev/fuse blocks until the kernel has a request; done on the main
  * thread it would stall the event loop, done through the libuv pool it would hold a pool thread forever.
- * So one worker thread loops: take a free slot of the shared buffer, read(2) one request into it, post
- * "slot N holds L bytes" to the main thread, which serves the request and frees the slot.
+ * So a worker thread loops: take a free slot of its own range of the shared buffer, read(2) one request
+ * into it, post "slot N holds L bytes" to the main thread, which serves the request and frees the slot.
+ * FuseChannel may run several of these on the same descriptor: the kernel hands each request to exactly
+ * one blocked reader, and a reply may be written by any thread, so readers share nothing but the stop
+ * flag (fuse-reader-protocol.ts).
  *
  * Direct reads: a READ on a file handle the main thread registered (DirectReadMessage: an origin over a
  * plain file, see BlockDevice.directReadFd) is served here — pread(2) into the slot, one write(2) of the
@@ -10,7 +13,8 @@
  * 64 KiB still go to the main thread. Registrations are applied before each request is looked at, and
  * the main thread posts them before it answers the OPEN (and withdraws them before it answers the
  * RELEASE), so no READ can overtake its handle's registration. The descriptors belong to the main thread,
- * which closes one when the worker has acknowledged its withdrawal ("directReadClosed").
+ * which closes one once this worker is not busy or has acknowledged its withdrawal ("directReadClosed";
+ * the busy flag: fuse-reader-protocol.ts).
  *
  * Slot states live in a shared Int32Array (FuseReaderControl): 0 free, 1 owned by a request. When every
  * slot is taken the worker sleeps on the release counter (Atomics.wait); this bounds the requests in
@@ -26,6 +30,7 @@ import {
   type DirectReadMessage,
   type FuseReaderMessage,
   type FuseReaderWorkerData,
+  type ReaderLayout,
   readerControl,
 } from "./fuse-reader-protocol.js";
 
@@ -43,11 +48,18 @@ class DirectReads {
   private seenPosts = 0;
   private readonly port: MessagePort;
   private readonly control: Int32Array;
+  private readonly postsIndex: number;
   private readonly post: (message: FuseReaderMessage) => void;
 
-  constructor(port: MessagePort, control: Int32Array, post: (message: FuseReaderMessage) => void) {
+  constructor(
+    port: MessagePort,
+    control: Int32Array,
+    postsIndex: number,
+    post: (message: FuseReaderMessage) => void,
+  ) {
     this.port = port;
     this.control = control;
+    this.postsIndex = postsIndex;
     this.post = post;
   }
 
@@ -57,7 +69,7 @@ class DirectReads {
 
   /** Applies every registration posted so far (cheap when none was: one atomic load). */
   sync(): void {
-    const posts = Atomics.load(this.control, readerControl.directReadPosts);
+    const posts = Atomics.load(this.control, this.postsIndex);
     if (posts === this.seenPosts) return;
     this.seenPosts = posts;
     for (;;) {
@@ -83,24 +95,27 @@ function main(): void {
   if (!port) throw new Error("fuse-reader-worker must run as a worker thread");
   const data = workerData as FuseReaderWorkerData;
   const control = new Int32Array(data.control);
+  const { layout } = data;
   const slots: Uint8Array[] = [];
   for (let index = 0; index < data.slotCount; index += 1) {
-    slots.push(new Uint8Array(data.slots, index * data.slotBytes, data.slotBytes));
+    const offsetBytes = (data.firstSlot + index) * data.slotBytes;
+    slots.push(new Uint8Array(data.slots, offsetBytes, data.slotBytes));
   }
   const post = (message: FuseReaderMessage) => port.postMessage(message);
-  const directReads = new DirectReads(data.directReads, control, post);
+  const directReads = new DirectReads(data.directReads, control, layout.directReadPostsIndex, post);
   let next = 0;
   let mounted = false;
   for (;;) {
-    const slot = acquireSlot(control, data.slotCount, next);
-    if (slot < 0) break;
-    next = (slot + 1) % data.slotCount;
-    const buffer = slots[slot]!;
+    const index = acquireSlot(control, data, next);
+    if (index < 0) break;
+    next = (index + 1) % data.slotCount;
+    const slot = data.firstSlot + index;
+    const buffer = slots[index]!;
     let lengthBytes: number;
     try {
       lengthBytes = readSync(data.fd, buffer, 0, data.slotBytes, null);
     } catch (error) {
-      releaseSlot(control, slot);
+      releaseSlot(control, layout, slot);
       const code = (error as NodeJS.ErrnoException).code ?? "EIO";
       // ENOENT: the request was interrupted before we read it; EINTR/EAGAIN: try again.
       if (code === "ENOENT" || code === "EINTR" || code === "EAGAIN") continue;
@@ -114,13 +129,18 @@ function main(): void {
       break;
     }
     mounted = true;
+    Atomics.store(control, layout.busyIndex, 1);
     // After the read: a registration posted before the kernel could send this READ is seen now.
     directReads.sync();
     if (!directReads.isEmpty && serveDirectRead(data, buffer, lengthBytes, directReads, post)) {
-      releaseSlot(control, slot);
-      continue;
+      releaseSlot(control, layout, slot);
+    } else {
+      post({ kind: "request", slot, lengthBytes });
     }
-    post({ kind: "request", slot, lengthBytes });
+    // Flag down first, then look: a "close" posted while the flag was up is acknowledged now, not at
+    // the next request, which may be long in coming.
+    Atomics.store(control, layout.busyIndex, 0);
+    directReads.sync();
   }
 }
 
@@ -183,22 +203,27 @@ function preadFully(fd: number, target: Uint8Array, offsetBytes: number): number
   return 0;
 }
 
-/** A free slot, marked busy; -1 when asked to stop. Sleeps while every slot is busy. */
-function acquireSlot(control: Int32Array, slotCount: number, start: number): number {
+/**
+ * A free slot of this reader's range (its index in the range), marked busy; -1 when asked to stop.
+ * Sleeps while every one is busy.
+ */
+function acquireSlot(control: Int32Array, data: FuseReaderWorkerData, start: number): number {
+  const { layout } = data;
   for (;;) {
     if (Atomics.load(control, readerControl.stop) !== 0) return -1;
-    const generation = Atomics.load(control, readerControl.releases);
-    for (let step = 0; step < slotCount; step += 1) {
-      const slot = (start + step) % slotCount;
-      if (Atomics.compareExchange(control, readerControl.firstSlot + slot, 0, 1) === 0) return slot;
+    const generation = Atomics.load(control, layout.releasesIndex);
+    for (let step = 0; step < data.slotCount; step += 1) {
+      const index = (start + step) % data.slotCount;
+      const state = layout.slotStatesIndex + data.firstSlot + index;
+      if (Atomics.compareExchange(control, state, 0, 1) === 0) return index;
     }
-    Atomics.wait(control, readerControl.releases, generation);
+    Atomics.wait(control, layout.releasesIndex, generation);
   }
 }
 
-function releaseSlot(control: Int32Array, slot: number): void {
-  Atomics.store(control, readerControl.firstSlot + slot, 0);
-  Atomics.add(control, readerControl.releases, 1);
+function releaseSlot(control: Int32Array, layout: ReaderLayout, slot: number): void {
+  Atomics.store(control, layout.slotStatesIndex + slot, 0);
+  Atomics.add(control, layout.releasesIndex, 1);
 }
 
 main();

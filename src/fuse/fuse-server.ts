@@ -2,7 +2,7 @@
  * FuseServer: the FUSE face of blocksnap. Every export of an ExportSource is a regular file in one flat
  * directory at `mountDir`; `losetup --direct-io=on` turns a file into a block device that can be
  * formatted, mounted and checked. It speaks the kernel protocol itself (FuseSession) over /dev/fuse
- * (FuseChannel: one reader thread, requests served on the main thread), without libfuse.
+ * (FuseChannel: reader threads, requests served on the main thread), without libfuse.
  *
  * mount(): root only (EPERM otherwise); removes a stale mount at the directory first (cleanStaleMount),
  * refuses a directory a live blocksnap already serves (EBUSY), and resolves once the kernel's INIT is
@@ -44,6 +44,8 @@ export interface FuseServerOptions {
   readonly inheritedFd?: number;
   /** Where the session keeps what a successor process needs (fuse-session-state.ts). */
   readonly statePath?: string;
+  /** Threads reading /dev/fuse (FuseChannel's readerThreads; default 2). */
+  readonly readerThreads?: number;
 }
 
 /** Largest READ and WRITE: 256 pages, the kernel's default fs.fuse.max_pages_limit. */
@@ -150,7 +152,12 @@ export class FuseServer {
     options: FuseServerOptions,
     logger: Logger,
   ): { channel: FuseChannel; session: FuseSession } {
-    const channelOptions = { slotCount, slotBytes: FuseSession.slotBytesFor(maxWriteBytes), logger };
+    const channelOptions = {
+      slotCount,
+      slotBytes: FuseSession.slotBytesFor(maxWriteBytes),
+      logger,
+      ...(options.readerThreads === undefined ? {} : { readerThreads: options.readerThreads }),
+    };
     const channel =
       options.inheritedFd === undefined
         ? FuseChannel.open(channelOptions)
@@ -194,6 +201,16 @@ export class FuseServer {
     if (quietPolls < 2)
       this.logger.warn({ busy: this.channel.busySlots }, "fuse requests still running at hand-over");
     this.logger.info({ mountDir: this.mountDir }, "fuse file system handed over");
+  }
+
+  /** Threads reading /dev/fuse (tests and diagnostics). */
+  get readerThreads(): number {
+    return this.channel.readerThreads;
+  }
+
+  /** Descriptors lent to the readers for direct reads and not yet closed (tests and diagnostics). */
+  get directReadDescriptors(): number {
+    return this.channel.directReadDescriptors;
   }
 
   /** Unmounts (lazily if busy), ends the connection and closes /dev/fuse. Idempotent. */

@@ -180,7 +180,11 @@ export class FuseFixture extends LoopsAndMounts {
   private readonly backends: FileBackend[] = [];
 
   /** A mounted fixture, or undefined after t.skip() with the reason. Cleanup is registered on `t`. */
-  static async create(t: TestContext, tools: readonly string[]): Promise<FuseFixture | undefined> {
+  static async create(
+    t: TestContext,
+    tools: readonly string[],
+    readerThreads?: number,
+  ): Promise<FuseFixture | undefined> {
     const reason = await skipReason(tools);
     if (reason) {
       t.skip(reason);
@@ -188,7 +192,10 @@ export class FuseFixture extends LoopsAndMounts {
     }
     const fixture = new FuseFixture(await mkdtemp(join(tmpdir(), "blocksnap-fuse-")));
     t.after(() => fixture.cleanup());
-    fixture.server = await FuseServer.mount(fixture.source, { mountDir: fixture.mountDir });
+    fixture.server = await FuseServer.mount(fixture.source, {
+      mountDir: fixture.mountDir,
+      ...(readerThreads === undefined ? {} : { readerThreads }),
+    });
     return fixture;
   }
 
