@@ -3,19 +3,24 @@
 //    zstd, chunk files) of an image half random, half compressible text, page cache hot;
 //  - an incremental after 1 % of the image was rewritten over NBD (in 1 MiB runs at random offsets);
 //  - a restore of the latest backup to a new file (`backup restore --to`, parallel chunk reads);
+//  - the same full backup and restore into an encrypted repository (AES-256-GCM, keyed chunk names);
+//  - origin write latency: fio 4 KiB random writes at QD1 against the device's NBD export, alone and
+//    during a full backup (into a fresh repository, so the backup writes every chunk): p50/p99, IOPS;
 //  - the references on the same image: `qemu-img convert -c -O qcow2` and `nbdcopy` to a sparse file, both
 //    reading the device's NBD export, as an external backup tool would.
 // Rates are image bytes per wall-clock second of the CLI command (process start included). Also the
 // compression ratio (plain bytes of the stored chunks / bytes stored) and the dedup ratio (image bytes of
-// both backups / plain bytes of distinct chunks stored). Usage (after tsc):
+// both backups / plain bytes of distinct chunks stored). The image is generated fast (random chunks from the
+// CSPRNG, text-like chunks from 8 templates made unique by a stamp per 4 KiB). Usage (after tsc):
 //   node dist/bench/backup/local-bench.js [--size-mib 1024] [--out bench/results/backup-local.md]
-import { execFile, spawn } from "node:child_process";
-import { randomBytes } from "node:crypto";
+import { type ChildProcess, execFile, spawn } from "node:child_process";
+import { randomBytes, randomFillSync } from "node:crypto";
 import { mkdir, mkdtemp, open, rm, stat, writeFile } from "node:fs/promises";
 import { loadavg, tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
+import { zstdLevel } from "../../src/backup/chunk-codec.js";
 import { machineFactsMarkdown, markdownTable, progress } from "../core/bench-util.js";
 
 const { values } = parseArgs({
@@ -59,6 +64,16 @@ function compressibleChunk(soup: Buffer): Buffer {
   return chunk;
 }
 
+/** A text-like chunk of its own: a template with the chunk's index stamped into every 4 KiB block. */
+function stampedChunk(template: Buffer, chunkIndex: number, target: Buffer): Buffer {
+  template.copy(target);
+  for (let offset = 0; offset < chunkBytes; offset += 4096) {
+    target.writeUInt32LE(chunkIndex, offset);
+    target.writeUInt32LE(offset, offset + 4);
+  }
+  return target;
+}
+
 function wordSoup(): Buffer {
   const words = Array.from({ length: 2048 }, () =>
     randomBytes(3 + Math.floor(Math.random() * 6)).toString("base64url"),
@@ -71,6 +86,56 @@ function wordSoup(): Buffer {
     length += word.length + 1;
   }
   return Buffer.from(text.join(" ")).subarray(0, MiB);
+}
+
+interface FioResult {
+  readonly p50Us: number;
+  readonly p99Us: number;
+  readonly iops: number;
+}
+
+/** fio 4 KiB random writes at QD1 on the NBD export; ends after `runtimeS` or at stop() (SIGINT). */
+function startFio(uri: string, runtimeS: number): { child: ChildProcess; result: Promise<FioResult> } {
+  const child = spawn(
+    "fio",
+    [
+      "--name=origin-writes",
+      "--ioengine=nbd",
+      `--uri=${uri}`,
+      "--rw=randwrite",
+      "--bs=4k",
+      "--iodepth=1",
+      "--time_based",
+      `--runtime=${runtimeS}`,
+      `--size=${Math.min(sizeMib, 1024)}M`,
+      "--output-format=json",
+    ],
+    { stdio: ["ignore", "pipe", "pipe"] },
+  );
+  let stdout = "";
+  let stderr = "";
+  child.stdout?.on("data", (data: Buffer) => {
+    stdout += data.toString();
+  });
+  child.stderr?.on("data", (data: Buffer) => {
+    stderr += data.toString();
+  });
+  const result = new Promise<FioResult>((resolvePromise, reject) => {
+    child.once("exit", () => {
+      try {
+        const json = JSON.parse(stdout.slice(stdout.indexOf("{")));
+        const write = json.jobs[0].write;
+        resolvePromise({
+          p50Us: write.clat_ns.percentile["50.000000"] / 1000,
+          p99Us: write.clat_ns.percentile["99.000000"] / 1000,
+          iops: write.iops,
+        });
+      } catch (error) {
+        reject(new Error(`fio gave no result: ${stderr} ${String(error)}`));
+      }
+    });
+  });
+  return { child, result };
 }
 
 const mibPerSecond = (bytes: number, ms: number) => bytes / MiB / (ms / 1000);
@@ -94,9 +159,15 @@ try {
   }
   const backend = join(directory, "b0.img");
   const soup = wordSoup();
+  const templates = Array.from({ length: 8 }, () => compressibleChunk(soup));
   const file = await open(backend, "w");
+  const textChunk = Buffer.alloc(chunkBytes);
+  const randomChunk = Buffer.alloc(chunkBytes);
   for (let index = 0; index < sizeBytes / chunkBytes; index++) {
-    const data = index % 2 === 0 ? randomBytes(chunkBytes) : compressibleChunk(soup);
+    const data =
+      index % 2 === 0
+        ? randomFillSync(randomChunk)
+        : stampedChunk(templates[(index >> 1) % templates.length] as Buffer, index, textChunk);
     await file.write(data, 0, data.length, index * chunkBytes);
   }
   await file.close();
@@ -130,6 +201,61 @@ try {
     cli(["backup", "restore", "b0/latest", "--repo", repository, "--to", restored]),
   );
   await rm(restored, { force: true });
+
+  // Encrypted: a repository of its own, the same image (CBT writes above are in it: it is still 1 image).
+  const keyFile = join(directory, "bench.key");
+  await cli(["backup", "key", "create", keyFile]);
+  const encryptedRepository = join(directory, "repo-encrypted");
+  await cli(["backup", "init", "--repo", encryptedRepository, "--key", keyFile]);
+  const encryptedFullMs = await timed("encrypted full backup", () =>
+    cli([
+      "backup",
+      "create",
+      "--device",
+      "b0",
+      "--repo",
+      encryptedRepository,
+      "--key",
+      keyFile,
+      "--level",
+      "full",
+    ]),
+  );
+  const encryptedRestoreMs = await timed("encrypted restore", () =>
+    cli([
+      "backup",
+      "restore",
+      "b0/latest",
+      "--repo",
+      encryptedRepository,
+      "--key",
+      keyFile,
+      "--to",
+      restored,
+    ]),
+  );
+  await rm(restored, { force: true });
+  await rm(encryptedRepository, { recursive: true, force: true });
+
+  // Origin write latency: fio alone, then during a full backup into a fresh repository.
+  const fioAlone = await startFio(uri, 10).result;
+  progress(
+    `fio alone: p50 ${fioAlone.p50Us.toFixed(0)} µs, p99 ${fioAlone.p99Us.toFixed(0)} µs, ${fioAlone.iops.toFixed(0)} IOPS`,
+  );
+  const loadedRepository = join(directory, "repo-under-writes");
+  await cli(["backup", "init", "--repo", loadedRepository]);
+  const fioDuring = startFio(uri, 3600);
+  // fio connects and starts writing before the backup begins.
+  await new Promise((wake) => setTimeout(wake, 1000));
+  const loadedFullMs = await timed("full backup during fio", () =>
+    cli(["backup", "create", "--device", "b0", "--repo", loadedRepository, "--level", "full"]),
+  );
+  fioDuring.child.kill("SIGINT");
+  const fioLoaded = await fioDuring.result;
+  progress(
+    `fio during: p50 ${fioLoaded.p50Us.toFixed(0)} µs, p99 ${fioLoaded.p99Us.toFixed(0)} µs, ${fioLoaded.iops.toFixed(0)} IOPS`,
+  );
+  await rm(loadedRepository, { recursive: true, force: true });
   const qcow2 = join(directory, "ref.qcow2");
   const qemuMs = await timed("qemu-img convert -c", () =>
     run("qemu-img", ["convert", "-c", "-O", "qcow2", uri, qcow2]),
@@ -164,6 +290,24 @@ try {
       "–",
     ],
     [
+      "encrypted full backup (AES-256-GCM, `--key`)",
+      (encryptedFullMs / 1000).toFixed(2),
+      mibPerSecond(sizeBytes, encryptedFullMs).toFixed(0),
+      `${((fullMs / encryptedFullMs) * 100).toFixed(0)} % of the plain full's rate`,
+    ],
+    [
+      "encrypted restore to a new file",
+      (encryptedRestoreMs / 1000).toFixed(2),
+      mibPerSecond(sizeBytes, encryptedRestoreMs).toFixed(0),
+      "–",
+    ],
+    [
+      "full backup while fio writes to the origin (fresh repository)",
+      (loadedFullMs / 1000).toFixed(2),
+      mibPerSecond(sizeBytes, loadedFullMs).toFixed(0),
+      `${((fullMs / loadedFullMs) * 100).toFixed(0)} % of the quiet full's rate`,
+    ],
+    [
       "`qemu-img convert -c -O qcow2` from the NBD export",
       (qemuMs / 1000).toFixed(2),
       mibPerSecond(sizeBytes, qemuMs).toFixed(0),
@@ -181,9 +325,11 @@ try {
     "",
     machineFactsMarkdown(),
     "",
-    `${sizeMib} MiB image, 4 MiB chunks alternating random and text-like (compressible) data, page cache hot; a directory repository on the same disk, no encryption. Wall times of the CLI commands (process start included). Load average (1 / 5 / 15 min) before: ${loadBefore.map((value) => value.toFixed(1)).join(" / ")}, after: ${loadAfter.map((value) => value.toFixed(1)).join(" / ")}.`,
+    `${sizeMib} MiB image, 4 MiB chunks alternating random and text-like (compressible) data, page cache hot; a directory repository on the same disk (no encryption unless said), zstd level ${zstdLevel}. Wall times of the CLI commands (process start included). Load average (1 / 5 / 15 min) before: ${loadBefore.map((value) => value.toFixed(1)).join(" / ")}, after: ${loadAfter.map((value) => value.toFixed(1)).join(" / ")}.`,
     "",
     markdownTable(["step", "seconds", "MiB/s of image", "ratio"], rows),
+    "",
+    `Origin write latency (fio, 4 KiB random writes, QD1, on the device's NBD export; every first write to a snapshot chunk during the backup is a copy-before-write): alone p50 ${fioAlone.p50Us.toFixed(0)} µs, p99 ${fioAlone.p99Us.toFixed(0)} µs, ${fioAlone.iops.toFixed(0)} IOPS; during the full backup p50 ${fioLoaded.p50Us.toFixed(0)} µs, p99 ${fioLoaded.p99Us.toFixed(0)} µs, ${fioLoaded.iops.toFixed(0)} IOPS.`,
     "",
     `Compression: ${(storedPlain / storedBytes).toFixed(2)}× (${(storedPlain / MiB).toFixed(0)} MiB of new chunks stored in ${(storedBytes / MiB).toFixed(0)} MiB; qcow2 -c: ${(sizeBytes / qcow2Bytes).toFixed(2)}× of the image). Dedup: ${((2 * sizeBytes) / storedPlain).toFixed(2)}× (two logically full backups, ${((2 * sizeBytes) / MiB).toFixed(0)} MiB, hold ${(storedPlain / MiB).toFixed(0)} MiB of distinct chunks). Incremental: ${incResult.newChunks} new chunk(s).`,
     "",

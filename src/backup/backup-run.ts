@@ -10,7 +10,8 @@
  * chunk in flight has a reused pair of shared buffers (chunk-slots.ts): read, hash, compress and write
  * allocate nothing per chunk.
  *
- * Crash safety: chunks are put (atomically, durably) before the manifest, which is written last; a kill at
+ * Crash safety: chunks are put (atomically; durably in batches, all of them synced before the manifest),
+ * and the manifest is written last; a kill at
  * any point leaves only chunks no manifest names. Reused chunk ids are checked to still exist just before
  * the manifest is written (GC may have removed a chunk that no manifest named any more); on a remote store
  * the chunk index answers, rebuilt first if GC ran meanwhile, and covers every chunk named.
@@ -138,7 +139,7 @@ export async function runBackup(params: BackupParams): Promise<BackupOutcome> {
           chunks[chunkIndex] = id;
           if (!seenNew.has(id) && !(await repository.hasChunk(id))) {
             seenNew.add(id);
-            await repository.putChunk(id, slot.stored.subarray(0, storedLength));
+            await repository.putChunkBatched(id, slot.stored.subarray(0, storedLength));
             newChunks += 1;
             newBytesStored += storedLength;
           }
@@ -150,7 +151,16 @@ export async function runBackup(params: BackupParams): Promise<BackupOutcome> {
       report();
     };
     const inFlight = params.inFlightMax ?? Math.max(inFlightDefault, repository.store.inFlightHint ?? 0);
-    await forEachBounded(toRead, inFlight, backupOne);
+    try {
+      await forEachBounded(toRead, inFlight, backupOne);
+    } catch (error) {
+      // After a failure or cancel the chunks already written are kept, unreferenced (the next backup
+      // finds them, GC removes them past its grace period); a failing sync removes its batch.
+      await repository.syncChunks().catch(() => undefined);
+      throw error;
+    }
+    // Durable and visible before the manifest names them.
+    await repository.syncChunks();
 
     params.onProgress?.({ phase: "manifest", totalBytes, doneBytes, newBytesStored });
     if (await repository.revalidateChunkIndex()) await checkIndexedChunksExist(repository, chunks);

@@ -32,6 +32,15 @@ export interface ObjectStore {
    */
   get(key: string, options?: { readonly contentChecked?: boolean }): Promise<Uint8Array>;
   /**
+   * Optional (local stores): stores `data` under `key` without waiting for it to be durable. The object
+   * stays invisible (a temporary file) until it is durable, then appears atomically: at the latest when
+   * syncPending() returns, earlier when the store flushes a full batch. A crash before that loses it
+   * whole; it never leaves an object of the right name with the wrong bytes.
+   */
+  putPending?(key: string, data: Uint8Array): Promise<void>;
+  /** Makes every putPending object durable and visible; on failure none of the failed batch appears. */
+  syncPending?(): Promise<void>;
+  /**
    * Optional: reads the whole object into `target` and returns its length, without allocating a buffer per
    * object (local stores); ENOENT when absent, EIO when it does not fit. Callers fall back to get().
    */

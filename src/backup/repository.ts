@@ -173,6 +173,21 @@ export class Repository {
   }
 
   /**
+   * putChunk for a backup's stream of chunks: on a local store its durability is deferred to a batch
+   * (putPending), and the chunk is not visible (hasChunk false) until a full batch or syncChunks() made it
+   * durable. Call syncChunks() before writing a manifest that names it.
+   */
+  async putChunkBatched(id: string, stored: Uint8Array): Promise<void> {
+    if (this.store.putPending === undefined) return await this.putChunk(id, stored);
+    await this.store.putPending(Repository.chunkKey(id), stored);
+  }
+
+  /** Every chunk putChunkBatched so far is durable and visible (a no-op on a store that has no deferred puts). */
+  async syncChunks(): Promise<void> {
+    await this.store.syncPending?.();
+  }
+
+  /**
    * Before a manifest is written: true when a chunk index answers hasChunk, after rebuilding it if garbage
    * collection ran meanwhile (so the caller checks every chunk the manifest names, at no request cost);
    * false for a local store (hasChunk asks the store).
