@@ -19,10 +19,14 @@
  *   its paused socket object and never closes it: the worker's socket owns and closes the descriptor, and
  *   a second close by the main thread could hit a reused number (a probe's shortcut: it leaks one small
  *   object per connection; a real dispatcher would need a way to release a handle without closing it).
+ * - `--in-place` (shapes loop and dispatch): the connection's socket is opened on the accepted descriptor
+ *   with `onread`, whose buffer function hands libuv the rest of a WRITE's payload buffer, so the payload
+ *   is received straight into the buffer fs.write takes (no assembly copy; headers go through a scratch
+ *   buffer and are copied out).
  * - `--sync`: the file is read and written with fs.readSync / fs.writeSync on the loop itself (blocking, as
  *   nbdkit's threads do) instead of fs.read / fs.write through the libuv thread pool.
  *
- * Usage: node dist/bench/nbd/bare-nbd-server.js FILE SOCKET [--shape loop|workers|dispatch] [--workers N] [--sync]
+ * Usage: node dist/bench/nbd/bare-nbd-server.js FILE SOCKET [--shape loop|workers|dispatch] [--workers N] [--sync] [--in-place]
  * Prints "ready" once every loop listens; SIGTERM stops it.
  */
 import * as fs from "node:fs";
@@ -115,7 +119,15 @@ function simpleReplyHeader(target: Buffer, error: number, handle: Buffer): void 
   handle.copy(target, 8);
 }
 
-function serveConnection(socket: net.Socket, options: ServeOptions): void {
+/** What a socket opened with `onread` asks of its connection: where to read next, and what arrived. */
+interface InPlaceReceiver {
+  nextBuffer(): Uint8Array;
+  received(count: number, buffer: Uint8Array): void;
+}
+
+const SCRATCH_BYTES = 64 * 1024;
+
+function serveConnection(socket: net.Socket, options: ServeOptions, inPlace = false): InPlaceReceiver {
   const queue = new ReceiveQueue();
   let phase: "flags" | "options" | "transmission" = "flags";
   let noZeroes = false;
@@ -226,6 +238,14 @@ function serveConnection(socket: net.Socket, options: ServeOptions): void {
         optionHeader = null;
         handleOption(option, queue.take(dataBytes));
       } else if (pendingWrite) {
+        if (inPlace && queue.length < pendingWrite.lengthBytes) {
+          // Receive the rest of the payload straight into the buffer fs.write will take.
+          const payload = Buffer.allocUnsafe(pendingWrite.lengthBytes);
+          const filledBytes = queue.length;
+          if (filledBytes > 0) queue.take(filledBytes).copy(payload);
+          receiving = { payload, filledBytes };
+          return;
+        }
         if (queue.length < pendingWrite.lengthBytes) return;
         const { handle, offsetBytes, lengthBytes, valid } = pendingWrite;
         pendingWrite = null;
@@ -266,10 +286,68 @@ function serveConnection(socket: net.Socket, options: ServeOptions): void {
     }
   };
 
-  socket.on("data", (chunk: Buffer) => {
-    queue.push(chunk);
-    parse();
-  });
+  // With `onread`: the payload being received in place, and whether the last buffer handed out was it.
+  let receiving: { payload: Buffer; filledBytes: number } | null = null;
+  let handedPayload = false;
+  const scratch = Buffer.allocUnsafe(SCRATCH_BYTES);
+  if (!inPlace)
+    socket.on("data", (chunk: Buffer) => {
+      queue.push(chunk);
+      parse();
+    });
+  return {
+    nextBuffer: () => {
+      handedPayload = receiving !== null;
+      return receiving ? receiving.payload.subarray(receiving.filledBytes) : scratch;
+    },
+    received: (count: number, buffer: Uint8Array) => {
+      if (handedPayload && receiving && pendingWrite) {
+        receiving.filledBytes += count;
+        if (receiving.filledBytes < receiving.payload.length) return;
+        const { handle, offsetBytes, valid } = pendingWrite;
+        const { payload } = receiving;
+        pendingWrite = null;
+        receiving = null;
+        if (valid) handleWrite(handle, offsetBytes, payload);
+        else reply(EINVAL, handle);
+      } else {
+        // The scratch buffer is reused by the next read: keep a copy.
+        queue.push(Buffer.from(buffer.subarray(0, count)));
+      }
+      parse();
+    },
+  };
+}
+
+/**
+ * Opens an accepted descriptor on this thread's loop; with `inPlace`, the socket reads into buffers the
+ * connection chooses (`onread`), so a WRITE's payload lands in the buffer that fs.write takes.
+ */
+function openAccepted(fd: number, options: ServeOptions, inPlace: boolean): void {
+  if (!inPlace) {
+    serveConnection(new net.Socket({ fd, readable: true, writable: true }), options);
+    return;
+  }
+  let receiver: InPlaceReceiver | null = null;
+  const early = Buffer.allocUnsafe(SCRATCH_BYTES);
+  // `onread` is accepted by the Socket constructor (it is how net.connect passes it on) but missing from
+  // the constructor's type in @types/node.
+  const socketOptions: net.SocketConstructorOpts & { onread: net.OnReadOpts } = {
+    fd,
+    readable: true,
+    writable: true,
+    onread: {
+      // Node may ask for the first buffer while the socket is being built, before the receiver exists.
+      buffer: () => (receiver ? receiver.nextBuffer() : early),
+      // Returning false would pause the socket; it never needs to here.
+      callback: (count: number, buffer: Uint8Array) => {
+        receiver!.received(count, buffer);
+        return true;
+      },
+    },
+  };
+  const socket = new net.Socket(socketOptions);
+  receiver = serveConnection(socket, options, true);
 }
 
 function openFile(path: string, sync: boolean): ServeOptions {
@@ -285,6 +363,8 @@ interface WorkerData {
   readonly listenFd?: number;
   /** Connections arrive as descriptors from the main thread (shape dispatch). */
   readonly dispatched?: boolean;
+  /** Open dispatched connections with `onread` (receive WRITE payloads in place). */
+  readonly inPlace?: boolean;
 }
 
 /** The descriptor under a server's or socket's libuv handle (Node has no public accessor). */
@@ -306,13 +386,14 @@ async function main(): Promise<void> {
   const shape = flag("--shape", "loop");
   const workerCount = Number(flag("--workers", "2"));
   const sync = argv.includes("--sync");
+  const inPlace = argv.includes("--in-place");
   if (
     filePath === undefined ||
     socketPath === undefined ||
     !["loop", "workers", "dispatch"].includes(shape)
   ) {
     console.error(
-      "usage: bare-nbd-server FILE SOCKET [--shape loop|workers|dispatch] [--workers N] [--sync]",
+      "usage: bare-nbd-server FILE SOCKET [--shape loop|workers|dispatch] [--workers N] [--sync] [--in-place]",
     );
     process.exit(2);
   }
@@ -320,7 +401,15 @@ async function main(): Promise<void> {
   const stoppers: Array<() => Promise<unknown>> = [];
   if (shape === "loop") {
     const options = openFile(filePath, sync);
-    const server = net.createServer((socket) => serveConnection(socket, options));
+    // With --in-place, the accepted socket is only a holder (paused, never closed: see dispatch) and the
+    // connection is served on a second socket opened on its descriptor with `onread`.
+    const held = new Set<net.Socket>();
+    const server = inPlace
+      ? net.createServer({ pauseOnConnect: true }, (socket) => {
+          held.add(socket);
+          openAccepted(socketFd(socket), options, true);
+        })
+      : net.createServer((socket) => serveConnection(socket, options));
     await new Promise<void>((resolve) => server.listen(socketPath, resolve));
     stoppers.push(() => new Promise((resolve) => server.close(resolve)));
   } else if (shape === "workers") {
@@ -345,7 +434,9 @@ async function main(): Promise<void> {
         { length: workerCount },
         () =>
           new Promise<Worker>((resolve, reject) => {
-            const worker = new Worker(url, { workerData: { filePath, socketPath, sync, dispatched: true } });
+            const worker = new Worker(url, {
+              workerData: { filePath, socketPath, sync, dispatched: true, inPlace },
+            });
             worker.once("message", () => resolve(worker));
             worker.once("error", reject);
           }),
@@ -373,9 +464,7 @@ async function main(): Promise<void> {
 async function workerMain(data: WorkerData): Promise<void> {
   const options = openFile(data.filePath, data.sync);
   if (data.dispatched) {
-    parentPort!.on("message", (fd: number) =>
-      serveConnection(new net.Socket({ fd, readable: true, writable: true }), options),
-    );
+    parentPort!.on("message", (fd: number) => openAccepted(fd, options, data.inPlace === true));
     parentPort!.postMessage(-1);
     return;
   }

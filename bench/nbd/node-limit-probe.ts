@@ -6,7 +6,8 @@
  *   origin export, so that it serves the same plain file as the others),
  * - bare-nbd-server.ts, a minimal Node NBD server, in six shapes: one event loop, N worker threads that
  *   all listen on the same descriptor, or N workers fed accepted descriptors by the main thread; each with
- *   fs.read / fs.write (libuv pool) or with fs.readSync / fs.writeSync on the loop.
+ *   fs.read / fs.write (libuv pool) or with fs.readSync / fs.writeSync on the loop; plus one loop that
+ *   receives WRITE payloads in place (`onread`).
  * Rows: nbdcopy of the whole file to null: with 4 connections (multi-conn), fio --ioengine=nbd 4 KiB
  * randread at QD1 and QD32, 256 KiB sequential write at QD16. Each round runs every row on every server,
  * the servers' order rotating from round to round; the table gives each server's median and, because the
@@ -116,6 +117,7 @@ async function main(): Promise<void> {
   const workersName = `bare, ${options.workers} workers, fs.read`;
   const workersSyncName = `bare, ${options.workers} workers, readSync`;
   const loopSyncName = "bare, 1 loop, readSync";
+  const inPlaceName = "bare, 1 loop, fs.read, payload received in place";
   const dispatchName = `bare, ${options.workers} workers fed by main, fs.read`;
   const dispatchSyncName = `bare, ${options.workers} workers fed by main, readSync`;
   const nbdcopyOnce = async (uri: string) => {
@@ -158,6 +160,13 @@ async function main(): Promise<void> {
         "--shape",
         "loop",
         "--sync",
+      ]),
+    );
+    servers.push(
+      await startBare(inPlaceName, file, options.directory, "bare-loop-in-place.sock", [
+        "--shape",
+        "loop",
+        "--in-place",
       ]),
     );
     const workerFlags = ["--shape", "workers", "--workers", String(options.workers)];
@@ -210,7 +219,7 @@ async function main(): Promise<void> {
     if (ratios.length === 0) return "–";
     return `${median(ratios).toFixed(2)}× (${Math.min(...ratios).toFixed(2)}–${Math.max(...ratios).toFixed(2)})`;
   };
-  const loops = [LOOP, loopSyncName];
+  const loops = [LOOP, loopSyncName, inPlaceName];
   const workers = [workersName, workersSyncName, dispatchName, dispatchSyncName];
   const header = [
     "test",
