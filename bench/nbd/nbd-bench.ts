@@ -8,6 +8,7 @@
  * ratios and writes it as Markdown to bench/results/nbd.md.
  *
  * Usage: npm run build && node dist/bench/nbd/nbd-bench.js [--size-mib 1024] [--runtime-s 4] [--dir /tmp/x]
+ *   [--only SUBSTRING] (only the rows whose name contains it, e.g. "256 KiB")
  */
 import * as fs from "node:fs";
 import { availableParallelism, cpus, totalmem } from "node:os";
@@ -27,7 +28,9 @@ import {
   startQemuNbd,
 } from "./bench-servers.js";
 
-type Options = BenchOptions;
+interface Options extends BenchOptions {
+  readonly only: string;
+}
 
 interface Measurement {
   readonly test: string;
@@ -44,6 +47,7 @@ function parseOptions(argv: readonly string[]): Options {
     sizeMib: Number(value("--size-mib", "1024")),
     runtimeSeconds: Number(value("--runtime-s", "4")),
     directory: value("--dir", "/tmp/blocksnap-nbd-bench"),
+    only: value("--only", ""),
   };
 }
 
@@ -127,7 +131,7 @@ async function main(): Promise<void> {
       return unit === "IOPS" ? result.iops : result.mibPerSecond;
     },
   });
-  const tests: BenchTest[] = [
+  const allTests: BenchTest[] = [
     {
       test: `nbdcopy ${options.sizeMib} MiB to null:`,
       unit: "s",
@@ -145,6 +149,7 @@ async function main(): Promise<void> {
       "origin with snapshot held",
     ),
   ];
+  const tests = allTests.filter((entry) => entry.test.includes(options.only));
   const peers: Server[] = [];
   try {
     peers.push(await startNbdkit(file, options.directory));

@@ -8,9 +8,18 @@
  * thread reads it. A staging buffer that must grow (a write larger than batchBytesMax) is replaced by
  * posting the new one on the slot's port before the batch is submitted; the thread takes such messages
  * with receiveMessageOnPort before it runs a batch, so it always sees the buffer the batch was staged in.
+ *
+ * Writes by reference: a payload that already lives in a SharedArrayBuffer (the NBD face receives WRITE
+ * payloads into such buffers) is not staged. The writer registers the buffer once with the thread (a
+ * SharedRegistered message, posted before the first batch that uses it) and the operation names it by id
+ * (field 5; -1: the slot's staging buffer) and offset. The writer's caller keeps the payload unchanged
+ * until the write settles (the BlockDevice contract), and a registration is dropped (SharedReleased) only
+ * once the writer's side of the buffer was garbage-collected, so no batch can still name it.
  */
 
-export const opFields = 5;
+export const opFields = 6;
+/** Field 5 of an operation: the payload is in the slot's staging buffer. */
+export const BUFFER_STAGING = -1;
 export const OP_WRITE = 0;
 export const OP_EXTEND = 1;
 /** Writes zeroes from the thread's own buffer: length in the length field, no payload. */
@@ -31,7 +40,7 @@ export const doorbellInts = doorbellSlotBase + slotCount;
 /** What the thread gets at start (workerData). */
 export interface WriterShared {
   readonly doorbell: SharedArrayBuffer;
-  /** Per slot: opsPerBatchMax × opFields numbers (kind, fd, position, payload offset, length). */
+  /** Per slot: opsPerBatchMax × opFields numbers (kind, fd, position, payload offset, length, buffer id). */
   readonly opTables: readonly SharedArrayBuffer[];
   /** Per slot: opsPerBatchMax outcomes, 0 or a negative errno (Node's `error.errno`). */
   readonly resultTables: readonly SharedArrayBuffer[];
@@ -40,6 +49,22 @@ export interface WriterShared {
 
 /** Posted (on the thread's port) when a slot's staging buffer is replaced. */
 export interface StagingReplaced {
+  readonly type: "staging";
   readonly slot: number;
   readonly staging: SharedArrayBuffer;
 }
+
+/** Posted before the first batch that writes from `buffer` by reference. */
+export interface SharedRegistered {
+  readonly type: "register";
+  readonly id: number;
+  readonly buffer: SharedArrayBuffer;
+}
+
+/** Posted once no batch can name the buffer any more. */
+export interface SharedReleased {
+  readonly type: "release";
+  readonly id: number;
+}
+
+export type WriterMessage = StagingReplaced | SharedRegistered | SharedReleased;

@@ -8,6 +8,7 @@ import * as fs from "node:fs";
 import { type MessagePort, parentPort, receiveMessageOnPort, workerData } from "node:worker_threads";
 import { assert } from "../util/assert.js";
 import {
+  BUFFER_STAGING,
   DOORBELL_COMPLETED,
   DOORBELL_SUBMITTED,
   doorbellSlotBase,
@@ -15,8 +16,8 @@ import {
   OP_WRITE,
   OP_ZERO,
   opFields,
-  type StagingReplaced,
   slotCount,
+  type WriterMessage,
   type WriterShared,
 } from "./fs-write-protocol.js";
 
@@ -32,6 +33,8 @@ const doorbell = new Int32Array(shared.doorbell);
 const opTables = shared.opTables.map((buffer) => new Float64Array(buffer));
 const resultTables = shared.resultTables.map((buffer) => new Int32Array(buffer));
 const stagings = shared.stagingBuffers.map((buffer) => new Uint8Array(buffer));
+/** Buffers written from by reference, by id (SharedRegistered / SharedReleased). */
+const sharedBuffers = new Map<number, Uint8Array>();
 
 function runOne(ops: Float64Array, base: number, data: Uint8Array): void {
   const kind = ops[base];
@@ -51,7 +54,10 @@ function runOne(ops: Float64Array, base: number, data: Uint8Array): void {
     return;
   }
   assert(kind === OP_WRITE, "unknown operation in a write batch");
-  writeAll(fd, data, dataOffsetBytes, lengthBytes, positionBytes);
+  const bufferId = ops[base + 5] ?? BUFFER_STAGING;
+  const source = bufferId === BUFFER_STAGING ? data : sharedBuffers.get(bufferId);
+  assert(source, "a write from a registered buffer");
+  writeAll(fd, source, dataOffsetBytes, lengthBytes, positionBytes);
 }
 
 function writeAll(
@@ -75,13 +81,26 @@ function writeAll(
   }
 }
 
-/** Staging buffers the writer replaced since the last batch (posted before that batch was submitted). */
-function takeReplacedStagings(): void {
+/**
+ * Messages the writer posted before the batch about to run: replaced staging buffers, shared buffers
+ * registered or released.
+ */
+function takeMessages(): void {
   for (;;) {
     const received = receiveMessageOnPort(port);
     if (!received) return;
-    const { slot, staging } = received.message as StagingReplaced;
-    stagings[slot] = new Uint8Array(staging);
+    const message = received.message as WriterMessage;
+    switch (message.type) {
+      case "staging":
+        stagings[message.slot] = new Uint8Array(message.staging);
+        break;
+      case "register":
+        sharedBuffers.set(message.id, new Uint8Array(message.buffer));
+        break;
+      case "release":
+        sharedBuffers.delete(message.id);
+        break;
+    }
   }
 }
 
@@ -108,7 +127,7 @@ for (;;) {
     Atomics.wait(doorbell, DOORBELL_SUBMITTED, completed);
     continue;
   }
-  takeReplacedStagings();
+  takeMessages();
   runBatch(completed % slotCount);
   completed++;
   Atomics.store(doorbell, DOORBELL_COMPLETED, completed);

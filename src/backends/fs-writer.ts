@@ -7,7 +7,9 @@
  * the event loop and the writes use both cores.
  *
  * Batching: operations issued in one turn of the event loop go to the thread as one batch (payloads
- * copied into the slot's reused shared staging buffer, at most batchBytesMax and opsPerBatchMax per batch),
+ * copied into the slot's reused shared staging buffer, at most batchBytesMax staged bytes and
+ * opsPerBatchMax operations per batch; a payload already in a SharedArrayBuffer is written by reference
+ * instead, see fs-write-protocol.ts),
  * so a queue of 4 KiB writes costs one wake-up per batch instead of one per write. With slotCount batches
  * out, the next one waits for a completion and collects what arrives meanwhile. Operations run in issue
  * order.
@@ -20,14 +22,21 @@
  * Lifetime: a writer is shared by reference count (acquire/release by the file backends); its thread
  * starts on first use, is referenced only while batches are out (an idle writer never keeps the process
  * alive), and ends when the last file releases it. A thread that dies fails its batches with EIO; the
- * operations not yet submitted go to a new thread. Not done yet: payloads are copied once into the staging
- * buffer (a SharedArrayBuffer-backed request buffer could be written in place).
+ * operations not yet submitted go to a new thread.
+ *
+ * Shared payloads: the NBD face receives large WRITE payloads into SharedArrayBuffer-backed buffers, and
+ * the thread writes them where they are, which saves the event loop a copy of every such payload (a
+ * 256 KiB write over NBD was copied twice: out of the socket's chunks, then into the staging buffer).
+ * A buffer is registered with the thread on first use and released when this side's buffer object is
+ * collected (FinalizationRegistry); at most sharedBytesMax are registered at once (beyond that payloads
+ * are staged), so a caller that churns through shared buffers cannot pin unbounded memory in the thread.
  */
 import { getSystemErrorMap } from "node:util";
 import { Worker } from "node:worker_threads";
 import { BlockError } from "../block/errors.js";
 import { assert } from "../util/assert.js";
 import {
+  BUFFER_STAGING,
   DOORBELL_COMPLETED,
   DOORBELL_SUBMITTED,
   doorbellInts,
@@ -37,6 +46,8 @@ import {
   OP_ZERO,
   opFields,
   opsPerBatchMax,
+  type SharedRegistered,
+  type SharedReleased,
   type StagingReplaced,
   slotCount,
   type WriterShared,
@@ -44,6 +55,8 @@ import {
 
 /** Payload bytes per batch: larger writes go alone in a batch of their own. */
 export const batchBytesMax = 4 << 20;
+/** Bytes of shared buffers registered with one thread at most. */
+export const sharedBytesMax = 256 << 20;
 
 interface PendingOp {
   readonly kind: number;
@@ -58,6 +71,7 @@ interface PendingOp {
 
 interface Batch {
   readonly ops: PendingOp[];
+  /** Payload bytes to stage (payloads in shared memory are not counted: they may go by reference). */
   payloadBytes: number;
 }
 
@@ -73,6 +87,12 @@ interface Thread {
   /** The batches submitted and not completed, oldest first (batch n is in slot n % slotCount). */
   readonly inflight: PendingOp[][];
   waiting: boolean;
+  /** Shared buffers registered with this thread, by id; and the bytes they hold. */
+  readonly sharedIds: WeakMap<SharedArrayBuffer, number>;
+  nextSharedId: number;
+  sharedBytes: number;
+  /** Releases a registration once this side's buffer is collected. */
+  readonly sharedRegistry: FinalizationRegistry<{ readonly id: number; readonly lengthBytes: number }>;
 }
 
 export class FileSystemWriter {
@@ -136,7 +156,7 @@ export class FileSystemWriter {
     zeroLengthBytes = 0,
   ): Promise<void> {
     assert(this.references > 0, "a released file system writer got work");
-    const lengthBytes = source?.byteLength ?? 0;
+    const lengthBytes = source && !(source.buffer instanceof SharedArrayBuffer) ? source.byteLength : 0;
     let open = this.pending.at(-1);
     if (
       !open ||
@@ -177,18 +197,29 @@ export class FileSystemWriter {
     const slot = thread.submitted % slotCount;
     const table = thread.opTables[slot];
     assert(table, "a slot's operation table exists");
-    const data = new Uint8Array(this.stagingFor(thread, slot, batch.payloadBytes), 0, batch.payloadBytes);
+    const sharedIds = batch.ops.map((op) => this.sharedIdOf(thread, op.source));
+    let stagedBytes = 0;
+    batch.ops.forEach((op, index) => {
+      if (op.source && sharedIds[index] === BUFFER_STAGING) stagedBytes += op.source.byteLength;
+    });
+    const data = new Uint8Array(this.stagingFor(thread, slot, stagedBytes), 0, stagedBytes);
     let dataOffsetBytes = 0;
     batch.ops.forEach((op, index) => {
       const base = index * opFields;
-      const payloadBytes = op.source?.byteLength ?? 0;
+      const sharedId = sharedIds[index] ?? BUFFER_STAGING;
       table[base] = op.kind;
       table[base + 1] = op.fd;
       table[base + 2] = op.positionBytes;
+      table[base + 4] = op.source ? op.source.byteLength : op.zeroLengthBytes;
+      table[base + 5] = sharedId;
+      if (!op.source) return;
+      if (sharedId !== BUFFER_STAGING) {
+        table[base + 3] = op.source.byteOffset;
+        return;
+      }
       table[base + 3] = dataOffsetBytes;
-      table[base + 4] = op.source ? payloadBytes : op.zeroLengthBytes;
-      if (op.source) data.set(op.source, dataOffsetBytes);
-      dataOffsetBytes += payloadBytes;
+      data.set(op.source, dataOffsetBytes);
+      dataOffsetBytes += op.source.byteLength;
     });
     if (thread.inflight.length === 0) thread.worker.ref();
     thread.inflight.push(batch.ops);
@@ -197,6 +228,25 @@ export class FileSystemWriter {
     Atomics.store(thread.doorbell, DOORBELL_SUBMITTED, thread.submitted);
     Atomics.notify(thread.doorbell, DOORBELL_SUBMITTED);
     this.awaitCompletion(thread);
+  }
+
+  /**
+   * The thread's id of the shared buffer `source` lives in, registering it on first use; BUFFER_STAGING
+   * when the payload is to be staged (not shared, or the registrations are at their bound).
+   */
+  private sharedIdOf(thread: Thread, source: Uint8Array | null): number {
+    if (!source || !(source.buffer instanceof SharedArrayBuffer)) return BUFFER_STAGING;
+    const buffer = source.buffer;
+    const known = thread.sharedIds.get(buffer);
+    if (known !== undefined) return known;
+    if (thread.sharedBytes + buffer.byteLength > sharedBytesMax) return BUFFER_STAGING;
+    const id = thread.nextSharedId++;
+    thread.sharedIds.set(buffer, id);
+    thread.sharedBytes += buffer.byteLength;
+    thread.sharedRegistry.register(buffer, { id, lengthBytes: buffer.byteLength });
+    const message: SharedRegistered = { type: "register", id, buffer };
+    thread.worker.postMessage(message);
+    return id;
   }
 
   /**
@@ -211,7 +261,7 @@ export class FileSystemWriter {
     if (fits && (current.byteLength === batchBytesMax || lengthBytes > batchBytesMax)) return current;
     const staging = new SharedArrayBuffer(Math.max(lengthBytes, batchBytesMax));
     thread.stagings[slot] = staging;
-    const message: StagingReplaced = { slot, staging };
+    const message: StagingReplaced = { type: "staging", slot, staging };
     thread.worker.postMessage(message);
     return staging;
   }
@@ -240,6 +290,16 @@ export class FileSystemWriter {
       completed: 0,
       inflight: [],
       waiting: false,
+      sharedIds: new WeakMap(),
+      nextSharedId: 0,
+      sharedBytes: 0,
+      sharedRegistry: new FinalizationRegistry(({ id, lengthBytes }) => {
+        thread.sharedBytes -= lengthBytes;
+        // The buffer is gone on this side, so no batch can name it: the thread may drop it too.
+        if (this.thread !== thread) return;
+        const message: SharedReleased = { type: "release", id };
+        thread.worker.postMessage(message);
+      }),
     };
     worker.on("error", (error) => this.failAll(thread, error));
     worker.on("exit", () => this.failAll(thread, new Error("the file system writer thread exited")));

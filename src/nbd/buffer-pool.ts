@@ -7,6 +7,10 @@
  *
  * Free lists are kept per exact byte length (clients repeat the same request sizes), bounded in total
  * bytes; beyond the bound released buffers are simply dropped to the GC. One event loop, no locks.
+ *
+ * A `shared` pool (WRITE payloads) allocates its pooled sizes in SharedArrayBuffers: the file system
+ * writer thread writes such a payload where it is instead of copying it into its staging buffer
+ * (src/backends/fs-writer.ts).
  */
 import { assert } from "../util/assert.js";
 
@@ -14,12 +18,18 @@ export class BufferPool {
   private readonly freeLists = new Map<number, Buffer[]>();
   private readonly pooledBytesMax: number;
   private readonly bufferBytesMin: number;
+  private readonly shared: boolean;
   private pooledBytes = 0;
 
-  constructor(options: { readonly pooledBytesMax: number; readonly bufferBytesMin: number }) {
+  constructor(options: {
+    readonly pooledBytesMax: number;
+    readonly bufferBytesMin: number;
+    readonly shared?: boolean;
+  }) {
     assert(options.pooledBytesMax >= 0 && options.bufferBytesMin > 0);
     this.pooledBytesMax = options.pooledBytesMax;
     this.bufferBytesMin = options.bufferBytesMin;
+    this.shared = options.shared ?? false;
   }
 
   /** Bytes currently held by free lists. */
@@ -37,9 +47,10 @@ export class BufferPool {
       }
     }
     // Small buffers come from Node's shared slab; pooled sizes need their own ArrayBuffer.
-    return lengthBytes >= this.bufferBytesMin
-      ? Buffer.allocUnsafeSlow(lengthBytes)
-      : Buffer.allocUnsafe(lengthBytes);
+    if (lengthBytes < this.bufferBytesMin) return Buffer.allocUnsafe(lengthBytes);
+    return this.shared
+      ? Buffer.from(new SharedArrayBuffer(lengthBytes))
+      : Buffer.allocUnsafeSlow(lengthBytes);
   }
 
   /** Gives back a buffer from acquire() that nothing references any more. */

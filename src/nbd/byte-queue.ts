@@ -63,6 +63,17 @@ export class ByteQueue {
     return target;
   }
 
+  /** The next `lengthBytes` bytes as a view of one chunk, consumed; undefined (nothing consumed) otherwise. */
+  takeIfContiguous(lengthBytes: number): Buffer | undefined {
+    assert(lengthBytes > 0, "a contiguous take of nothing");
+    if (lengthBytes > this.lengthBytesInternal) return undefined;
+    const head = this.chunks[this.headIndex]!;
+    if (head.byteLength - this.headOffsetBytes < lengthBytes) return undefined;
+    const view = head.subarray(this.headOffsetBytes, this.headOffsetBytes + lengthBytes);
+    this.skip(lengthBytes);
+    return view;
+  }
+
   /** Moves up to `lengthBytes` queued bytes into target at targetOffsetBytes; returns the count moved. */
   takeInto(target: Uint8Array, targetOffsetBytes: number, lengthBytes: number): number {
     const movedBytes = Math.min(lengthBytes, this.lengthBytesInternal);

@@ -8,7 +8,8 @@
  *   RECV_OPTION_DATA     the option payload (≤ optionPayloadBytesMax), then Handshake.onOption()
  *   SKIP_OPTION_DATA     an oversize option payload, discarded as it arrives, then NBD_REP_ERR_TOO_BIG
  *   RECV_REQUEST_HEADER  28-byte request; validation; dispatch or an immediate error reply
- *   RECV_WRITE_PAYLOAD   a WRITE payload, copied as it arrives into one buffer (a view when it came whole)
+ *   RECV_WRITE_PAYLOAD   a WRITE payload, copied as it arrives into one shared-memory buffer (a view when
+ *                        it came in one socket read; see parseRequestHeader)
  *   SKIP_WRITE_PAYLOAD   the payload of a refused WRITE (≤ 2 × max), discarded, then the error reply
  *   FINISHING            nothing more is parsed; in-flight requests finish, replies flush, then end
  *   DEAD                 socket destroyed or closed
@@ -97,6 +98,8 @@ export interface NbdConnectionOptions {
   readonly requestLengthBytesMax: number;
   readonly inflightRequestsMax: number;
   readonly pool: BufferPool;
+  /** WRITE payloads that do not arrive in one socket read are received into these (shared memory). */
+  readonly payloadPool: BufferPool;
   /** The server's budget of in-flight READ/WRITE bytes, shared by every connection. */
   readonly budget: InflightBudget;
   /** Who this connection belongs to, for the budget's per-client share (nbd-server.ts). */
@@ -145,6 +148,7 @@ export class NbdConnection implements ReplySink {
   private readonly requestLengthBytesMax: number;
   private readonly inflightRequestsMax: number;
   private readonly pool: BufferPool;
+  private readonly payloadPool: BufferPool;
   private readonly budget: InflightBudget;
   private readonly clientKey: string;
   /** Budget asked for the request whose header is next in the queue. */
@@ -176,6 +180,7 @@ export class NbdConnection implements ReplySink {
     this.requestLengthBytesMax = options.requestLengthBytesMax;
     this.inflightRequestsMax = options.inflightRequestsMax;
     this.pool = options.pool;
+    this.payloadPool = options.payloadPool;
     this.budget = options.budget;
     this.clientKey = options.clientKey;
     this.tls = options.tls ?? tlsOff;
@@ -575,13 +580,16 @@ export class NbdConnection implements ReplySink {
         this.state = "SKIP_WRITE_PAYLOAD";
         return true;
       }
-      if (this.queue.lengthBytes >= lengthBytes) {
-        request.payload = this.queue.take(lengthBytes);
+      // A payload within one socket read is used where it is. Any other is received into a shared buffer,
+      // which the file system writer thread writes from without a copy of its own: one copy per payload.
+      const view = this.queue.takeIfContiguous(lengthBytes);
+      if (view !== undefined) {
+        request.payload = view;
         this.dispatch(request, lengthBytes);
         return true;
       }
       // Devices do not keep `source` once write() settled (the BlockDevice contract), so it is recycled.
-      request.payload = this.pool.acquire(lengthBytes);
+      request.payload = this.payloadPool.acquire(lengthBytes);
       request.isPayloadPooled = true;
       this.payloadFilledBytes = 0;
       this.pendingWrite = request;
@@ -604,7 +612,7 @@ export class NbdConnection implements ReplySink {
   }
 
   private onRequestDone(request: PendingRequest, bufferBytes: number): void {
-    if (request.isPayloadPooled) this.pool.release(request.payload!);
+    if (request.isPayloadPooled) this.payloadPool.release(request.payload!);
     this.releaseBudgetHold(request);
     this.inflightRequests -= 1;
     this.inflightBytes -= bufferBytes;

@@ -56,6 +56,11 @@ export const closeTimeoutMsDefault = 5_000;
 export const replyBufferPoolBytesMax = 64 * 1024 * 1024;
 export const replyBufferPooledBytesMin = 4096;
 /**
+ * Recycled WRITE payload buffers (shared memory, written by reference by the file system writer thread)
+ * kept by one server: a payload that does not arrive in one socket read is received into one of these.
+ */
+export const writePayloadPoolBytesMax = 32 * 1024 * 1024;
+/**
  * TRIM and WRITE_ZEROES longer than this run as slices of this size with a yield to the event loop in
  * between (transmission.ts), so one 4 GiB zeroing cannot hold the daemon for seconds. Small because the
  * slowest path is slow: under a snapshot with a memory storage a slice is copied before it is zeroed, at

@@ -37,6 +37,7 @@ import {
   replyBufferPooledBytesMin,
   replyQueueBytesMax,
   requestLengthBytesMaxDefault,
+  writePayloadPoolBytesMax,
 } from "./nbd-limits.js";
 import { PeerUids } from "./peer-credentials.js";
 import { type NbdTls, tlsOff } from "./tls.js";
@@ -85,6 +86,11 @@ export class NbdServer {
   private readonly pool = new BufferPool({
     pooledBytesMax: replyBufferPoolBytesMax,
     bufferBytesMin: replyBufferPooledBytesMin,
+  });
+  private readonly payloadPool = new BufferPool({
+    pooledBytesMax: writePayloadPoolBytesMax,
+    bufferBytesMin: replyBufferPooledBytesMin,
+    shared: true,
   });
   private closing: Promise<void> | undefined;
 
@@ -303,6 +309,7 @@ export class NbdServer {
       requestLengthBytesMax: this.requestLengthBytesMax,
       inflightRequestsMax: this.inflightRequestsMax,
       pool: this.pool,
+      payloadPool: this.payloadPool,
       budget: this.budget,
       // Unix clients whose uid could not be read share one budget share.
       clientKey: clientKey ?? "uid unknown",
