@@ -61,8 +61,8 @@ export interface BackupParams {
   readonly storageLimitBytes: number;
   readonly signal?: AbortSignal;
   readonly onProgress?: (progress: BackupProgress) => void;
-  /** A line for the user: the level chosen and why. */
-  readonly onNote?: (note: string) => void;
+  /** A line for the user: the level chosen and why (once, before the first chunk is read). */
+  readonly onNote?: (note: string, level: "full" | "inc") => void;
   readonly inFlightMax?: number;
 }
 
@@ -102,7 +102,7 @@ export async function runBackup(params: BackupParams): Promise<BackupOutcome> {
     const cbt = sameTake(found.changedBlocks, cbtNow) ? cbtNow : null;
     const cbtMap = cbt === null ? new Uint8Array(0) : engine.cbtRead(device);
     const plan = planLevel(params.level, previous, cbt, image.sizeBytes, repository.chunkSizeBytes);
-    params.onNote?.(plan.reason);
+    params.onNote?.(plan.reason, plan.base === null ? "full" : "inc");
     checkAborted(params.signal);
 
     const chunkCount = Math.ceil(image.sizeBytes / repository.chunkSizeBytes);

@@ -13,6 +13,7 @@ import { Repository } from "../backup/repository.js";
 import { createKeyFile, readKeyFile } from "../backup/repository-key.js";
 import { verifyBackups } from "../backup/restore.js";
 import { addBackupCreateCommand } from "./backup-create-command.js";
+import { addBackupEventsCommand } from "./backup-events-command.js";
 import { addBackupMountCommand, type MountOptions } from "./backup-mount-command.js";
 import {
   openRepository,
@@ -89,6 +90,7 @@ export function addBackupCommands(program: Command): void {
     );
 
   addBackupCreateCommand(backup);
+  addBackupEventsCommand(backup);
 
   addCommonOptions(
     repositoryOptions(

@@ -76,6 +76,12 @@ export const waitEventQuerySchema = z.strictObject({
   since: z.coerce.number().pipe(z.int().min(0).max(Number.MAX_SAFE_INTEGER)).optional(),
 });
 
+/** `GET /v1/backups/events`: the cursor (default 0: from the oldest kept) and how long to wait (default 0). */
+export const backupEventsQuerySchema = z.strictObject({
+  since: z.coerce.number().pipe(z.int().min(0).max(Number.MAX_SAFE_INTEGER)).optional(),
+  timeoutMs: z.coerce.number().pipe(z.int().min(0).max(waitEventTimeoutMsMax)).optional(),
+});
+
 export const cbtMapQuerySchema = z.strictObject({
   format: z.enum(["binary", "base64"]).optional(),
 });

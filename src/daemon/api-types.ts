@@ -7,6 +7,7 @@
  */
 
 import type { LogLevelName } from "../util/logger.js";
+import type { BackupJobEvent } from "./backup-job-events.js";
 
 export interface ApiErrorBody {
   readonly error: { readonly errno: string; readonly message: string };
@@ -226,4 +227,11 @@ export interface RemovedView {
 
 export interface DestroyedView {
   readonly destroyed: string;
+}
+
+/** `GET /v1/backups/events`: the first job event after the cursor, as a snapshot's event reads are. */
+export interface BackupJobEventsView {
+  readonly event: (BackupJobEvent & { readonly seq: number }) | null;
+  readonly nextSince: number;
+  readonly missed: number;
 }

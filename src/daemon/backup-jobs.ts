@@ -24,6 +24,9 @@
  * large, no job runs on it, and nothing uses it — no NBD client on its export and no loop device over its
  * FUSE file (`force` overrides; its users then see the contents change under them). Not done yet: jobs that survive a daemon restart (an interrupted
  * backup leaves only unreferenced chunks; run it again).
+ *
+ * Every job reports what it does as events (backup-job-events.ts): `started` once its level is chosen,
+ * then one of `finished`, `failed`, `cancelled`; `events` is the daemon-wide log a user follows.
  */
 import { randomUUID } from "node:crypto";
 import { tmpdir } from "node:os";
@@ -35,6 +38,7 @@ import { restoreToDevice } from "../backup/restore-device.js";
 import type { S3Settings } from "../backup/s3-store.js";
 import { BlockError, toBlockError } from "../block/errors.js";
 import type { Logger } from "../util/logger.js";
+import { BackupJobEvents } from "./backup-job-events.js";
 
 const jobsKeptMax = 32;
 const snapshotLimitBytesMin = 64 * 1024 * 1024;
@@ -108,10 +112,18 @@ export class BackupJobs {
   private readonly engine: JobsEngine;
   private readonly logger: Logger;
   private readonly jobs = new Map<string, Job>();
+  /** What the jobs did, for `GET /v1/backups/events` (each event is also logged). */
+  readonly events: BackupJobEvents;
 
   constructor(engine: JobsEngine, logger: Logger) {
     this.engine = engine;
     this.logger = logger;
+    this.events = new BackupJobEvents(logger);
+  }
+
+  /** Wakes every reader waiting for an event (the daemon stops). */
+  close(): void {
+    this.events.close();
   }
 
   start(request: BackupRequest): BackupJobView {
@@ -150,6 +162,7 @@ export class BackupJobs {
       this.logger.warn({ device: request.device, users }, "restoring onto a device in use");
     const job = this.newJob("restore", request.device, request.repository, null);
     job.view = { ...job.view, backupId: manifest.id };
+    this.emitStarted(job, null, `restore of backup ${manifest.device}/${manifest.id}`);
     void this.runRestore(job, repository, manifest);
     return job.view;
   }
@@ -254,8 +267,9 @@ export class BackupJobs {
         onProgress: (progress) => {
           job.view = { ...job.view, progress };
         },
-        onNote: (note) => {
+        onNote: (note, level) => {
           job.view = { ...job.view, levelReason: note };
+          this.emitStarted(job, level, note);
         },
       });
       const { manifest } = outcome;
@@ -272,10 +286,15 @@ export class BackupJobs {
           newBytesStored: manifest.newBytesStored,
         },
       };
-      this.logger.info(
-        { device: request.device, backup: manifest.id, level: manifest.level, readBytes: manifest.readBytes },
-        "backup done",
-      );
+      this.events.emit({
+        ...this.eventBase(job),
+        type: "finished",
+        backup: `${manifest.device}/${manifest.id}`,
+        level: manifest.level,
+        bytes: manifest.readBytes,
+        newBytesStored: manifest.newBytesStored,
+        durationMs: this.durationMs(job),
+      });
     } catch (error) {
       this.fail(job, error);
     } finally {
@@ -303,10 +322,15 @@ export class BackupJobs {
         progress: { ...job.view.progress, phase: "done" },
         restored,
       };
-      this.logger.info(
-        { device: job.view.device, backup: `${manifest.device}/${manifest.id}`, ...restored },
-        "restore done",
-      );
+      this.events.emit({
+        ...this.eventBase(job),
+        type: "finished",
+        backup: `${manifest.device}/${manifest.id}`,
+        level: null,
+        bytes: restored.bytesWritten,
+        newBytesStored: 0,
+        durationMs: this.durationMs(job),
+      });
     } catch (error) {
       this.fail(job, error);
     } finally {
@@ -324,8 +348,31 @@ export class BackupJobs {
       finishedAt: new Date().toISOString(),
       error: { errno: blockError.errno, message: blockError.message },
     };
-    if (cancelled) this.logger.info({ device, job: job.view.id }, `${kind} cancelled`);
-    else this.logger.error({ device, err: blockError.message }, `${kind} failed`);
+    const durationMs = this.durationMs(job);
+    if (cancelled) this.events.emit({ ...this.eventBase(job), type: "cancelled", durationMs });
+    else
+      this.events.emit({
+        ...this.eventBase(job),
+        type: "failed",
+        errno: blockError.errno,
+        message: blockError.message,
+        durationMs,
+      });
+  }
+
+  private emitStarted(job: Job, level: "full" | "inc" | null, reason: string): void {
+    this.events.emit({ ...this.eventBase(job), type: "started", level, reason });
+  }
+
+  private eventBase(job: Job) {
+    const { id, kind, device, repository } = job.view;
+    return { job: id, kind, device, repository };
+  }
+
+  /** From the job's start to its end (or now, while it runs). */
+  private durationMs(job: Job): number {
+    const endMs = job.view.finishedAt === null ? Date.now() : Date.parse(job.view.finishedAt);
+    return Math.max(0, endMs - Date.parse(job.view.startedAt));
   }
 
   private forgetOldJobs(): void {

@@ -27,6 +27,7 @@ import {
 import {
   appendStorageBodySchema,
   backupBodySchema,
+  backupEventsQuerySchema,
   backupMountBodySchema,
   cbtMapQuerySchema,
   deviceAddBodySchema,
@@ -44,6 +45,7 @@ import {
 import type {
   AccessRulesView,
   AccessView,
+  BackupJobEventsView,
   CbtInfoView,
   CbtMapJsonView,
   DestroyedView,
@@ -294,21 +296,33 @@ async function refuseStorageOnMembers(
   }
 }
 
-async function waitEventOrShutdown(
+function waitEventOrShutdown(
   context: ControlContext,
   id: string,
   since: number | null,
   timeoutMs: number,
 ): Promise<EventRead> {
+  return orShutdown(context, () => context.engine.readEvent(id, since, timeoutMs));
+}
+
+/** A long poll that ends early with ESHUTDOWN when the daemon stops (`onShutdown` then runs once). */
+async function orShutdown<T>(
+  context: ControlContext,
+  wait: () => Promise<T>,
+  onShutdown: () => void = () => {},
+): Promise<T> {
   const { shutdownSignal } = context;
   if (shutdownSignal.aborted) throw new BlockError("ESHUTDOWN", "the daemon is shutting down");
   let onAbort = (): void => {};
   const aborted = new Promise<never>((_resolve, reject) => {
-    onAbort = () => reject(new BlockError("ESHUTDOWN", "the daemon is shutting down"));
+    onAbort = () => {
+      onShutdown();
+      reject(new BlockError("ESHUTDOWN", "the daemon is shutting down"));
+    };
     shutdownSignal.addEventListener("abort", onAbort, { once: true });
   });
   try {
-    return await Promise.race([context.engine.readEvent(id, since, timeoutMs), aborted]);
+    return await Promise.race([wait(), aborted]);
   } finally {
     shutdownSignal.removeEventListener("abort", onAbort);
   }
@@ -448,6 +462,23 @@ export const routes: readonly Route[] = [
     requireNoQuery(request);
     await backupMounts(context).unmount(param(request, "name"));
     return ok({ unmounted: param(request, "name") });
+  }),
+
+  route("GET", "/v1/backups/events", async (context, request) => {
+    const { since, timeoutMs } = parse(backupEventsQuerySchema, request.query, "query");
+    const jobs = backupJobs(context);
+    // The daemon stopping closes the log: every waiter wakes (no timer is left behind).
+    const read = await orShutdown(
+      context,
+      () => jobs.events.log.wait(since ?? 0, timeoutMs ?? 0),
+      () => jobs.close(),
+    );
+    const view: BackupJobEventsView = {
+      event: read.event === null || read.seq === null ? null : { ...read.event, seq: read.seq },
+      nextSince: read.nextSince,
+      missed: read.missed,
+    };
+    return ok(view);
   }),
 
   route("POST", "/v1/backups/jobs/:id/cancel", (context, request) => {

@@ -12,7 +12,8 @@
  * Cursor-less readers (blksnap-style `wait-event`, the library's waitEvent) share one cursor: each event is
  * handed to one of them, in order, as the old FIFO did. Waits are timed in real milliseconds (blksnap passed
  * jiffies by mistake; quirk 1). `close()` wakes every waiter; the kept events can still be read after it.
- * Single-threaded: every method runs to completion on the event loop, no locks.
+ * Single-threaded: every method runs to completion on the event loop, no locks. The daemon's backup jobs
+ * keep their events in one too (src/daemon/backup-job-events.ts): the log is generic over the event type.
  */
 
 import { BlockError } from "../block/errors.js";
@@ -20,9 +21,14 @@ import { assert } from "../util/assert.js";
 import { eventsMax, waitTimeoutMsMax } from "./engine-limits.js";
 import type { SnapshotEvent } from "./engine-types.js";
 
-export interface EventRead {
+/** What the log holds: any event with a type (a snapshot's, or the daemon's backup jobs'). */
+export interface TypedEvent {
+  readonly type: string;
+}
+
+export interface EventRead<E extends TypedEvent = SnapshotEvent> {
   /** The first event after the cursor, or null when none came within the wait. */
-  readonly event: SnapshotEvent | null;
+  readonly event: E | null;
   /** Its sequence number, or null with no event. */
   readonly seq: number | null;
   /** The cursor to read on from: the event's seq, or the cursor given when there was none. */
@@ -31,32 +37,35 @@ export interface EventRead {
   readonly missed: number;
 }
 
-interface LoggedEvent {
+interface LoggedEvent<E> {
   readonly seq: number;
-  readonly event: SnapshotEvent;
+  readonly event: E;
 }
 
-interface Waiter {
+interface Waiter<E extends TypedEvent> {
   /** null: a cursor-less reader, served from the shared cursor. */
   readonly since: number | null;
-  readonly resolve: (read: EventRead) => void;
+  readonly resolve: (read: EventRead<E>) => void;
   timer: NodeJS.Timeout | null;
 }
 
-export class EventLog {
+export class EventLog<E extends TypedEvent = SnapshotEvent> {
   private readonly capacity: number;
+  /** Whose events, for the message of a cursor from elsewhere ("this snapshot"). */
+  private readonly owner: string;
   /** Ascending seq; holes where events were dropped. */
-  private readonly entries: LoggedEvent[] = [];
+  private readonly entries: LoggedEvent<E>[] = [];
   private lastSeq = 0;
   private sharedCursor = 0;
   /** In arrival order: cursor-less waiters are served first come, first served. */
-  private readonly waiters: Waiter[] = [];
+  private readonly waiters: Waiter<E>[] = [];
   private closed = false;
   droppedCount = 0;
 
-  constructor(capacity = eventsMax) {
+  constructor(capacity = eventsMax, owner = "this snapshot") {
     assert(Number.isSafeInteger(capacity) && capacity > 0);
     this.capacity = capacity;
+    this.owner = owner;
   }
 
   get length(): number {
@@ -69,7 +78,7 @@ export class EventLog {
   }
 
   /** Appends an event and returns its seq; ignored (0) once closed. */
-  push(event: SnapshotEvent): number {
+  push(event: E): number {
     if (this.closed) return 0;
     if (this.entries.length >= this.capacity) {
       const lowSpaceIndex = this.entries.findIndex((entry) => entry.event.type === "low_space");
@@ -84,7 +93,7 @@ export class EventLog {
   }
 
   /** The first event after `since`, at once (null event when there is none yet). */
-  read(since: number | null): EventRead {
+  read(since: number | null): EventRead<E> {
     const cursor = since ?? this.sharedCursor;
     this.checkCursor(cursor);
     const entry = this.entries.find((candidate) => candidate.seq > cursor);
@@ -97,12 +106,12 @@ export class EventLog {
    * The first event after `since` (null: the shared cursor), waiting up to `timeoutMs` for one. A cursor
    * beyond the newest event is EINVAL (a cursor from before a restart of the daemon, or made up).
    */
-  wait(since: number | null, timeoutMs: number): Promise<EventRead> {
+  wait(since: number | null, timeoutMs: number): Promise<EventRead<E>> {
     assert(Number.isSafeInteger(timeoutMs) && timeoutMs >= 0 && timeoutMs <= waitTimeoutMsMax);
     const read = this.read(since);
     if (read.event !== null || this.closed || timeoutMs === 0) return Promise.resolve(read);
     return new Promise((resolve) => {
-      const waiter: Waiter = { since, resolve, timer: null };
+      const waiter: Waiter<E> = { since, resolve, timer: null };
       waiter.timer = setTimeout(() => {
         this.removeWaiter(waiter);
         resolve(read);
@@ -130,7 +139,7 @@ export class EventLog {
     }
   }
 
-  private removeWaiter(waiter: Waiter): void {
+  private removeWaiter(waiter: Waiter<E>): void {
     const index = this.waiters.indexOf(waiter);
     if (index >= 0) this.waiters.splice(index, 1);
   }
@@ -142,7 +151,7 @@ export class EventLog {
     if (cursor > this.lastSeq) {
       throw new BlockError(
         "EINVAL",
-        `Event cursor ${cursor} is beyond the newest event (${this.lastSeq}) of this snapshot: it is not from this daemon run`,
+        `Event cursor ${cursor} is beyond the newest event (${this.lastSeq}) of ${this.owner}: it is not from this daemon run`,
       );
     }
   }
