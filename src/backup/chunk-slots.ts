@@ -11,6 +11,9 @@
 import { BlockError } from "../block/errors.js";
 import { storedBytesBound } from "./chunk-codec.js";
 
+/** The callers' own bound is the store's hint, up to 1024 (--s3-parallel); this only catches a missing one. */
+const slotsMaxDefault = 1024;
+
 export interface ChunkSlot {
   /** chunkSizeBytes of plain data. */
   readonly plain: Uint8Array;
@@ -24,7 +27,7 @@ export class ChunkSlots {
   private readonly slotsMax: number;
   private count = 0;
 
-  constructor(chunkSizeBytes: number, slotsMax = 128) {
+  constructor(chunkSizeBytes: number, slotsMax = slotsMaxDefault) {
     this.chunkSizeBytes = chunkSizeBytes;
     this.slotsMax = slotsMax;
   }
