@@ -50,7 +50,7 @@ export class DirectoryStore implements ObjectStore {
   async put(key: string, data: Uint8Array): Promise<void> {
     const path = this.pathOf(key);
     const directory = dirname(path);
-    await mkdir(directory, { recursive: true }).catch(storeError(key));
+    await mkdir(directory, { recursive: true }).catch(storeError(this.rootPath, key));
     temporaryCounter += 1;
     const temporaryPath = join(directory, `.tmp-${process.pid}-${temporaryCounter}`);
     try {
@@ -65,23 +65,23 @@ export class DirectoryStore implements ObjectStore {
       await syncDirectory(directory);
     } catch (error) {
       await rm(temporaryPath, { force: true }).catch(() => undefined);
-      throw storeError(key)(error);
+      throw storeError(this.rootPath, key)(error);
     }
   }
 
   async putPending(key: string, data: Uint8Array): Promise<void> {
     const path = this.pathOf(key);
     const directory = dirname(path);
-    await mkdir(directory, { recursive: true }).catch(storeError(key));
+    await mkdir(directory, { recursive: true }).catch(storeError(this.rootPath, key));
     temporaryCounter += 1;
     const temporaryPath = join(directory, `.tmp-${process.pid}-${temporaryCounter}`);
-    const file = await open(temporaryPath, "wx", 0o600).catch(storeError(key));
+    const file = await open(temporaryPath, "wx", 0o600).catch(storeError(this.rootPath, key));
     try {
       await file.writeFile(data);
     } catch (error) {
       await file.close().catch(() => undefined);
       await rm(temporaryPath, { force: true }).catch(() => undefined);
-      throw storeError(key)(error);
+      throw storeError(this.rootPath, key)(error);
     }
     this.pending.push({ key, path, temporaryPath, file });
     this.pendingBytes += data.length;
@@ -98,7 +98,7 @@ export class DirectoryStore implements ObjectStore {
       try {
         if (failure === null) await object.file.sync();
       } catch (error) {
-        failure ??= storeError(object.key)(error);
+        failure ??= storeError(this.rootPath, object.key)(error);
       } finally {
         await object.file.close().catch(() => undefined);
       }
@@ -107,7 +107,7 @@ export class DirectoryStore implements ObjectStore {
       try {
         for (const object of batch) await rename(object.temporaryPath, object.path);
       } catch (error) {
-        failure = storeError("a batch of chunks")(error);
+        failure = storeError(this.rootPath, "a batch of chunks")(error);
       }
     }
     if (failure !== null) {
@@ -117,16 +117,16 @@ export class DirectoryStore implements ObjectStore {
       throw failure;
     }
     await inParallel([...new Set(batch.map((object) => dirname(object.path)))], syncsInFlight, (directory) =>
-      syncDirectory(directory).catch(storeError(directory)),
+      syncDirectory(directory).catch(storeError(this.rootPath, directory)),
     );
   }
 
   async get(key: string): Promise<Uint8Array> {
-    return await readFile(this.pathOf(key)).catch(storeError(key));
+    return await readFile(this.pathOf(key)).catch(storeError(this.rootPath, key));
   }
 
   async getInto(key: string, target: Uint8Array): Promise<number> {
-    const file = await open(this.pathOf(key), "r").catch(storeError(key));
+    const file = await open(this.pathOf(key), "r").catch(storeError(this.rootPath, key));
     try {
       const { size } = await file.stat();
       if (size > target.length)
@@ -142,7 +142,7 @@ export class DirectoryStore implements ObjectStore {
       }
       return size;
     } catch (error) {
-      throw storeError(key)(error);
+      throw storeError(this.rootPath, key)(error);
     } finally {
       await file.close();
     }
@@ -154,7 +154,7 @@ export class DirectoryStore implements ObjectStore {
       return { key, sizeBytes: info.size, modifiedMs: info.mtimeMs };
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code === "ENOENT") return null;
-      throw storeError(key)(error);
+      throw storeError(this.rootPath, key)(error);
     }
   }
 
@@ -172,7 +172,7 @@ export class DirectoryStore implements ObjectStore {
     } catch (error) {
       const code = (error as NodeJS.ErrnoException).code;
       if (code === "ENOENT" || code === "ENOTDIR") return;
-      throw storeError(relativeDirectory)(error);
+      throw storeError(this.rootPath, relativeDirectory)(error);
     }
     for (const entry of entries) {
       if (entry.name.startsWith(".")) continue;
@@ -187,7 +187,7 @@ export class DirectoryStore implements ObjectStore {
   }
 
   async delete(key: string): Promise<void> {
-    await rm(this.pathOf(key), { force: true }).catch(storeError(key));
+    await rm(this.pathOf(key), { force: true }).catch(storeError(this.rootPath, key));
   }
 }
 
@@ -221,15 +221,23 @@ async function syncDirectory(path: string): Promise<void> {
   }
 }
 
-/** Maps a file-system failure to a BlockError naming the object (ENOSPC stays ENOSPC: "disk full"). */
-function storeError(key: string): (error: unknown) => never {
+/**
+ * Maps a file-system failure to a BlockError naming the object (ENOSPC stays ENOSPC: "disk full"); a full
+ * file system or quota also names the repository, the one thing a user can act on.
+ */
+function storeError(rootPath: string, key: string): (error: unknown) => never {
   return (error: unknown) => {
     if (error instanceof BlockError) throw error;
     const code = (error as NodeJS.ErrnoException).code;
     const message = error instanceof Error ? error.message : String(error);
     if (code === "ENOENT") throw new BlockError("ENOENT", `Object ${key} not found`);
-    if (code === "ENOSPC") throw new BlockError("ENOSPC", `No space left for object ${key}`);
-    if (code === "EDQUOT") throw new BlockError("EDQUOT", `Quota exceeded writing object ${key}`);
+    if (code === "ENOSPC")
+      throw new BlockError(
+        "ENOSPC",
+        `No space left on the file system of repository ${rootPath} (writing ${key})`,
+      );
+    if (code === "EDQUOT")
+      throw new BlockError("EDQUOT", `Quota exceeded in repository ${rootPath} (writing ${key})`);
     if (code === "EACCES" || code === "EPERM") throw new BlockError("EACCES", `${message}`);
     if (code === "EROFS") throw new BlockError("EROFS", `${message}`);
     throw new BlockError("EIO", `Object ${key}: ${message}`);

@@ -8,7 +8,8 @@
  * synced (the directory synced after), so a restore that fails — a damaged chunk, a full disk, Ctrl-C —
  * leaves no half image there, and an older file of that name stays as it was; a block device (or any
  * other existing non-file) is written in place.
- * Not done: `--to nbd+unix://…` (there is no NBD client in src/ to write with).
+ * `--to nbd+unix://…` is refused (ENOTSUP) with what to do instead: restore to a file and nbdcopy it, or
+ * --device (there is no NBD client in src/ to write with).
  */
 import { open, rename, rm, stat } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
@@ -67,14 +68,16 @@ export function addBackupRestoreCommand(backup: Command): void {
         if (options.device !== undefined) return await restoreToDevice(reference!, options.device, options);
         if (/^nbds?(\+[a-z]+)?:\/\//.test(options.to!))
           throw new CliError(
-            "restore to an NBD URI is not supported yet: serve the backup with backup mount and copy it with nbdcopy, or restore with --device",
+            `restore writes no NBD URI: restore to a file and copy it (blocksnap backup restore ${reference} --repo ${options.repo} --to FILE, then nbdcopy FILE '${options.to}'), or onto a blocksnap device with --device NAME`,
             { errno: "ENOTSUP" },
           );
         const target = absolutePath(options.to!);
         const repository = await openRepository(options);
         try {
           const manifest = await repository.readManifest(await repository.resolve(reference!));
-          const outcome = await restoreToPath(repository, manifest, target);
+          const outcome = await restoreToPath(repository, manifest, target).catch((error: unknown) => {
+            throw fullTargetError(error, target, `${manifest.device}/${manifest.id}`);
+          });
           if (options.json) return writeJson({ backup: `${manifest.device}/${manifest.id}`, ...outcome });
           writeLine(
             `restored ${manifest.device}/${manifest.id} to ${target}: ${formatSize(outcome.bytesWritten)}, ${outcome.chunksRead} chunk(s) read`,
@@ -105,6 +108,17 @@ async function restoreToPath(
     const directory = await open(dirname(target), "r");
     await directory.sync().finally(() => directory.close());
   }
+}
+
+/** A full file system (or quota) under --to is one line naming the target; other errors pass as they are. */
+function fullTargetError(error: unknown, target: string, backup: string): unknown {
+  const code = (error as NodeJS.ErrnoException | null)?.code;
+  if (code !== "ENOSPC" && code !== "EDQUOT") return error;
+  const why = code === "ENOSPC" ? "no space left on its file system" : "its quota is exceeded";
+  return new CliError(
+    `Cannot restore ${backup} to ${target}: ${why} (nothing left behind): free space or restore elsewhere`,
+    { errno: code, cause: error },
+  );
 }
 
 async function restoreToDevice(reference: string, device: string, options: RestoreOptions): Promise<void> {

@@ -340,8 +340,14 @@ export class BackupJobs {
 
   private fail(job: Job, error: unknown): void {
     const { device, kind } = job.view;
-    const blockError = toBlockError(error, `${kind} of ${device}`);
+    let blockError = toBlockError(error, `${kind} of ${device}`);
     const cancelled = job.abort.signal.aborted && blockError.errno === "ECANCELED";
+    if (kind === "backup" && (blockError.errno === "ENOSPC" || blockError.errno === "EDQUOT"))
+      // Still one line: what filled, and that nothing half-written is left to worry about.
+      blockError = new BlockError(
+        blockError.errno,
+        `${blockError.message}: no backup of ${device} was written; free space (backup prune), then back up again`,
+      );
     job.view = {
       ...job.view,
       state: cancelled ? "cancelled" : "failed",
