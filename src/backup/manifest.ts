@@ -85,13 +85,13 @@ export function imageDigestOf(
   return hash.digest("hex");
 }
 
-/** A backup id that sorts by time: 20261204T013012Z-1a2b3c. */
+/**
+ * A backup id that sorts by time to the millisecond: 20261204T013012345Z-1a2b3c. `latest`, an incremental's
+ * base and prune all take the order of ids; ids of whole seconds (20261204T013012Z-…, before 2026-12-04)
+ * put two backups of one second in the order of their random part.
+ */
 export function newBackupId(now: Date, randomHex: string): string {
-  const stamp = now
-    .toISOString()
-    .replace(/[-:]/g, "")
-    .replace(/\.\d+Z$/, "Z");
-  return `${stamp}-${randomHex}`;
+  return `${now.toISOString().replace(/[-:.]/g, "")}-${randomHex}`;
 }
 
 /**

@@ -109,7 +109,7 @@ test("keep-daily and keep-weekly keep the newest backup of each recent day and I
     "20261123T010000Z-a3", // Mon, week 48
     "20261201T080000Z-a4", // Tue, week 49
     "20261201T200000Z-a5", // Tue, week 49 (newest of its day)
-    "20261203T090000Z-a6", // Thu
+    "20261203T090000123Z-a6", // Thu (an id to the millisecond)
     "20261204T030000Z-a7", // Fri (newest)
   ];
   const refs = ids.map((id) => ({ id }));
@@ -117,7 +117,7 @@ test("keep-daily and keep-weekly keep the newest backup of each recent day and I
   assert.deepEqual(sorted(keptIds(refs, { keepLast: 1 })), ["20261204T030000Z-a7", "no-time-in-this-id"]);
   assert.deepEqual(sorted(keptIds(refs, { keepLast: 1, keepDaily: 3 })), [
     "20261201T200000Z-a5",
-    "20261203T090000Z-a6",
+    "20261203T090000123Z-a6",
     "20261204T030000Z-a7",
     "no-time-in-this-id",
   ]);

@@ -87,9 +87,9 @@ export function keptIds(
   return keep;
 }
 
-/** The time in a backup id (`YYYYMMDDTHHMMSSZ-…`, UTC), or null when it carries none. */
+/** The time in a backup id (`YYYYMMDDTHHMMSS[mmm]Z-…`, UTC), or null when it carries none. */
 function backupTime(id: string): Date | null {
-  const match = /^(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})Z/.exec(id);
+  const match = /^(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})(?:\d{3})?Z/.exec(id);
   if (!match) return null;
   const [, year, month, day, hour, minute, second] = match.map(Number);
   const time = new Date(Date.UTC(year!, month! - 1, day!, hour!, minute!, second!));

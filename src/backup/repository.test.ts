@@ -102,6 +102,10 @@ void test("Repository: chunks dedup, manifests round-trip, the codec runs in wor
       [`disk0/${manifest.id}`],
     );
     assert.deepEqual(await repository.readManifest(await repository.resolve("disk0/latest")), manifest);
+    // Backups finished within one second (small devices, fast machines) still resolve in order.
+    const ids = Array.from({ length: 50 }, () => repository.newBackupId());
+    assert.deepEqual([...ids].sort(), ids, "ids sort in the order they were made");
+    assert.match(ids[0] ?? "", /^\d{8}T\d{9}Z-[0-9a-f]{6}$/);
     const chunkFiles = [];
     for await (const listed of repository.listChunks()) chunkFiles.push(listed.id);
     assert.deepEqual(chunkFiles, [first.id], "one chunk object for two references");

@@ -31,6 +31,8 @@ export const chunkSizeBytesMax = 64 << 20;
 /** Bound on a decoded object: the largest chunk, or a manifest of a very large device. */
 const objectPlainBytesMax = 512 << 20;
 const configKey = "config";
+/** The time of the last backup id made in this process (ids must sort in the order they were made). */
+let lastBackupIdMs = 0;
 /** Rewritten by garbage collection before it deletes chunks (chunk-index.ts). */
 const garbageMarkerKey = "gc-marker";
 
@@ -286,8 +288,10 @@ export class Repository {
 
   // ---- manifests ----
 
+  /** Strictly later than every id this process made before, even within one millisecond. */
   newBackupId(): string {
-    return newBackupId(new Date(), randomBytes(3).toString("hex"));
+    lastBackupIdMs = Math.max(Date.now(), lastBackupIdMs + 1);
+    return newBackupId(new Date(lastBackupIdMs), randomBytes(3).toString("hex"));
   }
 
   /** Writes the manifest after every chunk it names is stored; atomic (the store's put). */

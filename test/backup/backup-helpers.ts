@@ -5,6 +5,8 @@
 import assert from "node:assert/strict";
 import { readdir, stat } from "node:fs/promises";
 import { join } from "node:path";
+import { ControlClient } from "../../src/cli/control-client.js";
+import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
 
 /** Paths of every chunk file of a directory repository (temporary files excluded). */
 export async function chunkPaths(repository: string): Promise<string[]> {
@@ -48,4 +50,21 @@ export async function backupJson<T>(
   const result = await host.cli([...args, "--json"]);
   assert.equal(result.code, 0, `blocksnap ${args.join(" ")} failed: ${result.stderr}`);
   return lastJsonLine<T>(result.stdout);
+}
+
+/**
+ * Starts a full backup of `device` and asks for its cancel at once, both straight through the control API:
+ * a backup of a test-sized device ends in a fraction of a second, less than a CLI process takes to start,
+ * so a `backup create --detach` followed by a `backup cancel` process often found it done. Returns the
+ * job's id; the caller waits for the end (e.g. `backup cancel ID`, which answers once the job has ended).
+ */
+export async function startCancelledBackup(
+  controlSocket: string,
+  device: string,
+  repository: string,
+): Promise<string> {
+  const client = new ControlClient({ socketPath: controlSocket });
+  const job = await client.post<BackupJobView>("/v1/backups", { device, repository, level: "full" });
+  await client.post<BackupJobView>(`/v1/backups/jobs/${job.id}/cancel`, {});
+  return job.id;
 }

@@ -15,7 +15,7 @@ import type { BackupJobEvent } from "../../src/daemon/backup-job-events.js";
 import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
 import { BackgroundCli, DaemonProcess } from "../cli/cli-harness.js";
 import { runOk, which } from "../helpers/commands.js";
-import { jsonLines } from "./backup-helpers.js";
+import { jsonLines, startCancelledBackup } from "./backup-helpers.js";
 
 const MiB = 1024 * 1024;
 const deviceBytes = 128 * MiB;
@@ -141,19 +141,9 @@ void test("backup job events: followed from another CLI, started→finished, can
   await fillRandom("second", "d0");
   let cancelledId: string | null = null;
   for (let attempt = 0; attempt < cancelAttemptsMax && cancelledId === null; attempt++) {
-    const detached = await daemon.cliJson<BackupJobView>([
-      "backup",
-      "create",
-      "--device",
-      "d0",
-      "--repo",
-      repository,
-      "--level",
-      "full",
-      "--detach",
-    ]);
-    const answer = await daemon.cli(["backup", "cancel", detached.id, "--json"]);
-    if (answer.code === 0) cancelledId = detached.id;
+    const id = await startCancelledBackup(daemon.controlSocket, "d0", repository);
+    const answer = await daemon.cli(["backup", "cancel", id, "--json"]);
+    if (answer.code === 0) cancelledId = id;
     else assert.match(answer.stderr, /already ended \(done\)/);
   }
   assert.ok(cancelledId !== null, `no cancel caught a running job in ${cancelAttemptsMax} attempts`);

@@ -14,7 +14,7 @@ import { after, before, test } from "node:test";
 import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
 import { cleanEnvironment, cliPath, DaemonProcess } from "../cli/cli-harness.js";
 import { run, runOk, which } from "../helpers/commands.js";
-import { backupJson, jsonLines } from "./backup-helpers.js";
+import { backupJson, jsonLines, startCancelledBackup } from "./backup-helpers.js";
 
 const MiB = 1024 * 1024;
 const deviceBytes = 256 * MiB;
@@ -152,19 +152,9 @@ void test("backup jobs: --json progress, Ctrl-C leaves the job, status follows i
   await fillRandom("second");
   let cancelled: BackupJobView | null = null;
   for (let attempt = 0; attempt < cancelAttemptsMax && cancelled === null; attempt++) {
-    const detached: BackupJobView = await daemon.cliJson<BackupJobView>([
-      "backup",
-      "create",
-      "--device",
-      "d0",
-      "--repo",
-      repository,
-      "--level",
-      "full",
-      "--detach",
-    ]);
-    assert.equal(detached.state, "running");
-    const answer = await daemon.cli(["backup", "cancel", detached.id, "--json"]);
+    const id = await startCancelledBackup(daemon.controlSocket, "d0", repository);
+    // The cancel was asked for; `backup cancel` answers once the job has ended.
+    const answer = await daemon.cli(["backup", "cancel", id, "--json"]);
     if (answer.code === 0) cancelled = JSON.parse(answer.stdout) as BackupJobView;
     else assert.match(answer.stderr, /already ended \(done\)/, "only a job that ended first is refused");
   }
