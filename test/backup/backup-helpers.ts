@@ -3,10 +3,11 @@
  * `--json` output that streams one JSON document per line (progress lines, then the result).
  */
 import assert from "node:assert/strict";
-import { readdir, stat } from "node:fs/promises";
+import { readdir, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { ControlClient } from "../../src/cli/control-client.js";
 import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
+import { runOk } from "../helpers/commands.js";
 
 /** Paths of every chunk file of a directory repository (temporary files excluded). */
 export async function chunkPaths(repository: string): Promise<string[]> {
@@ -67,4 +68,29 @@ export async function startCancelledBackup(
   const job = await client.post<BackupJobView>("/v1/backups", { device, repository, level: "full" });
   await client.post<BackupJobView>(`/v1/backups/jobs/${job.id}/cancel`, {});
   return job.id;
+}
+
+/** A file of `sizeMiB` whose first `randomMiB` are random and the rest zero (a hole). */
+export async function randomFile(path: string, sizeMiB: number, randomMiB: number): Promise<void> {
+  await runOk("truncate", ["-s", String(sizeMiB << 20), path]);
+  await runOk("dd", [
+    "if=/dev/urandom",
+    `of=${path}`,
+    "bs=1M",
+    `count=${randomMiB}`,
+    "conv=notrunc",
+    "status=none",
+  ]);
+}
+
+/** Overwrites a daemon's device with fresh random bytes over NBD (so a backup of it stores new chunks). */
+export async function fillDeviceRandom(
+  nbdSocket: string,
+  device: string,
+  sizeMiB: number,
+  scratchPath: string,
+): Promise<void> {
+  await runOk("dd", ["if=/dev/urandom", `of=${scratchPath}`, "bs=1M", `count=${sizeMiB}`, "status=none"]);
+  await runOk("nbdcopy", [scratchPath, `nbd+unix:///${device}?socket=${nbdSocket}`]);
+  await rm(scratchPath);
 }

@@ -15,7 +15,7 @@ import type { BackupJobEvent } from "../../src/daemon/backup-job-events.js";
 import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
 import { BackgroundCli, DaemonProcess } from "../cli/cli-harness.js";
 import { runOk, which } from "../helpers/commands.js";
-import { jsonLines, startCancelledBackup } from "./backup-helpers.js";
+import { fillDeviceRandom, jsonLines, startCancelledBackup } from "./backup-helpers.js";
 
 const MiB = 1024 * 1024;
 const deviceBytes = 128 * MiB;
@@ -33,20 +33,6 @@ after(async () => {
   await daemon?.stop("SIGKILL");
   await rm(directory, { recursive: true, force: true });
 });
-
-async function fillRandom(name: string, device: string): Promise<void> {
-  assert.ok(daemon !== null);
-  const source = join(directory, `${name}.random`);
-  await runOk("dd", [
-    "if=/dev/urandom",
-    `of=${source}`,
-    "bs=1M",
-    `count=${deviceBytes / MiB}`,
-    "status=none",
-  ]);
-  await runOk("nbdcopy", [source, `nbd+unix:///${device}?socket=${daemon.nbdSocket}`]);
-  await rm(source);
-}
 
 /** Every kept event of one job, read without --follow. */
 async function eventsOf(jobId: string): Promise<SequencedEvent[]> {
@@ -74,7 +60,7 @@ void test("backup job events: followed from another CLI, started→finished, can
     await runOk("truncate", ["-s", String(deviceBytes), join(directory, `${name}.img`)]);
     await daemon.cliOk(["device", "add", name, "--backend", join(directory, `${name}.img`)]);
   }
-  await fillRandom("first", "d0");
+  await fillDeviceRandom(daemon.nbdSocket, "d0", deviceBytes / MiB, join(directory, "first.random"));
   const repository = join(directory, "repo");
   await daemon.cliOk(["backup", "init", "--repo", repository, "--chunk-size", "1M"]);
 
@@ -138,7 +124,7 @@ void test("backup job events: followed from another CLI, started→finished, can
   assert.match(human, /^#2 .* finished +backup d0 job=\S+ +d0\/\S+ level=full bytes=128 MiB/m);
 
   // A cancelled job ends with `cancelled`.
-  await fillRandom("second", "d0");
+  await fillDeviceRandom(daemon.nbdSocket, "d0", deviceBytes / MiB, join(directory, "second.random"));
   let cancelledId: string | null = null;
   for (let attempt = 0; attempt < cancelAttemptsMax && cancelledId === null; attempt++) {
     const id = await startCancelledBackup(daemon.controlSocket, "d0", repository);

@@ -14,7 +14,7 @@ import { after, before, test } from "node:test";
 import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
 import { cleanEnvironment, cliPath, DaemonProcess } from "../cli/cli-harness.js";
 import { run, runOk, which } from "../helpers/commands.js";
-import { backupJson, jsonLines, startCancelledBackup } from "./backup-helpers.js";
+import { backupJson, fillDeviceRandom, jsonLines, startCancelledBackup } from "./backup-helpers.js";
 
 const MiB = 1024 * 1024;
 const deviceBytes = 256 * MiB;
@@ -40,21 +40,6 @@ interface ProgressLine {
     readonly bytesPerSecond: number | null;
     readonly etaSeconds: number | null;
   };
-}
-
-/** Fills the device with fresh random bytes over NBD (so a backup of it stores new chunks). */
-async function fillRandom(name: string): Promise<void> {
-  assert.ok(daemon !== null);
-  const source = join(directory, `${name}.random`);
-  await runOk("dd", [
-    "if=/dev/urandom",
-    `of=${source}`,
-    "bs=1M",
-    `count=${deviceBytes / MiB}`,
-    "status=none",
-  ]);
-  await runOk("nbdcopy", [source, `nbd+unix:///d0?socket=${daemon.nbdSocket}`]);
-  await rm(source);
 }
 
 async function statusOf(id: string): Promise<BackupJobView> {
@@ -108,7 +93,7 @@ void test("backup jobs: --json progress, Ctrl-C leaves the job, status follows i
   const backend = join(directory, "d0.img");
   await runOk("truncate", ["-s", String(deviceBytes), backend]);
   await daemon.cliOk(["device", "add", "d0", "--backend", backend]);
-  await fillRandom("first");
+  await fillDeviceRandom(daemon.nbdSocket, "d0", deviceBytes / MiB, join(directory, "first.random"));
   const repository = join(directory, "repo");
   await daemon.cliOk(["backup", "init", "--repo", repository, "--chunk-size", "1M"]);
   const stateDir = ["--state-dir", daemon.stateDir];
@@ -149,7 +134,7 @@ void test("backup jobs: --json progress, Ctrl-C leaves the job, status follows i
   assert.match(human, new RegExp(`backup:\\s+d0/${followedDone.backupId}`));
 
   // New data, then a detached full backup cancelled while it runs.
-  await fillRandom("second");
+  await fillDeviceRandom(daemon.nbdSocket, "d0", deviceBytes / MiB, join(directory, "second.random"));
   let cancelled: BackupJobView | null = null;
   for (let attempt = 0; attempt < cancelAttemptsMax && cancelled === null; attempt++) {
     const id = await startCancelledBackup(daemon.controlSocket, "d0", repository);

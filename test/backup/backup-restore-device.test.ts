@@ -13,7 +13,7 @@ import { after, before, test } from "node:test";
 import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
 import { DaemonProcess } from "../cli/cli-harness.js";
 import { missingTools, run, runOk } from "../helpers/commands.js";
-import { backupJson } from "./backup-helpers.js";
+import { backupJson, randomFile } from "./backup-helpers.js";
 
 const MiB = 1024 * 1024;
 let directory = "";
@@ -26,18 +26,6 @@ after(async () => {
   await daemon?.stop("SIGKILL");
   await rm(directory, { recursive: true, force: true });
 });
-
-async function randomFile(path: string, sizeMiB: number, randomMiB: number): Promise<void> {
-  await runOk("truncate", ["-s", String(sizeMiB * MiB), path]);
-  await runOk("dd", [
-    "if=/dev/urandom",
-    `of=${path}`,
-    "bs=1M",
-    `count=${randomMiB}`,
-    "conv=notrunc",
-    "status=none",
-  ]);
-}
 
 /** An NBD client holding the export open until released (nbdsh waits on its stdin). */
 async function holdExport(uri: string): Promise<() => Promise<void>> {

@@ -16,7 +16,7 @@ import type { CbtInfoView, SnapshotView } from "../../src/daemon/api-types.js";
 import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
 import { DaemonProcess } from "../cli/cli-harness.js";
 import { run, runOk, which } from "../helpers/commands.js";
-import { backupJson } from "./backup-helpers.js";
+import { backupJson, randomFile } from "./backup-helpers.js";
 
 const MiB = 1024 * 1024;
 const backupMiB = 16;
@@ -31,19 +31,6 @@ after(async () => {
   await daemon?.stop("SIGKILL");
   await rm(directory, { recursive: true, force: true });
 });
-
-/** A file of `sizeMiB` whose first `randomMiB` are random and the rest zero. */
-async function randomFile(path: string, sizeMiB: number, randomMiB: number): Promise<void> {
-  await runOk("truncate", ["-s", String(sizeMiB * MiB), path]);
-  await runOk("dd", [
-    "if=/dev/urandom",
-    `of=${path}`,
-    "bs=1M",
-    `count=${randomMiB}`,
-    "conv=notrunc",
-    "status=none",
-  ]);
-}
 
 async function nbdRead(exportName: string, path: string): Promise<void> {
   assert.ok(daemon !== null);
