@@ -15,6 +15,7 @@
 import { type FileHandle, mkdir, open, readdir, readFile, rename, rm, stat } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { BlockError } from "../block/errors.js";
+import { syncDirectory } from "../util/sync-directory.js";
 import { checkObjectKey, type ObjectInfo, type ObjectStore } from "./object-store.js";
 
 let temporaryCounter = 0;
@@ -210,15 +211,6 @@ async function inParallel<T>(
   };
   await Promise.all(Array.from({ length: Math.min(limit, items.length) }, lane));
   if (failure !== null) throw failure;
-}
-
-async function syncDirectory(path: string): Promise<void> {
-  const directory = await open(path, "r");
-  try {
-    await directory.sync();
-  } finally {
-    await directory.close();
-  }
 }
 
 /**

@@ -11,13 +11,14 @@
  * `--to nbd+unix://…` is refused (ENOTSUP) with what to do instead: restore to a file and nbdcopy it, or
  * --device (there is no NBD client in src/ to write with).
  */
-import { open, rename, rm, stat } from "node:fs/promises";
+import { rename, rm, stat } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import type { Command } from "commander";
 import type { Manifest } from "../backup/manifest.js";
 import type { Repository } from "../backup/repository.js";
 import { type RestoreOutcome, restoreToFile } from "../backup/restore.js";
 import type { BackupJobView } from "../daemon/backup-jobs.js";
+import { syncDirectory } from "../util/sync-directory.js";
 import { followJob } from "./backup-job-follow.js";
 import {
   openRepository,
@@ -100,13 +101,11 @@ async function restoreToPath(
   try {
     const outcome = await restoreToFile(repository, manifest, partial);
     await rename(partial, target);
+    await syncDirectory(dirname(target));
     return outcome;
   } catch (error) {
     await rm(partial, { force: true });
     throw error;
-  } finally {
-    const directory = await open(dirname(target), "r");
-    await directory.sync().finally(() => directory.close());
   }
 }
 

@@ -5,6 +5,7 @@
  */
 import { open, rename, rm } from "node:fs/promises";
 import { dirname } from "node:path";
+import { syncDirectory } from "../util/sync-directory.js";
 
 export async function writeFileAtomic(path: string, data: string | Uint8Array, mode = 0o600): Promise<void> {
   const temporaryPath = `${path}.tmp-${process.pid}`;
@@ -24,10 +25,5 @@ export async function writeFileAtomic(path: string, data: string | Uint8Array, m
     await rm(temporaryPath, { force: true });
     throw error;
   }
-  const directory = await open(dirname(path), "r");
-  try {
-    await directory.sync();
-  } finally {
-    await directory.close();
-  }
+  await syncDirectory(dirname(path));
 }
