@@ -11,7 +11,7 @@
  */
 import type { EngineCounters } from "./engine-counters.js";
 import type { IoMetrics } from "./io-metrics.js";
-import { TextWriter } from "./text-format.js";
+import { type MetricType, TextWriter } from "./text-format.js";
 
 export interface DeviceMetricsView {
   readonly name: string;
@@ -137,36 +137,36 @@ function writeSnapshots(writer: TextWriter, snapshots: readonly SnapshotMetricsV
     if (snapshot.takeStallSeconds !== null)
       writer.sample({ snapshot: snapshot.id }, snapshot.takeStallSeconds);
   }
-  writer.family(
+  const perDevice = (
+    name: string,
+    type: MetricType,
+    help: string,
+    value: (device: SnapshotMetricsView["devices"][number]) => number,
+  ): void => {
+    writer.family(name, type, help);
+    for (const snapshot of snapshots) {
+      for (const device of snapshot.devices)
+        writer.sample({ snapshot: snapshot.id, device: device.name }, value(device));
+    }
+  };
+  perDevice(
     "blocksnap_snapshot_chunks_stored",
     "gauge",
     "Chunks of a device in a snapshot's difference storage (copied before write, or written through the image).",
+    (device) => device.chunksStored,
   );
-  for (const snapshot of snapshots) {
-    for (const device of snapshot.devices) {
-      writer.sample({ snapshot: snapshot.id, device: device.name }, device.chunksStored);
-    }
-  }
-  writer.family(
+  perDevice(
     "blocksnap_cow_copies_total",
     "counter",
     "Chunks of a device copied into a snapshot's difference storage before an origin write overwrote them.",
+    (device) => device.chunksCopied,
   );
-  for (const snapshot of snapshots) {
-    for (const device of snapshot.devices) {
-      writer.sample({ snapshot: snapshot.id, device: device.name }, device.chunksCopied);
-    }
-  }
-  writer.family(
+  perDevice(
     "blocksnap_cow_copied_bytes_total",
     "counter",
     "Bytes of a device copied into a snapshot's difference storage before origin writes (since start).",
+    (device) => device.copiedBytes,
   );
-  for (const snapshot of snapshots) {
-    for (const device of snapshot.devices) {
-      writer.sample({ snapshot: snapshot.id, device: device.name }, device.copiedBytes);
-    }
-  }
 }
 
 function writeFaces(writer: TextWriter, sources: MetricsSources): void {
