@@ -2,15 +2,16 @@
  * The level rule of issue 13 when the CBT chain is broken, through the daemon and CLI: after the device is
  * removed and added again (a new CBT generation), `--level inc` fails with one clear line naming the
  * generation change and stores nothing, and `--level auto` falls back to a full backup with that reason.
+ * The restore of that backup to a new file is sparse: its zero chunks are holes.
  */
 import assert from "node:assert/strict";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import type { BackupJobView } from "../../src/daemon/backup-jobs.js";
 import { DaemonProcess } from "../cli/cli-harness.js";
-import { runOk } from "../helpers/commands.js";
+import { run, runOk } from "../helpers/commands.js";
 import { backupJson, chunkFilesOf } from "./backup-helpers.js";
 
 let directory = "";
@@ -68,4 +69,12 @@ void test("a new CBT generation: --level inc fails in one line, --level auto fal
     listed.backups.map((backup) => backup.level),
     ["full", "full"],
   );
+
+  // 2 MiB of data and 6 MiB of zero chunks: the restored file holds the bytes and allocates the data only.
+  const restored = join(directory, "restored.img");
+  await daemon.cliOk(["backup", "restore", "d0/latest", "--repo", repository, "--to", restored]);
+  const cmp = await run("cmp", [restored, backend]);
+  assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
+  const allocatedBytes = (await stat(restored)).blocks * 512;
+  assert.ok(allocatedBytes <= 3 << 20, `zero chunks are holes: ${allocatedBytes} bytes allocated of 8 MiB`);
 });
