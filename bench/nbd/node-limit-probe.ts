@@ -9,7 +9,7 @@
  *   fs.read / fs.write (libuv pool) or with fs.readSync / fs.writeSync on the loop; plus one loop that
  *   receives WRITE payloads in place (`onread`).
  * Rows: nbdcopy of the whole file to null: with 4 connections (multi-conn), fio --ioengine=nbd 4 KiB
- * randread at QD1 and QD32, 256 KiB sequential write at QD16. Each round runs every row on every server,
+ * randread at QD1 and QD32, 4 KiB randwrite at QD32, 256 KiB sequential write at QD16. Each round runs every row on every server,
  * the servers' order rotating from round to round; the table gives each server's median and, because the
  * two cores are shared with other work, the median of the ratios taken within each round. Run it under
  * `nice -n -10` (never real-time priority: it livelocks this machine).
@@ -145,6 +145,7 @@ async function main(): Promise<void> {
     },
     fioRow("fio randread 4 KiB QD1", { rw: "randread", bs: "4k", iodepth: 1 }, "IOPS"),
     fioRow("fio randread 4 KiB QD32", { rw: "randread", bs: "4k", iodepth: 32 }, "IOPS"),
+    fioRow("fio randwrite 4 KiB QD32", { rw: "randwrite", bs: "4k", iodepth: 32 }, "IOPS"),
     fioRow("fio write 256 KiB QD16", { rw: "write", bs: "256k", iodepth: 16 }, "MiB/s"),
   ];
   const servers: Server[] = [];
