@@ -1,15 +1,29 @@
 // Benchmark (not a test): fio on a loop device (--direct-io=on) over blocksnap's FUSE file, against the
-// same loop + fio over nbdfuse + nbdkit's file plugin, and against blocksnap's own NBD face (fio
-// --ioengine=nbd on bench/nbd/bench-server.js, for the read jobs), on the same page-cache-hot file, in one
-// run. Both blocksnap faces serve the full engine stack (origin device over the file); each server runs in
-// its own process. Usage (root, from the repository root, after tsc):
+// same loop + fio over nbdfuse + nbdkit's file plugin, over a C FUSE file server (libfuse's
+// passthrough_hp, see below), and against blocksnap's own NBD face (fio --ioengine=nbd on
+// bench/nbd/bench-server.js, for the read jobs), on the same page-cache-hot file, in one run. Both
+// blocksnap faces serve the full engine stack (origin device over the file); each server runs in its own
+// process. Usage (root, from the repository root, after tsc):
 //   node dist/bench/fuse/fuse-bench.js [--size-mib 1024] [--runtime-s 5] [--rounds 2] [--fuse-readers 2]
-//     [--skip-nbdfuse] [--out bench/results/fuse.md]
+//     [--skip-nbdfuse] [--c-peer PATH] [--c-peer-args "..."] [--only randread] [--out bench/results/fuse.md]
 // --fuse-readers 1,2 runs blocksnap's FUSE face once per reader-thread count in every round (alternating).
+// --only SUBSTRING runs only the jobs whose label contains it.
+//
+// Server CPU: every row also gives the server's CPU time per request (user + system of every thread of
+// the server processes, /proc/PID/stat, over the fio job, divided by fio's completed requests), which
+// other load on the machine disturbs far less than IOPS, and, for the FUSE servers, the same split by
+// thread (/proc/PID/task/*/schedstat: threads of one name summed; threads that ended during the job are
+// missing from the split, not from the total).
+//
+// The C peer: libfuse's example/passthrough_hp.cc (low-level API, multithreaded, C++) serving the
+// directory that holds the file, built outside the repository by bench/fuse/build-c-peer.sh (which also
+// makes it open the backing file without O_DIRECT and its files with FOPEN_DIRECT_IO, as ours does).
+// Without the binary the row is skipped with the reason printed.
 import { type ChildProcess, execFile, spawn } from "node:child_process";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { dirname, join, resolve } from "node:path";
+import { basename, dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 
@@ -26,6 +40,25 @@ interface Result {
   readonly iops: number;
   readonly bandwidthBytes: number;
   readonly meanLatencyUs: number;
+  /** Server CPU time (every process of the server, user + system) per completed request. */
+  readonly cpuUsPerRequest: number;
+  /** Busy time of the whole machine (fio, loop, kernel, server, anything else running) per request. */
+  readonly machineUsPerRequest: number;
+  /** The same by thread name (FUSE servers only), with each thread's share, largest first. */
+  readonly threadCpuUsPerRequest: ReadonlyArray<ThreadCpu>;
+}
+
+interface ThreadCpu {
+  readonly name: string;
+  readonly usPerRequest: number;
+  readonly threadsUsPerRequest: readonly number[];
+}
+
+interface Served {
+  /** The file (on the FUSE mount) or NBD URI. */
+  readonly target: { device: string } | { uri: string };
+  /** Server processes whose CPU time is counted. */
+  readonly pids: readonly number[];
 }
 
 const jobs: readonly Job[] = [
@@ -35,6 +68,15 @@ const jobs: readonly Job[] = [
   { label: "write 1 MiB QD8", rw: "write", blockSize: "1M", iodepth: 8, nbd: false },
 ];
 
+/**
+ * passthrough_hp's fastest options here (2026-12-04, IOPS and CPU per request): no kernel caching
+ * (timeouts 0, like ours); splice(2) on (the same as copies at 4 KiB, 25× faster at 1 MiB, where libfuse
+ * copies through a fresh buffer per reply); a cloned /dev/fuse descriptor per thread (a little ahead of
+ * one shared descriptor); libfuse's default thread pool (10 threads: --num-threads 2 or --single lose
+ * half the IOPS at 4 KiB QD32).
+ */
+const cPeerDefaultArgs = "--nocache --clone-fd";
+
 const { values } = parseArgs({
   options: {
     "size-mib": { type: "string", default: "1024" },
@@ -42,10 +84,15 @@ const { values } = parseArgs({
     rounds: { type: "string", default: "2" },
     "fuse-readers": { type: "string", default: "2" },
     "skip-nbdfuse": { type: "boolean", default: false },
+    "c-peer": { type: "string", default: "/tmp/fuse3-peer/passthrough_hp" },
+    "c-peer-args": { type: "string", default: cPeerDefaultArgs },
+    only: { type: "string", default: "" },
     out: { type: "string", default: "bench/results/fuse.md" },
   },
 });
-const nbdJobs = jobs.filter((job) => job.nbd);
+const selectedJobs = jobs.filter((job) => job.label.includes(values.only));
+if (selectedJobs.length === 0) throw new Error(`--only ${values.only}: no such job`);
+const nbdJobs = selectedJobs.filter((job) => job.nbd);
 const sizeMiB = Number(values["size-mib"]);
 const runtimeSeconds = Number(values["runtime-s"]);
 const rounds = Number(values.rounds);
@@ -53,6 +100,8 @@ const readerCounts = values["fuse-readers"].split(",").map(Number);
 if (readerCounts.some((count) => !Number.isSafeInteger(count) || count < 1))
   throw new Error("--fuse-readers: a comma-separated list of thread counts");
 const withNbdfuse = !values["skip-nbdfuse"];
+const cPeerPath = values["c-peer"];
+const cPeerArgs = values["c-peer-args"].split(/\s+/).filter((arg) => arg !== "");
 
 function run(file: string, args: readonly string[], timeoutMs = 600_000): Promise<string> {
   return new Promise((resolvePromise, reject) => {
@@ -89,12 +138,55 @@ async function waitForFile(path: string, timeoutMs: number, testFlag: "-f" | "-S
   }
 }
 
+/** CPU time of a process (every thread, also ended ones) in µs: utime + stime of /proc/PID/stat. */
+function processCpuUs(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+  // Fields after the command name, which may hold spaces: state is field 3, utime 14, stime 15.
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return ((Number(fields[11]) + Number(fields[12])) * 1e6) / clockTicksPerSecond;
+}
+
+/** Run time in ns of every live thread of `pid`, by thread id, with its name. */
+function threadRunTimes(pid: number): Map<string, { name: string; runNs: number }> {
+  const times = new Map<string, { name: string; runNs: number }>();
+  let tids: string[];
+  try {
+    tids = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return times;
+  }
+  for (const tid of tids) {
+    try {
+      const name = readFileSync(`/proc/${pid}/task/${tid}/comm`, "utf8").trim();
+      const runNs = Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, "utf8").split(" ")[0]);
+      // The main thread by its role: Node names every thread "node".
+      times.set(`${pid}/${tid}`, { name: tid === String(pid) ? `${name} main` : name, runNs });
+    } catch {
+      // The thread ended meanwhile.
+    }
+  }
+  return times;
+}
+
+const clockTicksPerSecond = 100;
+
+/** Busy CPU time of the whole machine in µs (/proc/stat: every state but idle and iowait). */
+function machineBusyUs(): number {
+  const line = readFileSync("/proc/stat", "utf8").split("\n")[0]!;
+  const [user, nice, system, , , irq, softirq, steal] = line.split(/\s+/).slice(1).map(Number);
+  return ((user! + nice! + system! + irq! + softirq! + steal!) * 1e6) / clockTicksPerSecond;
+}
+
 /** fio --ioengine=libaio --direct=1 on a block device, or --ioengine=nbd on an NBD URI. */
-async function fio(target: { device: string } | { uri: string }, job: Job): Promise<Result> {
+async function fio(served: Served, job: Job, splitThreads: boolean): Promise<Result> {
+  const { target, pids } = served;
   const engine =
     "device" in target
       ? ["--ioengine=libaio", "--direct=1", `--filename=${target.device}`]
       : ["--ioengine=nbd", `--uri=${target.uri}`, `--size=${sizeMiB}M`];
+  const cpuBeforeUs = pids.reduce((sum, pid) => sum + processCpuUs(pid), 0);
+  const machineBeforeUs = machineBusyUs();
+  const threadsBefore = splitThreads ? pids.map(threadRunTimes) : [];
   const output = await run("fio", [
     `--name=${job.rw}`,
     ...engine,
@@ -105,27 +197,56 @@ async function fio(target: { device: string } | { uri: string }, job: Job): Prom
     "--time_based",
     "--output-format=json",
   ]);
+  const cpuUs = pids.reduce((sum, pid) => sum + processCpuUs(pid), 0) - cpuBeforeUs;
+  const machineUs = machineBusyUs() - machineBeforeUs;
+  const threadsAfter = splitThreads ? pids.map(threadRunTimes) : [];
   // fio --ioengine=nbd may print libnbd notes before the JSON.
   const parsed = JSON.parse(output.slice(output.indexOf("{"))) as {
     jobs: Array<
       { error: number } & Record<
         "read" | "write",
-        { iops: number; bw_bytes: number; clat_ns: { mean: number } }
+        { iops: number; bw_bytes: number; total_ios: number; clat_ns: { mean: number } }
       >
     >;
   };
   const result = parsed.jobs[0]!;
   if (result.error !== 0) throw new Error(`fio ${job.label} reported error ${result.error}`);
   const stats = result[job.rw.includes("write") ? "write" : "read"];
-  return { iops: stats.iops, bandwidthBytes: stats.bw_bytes, meanLatencyUs: stats.clat_ns.mean / 1000 };
+  const requests = Math.max(1, stats.total_ios);
+  const byName = new Map<string, number[]>();
+  threadsAfter.forEach((after, index) => {
+    const before = threadsBefore[index]!;
+    for (const [key, { name, runNs }] of after) {
+      const deltaNs = runNs - (before.get(key)?.runNs ?? 0);
+      // Threads idle through the whole job are left out.
+      if (deltaNs <= 0) continue;
+      byName.set(name, [...(byName.get(name) ?? []), deltaNs]);
+    }
+  });
+  const perRequestUs = (ns: number) => ns / 1000 / requests;
+  const sum = (values: readonly number[]) => values.reduce((a, b) => a + b, 0);
+  return {
+    iops: stats.iops,
+    bandwidthBytes: stats.bw_bytes,
+    meanLatencyUs: stats.clat_ns.mean / 1000,
+    cpuUsPerRequest: cpuUs / requests,
+    machineUsPerRequest: machineUs / requests,
+    threadCpuUsPerRequest: [...byName]
+      .sort((a, b) => sum(b[1]) - sum(a[1]))
+      .map(([name, times]) => ({
+        name,
+        usPerRequest: perRequestUs(sum(times)),
+        threadsUsPerRequest: times.sort((a, b) => b - a).map(perRequestUs),
+      })),
+  };
 }
 
-/** Attaches a loop device over `file`, runs every job, detaches. */
-async function runJobs(file: string): Promise<Result[]> {
+/** Attaches a loop device over the served file, runs every job, detaches. */
+async function runJobs(file: string, pids: readonly number[]): Promise<Result[]> {
   const loop = (await run("losetup", ["--direct-io=on", "-f", "--show", file])).trim();
   try {
     const results: Result[] = [];
-    for (const job of jobs) results.push(await fio({ device: loop }, job));
+    for (const job of selectedJobs) results.push(await fio({ target: { device: loop }, pids }, job, true));
     return results;
   } finally {
     await run("losetup", ["-d", loop]);
@@ -140,7 +261,7 @@ async function benchBlocksnap(directory: string, backing: string, readerThreads:
   });
   try {
     await waitForReady(server);
-    return await runJobs(join(mountDir, "disk0"));
+    return await runJobs(join(mountDir, "disk0"), [server.pid!]);
   } finally {
     const exited = new Promise((r) => server.once("exit", r));
     server.kill("SIGTERM");
@@ -157,10 +278,39 @@ async function benchNbdFace(directory: string, backing: string, round: number): 
   try {
     await waitForReady(server);
     const results: Result[] = [];
-    for (const job of nbdJobs) results.push(await fio({ uri: `nbd+unix:///disk?socket=${socket}` }, job));
+    const served: Served = { target: { uri: `nbd+unix:///disk?socket=${socket}` }, pids: [server.pid!] };
+    for (const job of nbdJobs) results.push(await fio(served, job, false));
     return results;
   } finally {
     server.kill("SIGTERM");
+    await exited;
+  }
+}
+
+/**
+ * The C peer: passthrough_hp mirrors the directory of the backing file at a mount point of its own, and
+ * the loop device goes over the mirrored file.
+ */
+async function benchCPeer(directory: string, backing: string, round: number): Promise<Result[]> {
+  const mountDir = join(directory, `c-peer-${round}`);
+  await mkdir(mountDir, { recursive: true });
+  const server = spawn(cPeerPath, [...cPeerArgs, "--foreground", dirname(backing), mountDir], {
+    stdio: ["ignore", "inherit", "inherit"],
+  });
+  const exited = exitOf(server);
+  try {
+    await waitForFile(join(mountDir, basename(backing)), 10_000, "-f");
+    return await runJobs(join(mountDir, basename(backing)), [server.pid!]);
+  } finally {
+    // passthrough_hp exits once its file system is unmounted.
+    const unmounted = await run("umount", [mountDir]).then(
+      () => true,
+      (error: unknown) => {
+        process.stderr.write(`${String(error)}\n`);
+        return false;
+      },
+    );
+    if (!unmounted) server.kill("SIGTERM");
     await exited;
   }
 }
@@ -181,7 +331,7 @@ async function benchNbdfuse(directory: string, backing: string, round: number): 
   const nbdfuseExited = exitOf(nbdfuse);
   try {
     await waitForFile(join(mountDir, "disk0"), 10_000, "-f");
-    return await runJobs(join(mountDir, "disk0"));
+    return await runJobs(join(mountDir, "disk0"), [nbdfuse.pid!, nbdkit.pid!]);
   } finally {
     // nbdfuse exits once its file system is unmounted.
     const unmounted = await run("umount", [mountDir]).then(
@@ -211,71 +361,126 @@ function best(results: readonly Result[][], index: number): Result {
 
 function formatResult(result: Result): string {
   const mib = result.bandwidthBytes / 1024 / 1024;
-  return `${Math.round(result.iops).toLocaleString("en-US")} IOPS, ${mib.toFixed(0)} MiB/s, ${result.meanLatencyUs.toFixed(0)} µs`;
+  return `${Math.round(result.iops).toLocaleString("en-US")} IOPS, ${mib.toFixed(0)} MiB/s, ${result.meanLatencyUs.toFixed(0)} µs, CPU ${result.cpuUsPerRequest.toFixed(1)} µs/req (machine ${result.machineUsPerRequest.toFixed(1)})`;
+}
+
+function formatThreads(result: Result): string {
+  return result.threadCpuUsPerRequest
+    .map(({ name, usPerRequest, threadsUsPerRequest }) => {
+      if (threadsUsPerRequest.length === 1) return `${name} ${usPerRequest.toFixed(1)}`;
+      const shown = threadsUsPerRequest.slice(0, 4).map((us) => us.toFixed(1));
+      if (threadsUsPerRequest.length > 4) shown.push("…");
+      return `${name} ×${threadsUsPerRequest.length} ${usPerRequest.toFixed(1)} (${shown.join(", ")})`;
+    })
+    .join("; ");
+}
+
+/** A row of the table: a label and its results by round. */
+interface Row {
+  readonly label: string;
+  readonly rounds: Result[][];
+  /** Runs only the jobs of nbdJobs. */
+  readonly nbdOnly: boolean;
 }
 
 async function main(): Promise<void> {
   if (process.getuid?.() !== 0) throw new Error("the FUSE benchmark needs root (mount, losetup)");
+  const cPeerMissing = existsSync(cPeerPath) ? undefined : `${cPeerPath} not found (build: see the header)`;
+  if (cPeerMissing) process.stderr.write(`skipping the C FUSE server row: ${cPeerMissing}\n`);
   const directory = await mkdtemp(join(tmpdir(), "blocksnap-fuse-bench-"));
   try {
     const loadBefore = (await run("cat", ["/proc/loadavg"])).split(" ").slice(0, 3).join(" ");
-    const backing = join(directory, "disk.img");
+    // Alone in its directory: the C peer mirrors that directory.
+    const backingDirectory = join(directory, "backing");
+    await mkdir(backingDirectory);
+    const backing = join(backingDirectory, "disk.img");
     await run("dd", ["if=/dev/urandom", `of=${backing}`, "bs=1M", `count=${sizeMiB}`, "status=none"]);
     await run("dd", [`if=${backing}`, "of=/dev/null", "bs=1M", "status=none"]);
     const cached = (
       await run("fincore", ["--bytes", "--noheadings", "-o", "RES", backing]).catch(() => "?")
     ).trim();
-    // ours[readerIndex][round][job]
-    const ours: Result[][][] = readerCounts.map(() => []);
-    const nbdFace: Result[][] = [];
-    const peer: Result[][] = [];
+    const fuseLabel = (count: number) =>
+      readerCounts.length > 1 ? `blocksnap FUSE, ${count} reader(s)` : "blocksnap FUSE";
+    const ours: Row[] = readerCounts.map((count) => ({
+      label: fuseLabel(count),
+      rounds: [],
+      nbdOnly: false,
+    }));
+    const nbdFace: Row = { label: "blocksnap NBD", rounds: [], nbdOnly: true };
+    const cPeer: Row = { label: "C FUSE (passthrough_hp)", rounds: [], nbdOnly: false };
+    const nbdfuse: Row = { label: "nbdfuse + nbdkit file", rounds: [], nbdOnly: false };
     const loads: string[] = [];
     for (let round = 0; round < rounds; round += 1) {
       for (const [index, count] of readerCounts.entries()) {
-        ours[index]!.push(await benchBlocksnap(directory, backing, count));
+        ours[index]!.rounds.push(await benchBlocksnap(directory, backing, count));
       }
-      nbdFace.push(await benchNbdFace(directory, backing, round));
-      if (withNbdfuse) peer.push(await benchNbdfuse(directory, backing, round));
+      if (nbdJobs.length > 0) nbdFace.rounds.push(await benchNbdFace(directory, backing, round));
+      if (!cPeerMissing) cPeer.rounds.push(await benchCPeer(directory, backing, round));
+      if (withNbdfuse) nbdfuse.rounds.push(await benchNbdfuse(directory, backing, round));
       loads.push((await run("cat", ["/proc/loadavg"])).split(" ")[0]!);
     }
-    const fuseLabel = (index: number) =>
-      readerCounts.length > 1 ? `blocksnap FUSE, ${readerCounts[index]} reader(s)` : "blocksnap FUSE";
+    const rows = [...ours, nbdFace, cPeer, nbdfuse].filter((row) => row.rounds.length > 0);
+    const resultOf = (row: Row, job: Job, round?: number): Result | undefined => {
+      const index = (row.nbdOnly ? nbdJobs : selectedJobs).indexOf(job);
+      if (index < 0) return undefined;
+      return round === undefined ? best(row.rounds, index) : row.rounds[round]![index];
+    };
+    const ratioColumns: Array<{ label: string; of: Row; to: Row }> = [];
+    for (const row of ours) {
+      if (nbdFace.rounds.length > 0) ratioColumns.push({ label: `${row.label} / NBD`, of: row, to: nbdFace });
+      if (cPeer.rounds.length > 0) ratioColumns.push({ label: `${row.label} / C FUSE`, of: row, to: cPeer });
+    }
+    if (cPeer.rounds.length > 0 && nbdFace.rounds.length > 0)
+      ratioColumns.push({ label: "C FUSE / NBD", of: cPeer, to: nbdFace });
+    if (nbdfuse.rounds.length > 0)
+      for (const row of ours) ratioColumns.push({ label: `${row.label} / nbdfuse`, of: row, to: nbdfuse });
     const lines = [
-      "# FUSE face: blocksnap FUSE vs blocksnap NBD vs nbdfuse + nbdkit file",
+      "# FUSE face: blocksnap FUSE vs blocksnap NBD vs a C FUSE server vs nbdfuse + nbdkit file",
       "",
       `Generated by bench/fuse/fuse-bench.ts on ${new Date().toISOString()} (kernel ${(await run("uname", ["-r"])).trim()}, node ${process.version}, load average before: ${loadBefore}).`,
       `Backing file: ${sizeMiB} MiB of random data, ${cached} bytes in the page cache before the runs.`,
       `FUSE rows: \`losetup --direct-io=on\` over the FUSE file, then \`fio --ioengine=libaio --direct=1\`, ${runtimeSeconds} s.`,
       "blocksnap NBD: `fio --ioengine=nbd` on a Unix socket to bench/nbd/bench-server.js (read jobs only).",
       "Both blocksnap faces serve the same stack: Engine origin device (tracker + CBT) over a FileBackend on the file.",
+      cPeerMissing
+        ? `C FUSE server: skipped, ${cPeerMissing}.`
+        : `C FUSE server: \`${basename(cPeerPath)} ${cPeerArgs.join(" ")}\` (libfuse example, multithreaded) mirroring the backing file's directory.`,
       `Best of ${rounds} alternating rounds (FUSE reader threads: ${readerCounts.join(", ")}; load average after each round: ${loads.join(", ")}). Every server runs in its own process on the same 2 cores as fio.`,
+      "CPU: the server processes' user + system time per completed request over the fio job; in brackets the whole machine's busy time per request (fio, loop, kernel and anything else running).",
       "",
-      `| job | ${readerCounts.map((_, index) => fuseLabel(index)).join(" | ")} | blocksnap NBD |${withNbdfuse ? " nbdfuse + nbdkit file |" : ""} FUSE / NBD (IOPS) |${withNbdfuse ? " FUSE / nbdfuse (IOPS) |" : ""}`,
-      `|---|${readerCounts.map(() => "---|").join("")}---|${withNbdfuse ? "---|" : ""}---|${withNbdfuse ? "---|" : ""}`,
+      `| job | ${rows.map((row) => row.label).join(" | ")} | ${ratioColumns.map((column) => `${column.label} (IOPS)`).join(" | ")} |`,
+      `|---|${rows.map(() => "---|").join("")}${ratioColumns.map(() => "---|").join("")}`,
     ];
-    const ratios = (results: readonly Result[], other: Result) =>
-      results.map((result) => `${(result.iops / other.iops).toFixed(2)}×`).join(" / ");
-    jobs.forEach((job, index) => {
-      const a = ours.map((perCount) => best(perCount, index));
-      const nbdIndex = nbdJobs.indexOf(job);
-      const n = nbdIndex >= 0 ? best(nbdFace, nbdIndex) : undefined;
-      const cells = [job.label, ...a.map(formatResult), n ? formatResult(n) : "—"];
-      if (withNbdfuse) cells.push(formatResult(best(peer, index)));
-      cells.push(n ? ratios(a, n) : "—");
-      if (withNbdfuse) cells.push(ratios(a, best(peer, index)));
+    for (const job of selectedJobs) {
+      const cells = [job.label];
+      for (const row of rows) {
+        const result = resultOf(row, job);
+        cells.push(result ? formatResult(result) : "—");
+      }
+      for (const { of, to } of ratioColumns) {
+        const a = resultOf(of, job);
+        const b = resultOf(to, job);
+        cells.push(a && b ? `${(a.iops / b.iops).toFixed(2)}×` : "—");
+      }
       lines.push(`| ${cells.join(" | ")} |`);
-    });
+    }
+    lines.push("", "Server CPU per request by thread (µs; threads of one name summed, best round):", "");
+    for (const job of selectedJobs) {
+      for (const row of rows) {
+        const result = resultOf(row, job);
+        if (result && result.threadCpuUsPerRequest.length > 0)
+          lines.push(`- ${job.label}, ${row.label}: ${formatThreads(result)}`);
+      }
+    }
     lines.push("", "Every round:", "");
     for (let round = 0; round < rounds; round += 1) {
-      jobs.forEach((job, index) => {
-        const nbdIndex = nbdJobs.indexOf(job);
-        const fuse = readerCounts
-          .map((_, count) => `${fuseLabel(count)} ${formatResult(ours[count]![round]![index]!)}`)
-          .join("; ");
-        const nbd = nbdIndex >= 0 ? `; blocksnap NBD ${formatResult(nbdFace[round]![nbdIndex]!)}` : "";
-        const nbdfuse = withNbdfuse ? `; nbdfuse ${formatResult(peer[round]![index]!)}` : "";
-        lines.push(`- round ${round + 1}, ${job.label}: ${fuse}${nbd}${nbdfuse}`);
-      });
+      for (const job of selectedJobs) {
+        const cells = rows.flatMap((row) => {
+          const result = resultOf(row, job, round);
+          return result ? [`${row.label} ${formatResult(result)}`] : [];
+        });
+        lines.push(`- round ${round + 1}, ${job.label}: ${cells.join("; ")}`);
+      }
     }
     const markdown = `${lines.join("\n")}\n`;
     const out = resolve(values.out);
