@@ -5,7 +5,13 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
 import { BlockError } from "../block/errors.js";
-import { blockDeviceSizeBytes, FileBackend } from "./file-backend.js";
+import {
+  asyncIoBytesMin,
+  blockDeviceSizeBytes,
+  FileBackend,
+  poolProbeEvery,
+  slowReadMicrosOf,
+} from "./file-backend.js";
 import { batchBytesMax, FileSystemWriter } from "./fs-writer.js";
 
 const directory = mkdtempSync(join(tmpdir(), "blocksnap-file-backend-"));
@@ -27,6 +33,77 @@ test("FileBackend creates a file of the given size and round-trips data", async 
     backend.read(0, new Uint8Array(1)),
     (e: unknown) => e instanceof BlockError && e.errno === "EIO",
   );
+});
+
+test("FileBackend: large reads run synchronously while they come from memory, in the pool while the device is slow", async () => {
+  const path = join(directory, "slow-read.img");
+  const sizeBytes = 4 * asyncIoBytesMin;
+  const content = Buffer.alloc(sizeBytes);
+  for (let index = 0; index < sizeBytes; index += 1) content[index] = (index * 7 + 3) & 0xff;
+  writeFileSync(path, content);
+  // A clock the test moves: every call returns `nowMs` and then adds `stepMs`, so a synchronous read
+  // (one call before, one after) lasts exactly `stepMs`.
+  let nowMs = 1000;
+  let stepMs = 0;
+  const clock = () => {
+    const value = nowMs;
+    nowMs += stepMs;
+    return value;
+  };
+  const slowMs = (slowReadMicrosOf(asyncIoBytesMin) + 1) / 1000;
+  const fastMs = (slowReadMicrosOf(asyncIoBytesMin) - 1) / 1000;
+  const backend = FileBackend.open(path, { clock });
+  let readsDone = 0;
+  const read = async (lengthBytes = asyncIoBytesMin, durationMs = 0) => {
+    const offsetBytes = (readsDone * 4099) % (sizeBytes - lengthBytes);
+    readsDone += 1;
+    stepMs = durationMs;
+    const target = Buffer.alloc(lengthBytes);
+    await backend.read(offsetBytes, target);
+    stepMs = 0;
+    assert.ok(target.equals(content.subarray(offsetBytes, offsetBytes + lengthBytes)), "the file's bytes");
+  };
+  // Page-cache reads with one in four preempted (slow): never the pool, however many.
+  for (let index = 0; index < 400; index += 1) await read(asyncIoBytesMin, index % 4 === 0 ? slowMs : fastMs);
+  await Promise.all([read(), read(2 * asyncIoBytesMin), read(100)]);
+  assert.equal(backend.largeReadsSentToPool, 0, "occasional slow reads do not leave the synchronous path");
+  // A cold device: every synchronous read is slow. After a few (not one) large reads go to the pool.
+  let slowReads = 0;
+  while (backend.largeReadsSentToPool === 0 && slowReads < 64) {
+    await Promise.all([read(asyncIoBytesMin, slowMs), read(asyncIoBytesMin, slowMs)]);
+    slowReads += 2;
+  }
+  assert.ok(slowReads > 2 && slowReads < 32, `switched to the pool after ${slowReads} slow reads`);
+  // In the pool, small reads stay synchronous; one large read in poolProbeEvery is a synchronous probe.
+  const inPool = backend.largeReadsSentToPool;
+  await Promise.all([read(), read(3 * asyncIoBytesMin), read(4096)]);
+  assert.equal(backend.largeReadsSentToPool, inPool + 2);
+  // Still slow: the probes keep it in the pool.
+  const beforeSlowProbes = backend.largeReadsSentToPool;
+  for (let index = 0; index < 4 * poolProbeEvery; index += 1) await read(asyncIoBytesMin, slowMs);
+  assert.equal(
+    backend.largeReadsSentToPool - beforeSlowProbes,
+    4 * poolProbeEvery - 4,
+    "one in poolProbeEvery probed",
+  );
+  // Fast probes bring it back to the synchronous path.
+  let probes = 0;
+  let readsInPool = 0;
+  while (readsInPool < 100 * poolProbeEvery) {
+    const before: number = backend.largeReadsSentToPool;
+    await read(asyncIoBytesMin, fastMs);
+    if (backend.largeReadsSentToPool === before) {
+      probes += 1;
+      const afterProbe: number = backend.largeReadsSentToPool;
+      await read(asyncIoBytesMin, fastMs);
+      if (backend.largeReadsSentToPool === afterProbe) break;
+      readsInPool += 1;
+    } else {
+      readsInPool += 1;
+    }
+  }
+  assert.ok(probes > 2 && probes < 100, `back on the synchronous path after ${probes} fast probes`);
+  await backend.close();
 });
 
 test("FileBackend uses an existing file at its size and refuses what is not a file or block device", async () => {

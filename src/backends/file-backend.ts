@@ -2,11 +2,13 @@
  * FileBackend: a regular file or a block device. Data goes through the page cache (no O_DIRECT: Node's
  * buffers are not aligned); FLUSH and FUA are fdatasync.
  *
- * Reads under 64 KiB use the synchronous fs calls: on page-cache-hot data a synchronous pread costs a few
- * microseconds, far less than a hop through the libuv pool (measured in docs/design/nbd-notes.md), and a
- * read never waits for a frozen file system. Larger reads go through the pool so that their copy overlaps
- * with the event loop; a backend holds at most `poolSlotsPerFile` pool threads at once (a
- * CountingSemaphore). Every write, zeroing and resize goes to the thread of the backend's file system
+ * Reads use the synchronous fs calls while the data comes from memory: a page-cache-hot pread costs a few
+ * microseconds per 4 KiB, less than a hop through the libuv pool and back (measured in
+ * docs/design/nbd-notes.md and docs/design/performance.md), and a read never waits for a frozen file
+ * system. A large synchronous read that ran slower than memory (the device had to be read) sends this
+ * backend's large reads to the pool for a while, so that a disk's latency does not stall the event loop
+ * and several reads reach the device at once; a backend holds at most `poolSlotsPerFile` pool threads at
+ * once (a CountingSemaphore). Every write, zeroing and resize goes to the thread of the backend's file system
  * (FileSystemWriter): a write to a file system under `fsfreeze -f` (or to a dying disk) blocks in the
  * kernel, and on the event loop it would stall every device and the control API until thaw. fdatasync runs
  * in the pool, one at a time per backend (on a frozen file system it finds nothing dirty to wait for).
@@ -42,14 +44,33 @@ const readAsync = (fd: number, target: Uint8Array, offset: number, length: numbe
     ),
   );
 /**
- * Large reads may go through the libuv pool, so that their copy overlaps with the event loop: sequential
- * reads at a deep queue reached qemu-nbd parity only this way. But a hop to a pool thread costs ~55 µs
- * here against ~9 µs for a synchronous 64 KiB page-cache read, so a read that is alone (queue depth 1,
- * a copy-before-write under a chunk lock) stays synchronous. "Not alone" means: another large read is
- * in the pool, or one already ran in this turn of the event loop (a burst parsed from one socket read).
+ * Reads from this size up are timed when they run synchronously, and go to the libuv pool while the
+ * backend is in its pool window (see slowReadMicrosOf). Below it a read always runs synchronously.
  */
 export const asyncIoBytesMin = 64 * 1024;
 const closeAsync = promisify(fs.close);
+/**
+ * A synchronous large read slower than this came from the device, not from the page cache (memory
+ * copies run at several GB/s here; a read preempted by the scheduler may look slow too, which is why one
+ * slow read decides nothing). 1 µs per KiB is 1 GB/s, plus a fixed allowance for the call itself.
+ */
+export function slowReadMicrosOf(lengthBytes: number): number {
+  return 100 + lengthBytes / 1024;
+}
+/**
+ * The share of recent large synchronous reads that were slow is a moving average (each read weighs
+ * 1/16). Above `poolModeEnterShare` large reads go to the pool; there, every `poolProbeEvery`-th one
+ * still runs synchronously as a probe, and below `poolModeLeaveShare` they all run synchronously again.
+ * On this machine under load (load average 7), a page-cache read of 256 KiB takes 20 µs at the median and
+ * over 1 ms at the 99th percentile (preempted); a cold device makes nearly all of them slow, so it
+ * switches after about eleven reads and then blocks the loop for one read in sixteen. Leaving takes
+ * about eleven fast probes (176 reads): a time-based probe left a warm-up's pool mode in place for
+ * seconds.
+ */
+export const slowShareWeight = 1 / 16;
+export const poolModeEnterShare = 0.5;
+export const poolModeLeaveShare = 0.25;
+export const poolProbeEvery = 16;
 /** Zeroing goes to the writer thread in slices of this size. */
 const zeroSliceBytes = 16 * 1024 * 1024;
 /** Pool threads one file's large reads may hold at once (the libuv pool has 4). */
@@ -64,6 +85,8 @@ export interface FileBackendOptions {
   readonly readOnly?: boolean;
   /** Create the file, failing with EEXIST when it exists (a difference storage's named file). */
   readonly createNew?: boolean;
+  /** Milliseconds of a monotonic clock, for the slow-read rule (tests); default performance.now. */
+  readonly clock?: () => number;
 }
 
 export type FileKind = "file" | "block-device";
@@ -75,9 +98,12 @@ export class FileBackend implements BlockDevice {
   readonly capabilities: Capabilities;
   private fd: number;
   private closed = false;
-  /** Large reads now in the libuv pool, and large ones run synchronously in this event-loop turn. */
-  private poolInflight = 0;
-  private largeInThisTurn = 0;
+  /** Moving share of large synchronous reads that were slow, and the mode it selects (see above). */
+  private slowShare = 0;
+  private isPoolMode = false;
+  private readsToProbe = 0;
+  private largeReadsInPool = 0;
+  private readonly clock: () => number;
   private readonly poolSlots = new CountingSemaphore(poolSlotsPerFile);
   private readonly flushSlot = new CountingSemaphore(1);
   private readonly writer: FileSystemWriter;
@@ -85,8 +111,16 @@ export class FileBackend implements BlockDevice {
   private writesOut = 0;
   private writesIdle: Array<() => void> = [];
 
-  private constructor(path: string, fd: number, kind: FileKind, sizeBytes: number, readOnly: boolean) {
+  private constructor(
+    path: string,
+    fd: number,
+    kind: FileKind,
+    sizeBytes: number,
+    readOnly: boolean,
+    clock: () => number = performance.now.bind(performance),
+  ) {
     this.path = path;
+    this.clock = clock;
     this.fd = fd;
     this.writer = FileSystemWriter.acquire(fileSystemKey(fd));
     this.kind = kind;
@@ -123,7 +157,7 @@ export class FileBackend implements BlockDevice {
       }
       const flags = (readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR) | fs.constants.O_EXCL;
       const fd = openOrThrow(path, flags);
-      return new FileBackend(path, fd, "block-device", sizeBytes, readOnly);
+      return new FileBackend(path, fd, "block-device", sizeBytes, readOnly, options.clock);
     }
     if (stat && !stat.isFile()) {
       throw new BlockError(
@@ -143,7 +177,7 @@ export class FileBackend implements BlockDevice {
         fs.ftruncateSync(fd, options.sizeBytes);
         sizeBytes = options.sizeBytes;
       }
-      return new FileBackend(path, fd, "file", sizeBytes, readOnly);
+      return new FileBackend(path, fd, "file", sizeBytes, readOnly, options.clock);
     } catch (error) {
       fs.closeSync(fd);
       throw toBlockError(error, `Cannot size backend ${JSON.stringify(path)}`);
@@ -182,25 +216,46 @@ export class FileBackend implements BlockDevice {
   }
 
   async read(offsetBytes: number, target: Uint8Array): Promise<void> {
-    if (!this.goesToPool(target.byteLength)) {
+    const lengthBytes = target.byteLength;
+    if (lengthBytes < asyncIoBytesMin) {
       this.readSync(offsetBytes, target);
       return;
     }
+    if (!this.isPoolMode || this.readsToProbe === 0) {
+      const startMs = this.clock();
+      this.readSync(offsetBytes, target);
+      this.noteSyncRead(lengthBytes, startMs);
+      return;
+    }
+    this.readsToProbe--;
     this.checkOpen();
     let doneBytes: number;
-    this.poolInflight++;
+    this.largeReadsInPool++;
     try {
       doneBytes = await this.poolSlots.run(() => {
         this.checkOpen();
-        return readAsync(this.fd, target, 0, target.byteLength, offsetBytes);
+        return readAsync(this.fd, target, 0, lengthBytes, offsetBytes);
       });
     } catch (error) {
       throw toBlockError(error, `read ${this.path} at ${offsetBytes}`);
-    } finally {
-      this.poolInflight--;
     }
     // A short read (end of file) is rare: finish it on the synchronous path, which also zero-fills.
-    if (doneBytes < target.byteLength) this.readSync(offsetBytes + doneBytes, target.subarray(doneBytes));
+    if (doneBytes < lengthBytes) this.readSync(offsetBytes + doneBytes, target.subarray(doneBytes));
+  }
+
+  /** Updates the slow share with one large synchronous read and picks the mode for the next ones. */
+  private noteSyncRead(lengthBytes: number, startMs: number): void {
+    const endMs = this.clock();
+    const isSlow = (endMs - startMs) * 1000 > slowReadMicrosOf(lengthBytes);
+    this.slowShare += ((isSlow ? 1 : 0) - this.slowShare) * slowShareWeight;
+    if (this.isPoolMode && this.slowShare < poolModeLeaveShare) this.isPoolMode = false;
+    else if (!this.isPoolMode && this.slowShare > poolModeEnterShare) this.isPoolMode = true;
+    if (this.isPoolMode) this.readsToProbe = poolProbeEvery - 1;
+  }
+
+  /** Large reads sent to the pool so far (the slow-read rule's effect, for tests and metrics). */
+  get largeReadsSentToPool(): number {
+    return this.largeReadsInPool;
   }
 
   readSync(offsetBytes: number, target: Uint8Array): void {
@@ -317,17 +372,6 @@ export class FileBackend implements BlockDevice {
 
   get isClosed(): boolean {
     return this.closed;
-  }
-
-  /** Whether a request of this size should go to the pool (see asyncIoBytesMin). */
-  private goesToPool(lengthBytes: number): boolean {
-    if (lengthBytes < asyncIoBytesMin) return false;
-    if (this.poolInflight > 0 || this.largeInThisTurn > 0) return true;
-    this.largeInThisTurn++;
-    setImmediate(() => {
-      this.largeInThisTurn = 0;
-    });
-    return false;
   }
 
   private checkOpen(): void {
