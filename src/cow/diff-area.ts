@@ -26,6 +26,7 @@
  * page cache serves it).
  */
 
+import * as fs from "node:fs";
 import type { BlockDevice } from "../block/device.js";
 import { BlockError, type Errno, toBlockError } from "../block/errors.js";
 import type { DiffStorage, StorageLocation } from "../storage/diff-storage.js";
@@ -39,7 +40,14 @@ export type OnCowError = "break-snapshot" | "fail-origin-write";
 const failedChunk = "failed" as const;
 /** The chunk map's value for a failed chunk; stored chunks hold DiffStorage location codes (≥ 0). */
 const failedCode = -1;
-const chunkBuffersPooledMax = 8;
+/**
+ * Free chunk buffers kept per area: enough for the copies of a deep queue (QD16 and more) at once, bounded
+ * in bytes for large chunks.
+ */
+const chunkBuffersPooledMax = 32;
+const chunkBufferPoolBytesMax = 4 * 1024 * 1024;
+/** Chunks up to this size are read for a copy with one synchronous pread of the origin's file. */
+const syncOriginReadBytesMax = 256 * 1024;
 type ChunkEntry = StorageLocation | typeof failedChunk;
 
 export interface DiffAreaOptions {
@@ -79,8 +87,13 @@ export class DiffArea {
   /** Chunks preserved by copy-before-write (origin writes; not image writes), and their bytes. */
   private copiedCount = 0;
   private copiedByteCount = 0;
-  /** Free chunk buffers: copy-before-write under load would otherwise allocate one per chunk (GC pauses). */
+  /**
+   * Free chunk buffers: copy-before-write under load would otherwise allocate one per chunk (GC pauses).
+   * They live in SharedArrayBuffers, so a file storage's writer thread writes a copied chunk from where it
+   * is instead of first copying it into its staging buffer (src/backends/fs-writer.ts).
+   */
   private readonly bufferPool: Uint8Array[] = [];
+  private readonly bufferPoolMax: number;
 
   constructor(options: DiffAreaOptions) {
     this.deviceName = options.deviceName;
@@ -90,6 +103,10 @@ export class DiffArea {
     this.onCowError = options.onCowError;
     this.onCorrupted = options.onCorrupted;
     this.onStored = options.onStored;
+    this.bufferPoolMax = Math.max(
+      1,
+      Math.min(chunkBuffersPooledMax, Math.floor(chunkBufferPoolBytesMax / options.chunkSizeBytes)),
+    );
     assert(options.sizeBytes <= options.origin.sizeBytes, "an image cannot be larger than its origin");
   }
 
@@ -171,7 +188,7 @@ export class DiffArea {
       const startBytes = this.geometry.chunkStartBytes(chunkIndex);
       const buffer = this.takeBuffer(this.geometry.chunkLengthBytes(chunkIndex));
       try {
-        await this.origin.read(startBytes, buffer);
+        await this.readOriginChunk(startBytes, buffer);
         this.setStored(chunkIndex, await this.storeNew(chunkIndex, buffer));
         this.copiedCount++;
         this.copiedByteCount += buffer.byteLength;
@@ -187,6 +204,37 @@ export class DiffArea {
     } finally {
       release();
     }
+  }
+
+  /**
+   * Reads a chunk of the origin for a copy. With the origin's file at hand (BlockDevice.directReadFd, which
+   * fault stages hide) a chunk of up to 256 KiB is read with one synchronous pread: on page-cache-hot data
+   * that costs ~12 µs for 64 KiB, while a hop to the libuv pool cost several times that in CPU and in
+   * latency under the chunk's lock (bench/core/cow-first-touch.ts). Reads never wait for a frozen file
+   * system, so this stalls the event loop no longer than the synchronous small reads of FileBackend.
+   */
+  private readOriginChunk(startBytes: number, target: Uint8Array): Promise<void> | undefined {
+    const fd = target.byteLength <= syncOriginReadBytesMax ? (this.origin.directReadFd?.() ?? null) : null;
+    if (fd === null) return this.origin.read(startBytes, target);
+    let doneBytes = 0;
+    try {
+      while (doneBytes < target.byteLength) {
+        const readBytes = fs.readSync(
+          fd,
+          target,
+          doneBytes,
+          target.byteLength - doneBytes,
+          startBytes + doneBytes,
+        );
+        if (readBytes === 0) break;
+        doneBytes += readBytes;
+      }
+    } catch (error) {
+      throw toBlockError(error, `read ${this.deviceName} at ${startBytes + doneBytes}`);
+    }
+    // A file shorter than its device reads as zeroes past its end (as FileBackend.readSync does).
+    if (doneBytes < target.byteLength) target.fill(0, doneBytes);
+    return undefined;
   }
 
   /**
@@ -223,11 +271,11 @@ export class DiffArea {
   private takeBuffer(lengthBytes: number): Uint8Array {
     const pooled = this.bufferPool.pop();
     if (pooled) return pooled.subarray(0, lengthBytes);
-    return new Uint8Array(this.geometry.chunkSizeBytes).subarray(0, lengthBytes);
+    return new Uint8Array(new SharedArrayBuffer(this.geometry.chunkSizeBytes)).subarray(0, lengthBytes);
   }
 
   private giveBuffer(buffer: Uint8Array): void {
-    if (this.bufferPool.length >= chunkBuffersPooledMax) return;
+    if (this.bufferPool.length >= this.bufferPoolMax) return;
     this.bufferPool.push(new Uint8Array(buffer.buffer, buffer.byteOffset, this.geometry.chunkSizeBytes));
   }
 
