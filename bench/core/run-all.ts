@@ -19,6 +19,7 @@ import { fixed, machineFactsMarkdown } from "./bench-util.js";
 const benchmarks = [
   { file: "cow-cost.js", nodeFlags: ["--expose-gc"] },
   { file: "cow-retouch.js", nodeFlags: ["--expose-gc"] },
+  { file: "cow-first-touch.js", nodeFlags: ["--expose-gc"] },
   { file: "take-stall.js", nodeFlags: [] },
   { file: "memory-cost.js", nodeFlags: ["--expose-gc"] },
   { file: "image-read.js", nodeFlags: [] },
