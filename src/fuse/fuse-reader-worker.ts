@@ -37,6 +37,10 @@ import {
 const notMountedPollMs = 2;
 /** The largest READ served here (FileBackend's synchronous-read limit). */
 const directReadBytesMax = 64 * 1024;
+const twoPower32 = 2 ** 32;
+/** A 64-bit value whose high half is below this is a safe integer. */
+const twoPower21 = 2 ** 21;
+const maxSafeHandle = BigInt(Number.MAX_SAFE_INTEGER);
 
 interface DirectFile {
   readonly fd: number;
@@ -44,7 +48,8 @@ interface DirectFile {
 }
 
 class DirectReads {
-  private readonly files = new Map<bigint, DirectFile>();
+  /** By handle; handles above 2^53 are never registered (their READs go to the main thread). */
+  private readonly files = new Map<number, DirectFile>();
   private seenPosts = 0;
   private readonly port: MessagePort;
   private readonly control: Int32Array;
@@ -77,16 +82,19 @@ class DirectReads {
       if (!received) return;
       const message = received.message as DirectReadMessage;
       if (message.kind === "open") {
-        this.files.set(message.handle, { fd: message.fd, sizeBytes: message.sizeBytes });
+        if (message.handle <= maxSafeHandle) {
+          this.files.set(Number(message.handle), { fd: message.fd, sizeBytes: message.sizeBytes });
+        }
       } else {
-        this.files.delete(message.handle);
+        this.files.delete(Number(message.handle));
         this.post({ kind: "directReadClosed", handle: message.handle });
       }
     }
   }
 
-  find(handle: bigint): DirectFile | undefined {
-    return this.files.get(handle);
+  /** The file of the handle whose 32-bit halves are `low` and `high`. */
+  find(low: number, high: number): DirectFile | undefined {
+    return high < twoPower21 ? this.files.get(high * twoPower32 + low) : undefined;
   }
 }
 
@@ -97,9 +105,12 @@ function main(): void {
   const control = new Int32Array(data.control);
   const { layout } = data;
   const slots: Uint8Array[] = [];
+  // One view per slot, made once: the hot path allocates nothing per request.
+  const views: DataView[] = [];
   for (let index = 0; index < data.slotCount; index += 1) {
     const offsetBytes = (data.firstSlot + index) * data.slotBytes;
     slots.push(new Uint8Array(data.slots, offsetBytes, data.slotBytes));
+    views.push(new DataView(data.slots, offsetBytes, data.slotBytes));
   }
   const post = (message: FuseReaderMessage) => port.postMessage(message);
   const directReads = new DirectReads(data.directReads, control, layout.directReadPostsIndex, post);
@@ -132,7 +143,10 @@ function main(): void {
     Atomics.store(control, layout.busyIndex, 1);
     // After the read: a registration posted before the kernel could send this READ is seen now.
     directReads.sync();
-    if (!directReads.isEmpty && serveDirectRead(data, buffer, lengthBytes, directReads, post)) {
+    if (
+      !directReads.isEmpty &&
+      serveDirectRead(data, buffer, views[index]!, lengthBytes, directReads, post)
+    ) {
       releaseSlot(control, layout, slot);
     } else {
       post({ kind: "request", slot, lengthBytes });
@@ -148,17 +162,18 @@ function main(): void {
 function serveDirectRead(
   data: FuseReaderWorkerData,
   buffer: Uint8Array,
+  view: DataView,
   lengthBytes: number,
   directReads: DirectReads,
   post: (message: FuseReaderMessage) => void,
 ): boolean {
   if (lengthBytes < abi.FUSE_IN_HEADER_BYTES + abi.FUSE_READ_IN_BYTES) return false;
-  const view = new DataView(buffer.buffer, buffer.byteOffset, buffer.byteLength);
   if (view.getUint32(4, true) !== abi.FUSE_READ) return false;
   const at = abi.FUSE_IN_HEADER_BYTES;
-  const file = directReads.find(view.getBigUint64(at, true));
+  // 64-bit fields in 32-bit halves: no BigInt per request.
+  const file = directReads.find(view.getUint32(at, true), view.getUint32(at + 4, true));
   if (!file) return false;
-  const offset = view.getBigUint64(at + 8, true);
+  const offsetHigh = view.getUint32(at + 12, true);
   const requestedBytes = view.getUint32(at + 16, true);
   // Large reads stay on the main thread, where the backend spreads them over the libuv pool: here they
   // would hold up every request behind them.
@@ -166,10 +181,12 @@ function serveDirectRead(
   const start = abi.FUSE_OUT_HEADER_BYTES;
   let readBytes = 0;
   let error = 0;
-  if (offset < BigInt(file.sizeBytes)) {
-    const offsetBytes = Number(offset);
+  // An offset of 2^53 or more is past the end of any device (sizes are safe integers).
+  const offsetBytes =
+    offsetHigh < twoPower21 ? offsetHigh * twoPower32 + view.getUint32(at + 8, true) : Infinity;
+  if (offsetBytes < file.sizeBytes) {
     readBytes = Math.min(requestedBytes, file.sizeBytes - offsetBytes, buffer.byteLength - start);
-    error = preadFully(file.fd, buffer.subarray(start, start + readBytes), offsetBytes);
+    error = preadFully(file.fd, buffer, start, readBytes, offsetBytes);
   }
   // The reply header overlays the request header; `unique` (bytes 8-15) is already in place.
   const replyBytes = start + (error === 0 ? readBytes : 0);
@@ -187,19 +204,34 @@ function serveDirectRead(
   return true;
 }
 
-/** Reads `target.byteLength` bytes at `offsetBytes`; past the end of the file reads zeroes. 0 or -errno. */
-function preadFully(fd: number, target: Uint8Array, offsetBytes: number): number {
+/**
+ * Reads `lengthBytes` at `offsetBytes` into `target` from `startBytes`; past the end of the file reads
+ * zeroes. 0 or -errno.
+ */
+function preadFully(
+  fd: number,
+  target: Uint8Array,
+  startBytes: number,
+  lengthBytes: number,
+  offsetBytes: number,
+): number {
   let doneBytes = 0;
   try {
-    while (doneBytes < target.byteLength) {
-      const n = readSync(fd, target, doneBytes, target.byteLength - doneBytes, offsetBytes + doneBytes);
+    while (doneBytes < lengthBytes) {
+      const n = readSync(
+        fd,
+        target,
+        startBytes + doneBytes,
+        lengthBytes - doneBytes,
+        offsetBytes + doneBytes,
+      );
       if (n === 0) break;
       doneBytes += n;
     }
   } catch (error) {
     return fuseErrorOf(error);
   }
-  if (doneBytes < target.byteLength) target.fill(0, doneBytes);
+  if (doneBytes < lengthBytes) target.fill(0, startBytes + doneBytes, startBytes + lengthBytes);
   return 0;
 }
 
