@@ -26,7 +26,6 @@
  * page cache serves it).
  */
 
-import * as fs from "node:fs";
 import type { BlockDevice } from "../block/device.js";
 import { BlockError, type Errno, toBlockError } from "../block/errors.js";
 import type { DiffStorage, StorageLocation } from "../storage/diff-storage.js";
@@ -46,8 +45,6 @@ const failedCode = -1;
  */
 const chunkBuffersPooledMax = 32;
 const chunkBufferPoolBytesMax = 4 * 1024 * 1024;
-/** Chunks up to this size are read for a copy with one synchronous pread of the origin's file. */
-const syncOriginReadBytesMax = 256 * 1024;
 type ChunkEntry = StorageLocation | typeof failedChunk;
 
 export interface DiffAreaOptions {
@@ -188,7 +185,7 @@ export class DiffArea {
       const startBytes = this.geometry.chunkStartBytes(chunkIndex);
       const buffer = this.takeBuffer(this.geometry.chunkLengthBytes(chunkIndex));
       try {
-        await this.readOriginChunk(startBytes, buffer);
+        await this.origin.read(startBytes, buffer);
         this.setStored(chunkIndex, await this.storeNew(chunkIndex, buffer));
         this.copiedCount++;
         this.copiedByteCount += buffer.byteLength;
@@ -204,37 +201,6 @@ export class DiffArea {
     } finally {
       release();
     }
-  }
-
-  /**
-   * Reads a chunk of the origin for a copy. With the origin's file at hand (BlockDevice.directReadFd, which
-   * fault stages hide) a chunk of up to 256 KiB is read with one synchronous pread: on page-cache-hot data
-   * that costs ~12 µs for 64 KiB, while a hop to the libuv pool cost several times that in CPU and in
-   * latency under the chunk's lock (bench/core/cow-first-touch.ts). Reads never wait for a frozen file
-   * system, so this stalls the event loop no longer than the synchronous small reads of FileBackend.
-   */
-  private readOriginChunk(startBytes: number, target: Uint8Array): Promise<void> | undefined {
-    const fd = target.byteLength <= syncOriginReadBytesMax ? (this.origin.directReadFd?.() ?? null) : null;
-    if (fd === null) return this.origin.read(startBytes, target);
-    let doneBytes = 0;
-    try {
-      while (doneBytes < target.byteLength) {
-        const readBytes = fs.readSync(
-          fd,
-          target,
-          doneBytes,
-          target.byteLength - doneBytes,
-          startBytes + doneBytes,
-        );
-        if (readBytes === 0) break;
-        doneBytes += readBytes;
-      }
-    } catch (error) {
-      throw toBlockError(error, `read ${this.deviceName} at ${startBytes + doneBytes}`);
-    }
-    // A file shorter than its device reads as zeroes past its end (as FileBackend.readSync does).
-    if (doneBytes < target.byteLength) target.fill(0, doneBytes);
-    return undefined;
   }
 
   /**

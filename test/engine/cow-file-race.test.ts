@@ -1,6 +1,6 @@
 /**
  * Copy-before-write on a file origin with a directory storage: the path the NBD server takes on real
- * files (the chunk read with a synchronous pread of the origin's file, the copy written by the storage's
+ * files (the chunk read by FileBackend from the page cache, the copy written by the storage's
  * file system writer thread from a shared buffer, the origin write after it on that thread). The memory
  * backends of the model tests never take it. Seeded random rounds: per round the origin is filled with
  * one byte value, a snapshot is taken, then concurrent origin writes to disjoint ranges (several per
