@@ -197,6 +197,15 @@ export class DiffStorage {
     });
   }
 
+  /**
+   * Whether chunk data is best handed to write() in SharedArrayBuffer-backed memory: a file or device
+   * area's writer thread writes such a source where it is instead of copying it first; a RAM area copies
+   * every source, and from shared memory that copy is a slower one.
+   */
+  get prefersSharedSources(): boolean {
+    return this.areas.some((area) => area.device instanceof FileBackend);
+  }
+
   get capacityBytes(): number {
     return this.areas.reduce((sum, area) => sum + area.capacityBytes, 0);
   }
