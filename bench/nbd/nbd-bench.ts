@@ -1,7 +1,7 @@
 /**
  * NBD benchmark (not a test): races blocksnap's NbdServer (FileBackend export, own process) against
  * `nbdkit file` and `qemu-nbd -f raw -t -e 0` on the same page-cache-hot file, in one run, with the same
- * clients: `nbdcopy URI null:` (sequential read of everything), fio --ioengine=nbd 4 KiB randread at QD32
+ * clients: `nbdcopy URI null:` (sequential read of everything; 4 connections and 1), fio --ioengine=nbd 4 KiB randread at QD32
  * and QD1, 4 KiB randwrite at QD32 and 256 KiB sequential write at QD16. The machine has 2 cores shared by
  * server and client, so run-to-run noise is about ±30% (docs/design/nbd-notes.md). Tests run in test-major order (all
  * servers for one test, then the next test) so that drift hits every server alike. Prints a table with
@@ -51,10 +51,10 @@ function parseOptions(argv: readonly string[]): Options {
   };
 }
 
-/** Seconds for one `nbdcopy URI null:`. */
-async function nbdcopyOnce(uri: string): Promise<number> {
+/** Seconds for one `nbdcopy [FLAGS] URI null:`. */
+async function nbdcopyOnce(uri: string, flags: readonly string[] = []): Promise<number> {
   const start = process.hrtime.bigint();
-  await execOk("nbdcopy", [uri, "null:"]);
+  await execOk("nbdcopy", [...flags, uri, "null:"]);
   return Number(process.hrtime.bigint() - start) / 1e9;
 }
 
@@ -66,11 +66,12 @@ async function nbdcopyOnce(uri: string): Promise<number> {
 async function nbdcopyInterleaved(
   uris: ReadonlyMap<string, string>,
   rounds: number,
+  copy: (uri: string) => Promise<number>,
 ): Promise<Map<string, number>> {
-  for (const uri of uris.values()) await nbdcopyOnce(uri);
+  for (const uri of uris.values()) await copy(uri);
   const samples = new Map<string, number[]>([...uris.keys()].map((name) => [name, []]));
   for (let round = 0; round < rounds; round += 1) {
-    for (const [name, uri] of uris) samples.get(name)!.push(await nbdcopyOnce(uri));
+    for (const [name, uri] of uris) samples.get(name)!.push(await copy(uri));
   }
   return new Map(
     [...samples].map(([name, values]) => [
@@ -138,6 +139,12 @@ async function main(): Promise<void> {
       target: "image",
       run: (uri) => nbdcopyOnce(uri),
     },
+    {
+      test: `nbdcopy ${options.sizeMib} MiB to null:, 1 connection`,
+      unit: "s",
+      target: "image",
+      run: (uri) => nbdcopyOnce(uri, ["--connections=1"]),
+    },
     fioTest("fio randread 4 KiB QD32", { rw: "randread", bs: "4k", iodepth: 32 }, "IOPS", "origin"),
     fioTest("fio randread 4 KiB QD1", { rw: "randread", bs: "4k", iodepth: 1 }, "IOPS", "origin"),
     fioTest("fio randwrite 4 KiB QD32", { rw: "randwrite", bs: "4k", iodepth: 32 }, "IOPS", "origin"),
@@ -165,7 +172,7 @@ async function main(): Promise<void> {
             [ours.name, uri],
             ...peers.map((peer): [string, string] => [peer.name, peer.uri]),
           ]);
-          for (const [name, value] of await nbdcopyInterleaved(uris, 5)) values.set(name, value);
+          for (const [name, value] of await nbdcopyInterleaved(uris, 5, entry.run)) values.set(name, value);
         } else {
           values.set(ours.name, await entry.run(uri));
         }
@@ -196,7 +203,7 @@ async function main(): Promise<void> {
       ` Node ${process.version}; ${versions.join("; ")}.`,
     `File: ${options.sizeMib} MiB of random data, page cache before: ${cacheBefore}, after: ${cacheAfter}.`,
     `Unix sockets; fio runs of ${options.runtimeSeconds} s, one job (one connection); nbdcopy with its defaults` +
-      " (multi-conn): a warm-up copy per server, then 5 rounds alternating between the servers, median.",
+      " (4 connections, multi-conn) and with --connections=1: a warm-up copy per server, then 5 rounds alternating between the servers, median.",
     "Ratios: blocksnap relative to the peer, above 1× means blocksnap is faster. blocksnap runs its full stack" +
       " (Engine, Tracker with CBT, CheckedDevice, NBD); [ours: …] names the export measured — the image of a" +
       " freshly taken snapshot, or the origin, plain or with a snapshot held. The peers serve the plain file.",
