@@ -148,6 +148,58 @@ test("a client that never reads its replies stops the server reading: memory sta
   }
 });
 
+test("READs still being read count against the reply queue: a burst of 64 starts only a queue's worth at once", async () => {
+  const readBytes = 256 * 1024;
+  const requestCount = 64;
+  const backend = new MemoryBackend(requestCount * readBytes);
+  const content = Buffer.alloc(requestCount * readBytes);
+  for (let index = 0; index < content.byteLength; index += 4096) content.writeUInt32LE(index, index);
+  await backend.write(0, content);
+  const gated = new GatedDevice(backend);
+  const fixture = await startTestServer([deviceExport("gated", gated)]);
+  try {
+    const client = await RawNbdClient.connect(fixture.socketPath);
+    await client.handshake("gated");
+    const requests = Array.from({ length: requestCount }, (_, index) =>
+      requestBytes({
+        command: NBD_CMD.READ,
+        cookie: BigInt(index),
+        offset: BigInt(index * readBytes),
+        length: readBytes,
+      }),
+    );
+    client.socket.write(Buffer.concat(requests));
+    const stats = () => fixture.server.connectionStats()[0]!;
+    const startedMax = Math.ceil(replyQueueBytesMax / readBytes);
+    // Bounded wait: until a queue's worth of READs started (or more: the bug this test is for).
+    for (let pollIndex = 0; pollIndex < 2000 && gated.waitingReads < startedMax; pollIndex += 1) {
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+    // Give the server every chance to start more than it should before looking.
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.ok(stats().unparsedBytes > 0, `the rest of the burst waits unparsed: ${JSON.stringify(stats())} waiting ${gated.waitingReads}`);
+    assert.equal(gated.waitingReads, startedMax, "READs started while their replies could not be queued");
+    assert.equal(stats().inflightRequests, startedMax);
+    gated.open();
+    const seen = new Set<bigint>();
+    for (let index = 0; index < requestCount; index += 1) {
+      const reply = await client.readSimpleReply();
+      assert.equal(reply.error, 0);
+      const data = await client.read(readBytes);
+      const offsetBytes = Number(reply.cookie) * readBytes;
+      assert.ok(
+        data.equals(content.subarray(offsetBytes, offsetBytes + readBytes)),
+        `data of READ ${reply.cookie}`,
+      );
+      seen.add(reply.cookie);
+    }
+    assert.equal(seen.size, requestCount);
+    client.destroy();
+  } finally {
+    await fixture.close();
+  }
+});
+
 test("an export whose device fails with EIO answers EIO per request and keeps the connection", async () => {
   const fixture = await startTestServer([deviceExport("broken", new FailingDevice(new MemoryBackend(mib)))]);
   try {
