@@ -177,7 +177,10 @@ test("READs still being read count against the reply queue: a burst of 64 starts
     }
     // Give the server every chance to start more than it should before looking.
     await new Promise((resolve) => setTimeout(resolve, 50));
-    assert.ok(stats().unparsedBytes > 0, `the rest of the burst waits unparsed: ${JSON.stringify(stats())} waiting ${gated.waitingReads}`);
+    assert.ok(
+      stats().unparsedBytes > 0,
+      `the rest of the burst waits unparsed: ${JSON.stringify(stats())} waiting ${gated.waitingReads}`,
+    );
     assert.equal(gated.waitingReads, startedMax, "READs started while their replies could not be queued");
     assert.equal(stats().inflightRequests, startedMax);
     gated.open();
