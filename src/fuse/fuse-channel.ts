@@ -196,6 +196,7 @@ export class FuseChannel {
       control: this.control.buffer as SharedArrayBuffer,
       layout: reader.layout,
       directReads: port2,
+      largeReadsInPlaceMax: this.readers.length - 1,
     };
     const worker = new Worker(new URL("./fuse-reader-worker.js", import.meta.url), {
       workerData,
@@ -340,6 +341,11 @@ export class FuseChannel {
   /** Requests handed to the handler and not yet answered (a hand-over waits for 0). */
   get inFlight(): number {
     return this.requestsInFlight;
+  }
+
+  /** Large direct READs a reader is serving right now (tests and diagnostics). */
+  get largeReadsInPlace(): number {
+    return Atomics.load(this.control, readerControl.largeReadsInPlace);
   }
 
   /** Requests being served right now (tests and diagnostics). */

@@ -22,6 +22,12 @@ export interface FuseReaderWorkerData {
   readonly layout: ReaderLayout;
   /** DirectReadMessages from the main thread; the worker drains it synchronously (receiveMessageOnPort). */
   readonly directReads: MessagePort;
+  /**
+   * Direct READs larger than 64 KiB that all readers together may serve at once (readerControl
+   * .largeReadsInPlace counts them); one more goes to the main thread. Readers − 1, so that one reader
+   * always stays free for small requests while the others copy megabytes or wait for a slow disk.
+   */
+  readonly largeReadsInPlaceMax: number;
 }
 
 export type FuseReaderMessage =
@@ -49,7 +55,11 @@ export type DirectReadMessage =
 export const readerControl = {
   /** Non-zero: every reader stops before its next read. */
   stop: 0,
+  /** Large direct READs being served by readers right now (FuseReaderWorkerData.largeReadsInPlaceMax). */
+  largeReadsInPlace: 1,
 } as const;
+
+const commonEntries = 2;
 
 /** Where one reader's counters and the slot states sit in the control array. */
 export interface ReaderLayout {
@@ -70,15 +80,15 @@ export interface ReaderLayout {
 const perReaderEntries = 3;
 
 export function readerLayout(readerIndex: number, readerCount: number): ReaderLayout {
-  const base = 1 + perReaderEntries * readerIndex;
+  const base = commonEntries + perReaderEntries * readerIndex;
   return {
     releasesIndex: base,
     directReadPostsIndex: base + 1,
     busyIndex: base + 2,
-    slotStatesIndex: 1 + perReaderEntries * readerCount,
+    slotStatesIndex: commonEntries + perReaderEntries * readerCount,
   };
 }
 
 export function controlBytes(readerCount: number, totalSlotCount: number): number {
-  return (1 + perReaderEntries * readerCount + totalSlotCount) * Int32Array.BYTES_PER_ELEMENT;
+  return (commonEntries + perReaderEntries * readerCount + totalSlotCount) * Int32Array.BYTES_PER_ELEMENT;
 }

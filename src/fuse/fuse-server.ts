@@ -213,6 +213,11 @@ export class FuseServer {
     return this.channel.directReadDescriptors;
   }
 
+  /** Large direct READs a reader thread is serving right now (tests and diagnostics). */
+  get largeReadsInPlace(): number {
+    return this.channel.largeReadsInPlace;
+  }
+
   /** Unmounts (lazily if busy), ends the connection and closes /dev/fuse. Idempotent. */
   unmount(): Promise<void> {
     this.unmounting ??= this.doUnmount();
