@@ -2,10 +2,19 @@
  * The shared memory between a FileSystemWriter (fs-writer.ts) and its thread (fs-writer-worker.ts). No
  * message is posted per batch: the writer fills a slot (an operation table and a staging buffer with the
  * payloads), bumps SUBMITTED and wakes the thread with Atomics.notify; the thread runs the slot's
- * operations in order, stores each one's outcome (0 or a negative errno) in the slot's result table,
- * bumps COMPLETED and notifies; the event loop learns of it through Atomics.waitAsync. Batch n always
- * uses slot n % slotCount, and at most slotCount batches are out, so a slot is never reused while the
- * thread reads it. A staging buffer that must grow (a write larger than batchBytesMax) is replaced by
+ * operations in order. Batch n always uses slot n % slotCount, and at most slotCount batches are out, so
+ * a slot is never reused while the thread reads it.
+ *
+ * Completions stream back one operation at a time: after each operation the thread stores its outcome
+ * (0 or a negative errno) in the slot's result table and bumps DONE_OPS (operations done over all
+ * batches, wrapping at 2^32), so the event loop can answer the first writes of a batch while the thread
+ * still runs the rest. Wake-ups stay bounded: the event loop sets WAKE_ARMED when it starts to wait
+ * (Atomics.waitAsync on DONE_OPS, from the count it has settled), and the thread notifies only when it
+ * takes that flag (compareExchange 1 → 0); completions that come while the loop is busy are collected at
+ * its next wake-up, one wake-up for all of them. A notify never gets lost: the waitAsync compares DONE_OPS
+ * with what the loop settled, so an operation done between the arming and the wait wakes it at once.
+ *
+ * A staging buffer that must grow (a write larger than batchBytesMax) is replaced by
  * posting the new one on the slot's port before the batch is submitted; the thread takes such messages
  * with receiveMessageOnPort before it runs a batch, so it always sees the buffer the batch was staged in.
  *
@@ -25,16 +34,30 @@ export const OP_EXTEND = 1;
 /** Writes zeroes from the thread's own buffer: length in the length field, no payload. */
 export const OP_ZERO = 2;
 
-/** Batches out at once, and the slots they occupy. */
-export const slotCount = 2;
+/**
+ * Batches out at once, and the slots they occupy. Four, so that writes arriving while the thread is busy
+ * go out at once in batches of their own instead of piling up into one large batch behind a full slot
+ * set (which made the writes of a queue move in one clump: the thread idle while the event loop and the
+ * client turned the clump around, and the other way round).
+ */
+export const slotCount = 4;
+/**
+ * Within a batch, the thread offers a notify after every notifyEveryOps operations (and after the last):
+ * a wake-up costs the two threads about as much as a 4 KiB write, so waking the loop for every write
+ * would double the cost of a busy queue.
+ */
+export const notifyEveryOps = 8;
 /** Operations per batch at most (the table of a slot is sized for it). */
 export const opsPerBatchMax = 1024;
 
 /** Indexes into the doorbell (an Int32Array over a SharedArrayBuffer). */
 export const DOORBELL_SUBMITTED = 0;
-export const DOORBELL_COMPLETED = 1;
+/** Operations done, over all batches (wraps; compare with `| 0` differences). */
+export const DOORBELL_DONE_OPS = 1;
+/** 1 while the event loop waits on DONE_OPS and wants a notify; the thread takes it to 0 when it notifies. */
+export const DOORBELL_WAKE_ARMED = 2;
 /** Per slot: the operation count of the batch in it. */
-export const doorbellSlotBase = 2;
+export const doorbellSlotBase = 3;
 export const doorbellInts = doorbellSlotBase + slotCount;
 
 /** What the thread gets at start (workerData). */

@@ -1,7 +1,8 @@
 /**
  * The thread of one FileSystemWriter: sleeps on the doorbell (Atomics.wait, no event loop), runs each
  * submitted batch's writes and extensions in order with the synchronous fs calls (a blocked call here, on a
- * frozen or dying file system, blocks only this thread), stores every operation's outcome and rings back.
+ * frozen or dying file system, blocks only this thread), stores every operation's outcome as soon as it is
+ * done and rings back only when the event loop waits for it (fs-write-protocol.ts).
  * Errors never end the thread; the writer ends it with terminate(), which also interrupts the wait.
  */
 import * as fs from "node:fs";
@@ -9,9 +10,11 @@ import { type MessagePort, parentPort, receiveMessageOnPort, workerData } from "
 import { assert } from "../util/assert.js";
 import {
   BUFFER_STAGING,
-  DOORBELL_COMPLETED,
+  DOORBELL_DONE_OPS,
   DOORBELL_SUBMITTED,
+  DOORBELL_WAKE_ARMED,
   doorbellSlotBase,
+  notifyEveryOps,
   OP_EXTEND,
   OP_WRITE,
   OP_ZERO,
@@ -118,6 +121,12 @@ function runBatch(slot: number): void {
       const errno = (error as NodeJS.ErrnoException).errno;
       results[index] = typeof errno === "number" && errno < 0 ? errno : errnoEio;
     }
+    // The outcome is stored before the count that publishes it (both seen by the loop in this order).
+    Atomics.add(doorbell, DOORBELL_DONE_OPS, 1);
+    const isNotifyPoint = index + 1 === count || (index + 1) % notifyEveryOps === 0;
+    if (isNotifyPoint && Atomics.compareExchange(doorbell, DOORBELL_WAKE_ARMED, 1, 0) === 1) {
+      Atomics.notify(doorbell, DOORBELL_DONE_OPS);
+    }
   }
 }
 
@@ -130,6 +139,4 @@ for (;;) {
   takeMessages();
   runBatch(completed % slotCount);
   completed++;
-  Atomics.store(doorbell, DOORBELL_COMPLETED, completed);
-  Atomics.notify(doorbell, DOORBELL_COMPLETED);
 }

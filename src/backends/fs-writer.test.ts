@@ -5,15 +5,19 @@
  * on purpose (they must land in issue order), checked against a model; the shared buffers are rewritten
  * as soon as each round settled, which must not change what was written. Then the registration bound:
  * more shared memory than sharedBytesMax still writes correctly (staged beyond the bound).
+ * Streamed completions: seeded random bursts of writes, some of them doomed (a read-only descriptor), in
+ * batches of every size (past notifyEveryOps and opsPerBatchMax, across all slots): every write settles
+ * once, with its own outcome, in issue order, and the file matches a model.
  * Replay with BLOCKSNAP_SEED=<seed>.
  */
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
 import { FileBackend } from "./file-backend.js";
-import { sharedBytesMax } from "./fs-writer.js";
+import { notifyEveryOps, opsPerBatchMax, slotCount } from "./fs-write-protocol.js";
+import { FileSystemWriter, sharedBytesMax } from "./fs-writer.js";
 
 const directory = mkdtempSync(join(tmpdir(), "blocksnap-fs-writer-"));
 after(() => rmSync(directory, { recursive: true, force: true }));
@@ -120,4 +124,72 @@ test("more shared memory than the registration bound still writes correctly", as
   } finally {
     await backend.close();
   }
+});
+
+test("streamed completions: every write settles once, with its own outcome, in issue order", async (t) => {
+  const random = seededRandom();
+  t.diagnostic(`seed ${random.seed} (replay with BLOCKSNAP_SEED=${random.seed})`);
+  const path = join(directory, "stream.img");
+  const sizeBytes = 1 << 20;
+  const blockBytes = 512;
+  const writable = openSync(path, "w+");
+  // Writes through this descriptor fail (EBADF) in the thread, between writes that succeed.
+  const readOnly = openSync(path, "r");
+  const writer = FileSystemWriter.acquire(`test:stream:${random.seed}`);
+  const model = new Uint8Array(sizeBytes);
+  let doomedWrites = 0;
+  let largestBurst = 0;
+  try {
+    for (let round = 0; round < 40; round++) {
+      const burst = round % 4 === 0 ? random.int(opsPerBatchMax + 1, 2 * opsPerBatchMax) : random.int(1, 60);
+      largestBurst = Math.max(largestBurst, burst);
+      const settledOrder: number[] = [];
+      const outcomes: Array<Promise<void>> = [];
+      const doomed = new Set<number>();
+      for (let index = 0; index < burst; index++) {
+        const blockIndex = random.int(0, sizeBytes / blockBytes - 1);
+        const payload = new Uint8Array(blockBytes).fill(random.int(0, 255));
+        const isDoomed = random.int(0, 9) === 0;
+        if (isDoomed) doomed.add(index);
+        else model.set(payload, blockIndex * blockBytes);
+        const fd = isDoomed ? readOnly : writable;
+        const settled = writer.write(fd, blockIndex * blockBytes, payload);
+        outcomes.push(settled);
+        settled.then(
+          () => settledOrder.push(index),
+          () => settledOrder.push(index),
+        );
+        // Now and then a new turn of the event loop: the burst spans batches and slots.
+        if (random.int(0, 15) === 0) await new Promise((resolve) => setImmediate(resolve));
+      }
+      const results = await Promise.allSettled(outcomes);
+      results.forEach((result, index) => {
+        if (doomed.has(index)) {
+          assert.equal(result.status, "rejected", `write ${index} of round ${round} failed`);
+          const error = (result as PromiseRejectedResult).reason as NodeJS.ErrnoException;
+          assert.equal(error.code, "EBADF", `write ${index} of round ${round}: ${error.message}`);
+        } else {
+          assert.equal(result.status, "fulfilled", `write ${index} of round ${round} succeeded`);
+        }
+      });
+      doomedWrites += doomed.size;
+      // allSettled's own reactions ran after every write's: all are recorded, once each, in issue order.
+      assert.deepEqual(
+        settledOrder,
+        Array.from({ length: burst }, (_, index) => index),
+        `round ${round}: settled in issue order (seed ${random.seed})`,
+      );
+    }
+    const actual = new Uint8Array(readFileSync(path)).subarray(0, sizeBytes);
+    const padded = new Uint8Array(sizeBytes);
+    padded.set(actual);
+    const differs = padded.findIndex((byte, index) => byte !== model[index]);
+    assert.equal(differs, -1, `byte ${differs} differs (seed ${random.seed})`);
+  } finally {
+    writer.release();
+    closeSync(writable);
+    closeSync(readOnly);
+  }
+  assert.ok(doomedWrites > 0, "some writes failed on purpose");
+  assert.ok(largestBurst > opsPerBatchMax && opsPerBatchMax > notifyEveryOps && slotCount > 1);
 });

@@ -12,7 +12,10 @@
  * instead, see fs-write-protocol.ts),
  * so a queue of 4 KiB writes costs one wake-up per batch instead of one per write. With slotCount batches
  * out, the next one waits for a completion and collects what arrives meanwhile. Operations run in issue
- * order.
+ * order, and each settles as soon as the thread has done it, not when its whole batch is done: a queue of
+ * writes that arrived together no longer moves as one clump (the thread busy with all of it while the
+ * event loop and the client wait, then idle while they turn it around). Completions that arrive while the
+ * event loop is busy are collected in one wake-up (see fs-write-protocol.ts).
  *
  * Transport (fs-write-protocol.ts): shared memory and Atomics, no message per batch. The thread sleeps in
  * Atomics.wait and is woken by Atomics.notify; the event loop waits for completions with Atomics.waitAsync.
@@ -37,8 +40,9 @@ import { BlockError } from "../block/errors.js";
 import { assert } from "../util/assert.js";
 import {
   BUFFER_STAGING,
-  DOORBELL_COMPLETED,
+  DOORBELL_DONE_OPS,
   DOORBELL_SUBMITTED,
+  DOORBELL_WAKE_ARMED,
   doorbellInts,
   doorbellSlotBase,
   OP_EXTEND,
@@ -83,9 +87,14 @@ interface Thread {
   readonly resultTables: readonly Int32Array[];
   readonly stagings: SharedArrayBuffer[];
   submitted: number;
+  /** Batches whose every operation is settled (the oldest batch out is batch `completed`). */
   completed: number;
   /** The batches submitted and not completed, oldest first (batch n is in slot n % slotCount). */
   readonly inflight: PendingOp[][];
+  /** Operations of the oldest batch out already settled. */
+  settledInBatch: number;
+  /** Operations settled over all batches, as DONE_OPS counts them (wrapping int32). */
+  settledOps: number;
   waiting: boolean;
   /** Shared buffers registered with this thread, by id; and the bytes they hold. */
   readonly sharedIds: WeakMap<SharedArrayBuffer, number>;
@@ -289,6 +298,8 @@ export class FileSystemWriter {
       submitted: 0,
       completed: 0,
       inflight: [],
+      settledInBatch: 0,
+      settledOps: 0,
       waiting: false,
       sharedIds: new WeakMap(),
       nextSharedId: 0,
@@ -307,10 +318,15 @@ export class FileSystemWriter {
     return thread;
   }
 
-  /** Arms one Atomics.waitAsync for the next completion while batches are out. */
+  /**
+   * Arms one Atomics.waitAsync for the next completion while batches are out. WAKE_ARMED asks the thread
+   * for a notify; set before the wait, so that an operation done in between makes the wait return at once
+   * (DONE_OPS no longer equals settledOps) instead of being missed.
+   */
   private awaitCompletion(thread: Thread): void {
     if (thread.waiting || thread.inflight.length === 0) return;
-    const outcome = Atomics.waitAsync(thread.doorbell, DOORBELL_COMPLETED, thread.completed);
+    Atomics.store(thread.doorbell, DOORBELL_WAKE_ARMED, 1);
+    const outcome = Atomics.waitAsync(thread.doorbell, DOORBELL_DONE_OPS, thread.settledOps);
     thread.waiting = true;
     const onWake = () => {
       thread.waiting = false;
@@ -321,37 +337,58 @@ export class FileSystemWriter {
   }
 
   private complete(thread: Thread): void {
-    const completedNow = Atomics.load(thread.doorbell, DOORBELL_COMPLETED);
-    const settled: Array<{ ops: PendingOp[]; outcomes: Int32Array }> = [];
-    while (thread.completed < completedNow) {
-      const ops = thread.inflight.shift();
-      const results = thread.resultTables[thread.completed % slotCount];
-      assert(ops && results, "a completion for a batch that is in flight");
-      settled.push({ ops, outcomes: results.slice(0, ops.length) });
-      thread.completed++;
-    }
+    const settled = this.takeDone(thread);
     this.sendWhileSlotsFree();
     if (thread.inflight.length === 0) {
       thread.worker.unref();
       if (this.references === 0) this.stopWhenIdle();
     }
     this.awaitCompletion(thread);
-    for (const { ops, outcomes } of settled) {
-      ops.forEach((op, index) => {
-        const errno = outcomes[index] ?? 0;
-        if (errno === 0) op.resolve();
-        else op.reject(systemError(errno));
-      });
+    settle(settled);
+  }
+
+  /**
+   * The operations the thread reports done and this side has not settled yet, with their outcomes, in
+   * issue order; a batch all of whose operations are taken leaves `inflight` (its slot is free again).
+   * The outcomes are read here, before the slot can take a new batch.
+   */
+  private takeDone(thread: Thread): Settled {
+    const doneOps = Atomics.load(thread.doorbell, DOORBELL_DONE_OPS);
+    let count = (doneOps - thread.settledOps) | 0;
+    assert(count >= 0, "the writer thread reports fewer operations done than were settled");
+    const settled: Settled = { ops: [], errnos: [] };
+    while (count > 0) {
+      const ops = thread.inflight[0];
+      const results = thread.resultTables[thread.completed % slotCount];
+      assert(ops && results, "a completion for a batch that is in flight");
+      const end = Math.min(ops.length, thread.settledInBatch + count);
+      for (let index = thread.settledInBatch; index < end; index++) {
+        settled.ops.push(ops[index]!);
+        settled.errnos.push(results[index] ?? 0);
+      }
+      count -= end - thread.settledInBatch;
+      thread.settledInBatch = end;
+      if (end === ops.length) {
+        thread.inflight.shift();
+        thread.completed++;
+        thread.settledInBatch = 0;
+      }
     }
+    thread.settledOps = doneOps;
+    return settled;
   }
 
   private failAll(thread: Thread, cause: Error): void {
     if (this.thread !== thread) return;
     this.thread = null;
+    // What the thread reported done before it died was written: settle it as such.
+    settle(this.takeDone(thread));
     const batches = thread.inflight.splice(0);
-    for (const ops of batches) {
-      for (const op of ops) op.reject(new BlockError("EIO", `file system writer failed: ${cause.message}`));
-    }
+    batches.forEach((ops, index) => {
+      for (const op of index === 0 ? ops.slice(thread.settledInBatch) : ops) {
+        op.reject(new BlockError("EIO", `file system writer failed: ${cause.message}`));
+      }
+    });
     // Operations not submitted yet go to the next thread.
     this.sendWhileSlotsFree();
   }
@@ -362,6 +399,20 @@ export class FileSystemWriter {
     this.thread = null;
     void thread.worker.terminate();
   }
+}
+
+/** Operations taken as done, and their outcomes (0 or a negative errno), in issue order. */
+interface Settled {
+  readonly ops: PendingOp[];
+  readonly errnos: number[];
+}
+
+function settle({ ops, errnos }: Settled): void {
+  ops.forEach((op, index) => {
+    const errno = errnos[index] ?? 0;
+    if (errno === 0) op.resolve();
+    else op.reject(systemError(errno));
+  });
 }
 
 /** An error as the synchronous fs calls throw it, from Node's negative errno (the backend adds the context). */
