@@ -242,6 +242,7 @@ export class NbdServer {
       await allClosed();
     }
     await Promise.all(listenersClosed);
+    this.peerUids.close();
   }
 
   private listen(options: net.ListenOptions | { readonly fd: number }): Promise<net.Server> {

@@ -138,18 +138,21 @@ void test("one uid gets at most its share of the NBD connections; root still con
   const daemon = await DaemonProcess.start(stateDir, {
     args: ["--nbd-listen", "none", "--fuse-mount", "none", "--socket-group", "nogroup"],
   });
-  const holder = new ConnectionHolder("setpriv", [
-    "--reuid=65534",
-    "--regid=65534",
-    "--clear-groups",
-    systemPython,
-    "-c",
-    unixHolderScript,
-    daemon.nbdSocket,
-    "256",
-  ]);
+  let holder: ConnectionHolder | undefined;
   try {
+    // The export exists before the first connection: a connection now costs milliseconds, so all 256
+    // would be refused before a `device add` started after them finished.
     await daemon.cliOk(["device", "add", "disk0", "--backend", "memory:", "--size", "1M"]);
+    holder = new ConnectionHolder("setpriv", [
+      "--reuid=65534",
+      "--regid=65534",
+      "--clear-groups",
+      systemPython,
+      "-c",
+      unixHolderScript,
+      daemon.nbdSocket,
+      "256",
+    ]);
     const served = await holder.served();
     assert.equal(served, 64, "nobody gets the per-client share (64), not every slot");
     const root = await run("nbdinfo", ["--size", `nbd+unix:///disk0?socket=${daemon.nbdSocket}`], {
@@ -158,7 +161,7 @@ void test("one uid gets at most its share of the NBD connections; root still con
     assert.equal(root.code, 0, `root must still connect: ${root.stderr}`);
     assert.equal(root.stdout.trim(), String(1024 * 1024));
   } finally {
-    await holder.release();
+    await holder?.release();
     await daemon.stop();
   }
 });
