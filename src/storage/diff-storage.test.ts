@@ -353,3 +353,25 @@ test("a region whose write failed is released and reused; io_error reports the e
   assert.deepEqual(check, pattern(chunkBytes, 9));
   await storage.close();
 });
+
+test("chunk data is best handed over in shared memory to a file storage, not to a RAM one", async () => {
+  const memory = new DiffStorage({ path: memoryStoragePath, limitBytes: 4 * MiB, growthPortionBytes: MiB });
+  const file = new DiffStorage({ path: directory, limitBytes: 4 * MiB, growthPortionBytes: MiB });
+  try {
+    assert.equal(memory.prefersSharedSources, false);
+    assert.equal(file.prefersSharedSources, true);
+    // A RAM storage with a file appended has a writer thread to hand the data to.
+    memory.append(join(directory, "appended-for-shared-sources.img"), MiB);
+    assert.equal(memory.prefersSharedSources, true);
+    // Data written from shared memory reads back the same (the writer writes it by reference).
+    const source = new Uint8Array(new SharedArrayBuffer(chunkBytes)).fill(0x5a);
+    const location = await file.allocate(chunkBytes);
+    await file.write(location, 0, source);
+    const target = new Uint8Array(chunkBytes);
+    await file.read(location, 0, target);
+    assert.deepEqual(target, new Uint8Array(chunkBytes).fill(0x5a));
+  } finally {
+    await memory.close();
+    await file.close();
+  }
+});
