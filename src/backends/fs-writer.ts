@@ -12,10 +12,11 @@
  * instead, see fs-write-protocol.ts),
  * so a queue of 4 KiB writes costs one wake-up per batch instead of one per write. With slotCount batches
  * out, the next one waits for a completion and collects what arrives meanwhile. Operations run in issue
- * order, and each settles as soon as the thread has done it, not when its whole batch is done: a queue of
- * writes that arrived together no longer moves as one clump (the thread busy with all of it while the
- * event loop and the client wait, then idle while they turn it around). Completions that arrive while the
- * event loop is busy are collected in one wake-up (see fs-write-protocol.ts).
+ * order. The thread publishes each outcome as soon as the write is done, and the event loop settles every
+ * write it finds done when it wakes: the thread wakes it at the end of a batch, and within a large batch
+ * every notifyEveryOps writes, so that a large batch does not move as one clump (the thread busy with all
+ * of it while the event loop and the client wait, then idle while they turn it around). Completions that
+ * arrive while the event loop is busy are collected in one wake-up (see fs-write-protocol.ts).
  *
  * Transport (fs-write-protocol.ts): shared memory and Atomics, no message per batch. The thread sleeps in
  * Atomics.wait and is woken by Atomics.notify; the event loop waits for completions with Atomics.waitAsync.
