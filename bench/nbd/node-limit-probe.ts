@@ -8,7 +8,7 @@
  *   all listen on the same descriptor, or N workers fed accepted descriptors by the main thread; each with
  *   fs.read / fs.write (libuv pool) or with fs.readSync / fs.writeSync on the loop; plus one loop that
  *   receives WRITE payloads in place (`onread`).
- * Rows: nbdcopy of the whole file to null: with 4 connections (multi-conn), fio --ioengine=nbd 4 KiB
+ * Rows: nbdcopy of the whole file to null: with 4 connections (multi-conn) and with 1, fio --ioengine=nbd 4 KiB
  * randread at QD1 and QD32, 4 KiB randwrite at QD32, 256 KiB sequential write at QD16. Each round runs every row on every server,
  * the servers' order rotating from round to round; the table gives each server's median and, because the
  * two cores are shared with other work, the median of the ratios taken within each round. Run it under
@@ -120,11 +120,21 @@ async function main(): Promise<void> {
   const inPlaceName = "bare, 1 loop, fs.read, payload received in place";
   const dispatchName = `bare, ${options.workers} workers fed by main, fs.read`;
   const dispatchSyncName = `bare, ${options.workers} workers fed by main, readSync`;
-  const nbdcopyOnce = async (uri: string) => {
+  const nbdcopyOnce = async (uri: string, connections = 4) => {
     const start = process.hrtime.bigint();
-    await execOk("nbdcopy", ["--connections=4", uri, "null:"]);
+    await execOk("nbdcopy", [`--connections=${connections}`, uri, "null:"]);
     return options.sizeMib / (Number(process.hrtime.bigint() - start) / 1e9);
   };
+  const nbdcopyRow = (connections: number): Row => ({
+    test: `nbdcopy ${options.sizeMib} MiB to null:, ${connections} connection${connections === 1 ? "" : "s"}`,
+    unit: "MiB/s",
+    run: async (uri) => {
+      const samples: number[] = [];
+      for (let copy = 0; copy < options.copiesPerRound; copy += 1)
+        samples.push(await nbdcopyOnce(uri, connections));
+      return median(samples);
+    },
+  });
   const fioRow = (test: string, job: FioJob, unit: "MiB/s" | "IOPS"): Row => ({
     test,
     unit,
@@ -134,15 +144,8 @@ async function main(): Promise<void> {
     },
   });
   const rows: Row[] = [
-    {
-      test: `nbdcopy ${options.sizeMib} MiB to null:, 4 connections`,
-      unit: "MiB/s",
-      run: async (uri) => {
-        const samples: number[] = [];
-        for (let copy = 0; copy < options.copiesPerRound; copy += 1) samples.push(await nbdcopyOnce(uri));
-        return median(samples);
-      },
-    },
+    nbdcopyRow(4),
+    nbdcopyRow(1),
     fioRow("fio randread 4 KiB QD1", { rw: "randread", bs: "4k", iodepth: 1 }, "IOPS"),
     fioRow("fio randread 4 KiB QD32", { rw: "randread", bs: "4k", iodepth: 32 }, "IOPS"),
     fioRow("fio randwrite 4 KiB QD32", { rw: "randwrite", bs: "4k", iodepth: 32 }, "IOPS"),
