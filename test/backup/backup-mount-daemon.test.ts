@@ -70,6 +70,8 @@ void test("backup mount through the daemon: NBD and a FUSE file, a writable over
   await runOk("truncate", ["-s", String(32 * MiB), backend]);
   await runOk("mkfs.ext4", ["-q", "-F", "-d", content, backend]);
 
+  // Pushed first, so it runs last: a daemon stopped with SIGKILL leaves its FUSE mount behind.
+  cleanups.push(() => run("umount", ["-l", join(directory, "state", "mnt")]));
   const daemon = await DaemonProcess.start(join(directory, "state"), { args: [] });
   cleanups.push(() => daemon.stop("SIGKILL"));
   await daemon.cliOk(["device", "add", "d0", "--backend", backend]);

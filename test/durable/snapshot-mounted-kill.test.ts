@@ -56,6 +56,8 @@ void test("a snapshot of a mounted ext4 survives kill -9: the file system remoun
   const imageMount = join(directory, "image");
   await Promise.all([mkdir(storageDir), mkdir(mountPoint), mkdir(imageMount)]);
   const startDaemon = () => DaemonProcess.start(stateDir, { args: ["--nbd-listen", "none"] });
+  // Pushed first, so it runs last: a daemon stopped with SIGKILL leaves its FUSE mount behind.
+  cleanups.push(() => run("umount", ["-l", join(stateDir, "mnt")]));
   let daemon = await startDaemon();
   cleanups.push(() => daemon.stop("SIGKILL"));
 

@@ -99,7 +99,12 @@ export function spawnProcess(command: string, args: readonly string[]) {
   return { child, exited };
 }
 
-/** Polls a condition on the event loop (no timing assertions: it waits as long as the test runner allows). */
-export async function waitFor(condition: () => boolean, pollMs = 5): Promise<void> {
-  while (!condition()) await new Promise((resolvePromise) => setTimeout(resolvePromise, pollMs));
+/** Polls a condition on the event loop (no timing assertions: it waits up to timeoutMs, then fails the test). */
+export async function waitFor(condition: () => boolean, pollMs = 5, timeoutMs = 60_000): Promise<void> {
+  // Bounded: a condition that never comes fails the test with a message instead of hanging it.
+  const deadlineMs = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadlineMs) throw new Error(`waitFor: condition not met within ${timeoutMs} ms`);
+    await new Promise((resolvePromise) => setTimeout(resolvePromise, pollMs));
+  }
 }
