@@ -15,6 +15,7 @@ import { join } from "node:path";
 import { test } from "node:test";
 import { Engine } from "../../src/engine/engine.js";
 import { Prng } from "../helpers/prng.js";
+import { assertSnapshotRoundHeld } from "../helpers/snapshot-round.js";
 
 test("copy-before-write on a file origin with file storage keeps the image exact under concurrent writes", async (t) => {
   const random = Prng.fromEnvironment();
@@ -81,19 +82,14 @@ test("copy-before-write on a file origin with file storage keeps the image exact
         if (random.chance(0.15)) await new Promise((resolve) => setImmediate(resolve));
       }
       await Promise.all(operations);
-      const imageNow = new Uint8Array(sizeBytes);
-      await image.read(0, imageNow);
-      for (const view of [...imageReads, imageNow]) {
-        const leaked = view.findIndex((byte) => byte !== before);
-        assert.equal(
-          leaked,
-          -1,
-          `round ${round}: the image showed byte ${view[leaked]} instead of ${before} (seed ${random.seed})`,
-        );
-      }
-      const originNow = new Uint8Array(sizeBytes);
-      await origin.read(0, originNow);
-      assert.deepEqual(originNow, model, `round ${round}: the origin differs (seed ${random.seed})`);
+      await assertSnapshotRoundHeld({
+        image,
+        origin,
+        imageReads,
+        before,
+        model,
+        context: `round ${round} (seed ${random.seed})`,
+      });
       assert.equal(
         engine.snapshotInfo(id).devices[0]?.chunksStored,
         touched.size,

@@ -13,6 +13,7 @@ import { test } from "node:test";
 import { MemoryBackend } from "../../src/backends/memory-backend.js";
 import { Engine } from "../../src/engine/engine.js";
 import { Prng } from "../helpers/prng.js";
+import { assertSnapshotRoundHeld } from "../helpers/snapshot-round.js";
 
 test("origin writes racing the copy of their chunk wait for it; writes to preserved chunks pass", async (t) => {
   const random = Prng.fromEnvironment();
@@ -83,23 +84,14 @@ test("origin writes racing the copy of their chunk wait for it; writes to preser
         model.fill(value, offsetBytes, offsetBytes + lengthBytes);
       }
       await Promise.all(operations);
-      const imageNow = new Uint8Array(sizeBytes);
-      await image.read(0, imageNow);
-      for (const view of [...imageReads, imageNow]) {
-        const leaked = view.findIndex((byte) => byte !== before);
-        assert.equal(
-          leaked,
-          -1,
-          `round ${round}: the image showed byte ${view[leaked]} (seed ${random.seed})`,
-        );
-      }
-      const originNow = new Uint8Array(sizeBytes);
-      await origin.read(0, originNow);
-      assert.deepEqual(
-        originNow,
+      await assertSnapshotRoundHeld({
+        image,
+        origin,
+        imageReads,
+        before,
         model,
-        `round ${round}: the origin differs from the writes (seed ${random.seed})`,
-      );
+        context: `round ${round} (seed ${random.seed})`,
+      });
       await engine.destroySnapshot(id);
     }
   } finally {
