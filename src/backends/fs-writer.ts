@@ -39,6 +39,7 @@ import { getSystemErrorMap } from "node:util";
 import { Worker } from "node:worker_threads";
 import { BlockError } from "../block/errors.js";
 import { assert } from "../util/assert.js";
+import { copyBytes } from "../util/shared-copy.js";
 import {
   BUFFER_STAGING,
   DOORBELL_DONE_OPS,
@@ -230,7 +231,7 @@ export class FileSystemWriter {
         return;
       }
       table[base + 3] = dataOffsetBytes;
-      data.set(op.source, dataOffsetBytes);
+      copyBytes(data, dataOffsetBytes, op.source);
       dataOffsetBytes += op.source.byteLength;
     });
     if (thread.inflight.length === 0) thread.worker.ref();

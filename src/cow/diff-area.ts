@@ -31,6 +31,7 @@ import { BlockError, type Errno, toBlockError } from "../block/errors.js";
 import type { DiffStorage, StorageLocation } from "../storage/diff-storage.js";
 import { assert } from "../util/assert.js";
 import { KeyedMutex } from "../util/keyed-mutex.js";
+import { copyBytes } from "../util/shared-copy.js";
 import { ChunkGeometry, type ChunkPiece } from "./chunk-geometry.js";
 
 /** What a failed copy-before-write does: break the snapshot (default) or fail the origin write. */
@@ -376,7 +377,7 @@ export class DiffArea {
       const chunkData = this.takeBuffer(chunkLengthBytes);
       try {
         await this.origin.read(this.geometry.chunkStartBytes(chunkIndex), chunkData);
-        chunkData.set(source, inChunkBytes);
+        copyBytes(chunkData, inChunkBytes, source);
         this.setStored(chunkIndex, await this.storeNew(chunkIndex, chunkData));
       } finally {
         this.giveBuffer(chunkData);

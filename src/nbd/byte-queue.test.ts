@@ -64,3 +64,18 @@ test("ByteQueue keeps order over many chunks pushed and consumed one byte at a t
   }
   assert.equal(queue.lengthBytes, 3000 - next);
 });
+
+test("ByteQueue over a reused buffer lends no views, and ownBytes frees the buffer for the next read", () => {
+  const receive = Buffer.allocUnsafeSlow(8);
+  receive.set([1, 2, 3, 4, 5, 6, 7, 8]);
+  const queue = new ByteQueue({ lendsViews: false });
+  queue.push(receive.subarray(0, 6));
+  const taken = queue.take(2);
+  assert.notEqual(taken.buffer, receive.buffer, "a copy, not a view");
+  assert.throws(() => queue.takeIfContiguous(2), /lends no views/);
+  queue.ownBytes();
+  receive.fill(0);
+  assert.deepEqual([...taken], [1, 2]);
+  assert.equal(queue.lengthBytes, 4);
+  assert.deepEqual([...queue.take(4)], [3, 4, 5, 6], "queued bytes survive the buffer's reuse");
+});

@@ -5,9 +5,14 @@
  * they fit in it (no copy) or copied into a new buffer. The queue never grows on its own: the connection
  * stops reading the socket (pause) when it stops parsing, so it holds at most what arrived before that.
  *
- * Single-threaded, no locks. Chunks are never modified.
+ * A queue whose chunks are views of a reused receive buffer (in-place reads, in-place-socket.ts) does not
+ * lend views (`lendsViews` false): take() copies, and the connection calls ownBytes() before the region
+ * the queue still holds is read into again.
+ *
+ * Single-threaded, no locks. Chunks are never modified by the queue.
  */
 import { assert } from "../util/assert.js";
+import { copyBytes } from "../util/shared-copy.js";
 
 const scratchBytes = 64;
 
@@ -20,6 +25,11 @@ export class ByteQueue {
   private readonly scratch = Buffer.allocUnsafe(scratchBytes);
   /** Where the bytes returned by the last peek() start in the returned buffer. */
   peekOffsetBytes = 0;
+  private readonly lendsViews: boolean;
+
+  constructor(options: { readonly lendsViews: boolean } = { lendsViews: true }) {
+    this.lendsViews = options.lendsViews;
+  }
 
   get lengthBytes(): number {
     return this.lengthBytesInternal;
@@ -53,7 +63,7 @@ export class ByteQueue {
     assert(lengthBytes >= 0 && lengthBytes <= this.lengthBytesInternal, "take past the queued bytes");
     if (lengthBytes === 0) return Buffer.alloc(0);
     const head = this.chunks[this.headIndex]!;
-    if (head.byteLength - this.headOffsetBytes >= lengthBytes) {
+    if (this.lendsViews && head.byteLength - this.headOffsetBytes >= lengthBytes) {
       const view = head.subarray(this.headOffsetBytes, this.headOffsetBytes + lengthBytes);
       this.skip(lengthBytes);
       return view;
@@ -66,6 +76,7 @@ export class ByteQueue {
   /** The next `lengthBytes` bytes as a view of one chunk, consumed; undefined (nothing consumed) otherwise. */
   takeIfContiguous(lengthBytes: number): Buffer | undefined {
     assert(lengthBytes > 0, "a contiguous take of nothing");
+    assert(this.lendsViews, "a queue over a reused buffer lends no views");
     if (lengthBytes > this.lengthBytesInternal) return undefined;
     const head = this.chunks[this.headIndex]!;
     if (head.byteLength - this.headOffsetBytes < lengthBytes) return undefined;
@@ -99,6 +110,16 @@ export class ByteQueue {
     return skippedBytes;
   }
 
+  /** Copies the queued bytes into memory of the queue's own, so that the chunks they came from may be reused. */
+  ownBytes(): void {
+    const lengthBytes = this.lengthBytesInternal;
+    if (lengthBytes === 0) return;
+    const owned = Buffer.allocUnsafe(lengthBytes);
+    this.copyOut(owned, 0, lengthBytes, false);
+    this.clear();
+    this.push(owned);
+  }
+
   /** Forgets everything queued (connection is going away). */
   clear(): void {
     this.chunks = [];
@@ -114,7 +135,11 @@ export class ByteQueue {
     while (copiedBytes < lengthBytes) {
       const chunk = this.chunks[index]!;
       const stepBytes = Math.min(chunk.byteLength - offsetBytes, lengthBytes - copiedBytes);
-      target.set(chunk.subarray(offsetBytes, offsetBytes + stepBytes), targetOffsetBytes + copiedBytes);
+      copyBytes(
+        target,
+        targetOffsetBytes + copiedBytes,
+        chunk.subarray(offsetBytes, offsetBytes + stepBytes),
+      );
       copiedBytes += stepBytes;
       offsetBytes += stepBytes;
       if (offsetBytes === chunk.byteLength) {

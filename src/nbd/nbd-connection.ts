@@ -57,6 +57,7 @@ import type { BufferPool } from "./buffer-pool.js";
 import { ByteQueue } from "./byte-queue.js";
 import type { HandshakeStep } from "./handshake.js";
 import { Handshake } from "./handshake.js";
+import type { InPlaceReceiver } from "./in-place-socket.js";
 import type { BudgetTicket, InflightBudget } from "./inflight-budget.js";
 import {
   handshakeTimeoutMs,
@@ -112,6 +113,12 @@ export interface NbdConnectionOptions {
   readonly tls?: NbdTls;
   /** Who may use which export (access-rules.ts); default allowAll. */
   readonly access?: AccessPolicy;
+  /**
+   * The socket reads in place (in-place-socket.ts): headers land in this buffer, reused from read to
+   * read, and WRITE payloads straight in their own buffers; nextReceiveBuffer() and onReceived() are its
+   * `onread`. Absent: bytes come from 'data' events.
+   */
+  readonly receiveBuffer?: Buffer;
 }
 
 /** Counters for tests and monitoring. */
@@ -140,7 +147,12 @@ interface PendingRequest extends NbdRequest {
   budgetHolds: number;
 }
 
-export class NbdConnection implements ReplySink {
+/** In-place reads: the least of a payload still missing that is read into the payload itself. */
+const payloadInPlaceBytesMin = 8 * 1024;
+/** In-place reads: the least room behind the queued bytes for the next read into the receive buffer. */
+const receiveRoomBytesMin = 16 * 1024;
+
+export class NbdConnection implements ReplySink, InPlaceReceiver {
   readonly closed: Promise<void>;
   /** The plain socket, replaced by its TLS socket after STARTTLS. */
   private socket: Socket;
@@ -157,7 +169,10 @@ export class NbdConnection implements ReplySink {
   private readonly clientKey: string;
   /** Budget asked for the request whose header is next in the queue. */
   private budgetTicket: BudgetTicket | undefined;
-  private readonly queue = new ByteQueue();
+  private readonly queue: ByteQueue;
+  private readonly receiveBuffer: Buffer | undefined;
+  /** Where in receiveBuffer the next read lands; the queue's bytes lie before it. */
+  private receiveFreeFromBytes = 0;
   private readonly handshake: Handshake;
   private transmission: Transmission | undefined;
   private state: ConnectionState = "RECV_CLIENT_FLAGS";
@@ -191,6 +206,9 @@ export class NbdConnection implements ReplySink {
     this.clientKey = options.clientKey;
     this.tls = options.tls ?? tlsOff;
     this.access = options.access ?? allowAll;
+    this.receiveBuffer = options.receiveBuffer;
+    // Bytes in a reused receive buffer are overwritten by a later read: nothing may keep a view of them.
+    this.queue = new ByteQueue({ lendsViews: this.receiveBuffer === undefined });
     this.handshake = new Handshake({
       source: options.source,
       requestLengthBytesMax: options.requestLengthBytesMax,
@@ -366,6 +384,52 @@ export class NbdConnection implements ReplySink {
   private onData(chunk: Buffer): void {
     if (this.state === "FINISHING" || this.state === "DEAD") return;
     this.queue.push(chunk);
+    this.pump();
+  }
+
+  /**
+   * In-place reads: the rest of a WRITE payload goes straight into its buffer when enough of it is
+   * missing to be worth a read of its own; anything else into the receive buffer after the bytes the
+   * queue still holds (moved out of the way first when too little room is left behind them).
+   */
+  nextReceiveBuffer(): Uint8Array {
+    const receiveBuffer = this.receiveBuffer;
+    assert(receiveBuffer, "in-place reads need a receive buffer");
+    const write = this.pendingWrite;
+    if (this.state === "RECV_WRITE_PAYLOAD" && write?.payload !== undefined) {
+      const missingBytes = write.lengthBytes - this.payloadFilledBytes;
+      if (missingBytes >= payloadInPlaceBytesMin) return write.payload.subarray(this.payloadFilledBytes);
+    }
+    if (this.queue.lengthBytes === 0) this.receiveFreeFromBytes = 0;
+    else if (receiveBuffer.byteLength - this.receiveFreeFromBytes < receiveRoomBytesMin) {
+      this.queue.ownBytes();
+      this.receiveFreeFromBytes = 0;
+    }
+    return receiveBuffer.subarray(this.receiveFreeFromBytes);
+  }
+
+  /** In-place reads: `count` bytes arrived at the start of `buffer`, which nextReceiveBuffer() chose. */
+  onReceived(count: number, buffer: Uint8Array): void {
+    if (this.state === "FINISHING" || this.state === "DEAD") return;
+    const receiveBuffer = this.receiveBuffer;
+    assert(receiveBuffer, "in-place reads need a receive buffer");
+    if (buffer.buffer === receiveBuffer.buffer) {
+      assert(
+        buffer.byteOffset === receiveBuffer.byteOffset + this.receiveFreeFromBytes,
+        "reads land after the queue",
+      );
+      const fromBytes = this.receiveFreeFromBytes;
+      this.receiveFreeFromBytes += count;
+      this.queue.push(receiveBuffer.subarray(fromBytes, this.receiveFreeFromBytes));
+    } else {
+      const write = this.pendingWrite;
+      assert(
+        this.state === "RECV_WRITE_PAYLOAD" && write?.payload?.buffer === buffer.buffer,
+        "a read outside the receive buffer fills the pending payload",
+      );
+      this.payloadFilledBytes += count;
+      assert(this.payloadFilledBytes <= write.lengthBytes, "a payload read stays within the payload");
+    }
     this.pump();
   }
 
@@ -586,9 +650,11 @@ export class NbdConnection implements ReplySink {
         this.state = "SKIP_WRITE_PAYLOAD";
         return true;
       }
-      // A payload within one socket read is used where it is. Any other is received into a shared buffer,
-      // which the file system writer thread writes from without a copy of its own: one copy per payload.
-      const view = this.queue.takeIfContiguous(lengthBytes);
+      // A payload within one socket read is used where it is (not with in-place reads: that read's buffer
+      // is reused). Any other is received into a shared buffer, which the file system writer thread writes
+      // from without a copy of its own: with in-place reads most of a large payload is read straight into
+      // it, otherwise it is copied once out of the socket's chunks.
+      const view = this.receiveBuffer === undefined ? this.queue.takeIfContiguous(lengthBytes) : undefined;
       if (view !== undefined) {
         request.payload = view;
         this.dispatch(request, lengthBytes);

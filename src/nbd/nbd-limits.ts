@@ -52,6 +52,8 @@ export const extentsPerReplyMax = 64 * 1024;
 export const handshakeTimeoutMs = 30_000;
 /** close(): how long in-flight requests may take before the sockets are destroyed. */
 export const closeTimeoutMsDefault = 5_000;
+/** A connection's reused receive buffer with in-place reads (in-place-socket.ts): ≤ 16 MiB for all. */
+export const receiveBufferBytes = 64 * 1024;
 /** Recycled READ reply buffers kept by one server (buffer-pool.ts), and the smallest size worth it. */
 export const replyBufferPoolBytesMax = 64 * 1024 * 1024;
 export const replyBufferPooledBytesMin = 4096;

@@ -22,6 +22,7 @@ import type { Logger } from "../util/logger.js";
 import { silentLogger } from "../util/logger.js";
 import { type AccessPolicy, allowAll } from "./access-rules.js";
 import { BufferPool } from "./buffer-pool.js";
+import { reopenForInPlaceReads } from "./in-place-socket.js";
 import { InflightBudget } from "./inflight-budget.js";
 import type { NbdConnectionStats } from "./nbd-connection.js";
 import { NbdConnection } from "./nbd-connection.js";
@@ -33,6 +34,7 @@ import {
   inflightBudgetBytesDefault,
   inflightBudgetClientShare,
   inflightRequestsMaxDefault,
+  receiveBufferBytes,
   replyBufferPoolBytesMax,
   replyBufferPooledBytesMin,
   replyQueueBytesMax,
@@ -72,6 +74,7 @@ export class NbdServer {
   /** Accepted sockets whose peer uid is being read; they count against connectionsMax. */
   private identifyingCount = 0;
   private acceptedTotal = 0;
+  private inPlaceTotal = 0;
   private refusedTotal = 0;
   private readonly peerUids: PeerUids;
   private readonly budget: InflightBudget;
@@ -185,6 +188,11 @@ export class NbdServer {
     return this.acceptedTotal;
   }
 
+  /** Connections served with in-place reads since start (in-place-socket.ts). */
+  get inPlaceCount(): number {
+    return this.inPlaceTotal;
+  }
+
   /** Connections closed at accept by a limit (metrics). */
   get refusedCount(): number {
     return this.refusedTotal;
@@ -248,7 +256,8 @@ export class NbdServer {
   private listen(options: net.ListenOptions | { readonly fd: number }): Promise<net.Server> {
     if (this.closing) return Promise.reject(new Error("NbdServer is closed"));
     const server = net.createServer(
-      { allowHalfOpen: true, noDelay: true, highWaterMark: replyQueueBytesMax },
+      // Paused: nothing is read before the connection is set up (in-place reads move the socket's handle).
+      { allowHalfOpen: true, noDelay: true, highWaterMark: replyQueueBytesMax, pauseOnConnect: true },
       (socket) => this.accept(socket),
     );
     return new Promise((resolve, reject) => {
@@ -302,9 +311,14 @@ export class NbdServer {
       return;
     }
     if (clientKey !== undefined) this.clientConnections.set(clientKey, clientCount + 1);
-    // Paused while its uid was read, or by the supervisor; nothing is emitted before the handlers attach.
-    socket.resume();
-    const connection = new NbdConnection(socket, {
+    // A connection that cannot upgrade to TLS reads in place (in-place-socket.ts).
+    const receiveBuffer = this.tls.mode === "off" ? Buffer.allocUnsafeSlow(receiveBufferBytes) : undefined;
+    const inPlace =
+      receiveBuffer === undefined
+        ? undefined
+        : reopenForInPlaceReads(socket, receiveBuffer, replyQueueBytesMax);
+    const served = inPlace?.socket ?? socket;
+    const connection = new NbdConnection(served, {
       source: this.source,
       logger: this.logger,
       requestLengthBytesMax: this.requestLengthBytesMax,
@@ -316,7 +330,12 @@ export class NbdServer {
       clientKey: clientKey ?? "uid unknown",
       tls: this.tls,
       access: this.access,
+      ...(inPlace === undefined ? {} : { receiveBuffer }),
     });
+    inPlace?.bind(connection);
+    if (inPlace !== undefined) this.inPlaceTotal += 1;
+    // Paused while its uid was read, by the supervisor, or at accept; the handlers are attached now.
+    served.resume();
     this.connections.add(connection);
     this.acceptedTotal += 1;
     this.logger.debug({ connections: this.connections.size, client: clientKey }, "NBD client connected");
