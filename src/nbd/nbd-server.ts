@@ -338,7 +338,10 @@ export class NbdServer {
     served.resume();
     this.connections.add(connection);
     this.acceptedTotal += 1;
-    this.logger.debug({ connections: this.connections.size, client: clientKey }, "NBD client connected");
+    this.logger.debug(
+      { connections: this.connections.size, client: clientKey, readsInPlace: inPlace !== undefined },
+      "NBD client connected",
+    );
     connection.closed.then(() => {
       this.connections.delete(connection);
       if (clientKey !== undefined) {
