@@ -6,7 +6,7 @@
  * prints the machine facts; run-all sets `BLOCKSNAP_BENCH_CHILD=1` and prints them once itself.
  * These are measurements, not tests: nothing here asserts on a time.
  */
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { cpus, loadavg, release, tmpdir, totalmem } from "node:os";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
@@ -15,6 +15,16 @@ export const KiB = 1024;
 export const MiB = 1024 * KiB;
 export const GiB = 1024 * MiB;
 export const TiB = 1024 * GiB;
+
+/**
+ * utime + stime of a /proc/PID/stat or /proc/PID/task/TID/stat file, in clock ticks (100 per second here).
+ * The fields are counted after the command name, which may hold spaces: utime is field 14, stime 15.
+ */
+export function statCpuTicks(statPath: string): number {
+  const stat = readFileSync(statPath, "utf8");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return Number(fields[11]) + Number(fields[12]);
+}
 
 export interface MachineFacts {
   readonly cpuModel: string;

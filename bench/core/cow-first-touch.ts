@@ -33,6 +33,7 @@ import {
   quantile,
   scratchDir,
   seededRandom,
+  statCpuTicks,
 } from "./bench-util.js";
 
 const { values } = parseArgs({
@@ -57,9 +58,7 @@ interface PassResult {
 
 /** CPU time of this process's main thread, from /proc (clock ticks of 10 ms: long passes only). */
 function loopCpuNowUs(): number {
-  const stat = fs.readFileSync(`/proc/self/task/${process.pid}/stat`, "utf8");
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return (Number(fields[11]) + Number(fields[12])) * 10_000;
+  return statCpuTicks(`/proc/self/task/${process.pid}/stat`) * 10_000;
 }
 
 function cpuNowUs(): number {

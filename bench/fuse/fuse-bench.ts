@@ -26,6 +26,7 @@ import { tmpdir } from "node:os";
 import { basename, dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
+import { statCpuTicks } from "../core/bench-util.js";
 
 interface Job {
   readonly label: string;
@@ -140,10 +141,7 @@ async function waitForFile(path: string, timeoutMs: number, testFlag: "-f" | "-S
 
 /** CPU time of a process (every thread, also ended ones) in µs: utime + stime of /proc/PID/stat. */
 function processCpuUs(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-  // Fields after the command name, which may hold spaces: state is field 3, utime 14, stime 15.
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return ((Number(fields[11]) + Number(fields[12])) * 1e6) / clockTicksPerSecond;
+  return (statCpuTicks(`/proc/${pid}/stat`) * 1e6) / clockTicksPerSecond;
 }
 
 /** Run time in ns of every live thread of `pid`, by thread id, with its name. */

@@ -7,6 +7,7 @@ import { randomBytes } from "node:crypto";
 import * as fs from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { statCpuTicks } from "../core/bench-util.js";
 
 export interface BenchOptions {
   readonly sizeMib: number;
@@ -204,10 +205,7 @@ export function repositoryRoot(): string {
 /** CPU time (user + system, every thread) a process has used so far, in ms; null when it cannot be read. */
 export function processCpuMs(pid: number): number | null {
   try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
-    // Fields after the command name (which may hold spaces): utime and stime are fields 14 and 15.
-    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    const ticks = Number(fields[11]) + Number(fields[12]);
+    const ticks = statCpuTicks(`/proc/${pid}/stat`);
     return Number.isFinite(ticks) ? ticks * 10 : null;
   } catch {
     return null;
