@@ -14,7 +14,7 @@
  * out, the next one waits for a completion and collects what arrives meanwhile. Operations run in issue
  * order. The thread publishes each outcome as soon as the write is done, and the event loop settles every
  * write it finds done when it wakes: the thread wakes it at the end of a batch, and within a large batch
- * every notifyEveryOps writes (4), so that a large batch does not move as one clump (the thread busy with all
+ * every notifyEveryOps writes, so that a large batch does not move as one clump (the thread busy with all
  * of it while the event loop and the client wait, then idle while they turn it around). Completions that
  * arrive while the event loop is busy are collected in one wake-up (see fs-write-protocol.ts).
  *
