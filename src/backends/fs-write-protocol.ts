@@ -8,11 +8,19 @@
  * Completions stream back one operation at a time: after each operation the thread stores its outcome
  * (0 or a negative errno) in the slot's result table and bumps DONE_OPS (operations done over all
  * batches, wrapping at 2^32), so the event loop can answer the first writes of a batch while the thread
- * still runs the rest. Wake-ups stay bounded: the event loop sets WAKE_ARMED when it starts to wait
- * (Atomics.waitAsync on DONE_OPS, from the count it has settled), and the thread notifies only when it
- * takes that flag (compareExchange 1 → 0); completions that come while the loop is busy are collected at
- * its next wake-up, one wake-up for all of them. A notify never gets lost: the waitAsync compares DONE_OPS
- * with what the loop settled, so an operation done between the arming and the wait wakes it at once.
+ * still runs the rest. Wake-ups stay bounded: the thread calls Atomics.notify on DONE_OPS after every
+ * notifyEveryOps operations and after the last of a batch, and a notify wakes the event loop only while
+ * it waits (Atomics.waitAsync on DONE_OPS, from the count it has settled), which it does only once it has
+ * handled the previous wake-up; completions that come while the loop is busy find no waiter and are
+ * collected at its next wake-up, one wake-up for all of them (a notify that finds no waiter costs a lock
+ * and a lookup in V8). No completion is ever left waiting: operations done before the loop's wait make the
+ * waitAsync return at once (DONE_OPS is no longer what it settled), and every operation done after it is
+ * followed by a notify (the last of each batch is a notify point).
+ * An earlier version notified only when the thread took a flag that the loop set before each wait. A
+ * thread preempted between bumping DONE_OPS and taking the flag could take a flag set for a later wait,
+ * after the loop had already settled that operation, and notify before the wait began; the flag was gone,
+ * so no later operation notified and every write on that file system hung (seen once in a few runs of a
+ * copy-before-write benchmark; fs-writer.test.ts makes the window wide with pauseBeforeNotifyMicros).
  *
  * A staging buffer that must grow (a write larger than batchBytesMax) is replaced by
  * posting the new one on the slot's port before the batch is submitted; the thread takes such messages
@@ -42,9 +50,9 @@ export const OP_ZERO = 2;
  */
 export const slotCount = 4;
 /**
- * Within a batch, the thread offers a notify after every notifyEveryOps operations (and after the last);
- * the offer is taken only when the event loop has re-armed its wait, i.e. has handled the previous
- * wake-up, so a busy loop is not woken more often than it can turn completions around. At queue depth 32
+ * Within a batch, the thread notifies after every notifyEveryOps operations (and after the last); the
+ * notify wakes the event loop only when it waits again, i.e. has handled the previous wake-up, so a busy
+ * loop is not woken more often than it can turn completions around. At queue depth 32
  * a batch of 32 writes moved as one clump: the thread wrote all of them while the loop and the client
  * waited, then idled while they replied and sent the next 32 (each thread ~50 % busy, a third of the
  * machine idle). With 4, fio 4 KiB randwrite QD32 over NBD on the quiet machine: 31.4k instead of 25.0k
@@ -60,10 +68,8 @@ export const opsPerBatchMax = 1024;
 export const DOORBELL_SUBMITTED = 0;
 /** Operations done, over all batches (wraps; compare with `| 0` differences). */
 export const DOORBELL_DONE_OPS = 1;
-/** 1 while the event loop waits on DONE_OPS and wants a notify; the thread takes it to 0 when it notifies. */
-export const DOORBELL_WAKE_ARMED = 2;
 /** Per slot: the operation count of the batch in it. */
-export const doorbellSlotBase = 3;
+export const doorbellSlotBase = 2;
 export const doorbellInts = doorbellSlotBase + slotCount;
 
 /** What the thread gets at start (workerData). */
@@ -74,6 +80,11 @@ export interface WriterShared {
   /** Per slot: opsPerBatchMax outcomes, 0 or a negative errno (Node's `error.errno`). */
   readonly resultTables: readonly SharedArrayBuffer[];
   readonly stagingBuffers: readonly SharedArrayBuffer[];
+  /**
+   * Tests only: the thread spins this long after publishing each notify point's count and before it
+   * notifies, which widens the window in which a wake-up could be lost (fs-writer.test.ts).
+   */
+  readonly pauseBeforeNotifyMicros: number;
 }
 
 /** Posted (on the thread's port) when a slot's staging buffer is replaced. */

@@ -2,7 +2,8 @@
  * The thread of one FileSystemWriter: sleeps on the doorbell (Atomics.wait, no event loop), runs each
  * submitted batch's writes and extensions in order with the synchronous fs calls (a blocked call here, on a
  * frozen or dying file system, blocks only this thread), stores every operation's outcome as soon as it is
- * done and rings back only when the event loop waits for it (fs-write-protocol.ts).
+ * done, and notifies every few operations; a notify wakes the event loop only when it waits
+ * (fs-write-protocol.ts).
  * Errors never end the thread; the writer ends it with terminate(), which also interrupts the wait.
  */
 import * as fs from "node:fs";
@@ -12,7 +13,6 @@ import {
   BUFFER_STAGING,
   DOORBELL_DONE_OPS,
   DOORBELL_SUBMITTED,
-  DOORBELL_WAKE_ARMED,
   doorbellSlotBase,
   notifyEveryOps,
   OP_EXTEND,
@@ -38,6 +38,13 @@ const resultTables = shared.resultTables.map((buffer) => new Int32Array(buffer))
 const stagings = shared.stagingBuffers.map((buffer) => new Uint8Array(buffer));
 /** Buffers written from by reference, by id (SharedRegistered / SharedReleased). */
 const sharedBuffers = new Map<number, Uint8Array>();
+const pauseBeforeNotifyNs = BigInt(Math.round(shared.pauseBeforeNotifyMicros * 1000));
+
+/** Tests only (WriterShared.pauseBeforeNotifyMicros). */
+function pauseBeforeNotify(): void {
+  const startNs = process.hrtime.bigint();
+  while (process.hrtime.bigint() - startNs < pauseBeforeNotifyNs);
+}
 
 function runOne(ops: Float64Array, base: number, data: Uint8Array): void {
   const kind = ops[base];
@@ -124,9 +131,10 @@ function runBatch(slot: number): void {
     // The outcome is stored before the count that publishes it (both seen by the loop in this order).
     Atomics.add(doorbell, DOORBELL_DONE_OPS, 1);
     const isNotifyPoint = index + 1 === count || (index + 1) % notifyEveryOps === 0;
-    if (isNotifyPoint && Atomics.compareExchange(doorbell, DOORBELL_WAKE_ARMED, 1, 0) === 1) {
-      Atomics.notify(doorbell, DOORBELL_DONE_OPS);
-    }
+    if (!isNotifyPoint) continue;
+    if (pauseBeforeNotifyNs > 0n) pauseBeforeNotify();
+    // Unconditional (fs-write-protocol.ts): it wakes the event loop only if it waits.
+    Atomics.notify(doorbell, DOORBELL_DONE_OPS);
   }
 }
 

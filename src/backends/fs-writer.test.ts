@@ -8,6 +8,8 @@
  * Streamed completions: seeded random bursts of writes, some of them doomed (a read-only descriptor), in
  * batches of every size (past notifyEveryOps and opsPerBatchMax, across all slots): every write settles
  * once, with its own outcome, in issue order, and the file matches a model.
+ * Lost wake-ups: a thread that pauses between publishing a count and notifying, under a queue of small
+ * writes whose completions the event loop takes while the thread runs on; every write must settle.
  * Replay with BLOCKSNAP_SEED=<seed>.
  */
 import assert from "node:assert/strict";
@@ -192,4 +194,66 @@ test("streamed completions: every write settles once, with its own outcome, in i
   }
   assert.ok(doomedWrites > 0, "some writes failed on purpose");
   assert.ok(largestBurst > opsPerBatchMax && opsPerBatchMax > notifyEveryOps && slotCount > 1);
+});
+
+test("no completion is left waiting: a thread slow to notify still wakes the event loop for every write", async (t) => {
+  const random = seededRandom();
+  t.diagnostic(`seed ${random.seed} (replay with BLOCKSNAP_SEED=${random.seed})`);
+  const fd = openSync(join(directory, "wake.img"), "w+");
+  // The pause widens the window between the thread's published count and its notify, where the event
+  // loop, woken by the previous notify, takes that count and starts a new wait: with the old armed-flag
+  // protocol this lost the wake-up within a few hundred writes and every later write hung.
+  const writer = FileSystemWriter.acquire(`test:wake:${random.seed}`, { pauseBeforeNotifyMicros: 40 });
+  const writeCount = 6000;
+  const queueDepth = 16;
+  const payload = new Uint8Array(4096).fill(7);
+  let issued = 0;
+  let settled = 0;
+  let stalledAt = -1;
+  let lastSeen = -1;
+  // A liveness check, not a timing one: a write that has not settled after seconds of an idle machine
+  // never will.
+  const watchdog = setInterval(() => {
+    if (settled === lastSeen) stalledAt = settled;
+    lastSeen = settled;
+  }, 5000);
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const stall = setInterval(() => {
+        if (stalledAt < 0) return;
+        clearInterval(stall);
+        // The hung batches keep the thread referenced: end it, or this test file would never exit.
+        const internals = writer as unknown as {
+          thread: { worker: { terminate(): Promise<number> } } | null;
+        };
+        void internals.thread?.worker.terminate();
+        reject(new Error(`no write settled for 5 s after ${stalledAt} (seed ${random.seed})`));
+      }, 250);
+      const lane = async () => {
+        while (issued < writeCount) {
+          issued++;
+          await writer.write(fd, random.int(0, 1023) * 4096, payload);
+          settled++;
+          // Busy turns of the event loop between completions, of random length.
+          const spinUntil = process.hrtime.bigint() + BigInt(random.int(0, 20) * 1000);
+          while (process.hrtime.bigint() < spinUntil);
+        }
+      };
+      Promise.all(Array.from({ length: queueDepth }, lane)).then(
+        () => {
+          clearInterval(stall);
+          resolve();
+        },
+        (error: unknown) => {
+          clearInterval(stall);
+          reject(error);
+        },
+      );
+    });
+    assert.equal(settled, writeCount);
+  } finally {
+    clearInterval(watchdog);
+    writer.release();
+    closeSync(fd);
+  }
 });

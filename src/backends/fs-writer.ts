@@ -44,7 +44,6 @@ import {
   BUFFER_STAGING,
   DOORBELL_DONE_OPS,
   DOORBELL_SUBMITTED,
-  DOORBELL_WAKE_ARMED,
   doorbellInts,
   doorbellSlotBase,
   OP_EXTEND,
@@ -65,6 +64,11 @@ export const batchBytesMax = 4 << 20;
 const stagingBytesMin = 64 << 10;
 /** Bytes of shared buffers registered with one thread at most. */
 export const sharedBytesMax = 256 << 20;
+
+export interface WriterTestOptions {
+  /** See WriterShared.pauseBeforeNotifyMicros. */
+  readonly pauseBeforeNotifyMicros?: number;
+}
 
 interface PendingOp {
   readonly kind: number;
@@ -111,11 +115,14 @@ interface Thread {
 export class FileSystemWriter {
   private static readonly writers = new Map<string, FileSystemWriter>();
 
-  /** The writer of the file system (or block device) named by `key`; release() when done with it. */
-  static acquire(key: string): FileSystemWriter {
+  /**
+   * The writer of the file system (or block device) named by `key`; release() when done with it.
+   * `testOptions` (tests only) apply when this call creates the writer.
+   */
+  static acquire(key: string, testOptions: WriterTestOptions = {}): FileSystemWriter {
     let writer = FileSystemWriter.writers.get(key);
     if (!writer) {
-      writer = new FileSystemWriter(key);
+      writer = new FileSystemWriter(key, testOptions.pauseBeforeNotifyMicros ?? 0);
       FileSystemWriter.writers.set(key, writer);
     }
     writer.references++;
@@ -134,8 +141,11 @@ export class FileSystemWriter {
   private readonly pending: Batch[] = [];
   private sendScheduled = false;
 
-  private constructor(key: string) {
+  private readonly pauseBeforeNotifyMicros: number;
+
+  private constructor(key: string, pauseBeforeNotifyMicros: number) {
     this.key = key;
+    this.pauseBeforeNotifyMicros = pauseBeforeNotifyMicros;
   }
 
   release(): void {
@@ -299,7 +309,13 @@ export class FileSystemWriter {
       () => new SharedArrayBuffer(opsPerBatchMax * Int32Array.BYTES_PER_ELEMENT),
     );
     const stagings = Array.from({ length: slotCount }, () => new SharedArrayBuffer(stagingBytesMin));
-    const shared: WriterShared = { doorbell, opTables, resultTables, stagingBuffers: stagings };
+    const shared: WriterShared = {
+      doorbell,
+      opTables,
+      resultTables,
+      stagingBuffers: stagings,
+      pauseBeforeNotifyMicros: this.pauseBeforeNotifyMicros,
+    };
     const worker = new Worker(new URL("./fs-writer-worker.js", import.meta.url), { workerData: shared });
     worker.unref();
     const thread: Thread = {
@@ -332,13 +348,12 @@ export class FileSystemWriter {
   }
 
   /**
-   * Arms one Atomics.waitAsync for the next completion while batches are out. WAKE_ARMED asks the thread
-   * for a notify; set before the wait, so that an operation done in between makes the wait return at once
-   * (DONE_OPS no longer equals settledOps) instead of being missed.
+   * One Atomics.waitAsync for the next completion while batches are out: it returns at once when an
+   * operation was done since the last takeDone (DONE_OPS no longer equals settledOps), and otherwise the
+   * thread's next notify ends it (fs-write-protocol.ts).
    */
   private awaitCompletion(thread: Thread): void {
     if (thread.waiting || thread.inflight.length === 0) return;
-    Atomics.store(thread.doorbell, DOORBELL_WAKE_ARMED, 1);
     const outcome = Atomics.waitAsync(thread.doorbell, DOORBELL_DONE_OPS, thread.settledOps);
     thread.waiting = true;
     const onWake = () => {
