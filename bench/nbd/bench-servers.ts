@@ -13,6 +13,24 @@ export interface BenchOptions {
   readonly sizeMib: number;
   readonly runtimeSeconds: number;
   readonly directory: string;
+  /** How the test file sits in the page cache (prepareFile); large folios when not given. */
+  readonly pageCache?: PageCacheShape;
+}
+
+/**
+ * The shape of the test file's pages in the page cache. On this kernel (6.18; ext4 with large folios) a
+ * 4 KiB buffered write into a large folio costs tens of microseconds of kernel time (ext4_block_write_begin
+ * walks every buffer head of the folio) and one into a one-page folio a few, and the shape stays as long as
+ * the pages stay cached: a file read or written in large pieces has large folios, one written 4 KiB at a
+ * time has small ones. Every server's random-write figure depends on it (nbdkit on the same file, minutes
+ * apart: 11–13k and 104–125k IOPS), so the runs set it and say which they used.
+ */
+export type PageCacheShape = "large" | "small";
+
+/** `--page-cache large|small` (default large). */
+export function pageCacheShapeOf(text: string): PageCacheShape {
+  if (text === "large" || text === "small") return text;
+  throw new Error(`--page-cache must be large or small, not ${JSON.stringify(text)}`);
 }
 
 export interface Server {
@@ -67,12 +85,66 @@ export async function prepareFile(options: BenchOptions): Promise<string> {
       fs.writeSync(fd, randomBytes(Math.min(chunk, sizeBytes - done)));
     fs.closeSync(fd);
   }
-  // Pull the whole file into the page cache.
-  const fd = fs.openSync(path, "r");
-  const buffer = Buffer.allocUnsafe(16 * 1024 * 1024);
-  while (fs.readSync(fd, buffer) > 0);
-  fs.closeSync(fd);
+  await shapePageCache(path, sizeBytes, options.pageCache ?? "large");
   return path;
+}
+
+/**
+ * Drops the file's cached pages (written back first; POSIX_FADV_DONTNEED through dd's nocache flag, which
+ * Node cannot call) and brings the whole file back in the wanted shape: large, read in 16 MiB pieces
+ * (readahead fills large folios); small, rewritten with fresh random data 4 KiB at a time (a whole-page
+ * write into a page not cached makes a one-page folio). Written back again, so every run starts clean.
+ */
+async function shapePageCache(path: string, sizeBytes: number, shape: PageCacheShape): Promise<void> {
+  await execOk("dd", ["if=/dev/null", `of=${path}`, "oflag=nocache", "conv=notrunc,fdatasync", "count=0"]);
+  const pieceBytes = 16 * 1024 * 1024;
+  const buffer = shape === "large" ? Buffer.allocUnsafe(pieceBytes) : randomBytes(pieceBytes);
+  const fd = fs.openSync(path, shape === "large" ? "r" : "r+");
+  try {
+    for (let offsetBytes = 0; offsetBytes < sizeBytes; offsetBytes += pieceBytes) {
+      const lengthBytes = Math.min(pieceBytes, sizeBytes - offsetBytes);
+      if (shape === "large") {
+        fs.readSync(fd, buffer, 0, lengthBytes, offsetBytes);
+        continue;
+      }
+      for (let doneBytes = 0; doneBytes < lengthBytes; doneBytes += 4096)
+        fs.writeSync(fd, buffer, doneBytes, Math.min(4096, lengthBytes - doneBytes), offsetBytes + doneBytes);
+    }
+    if (shape === "small") fs.fdatasyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** For the reports: the shape the runs used, and what a 4 KiB write into it costs. */
+export function pageCacheShapeReport(path: string, options: BenchOptions): string {
+  const shape = options.pageCache ?? "large";
+  const how = shape === "large" ? "read back in 16 MiB pieces" : "rewritten 4 KiB at a time";
+  return `${shape} folios (${how}; a synchronous 4 KiB write into them: ${pageCacheWriteMicros(path).toFixed(1)} µs, median)`;
+}
+
+/**
+ * Microseconds of one 4 KiB write into the test file's cached pages (synchronous, random places, the
+ * median of 2000): what the page-cache shape costs every server per write. It rewrites the data it read.
+ */
+export function pageCacheWriteMicros(path: string): number {
+  const fd = fs.openSync(path, "r+");
+  try {
+    const blockCount = Math.floor(fs.fstatSync(fd).size / 4096);
+    const block = Buffer.allocUnsafe(4096);
+    const samples: number[] = [];
+    for (let index = 0; index < 2000; index++) {
+      const positionBytes = Math.floor(Math.random() * blockCount) * 4096;
+      fs.readSync(fd, block, 0, 4096, positionBytes);
+      const startNs = process.hrtime.bigint();
+      fs.writeSync(fd, block, 0, 4096, positionBytes);
+      samples.push(Number(process.hrtime.bigint() - startNs) / 1000);
+    }
+    samples.sort((a, b) => a - b);
+    return samples[samples.length >> 1] ?? Number.NaN;
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 export async function pageCacheReport(path: string): Promise<string> {

@@ -15,7 +15,7 @@
  * Rounds alternate the servers; medians. qemu-storage-daemon is in Debian's qemu-system-common; without it
  * the QEMU rows are left out with the reason.
  * Usage: npm run build && node dist/bench/nbd/cow-bench.js [--size-mib 1024] [--runtime-s 4] [--rounds 3]
- *   [--retouch-only]
+ *   [--retouch-only] [--page-cache large|small] (the file's page-cache shape, bench-servers.ts PageCacheShape)
  */
 import * as fs from "node:fs";
 import { loadavg } from "node:os";
@@ -25,6 +25,8 @@ import {
   exec,
   execOk,
   fio,
+  pageCacheShapeOf,
+  pageCacheShapeReport,
   prepareFile,
   processCpuMs,
   repositoryRoot,
@@ -42,6 +44,7 @@ const options: BenchOptions = {
   sizeMib: Number(value("--size-mib", "1024")),
   runtimeSeconds: Number(value("--runtime-s", "4")),
   directory: value("--dir", "/tmp/blocksnap-nbd-bench"),
+  pageCache: pageCacheShapeOf(value("--page-cache", "large")),
 };
 const rounds = Number(value("--rounds", "3"));
 const retouchOnly = argv.includes("--retouch-only");
@@ -121,6 +124,7 @@ async function main(): Promise<void> {
     .map((load) => load.toFixed(2))
     .join(" ");
   const file = await prepareFile(options);
+  const cacheShape = pageCacheShapeReport(file, options);
   const haveQemu = (await exec("qemu-storage-daemon", ["--version"])).code === 0;
   // Writes the region through the origin (on a snapshot server: preserving every chunk of it), then
   // flushes the origin and, with a snapshot, the image (its storage), so that both sides start from the
@@ -199,7 +203,7 @@ async function main(): Promise<void> {
   const markdown = [
     "## Copy-before-write: blocksnap vs QEMU's copy-before-write filter (`node dist/bench/nbd/cow-bench.js`)",
     "",
-    `fio --ioengine=nbd 4 KiB randwrite QD16, ${options.runtimeSeconds} s per run, ${options.sizeMib} MiB page-cache-hot file, 64 KiB chunks/clusters; medians of ${rounds} alternating rounds; load average before: ${loadBefore}.`,
+    `fio --ioengine=nbd 4 KiB randwrite QD16, ${options.runtimeSeconds} s per run, ${options.sizeMib} MiB page-cache-hot file, 64 KiB chunks/clusters; medians of ${rounds} alternating rounds; load average before: ${loadBefore}. Page cache: ${cacheShape}.`,
     "",
     ...(retouchOnly ? [] : firstTouchTable),
     `Re-touch (every chunk of a ${retouchRegionMib} MiB region already preserved): ${(m("ours re-touch") / 1000).toFixed(1)}k IOPS against ${(m("ours plain 64 MiB") / 1000).toFixed(1)}k without a snapshot: cost ${(100 * retouchCost).toFixed(1)} % (goal ≤ 2 %).`,

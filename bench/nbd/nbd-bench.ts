@@ -8,7 +8,7 @@
  * ratios and writes it as Markdown to bench/results/nbd.md.
  *
  * Usage: npm run build && node dist/bench/nbd/nbd-bench.js [--size-mib 1024] [--runtime-s 4] [--dir /tmp/x]
- *   [--only SUBSTRING] (only the rows whose name contains it, e.g. "256 KiB")
+ *   [--page-cache large|small] (the file's page-cache shape, bench-servers.ts PageCacheShape) [--only SUBSTRING] (only the rows whose name contains it, e.g. "256 KiB")
  */
 import * as fs from "node:fs";
 import { availableParallelism, cpus, totalmem } from "node:os";
@@ -20,6 +20,8 @@ import {
   type FioJob,
   fio,
   pageCacheReport,
+  pageCacheShapeOf,
+  pageCacheShapeReport,
   prepareFile,
   repositoryRoot,
   type Server,
@@ -48,6 +50,7 @@ function parseOptions(argv: readonly string[]): Options {
     runtimeSeconds: Number(value("--runtime-s", "4")),
     directory: value("--dir", "/tmp/blocksnap-nbd-bench"),
     only: value("--only", ""),
+    pageCache: pageCacheShapeOf(value("--page-cache", "large")),
   };
 }
 
@@ -122,6 +125,7 @@ async function main(): Promise<void> {
   const options = parseOptions(process.argv.slice(2));
   const file = await prepareFile(options);
   const cacheBefore = await pageCacheReport(file);
+  const cacheShape = pageCacheShapeReport(file, options);
   const measurements: Measurement[] = [];
   const fioTest = (test: string, job: FioJob, unit: string, target: Target): BenchTest => ({
     test,
@@ -201,7 +205,7 @@ async function main(): Promise<void> {
     "",
     `Machine: ${availableParallelism()} × ${cpus()[0]?.model ?? "cpu"}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB;` +
       ` Node ${process.version}; ${versions.join("; ")}.`,
-    `File: ${options.sizeMib} MiB of random data, page cache before: ${cacheBefore}, after: ${cacheAfter}.`,
+    `File: ${options.sizeMib} MiB of random data, page cache before: ${cacheBefore}, after: ${cacheAfter}; ${cacheShape}.`,
     `Unix sockets; fio runs of ${options.runtimeSeconds} s, one job (one connection); nbdcopy with its defaults` +
       " (4 connections, multi-conn) and with --connections=1: a warm-up copy per server, then 5 rounds alternating between the servers, median.",
     "Ratios: blocksnap relative to the peer, above 1× means blocksnap is faster. blocksnap runs its full stack" +

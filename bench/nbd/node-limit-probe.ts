@@ -16,6 +16,7 @@
  *
  * Usage: npm run build && nice -n -10 node dist/bench/nbd/node-limit-probe.js
  *          [--size-mib 1024] [--runtime-s 3] [--rounds 5] [--workers 2] [--dir /tmp/blocksnap-node-limit]
+ *          [--page-cache large|small] (the file's page-cache shape, bench-servers.ts PageCacheShape)
  * Writes the Markdown table to bench/results/node-limit.md.
  */
 import { spawn } from "node:child_process";
@@ -30,6 +31,8 @@ import {
   fio,
   here,
   pageCacheReport,
+  pageCacheShapeOf,
+  pageCacheShapeReport,
   prepareFile,
   repositoryRoot,
   type Server,
@@ -55,6 +58,7 @@ function parseOptions(argv: readonly string[]): Options {
     rounds: Number(value("--rounds", "5")),
     workers: Number(value("--workers", "2")),
     copiesPerRound: Number(value("--copies", "3")),
+    pageCache: pageCacheShapeOf(value("--page-cache", "large")),
   };
 }
 
@@ -113,6 +117,7 @@ async function main(): Promise<void> {
   const options = parseOptions(process.argv.slice(2));
   const file = await prepareFile(options);
   const cacheBefore = await pageCacheReport(file);
+  const cacheShape = pageCacheShapeReport(file, options);
   const loadBefore = loadavg();
   const workersName = `bare, ${options.workers} workers, fs.read`;
   const workersSyncName = `bare, ${options.workers} workers, readSync`;
@@ -253,7 +258,7 @@ async function main(): Promise<void> {
     "# Node's bound: bare NBD servers in Node vs nbdkit",
     "",
     `Machine: ${availableParallelism()} × ${cpus()[0]?.model ?? "cpu"}; Node ${process.version}; ${versions.join("; ")}.`,
-    `File: ${options.sizeMib} MiB, page cache before: ${cacheBefore}, after: ${await pageCacheReport(file)}.`,
+    `File: ${options.sizeMib} MiB, page cache before: ${cacheBefore}, after: ${await pageCacheReport(file)}; ${cacheShape}.`,
     `${options.rounds} rounds, servers' order rotating; fio runs of ${options.runtimeSeconds} s (one connection),` +
       ` nbdcopy: median of ${options.copiesPerRound} copies per round. Load average (1 min) at each round's` +
       ` start and at the end: ${loads.join(", ")} (before the warm-up: ${loadBefore[0]!.toFixed(1)}).`,
