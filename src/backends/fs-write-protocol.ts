@@ -19,8 +19,9 @@
  * An earlier version notified only when the thread took a flag that the loop set before each wait. A
  * thread preempted between bumping DONE_OPS and taking the flag could take a flag set for a later wait,
  * after the loop had already settled that operation, and notify before the wait began; the flag was gone,
- * so no later operation notified and every write on that file system hung (seen once in a few runs of a
- * copy-before-write benchmark; fs-writer.test.ts makes the window wide with pauseBeforeNotifyMicros).
+ * so no later operation notified and every write on that file system hung (2 of 6 runs of 3 s of copy-
+ * before-write in process on a freshly booted machine; fs-writer.test.ts widens the window with
+ * pauseBeforeNotifyMicros).
  *
  * A staging buffer that must grow (a write larger than batchBytesMax) is replaced by
  * posting the new one on the slot's port before the batch is submitted; the thread takes such messages

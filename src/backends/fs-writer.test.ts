@@ -202,54 +202,40 @@ test("no completion is left waiting: a thread slow to notify still wakes the eve
   const fd = openSync(join(directory, "wake.img"), "w+");
   // The pause widens the window between the thread's published count and its notify, where the event
   // loop, woken by the previous notify, takes that count and starts a new wait: with the old armed-flag
-  // protocol this lost the wake-up within a few hundred writes and every later write hung.
+  // protocol this test hung in 2 of 2 runs (every write after the lost wake-up waited forever).
   const writer = FileSystemWriter.acquire(`test:wake:${random.seed}`, { pauseBeforeNotifyMicros: 40 });
   const writeCount = 6000;
   const queueDepth = 16;
   const payload = new Uint8Array(4096).fill(7);
   let issued = 0;
   let settled = 0;
-  let stalledAt = -1;
-  let lastSeen = -1;
-  // A liveness check, not a timing one: a write that has not settled after seconds of an idle machine
-  // never will.
-  const watchdog = setInterval(() => {
-    if (settled === lastSeen) stalledAt = settled;
-    lastSeen = settled;
-  }, 5000);
+  const lane = async () => {
+    while (issued < writeCount) {
+      issued++;
+      await writer.write(fd, random.int(0, 1023) * 4096, payload);
+      settled++;
+      // Busy turns of the event loop between completions, of random length.
+      const spinUntil = process.hrtime.bigint() + BigInt(random.int(0, 20) * 1000);
+      while (process.hrtime.bigint() < spinUntil);
+    }
+  };
+  let watchdog: NodeJS.Timeout | undefined;
+  // A liveness check, not a timing one: a write that has not settled after 5 s on an idle thread never will.
+  const stalled = new Promise<never>((_, reject) => {
+    let settledBefore = -1;
+    watchdog = setInterval(() => {
+      if (settled !== settledBefore) {
+        settledBefore = settled;
+        return;
+      }
+      // The hung batches keep the thread referenced: end it, or this test file would never exit.
+      const internals = writer as unknown as { thread: { worker: { terminate(): Promise<number> } } | null };
+      void internals.thread?.worker.terminate();
+      reject(new Error(`no write settled for 5 s after ${settled} (seed ${random.seed})`));
+    }, 5000);
+  });
   try {
-    await new Promise<void>((resolve, reject) => {
-      const stall = setInterval(() => {
-        if (stalledAt < 0) return;
-        clearInterval(stall);
-        // The hung batches keep the thread referenced: end it, or this test file would never exit.
-        const internals = writer as unknown as {
-          thread: { worker: { terminate(): Promise<number> } } | null;
-        };
-        void internals.thread?.worker.terminate();
-        reject(new Error(`no write settled for 5 s after ${stalledAt} (seed ${random.seed})`));
-      }, 250);
-      const lane = async () => {
-        while (issued < writeCount) {
-          issued++;
-          await writer.write(fd, random.int(0, 1023) * 4096, payload);
-          settled++;
-          // Busy turns of the event loop between completions, of random length.
-          const spinUntil = process.hrtime.bigint() + BigInt(random.int(0, 20) * 1000);
-          while (process.hrtime.bigint() < spinUntil);
-        }
-      };
-      Promise.all(Array.from({ length: queueDepth }, lane)).then(
-        () => {
-          clearInterval(stall);
-          resolve();
-        },
-        (error: unknown) => {
-          clearInterval(stall);
-          reject(error);
-        },
-      );
-    });
+    await Promise.race([Promise.all(Array.from({ length: queueDepth }, lane)), stalled]);
     assert.equal(settled, writeCount);
   } finally {
     clearInterval(watchdog);
