@@ -48,23 +48,31 @@ export async function serveUntilSignal(options: ServeOptions): Promise<number> {
     );
   };
   process.on("SIGHUP", onHangup);
-  // The control socket answers before Daemon.start() resolves: a SIGTERM in between must not kill the
-  // process with Node's default action, it stops the daemon once it is started.
+  // One SIGINT/SIGTERM listener for the whole run, installed before the start. The control socket answers
+  // before Daemon.start() resolves, so a signal may come while the daemon starts: it is kept and acted on
+  // once the start is done. Swapping an early listener for a later one lost such a signal: libuv hands a
+  // caught signal to the handle that caught it, and a handle closed before the loop dispatched it drops
+  // it, so a SIGTERM sent as the start finished left the daemon serving (seen twice in CI: a test that
+  // stopped a daemon as soon as its status answered waited for its exit forever).
+  let onStopSignal: ((signal: NodeJS.Signals) => void) | null = null;
   let earlySignal: NodeJS.Signals | null = null;
-  const onEarlySignal = (signal: NodeJS.Signals): void => {
-    earlySignal = signal;
+  const onSignal = (signal: NodeJS.Signals): void => {
+    if (onStopSignal === null) earlySignal = signal;
+    else onStopSignal(signal);
   };
-  process.on("SIGINT", onEarlySignal);
-  process.on("SIGTERM", onEarlySignal);
+  process.on("SIGINT", onSignal);
+  process.on("SIGTERM", onSignal);
+  const removeListeners = (): void => {
+    process.off("SIGINT", onSignal);
+    process.off("SIGTERM", onSignal);
+    process.off("SIGHUP", onHangup);
+  };
   let daemon: Daemon;
   try {
     daemon = await Daemon.start(options);
   } catch (error) {
-    process.off("SIGHUP", onHangup);
+    removeListeners();
     throw error;
-  } finally {
-    process.off("SIGINT", onEarlySignal);
-    process.off("SIGTERM", onEarlySignal);
   }
   started = daemon;
   void notifier.notify({ READY: "1", STATUS: "serving" });
@@ -72,7 +80,7 @@ export async function serveUntilSignal(options: ServeOptions): Promise<number> {
   return await new Promise<number>((resolve) => {
     let phase: "serving" | "waiting for unmount" | "stopping" = "serving";
     let releaseWait: (() => void) | null = null;
-    const onSignal = (signal: NodeJS.Signals): void => {
+    onStopSignal = (signal: NodeJS.Signals): void => {
       if (phase === "stopping") {
         logger.warn({ signal }, "second signal during stop: exiting now");
         process.exit(1);
@@ -95,17 +103,13 @@ export async function serveUntilSignal(options: ServeOptions): Promise<number> {
         })
         .then(
           () => {
-            process.off("SIGINT", onSignal);
-            process.off("SIGTERM", onSignal);
-            process.off("SIGHUP", onHangup);
+            removeListeners();
             resolve(0);
           },
           () => resolve(1),
         );
     };
-    process.on("SIGINT", onSignal);
-    process.on("SIGTERM", onSignal);
-    if (earlySignal !== null) onSignal(earlySignal);
+    if (earlySignal !== null) onStopSignal(earlySignal);
   });
 }
 
