@@ -158,6 +158,14 @@ async function serveInForeground(
 ): Promise<void> {
   const socketPath = absolutePath(options.nbdSocket);
   let server: NbdServer | null = null;
+  // Listening from the start: a signal that comes while the server opens (a caller that stops it as soon
+  // as the URI appears) still ends it through the clean-up below, not by Node's default action.
+  let onSignal = (): void => {};
+  const stopped = new Promise<void>((resolve) => {
+    onSignal = () => resolve();
+  });
+  process.on("SIGINT", onSignal);
+  process.on("SIGTERM", onSignal);
   try {
     const manifest = await repository.readManifest(await repository.resolve(reference));
     const exportName = options.export ?? manifest.device;
@@ -175,11 +183,10 @@ async function serveInForeground(
     const uri = `nbd+unix:///${encodeURIComponent(exportName)}?socket=${socketPath}`;
     if (options.json) writeJson({ backup: `${manifest.device}/${manifest.id}`, uri });
     else writeLine(`serving ${manifest.device}/${manifest.id} read-only at ${uri} (Ctrl-C to stop)`);
-    await new Promise<void>((resolve) => {
-      process.once("SIGINT", resolve);
-      process.once("SIGTERM", resolve);
-    });
+    await stopped;
   } finally {
+    process.off("SIGINT", onSignal);
+    process.off("SIGTERM", onSignal);
     await server?.close();
     await rm(socketPath, { force: true });
     await repository.close();
