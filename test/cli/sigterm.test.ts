@@ -80,7 +80,9 @@ void test("SIGTERM the moment the control socket answers: the daemon stops and e
     clearTimeout(timer);
     if (exit === null) {
       await daemon.stop("SIGKILL");
-      assert.fail(`round ${round}: the daemon did not exit within 30 s of SIGTERM; stderr:\n${daemon.stderr}`);
+      assert.fail(
+        `round ${round}: the daemon did not exit within 30 s of SIGTERM; stderr:\n${daemon.stderr}`,
+      );
     }
     assert.deepEqual(exit, { code: 0, signal: null }, `round ${round}: ${daemon.stderr}`);
   }
