@@ -7,7 +7,7 @@ import { randomBytes } from "node:crypto";
 import * as fs from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { statCpuTicks } from "../core/bench-util.js";
+import { median, statCpuTicks } from "../core/bench-util.js";
 
 export interface BenchOptions {
   readonly sizeMib: number;
@@ -140,8 +140,7 @@ export function pageCacheWriteMicros(path: string): number {
       fs.writeSync(fd, block, 0, 4096, positionBytes);
       samples.push(Number(process.hrtime.bigint() - startNs) / 1000);
     }
-    samples.sort((a, b) => a - b);
-    return samples[samples.length >> 1] ?? Number.NaN;
+    return median(samples);
   } finally {
     fs.closeSync(fd);
   }

@@ -23,6 +23,7 @@ import { spawn } from "node:child_process";
 import * as fs from "node:fs";
 import { availableParallelism, cpus, loadavg } from "node:os";
 import { join } from "node:path";
+import { median } from "../core/bench-util.js";
 import {
   type BenchOptions,
   exec,
@@ -96,12 +97,6 @@ interface Row {
   readonly test: string;
   readonly unit: "MiB/s" | "IOPS";
   readonly run: (uri: string) => Promise<number>;
-}
-
-function median(values: readonly number[]): number {
-  const sorted = [...values].sort((x, y) => x - y);
-  const middle = Math.floor(sorted.length / 2);
-  return sorted.length % 2 === 1 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2;
 }
 
 function format(value: number, unit: string): string {
