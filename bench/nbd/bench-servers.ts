@@ -39,7 +39,7 @@ export interface Server {
   readonly uri: string;
   /** The origin export (differs from `uri` only for our snapshot server). */
   readonly originUri?: string;
-  /** The server's process (ours only), for its CPU time. */
+  /** The server's process, for its CPU time. */
   readonly pid?: number;
   stop(): Promise<void>;
 }
@@ -189,13 +189,16 @@ export async function startDaemonized(
   pidFile: string,
 ) {
   fs.rmSync(socket, { force: true });
+  // A pid file left by an earlier run would name a process that may no longer be this server's.
+  fs.rmSync(pidFile, { force: true });
   await execOk(command, args);
   await waitForSocket(socket);
+  const pid = await waitForPid(pidFile);
   return {
     name,
     uri: `nbd+unix:///?socket=${socket}`,
+    pid,
     stop: async () => {
-      const pid = Number(fs.readFileSync(pidFile, "utf8").trim());
       process.kill(pid, "SIGTERM");
       for (let attempt = 0; attempt < 250; attempt += 1) {
         try {
@@ -207,6 +210,16 @@ export async function startDaemonized(
       }
     },
   } satisfies Server;
+}
+
+/** The pid a daemonized server wrote (some write it after they listen). */
+async function waitForPid(pidFile: string): Promise<number> {
+  for (let attempt = 0; attempt < 250; attempt += 1) {
+    const text = fs.existsSync(pidFile) ? fs.readFileSync(pidFile, "utf8") : "";
+    if (text.endsWith("\n")) return Number(text.trim());
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  throw new Error(`no pid in ${pidFile} after 5 s`);
 }
 
 export function startNbdkit(file: string, directory: string): Promise<Server> {
