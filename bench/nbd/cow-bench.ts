@@ -25,7 +25,7 @@
  * Memory: a first touch writes a new page-cache page for every 4 KiB it copies, and what a new page costs
  * depends on where it comes from. In a VM with free page reporting (this one: virtio_balloon,
  * /sys/module/page_reporting) memory that stays free for about two seconds goes back to the host, and the
- * first write to such a page faults in the hypervisor (about 5 µs per 4 KiB page here, 80 µs per 64 KiB
+ * first write to such a page faults in the hypervisor (1.6–2.7 µs per 4 KiB page here, 25–45 µs per 64 KiB
  * chunk; a page freed moments ago costs next to nothing). A copy target left from an earlier run and
  * removed right before the next one would hand that run cheap pages. So every target is removed as soon
  * as its server stops, and every run starts from the same memory: with `--memory fresh` (the default) a
