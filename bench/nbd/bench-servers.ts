@@ -65,13 +65,23 @@ export async function execOk(command: string, args: readonly string[]): Promise<
   return result.stdout;
 }
 
-export async function waitForSocket(path: string, child?: ChildProcess): Promise<void> {
-  for (let attempt = 0; attempt < 500; attempt += 1) {
-    if (fs.existsSync(path)) return;
-    if (child && child.exitCode !== null) throw new Error(`server exited with ${child.exitCode}`);
+/** Calls `probe` every 20 ms, `attempts` times at most, until it gives a value; undefined if it never did. */
+async function poll<T>(attempts: number, probe: () => T | undefined): Promise<T | undefined> {
+  for (let attempt = 0; attempt < attempts; attempt += 1) {
+    const value = probe();
+    if (value !== undefined) return value;
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
-  throw new Error(`no socket at ${path}`);
+  return undefined;
+}
+
+export async function waitForSocket(path: string, child?: ChildProcess): Promise<void> {
+  const found = await poll(500, () => {
+    if (fs.existsSync(path)) return true;
+    if (child && child.exitCode !== null) throw new Error(`server exited with ${child.exitCode}`);
+    return undefined;
+  });
+  if (found === undefined) throw new Error(`no socket at ${path}`);
 }
 
 export async function prepareFile(options: BenchOptions): Promise<string> {
@@ -200,26 +210,26 @@ export async function startDaemonized(
     pid,
     stop: async () => {
       process.kill(pid, "SIGTERM");
-      for (let attempt = 0; attempt < 250; attempt += 1) {
+      await poll(250, () => {
         try {
           process.kill(pid, 0);
+          return undefined;
         } catch {
-          return;
+          return true;
         }
-        await new Promise((resolve) => setTimeout(resolve, 20));
-      }
+      });
     },
   } satisfies Server;
 }
 
 /** The pid a daemonized server wrote (some write it after they listen). */
 async function waitForPid(pidFile: string): Promise<number> {
-  for (let attempt = 0; attempt < 250; attempt += 1) {
+  const pid = await poll(250, () => {
     const text = fs.existsSync(pidFile) ? fs.readFileSync(pidFile, "utf8") : "";
-    if (text.endsWith("\n")) return Number(text.trim());
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-  throw new Error(`no pid in ${pidFile} after 5 s`);
+    return text.endsWith("\n") ? Number(text.trim()) : undefined;
+  });
+  if (pid === undefined) throw new Error(`no pid in ${pidFile} after 5 s`);
+  return pid;
 }
 
 export function startNbdkit(file: string, directory: string): Promise<Server> {
