@@ -52,8 +52,9 @@ export async function serveUntilSignal(options: ServeOptions): Promise<number> {
   // before Daemon.start() resolves, so a signal may come while the daemon starts: it is kept and acted on
   // once the start is done. Swapping an early listener for a later one lost such a signal: libuv hands a
   // caught signal to the handle that caught it, and a handle closed before the loop dispatched it drops
-  // it, so a SIGTERM sent as the start finished left the daemon serving (seen twice in CI: a test that
-  // stopped a daemon as soon as its status answered waited for its exit forever).
+  // it, so a SIGTERM sent as the start finished left the daemon serving (seen in CI: a test that stopped
+  // a daemon as soon as its status answered waited for its exit forever; an earlier CI failure had the
+  // same symptom).
   let onStopSignal: ((signal: NodeJS.Signals) => void) | null = null;
   let earlySignal: NodeJS.Signals | null = null;
   const onSignal = (signal: NodeJS.Signals): void => {

@@ -62,9 +62,11 @@ void test("SIGTERM: in-flight requests end, exit 0, sockets and lock removed, re
 
 void test("SIGTERM the moment the control socket answers: the daemon stops and exits 0, every time", async () => {
   // The start ends after the control socket answers; a SIGTERM caught then by the listener of the start
-  // and dispatched after it was swapped for the serving one was lost, and the daemon served on (seen twice
-  // in CI). A round sends its SIGTERM from 0 to 4 ms after the first answer, so rounds fall before, during
-  // and after the end of the start; each exit is awaited with a bound, not timed.
+  // and dispatched after it was swapped for the serving one was lost, and the daemon served on (seen in
+  // CI). A round sends its SIGTERM from 0 to 4 ms after the first answer, so rounds fall before, during
+  // and after the end of the start; each exit is awaited with a bound, not timed. The window is narrow:
+  // against the old code this test did not hit it here, so it guards the behaviour rather than proving
+  // the fix.
   const rounds = 12;
   for (let round = 0; round < rounds; round++) {
     const stateDir = join(directory, `race-${round}`);
